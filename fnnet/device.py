@@ -1,0 +1,164 @@
+"""Devices and placement: the one way fnnet moves data between CPU and accelerators.
+
+``place(tree, device)`` replaces the chapter's ``.to(device)`` / ``.cuda()`` calls for single
+tensors, parameter dicts, optimizer states and whole batches alike.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Union
+
+import torch
+
+from . import tree as _tree
+
+__all__ = [
+    "DeviceLike",
+    "devices",
+    "device_count",
+    "default_device",
+    "resolve_device",
+    "place",
+    "empty_cache",
+    "memory_stats",
+    "synchronize",
+    "device_info",
+]
+
+DeviceLike = Union[torch.device, str, int]
+
+
+def device_count() -> int:
+    """Number of visible CUDA devices (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def devices() -> list[torch.device]:
+    """Every visible accelerator (``cuda:0``, ``cuda:1``, ...), or ``[cpu]`` when there is none."""
+    n = device_count()
+    if n == 0:
+        return [torch.device("cpu")]
+    return [torch.device("cuda", i) for i in range(n)]
+
+
+def default_device() -> torch.device:
+    """``cuda:0`` when CUDA is available, else ``cpu``."""
+    return torch.device("cuda", 0) if device_count() > 0 else torch.device("cpu")
+
+
+def _existing() -> str:
+    names = ["cpu"] + [f"cuda:{i}" for i in range(device_count())]
+    return ", ".join(names)
+
+
+def resolve_device(device: DeviceLike | None) -> torch.device:
+    """Turn any accepted spelling into a concrete ``torch.device`` that exists on this machine.
+
+    Accepted: a ``torch.device``, ``"cpu"``, ``"cuda"`` (= ``cuda:0``), ``"cuda:N"``, an int
+    index ``N`` (= ``cuda:N``), ``"auto"`` or ``None`` (= :func:`default_device`). Anything else,
+    or a device this machine does not have, raises ``ValueError`` listing the devices that exist.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return default_device()
+    if isinstance(device, bool):
+        raise TypeError(f"device must be a torch.device, str or int, not bool ({device!r})")
+    if isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"device index {device} is negative; devices here: {_existing()}")
+        dev = torch.device("cuda", device)
+    elif isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(
+                f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'. "
+                f"Devices here: {_existing()}"
+            ) from None
+    else:
+        raise TypeError(f"device must be a torch.device, str or int, not {type(device).__name__}")
+
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type == "cuda":
+        n = device_count()
+        index = 0 if dev.index is None else dev.index
+        if n == 0:
+            raise ValueError(f"device {device!r} was asked for but CUDA is not available; devices here: {_existing()}")
+        if index >= n:
+            raise ValueError(f"device {device!r} does not exist ({n} CUDA device(s)); devices here: {_existing()}")
+        return torch.device("cuda", index)
+    raise ValueError(f"device type {dev.type!r} ({device!r}) is not supported by fnnet; devices here: {_existing()}")
+
+
+def place(tree: Any, device: DeviceLike | None, *, non_blocking: bool = False) -> Any:
+    """Return ``tree`` with every tensor leaf on ``device``; other leaves pass through.
+
+    A leaf already on ``device`` is returned as is (no copy), so placing twice is free. The
+    structure is unchanged. ``non_blocking=True`` overlaps host-to-device copies with compute
+    (pin the source memory for it to matter). See :func:`resolve_device` for the spellings.
+    """
+    dev = resolve_device(device)
+
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.device != dev:
+            return x.to(dev, non_blocking=non_blocking)
+        return x
+
+    return _tree.map(move, tree)
+
+
+def synchronize(device: DeviceLike | None = None) -> None:
+    """Wait for all queued work on ``device`` (no-op on CPU); use it before reading a timer."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def empty_cache() -> None:
+    """Release cached, unused accelerator memory back to the driver (no-op on CPU)."""
+    if device_count() > 0:
+        torch.cuda.empty_cache()
+
+
+def memory_stats(device: DeviceLike | None = None) -> dict[str, int]:
+    """``{"allocated": bytes, "reserved": bytes, "max_allocated": bytes}`` on ``device``.
+
+    On CPU torch keeps no allocator statistics: every count is 0.
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return {
+            "allocated": torch.cuda.memory_allocated(dev),
+            "reserved": torch.cuda.memory_reserved(dev),
+            "max_allocated": torch.cuda.max_memory_allocated(dev),
+        }
+    return {"allocated": 0, "reserved": 0, "max_allocated": 0}
+
+
+def device_info() -> dict[str, Any]:
+    """What ``fnnet info`` prints: torch version, CUDA, each device's name and memory, threads."""
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "device_count": device_count(),
+        "default_device": str(default_device()),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "devices": [],
+    }
+    for i in range(device_count()):
+        props = torch.cuda.get_device_properties(i)
+        info["devices"].append(
+            {
+                "index": i,
+                "name": props.name,
+                "total_memory_bytes": props.total_memory,
+                "capability": f"{props.major}.{props.minor}",
+                "multiprocessors": props.multi_processor_count,
+            }
+        )
+    return info
