@@ -77,6 +77,22 @@ class Key:
         return cls(hi, lo)
 
 
+class _TracingKey(Key):
+    """The key a compiled (``jit=True``) step passes to its loss function.
+
+    Inside ``torch.compile`` randomness must come from torch's RNG ops (dropout,
+    ``torch.rand``), which fnnet seeds from the state's key around the compiled call; a key
+    value inside the compiled region would be baked in as a constant. Using this key with
+    :func:`split`, :func:`fold_in` or a sampler raises instead of silently repeating numbers.
+    """
+
+    def __repr__(self) -> str:
+        return "TRACING_KEY"
+
+
+TRACING_KEY = _TracingKey(0, 0)
+
+
 def key(seed: int) -> Key:
     """A key from an integer seed (``jax.random.key``). Equal seeds give equal keys."""
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -88,6 +104,12 @@ def key(seed: int) -> Key:
 def _check(k: Key) -> None:
     if not isinstance(k, Key):
         raise TypeError(f"expected an fnnet.random.Key (from fnnet.random.key(seed)), got {type(k).__name__}")
+    if isinstance(k, _TracingKey):
+        raise ValueError(
+            "this key was passed into a compiled (jit=True) step, where fnnet keys cannot be used: "
+            "draw random numbers with torch ops (dropout, torch.rand), which fnnet seeds from the "
+            "state's key around the compiled call, or use jit=False"
+        )
 
 
 def split(k: Key, num: int = 2) -> tuple[Key, ...]:

@@ -77,15 +77,20 @@ def unflatten(spec: PyTreeSpec, leaves_: Iterable[Any]) -> Any:
     return optree.tree_unflatten(spec, leaves_)
 
 
+def _accessor_path(accessor: Any) -> tuple[Any, ...]:
+    # Namedtuple fields by name (as jax.tree_util's GetAttrKey), everything else by key/index.
+    return tuple(getattr(e, "field", e.entry) for e in accessor)
+
+
 def paths(tree: Any) -> list[str]:
     """The dotted key path of every leaf, in the order of :func:`leaves`."""
-    return [path_str(p) for p in optree.tree_paths(tree, **_opts())]
+    return [path_str(_accessor_path(a)) for a in optree.tree_accessors(tree, **_opts())]
 
 
 def flatten_with_path(tree: Any) -> tuple[list[tuple[str, Any]], PyTreeSpec]:
-    """``([(path, leaf), ...], structure)``."""
-    raw_paths, leaves_, spec = optree.tree_flatten_with_path(tree, **_opts())
-    return [(path_str(p), leaf) for p, leaf in zip(raw_paths, leaves_)], spec
+    """``([(path, leaf), ...], structure)``; namedtuple fields appear by name."""
+    accessors, leaves_, spec = optree.tree_flatten_with_accessor(tree, **_opts())
+    return [(path_str(_accessor_path(a)), leaf) for a, leaf in zip(accessors, leaves_)], spec
 
 
 def leaves_with_path(tree: Any) -> list[tuple[str, Any]]:
@@ -131,8 +136,10 @@ def _first_difference(a: PyTreeSpec, b: PyTreeSpec, path: tuple[Any, ...], prefi
         if not details:
             details.append(f"entries {list(b_entries)} instead of {list(a_entries)}")
         return f"at '{where}': {', '.join(details)}"
+    fields = getattr(a_type, "_fields", None)
     for entry, ca, cb in zip(a_entries, a_children, b_children):
-        found = _first_difference(ca, cb, path + (entry,), prefix_ok)
+        name = fields[entry] if fields is not None and isinstance(entry, int) else entry
+        found = _first_difference(ca, cb, path + (name,), prefix_ok)
         if found is not None:
             return found
     if a != b and not prefix_ok:  # same children but different node metadata (e.g. namedtuple type)
@@ -173,7 +180,10 @@ def map(f: Callable[..., Any], tree: Any, *rest: Any) -> Any:
 def map_with_path(f: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     """Like :func:`map`, with the leaf's dotted path as ``f``'s first argument."""
     try:
-        return optree.tree_map_with_path(lambda p, *xs: f(path_str(p), *xs), tree, *rest, **_opts())
+        spec = structure(tree)
+        flat = [spec.flatten_up_to(r) for r in rest]
+        out = [f(p, *xs) for p, *xs in zip(paths(tree), leaves(tree), *flat)]
+        return optree.tree_unflatten(spec, out)
     except (ValueError, TypeError) as exc:
         for i, other in enumerate(rest):
             assert_same_structure(tree, other, what=f"map_with_path: tree 0 and tree {i + 1}", prefix=True)

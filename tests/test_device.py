@@ -1,0 +1,87 @@
+import pytest
+import torch
+from hypothesis import given, settings
+
+import fnnet
+from conftest import CUDA, requires_cuda, trees
+
+
+def test_devices_and_default():
+    devs = fnnet.devices()
+    assert all(isinstance(d, torch.device) for d in devs)
+    if CUDA:
+        assert devs == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        assert fnnet.default_device() == torch.device("cuda", 0)
+    else:
+        assert devs == [torch.device("cpu")]
+        assert fnnet.default_device() == torch.device("cpu")
+    assert fnnet.device_count() == (torch.cuda.device_count() if CUDA else 0)
+
+
+@pytest.mark.parametrize("spec", ["cpu", torch.device("cpu"), "auto", None])
+def test_resolve_cpu_spellings(spec):
+    dev = fnnet.resolve_device(spec)
+    assert dev == (fnnet.default_device() if spec in ("auto", None) else torch.device("cpu"))
+
+
+@pytest.mark.parametrize("spec", ["gpu0", "tpu", "cuda:abc", "", "xla"])
+def test_unknown_spelling_lists_existing_devices(spec):
+    with pytest.raises(ValueError, match=r"(?s)Devices here: cpu|devices here: cpu"):
+        fnnet.place(torch.zeros(1), spec)
+
+
+def test_missing_cuda_device_is_an_error():
+    n = fnnet.device_count()
+    for spec in ([f"cuda:{n}", n, torch.device("cuda", n)] + ([] if n else ["cuda"])):
+        with pytest.raises(ValueError, match=r"devices here: cpu"):
+            fnnet.place({"a": torch.zeros(1)}, spec)
+
+
+def test_bad_device_types():
+    with pytest.raises(TypeError):
+        fnnet.place(torch.zeros(1), 1.5)
+    with pytest.raises(TypeError):
+        fnnet.place(torch.zeros(1), True)
+    with pytest.raises(ValueError, match="negative"):
+        fnnet.place(torch.zeros(1), -1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(trees())
+def test_place_keeps_structure_and_values(t):
+    before = fnnet.tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, t)
+    out = fnnet.place(t, "cpu")
+    assert fnnet.tree.structure(out) == fnnet.tree.structure(t)
+    assert fnnet.tree.all_equal(out, before)
+    # already on the device: the very same objects come back, no copy
+    for a, b in zip(fnnet.tree.leaves(out), fnnet.tree.leaves(t)):
+        assert a is b
+    assert fnnet.tree.all_equal(t, before)
+
+
+def test_memory_stats_and_empty_cache_on_cpu():
+    fnnet.empty_cache()
+    stats = fnnet.memory_stats("cpu")
+    assert set(stats) == {"allocated", "reserved", "max_allocated"}
+
+
+def test_device_info_keys():
+    info = fnnet.device_info()
+    assert info["torch"] == torch.__version__
+    assert info["device_count"] == len(info["devices"])
+    assert info["cpu_threads"] == torch.get_num_threads()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_place_on_cuda_and_back():
+    t = {"w": torch.randn(3, 3), "n": 3, "none": None, "l": [torch.arange(4)]}
+    g = fnnet.place(t, "cuda")
+    assert g["w"].device.type == "cuda" and g["l"][0].is_cuda and g["n"] == 3
+    again = fnnet.place(g, 0)
+    assert again["w"] is g["w"]
+    back = fnnet.place(g, "cpu")
+    assert torch.equal(back["w"], t["w"]) and torch.equal(back["l"][0], t["l"][0])
+    stats = fnnet.memory_stats("cuda")
+    assert stats["allocated"] > 0
+    fnnet.empty_cache()

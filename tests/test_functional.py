@@ -1,0 +1,165 @@
+import pytest
+import torch
+from torch import nn
+
+import fnnet
+from conftest import requires_cuda
+from models import bn_net, chapter_cnn
+
+
+def clone_all(d):
+    return {k: v.clone() for k, v in d.items()}
+
+
+def assert_bit_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_params_keyed_like_state_dict_and_load_back():
+    torch.manual_seed(0)
+    net = chapter_cnn()
+    model = fnnet.functional(net)
+    assert set(model.params) | set(model.buffers) == set(net.state_dict())
+    fresh = chapter_cnn()
+    fresh.load_state_dict({**model.params, **model.buffers})
+    for (k, v), (_, w) in zip(fresh.state_dict().items(), net.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_cnn_apply_equals_module_eval_and_is_pure():
+    torch.manual_seed(0)
+    net = chapter_cnn().eval()
+    model = fnnet.functional(net)
+    x = torch.randn(5, 1, 28, 28)
+    params_before, x_before = clone_all(model.params), x.clone()
+    out = model.apply(model.params, x)
+    assert torch.allclose(out, net(x), atol=1e-6, rtol=1e-5)
+    assert_bit_identical(model.params, params_before)
+    assert torch.equal(x, x_before)
+    # the template holds no weights: it lives on the meta device
+    assert all(p.is_meta for p in model._eval_template.parameters())
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_batchnorm_both_modes_match_module_and_leave_inputs_untouched(train):
+    torch.manual_seed(0)
+    net = bn_net()
+    model = fnnet.functional(net)
+    x = torch.randn(16, 4)
+    params_before, buffers_before = clone_all(model.params), clone_all(model.buffers)
+    out, new_buffers = model.apply(model.params, x, train=train, return_buffers=True)
+    net.train(train)
+    expected = net(x)
+    assert torch.allclose(out, expected, atol=1e-6)
+    # the returned buffers are the module's buffers after the same forward
+    for k, v in net.state_dict().items():
+        if k in new_buffers:
+            assert torch.allclose(new_buffers[k].float(), v.float()), k
+    if train:
+        assert new_buffers["1.num_batches_tracked"].item() == 1
+        assert not torch.equal(new_buffers["1.running_mean"], buffers_before["1.running_mean"])
+    assert_bit_identical(model.params, params_before)
+    assert_bit_identical(model.buffers, buffers_before)
+
+
+def test_grad_matches_autograd():
+    torch.manual_seed(0)
+    net = chapter_cnn().eval()
+    model = fnnet.functional(net)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+
+    def loss(params):
+        return nn.functional.cross_entropy(model.apply(params, x), y)
+
+    g = fnnet.grad(loss)(model.params)
+    net.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    for name, p in net.named_parameters():
+        assert torch.allclose(g[name], p.grad, atol=1e-6, rtol=1e-5), name
+    value, g2 = fnnet.value_and_grad(loss)(model.params)
+    assert torch.allclose(value, loss(model.params))
+    assert all(torch.equal(g[k], g2[k]) for k in g)
+
+
+def test_value_and_grad_has_aux_order_is_jax_like():
+    f = lambda p: ((p["a"] ** 2).sum(), {"n": torch.tensor(1)})
+    (value, aux), grads = fnnet.value_and_grad(f, has_aux=True)({"a": torch.tensor([3.0])})
+    assert value.item() == 9.0 and aux["n"].item() == 1 and grads["a"].item() == 6.0
+
+
+def test_init_is_deterministic_under_a_key():
+    model = fnnet.functional(chapter_cnn())
+    k = fnnet.random.key(0)
+    a, b = model.init(k), model.init(k)
+    c = model.init(fnnet.random.key(1))
+    assert_bit_identical(a, b)
+    assert all(not torch.equal(a[n], c[n]) for n in a if n.endswith("weight"))
+    assert {n: v.shape for n, v in a.items()} == {n: v.shape for n, v in model.params.items()}
+    state = torch.random.get_rng_state()
+    model.init(k)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_init_fn_is_used():
+    model = fnnet.functional(nn.Linear(2, 1), init_fn=lambda key, p: {k: torch.zeros_like(v) for k, v in p.items()})
+    assert all((v == 0).all() for v in model.init(fnnet.random.key(0)).values())
+
+
+def test_dropout_needs_key_and_is_reproducible():
+    model = fnnet.functional(chapter_cnn())
+    x = torch.randn(8, 1, 28, 28)
+    with pytest.raises(ValueError, match="needs key"):
+        model.apply(model.params, x, train=True)
+    k = fnnet.random.key(5)
+    a = model.apply(model.params, x, train=True, key=k)
+    b = model.apply(model.params, x, train=True, key=k)
+    c = model.apply(model.params, x, train=True, key=fnnet.random.key(6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_bad_params_name_keys_and_shapes():
+    model = fnnet.functional(nn.Linear(3, 2))
+    x = torch.randn(1, 3)
+    with pytest.raises(ValueError, match=r"missing keys \['bias'\]"):
+        model.apply({"weight": model.params["weight"]}, x)
+    with pytest.raises(ValueError, match=r"params\['weight'\] has shape \(3, 3\).*\(2, 3\)"):
+        model.apply({"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, x)
+    with pytest.raises(TypeError):
+        model.apply([1, 2], x)
+    with pytest.raises(TypeError):
+        fnnet.functional("not a module")
+
+
+def test_to_module_roundtrip():
+    net = nn.Linear(3, 2)
+    model = fnnet.functional(net)
+    back = model.to_module()
+    x = torch.randn(4, 3)
+    assert torch.allclose(back(x), net(x))
+
+
+def test_vmap_and_jit_wrappers():
+    f = lambda x: (x ** 2).sum()
+    xs = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(fnnet.vmap(f)(xs), (xs ** 2).sum(1))
+    assert callable(fnnet.jit(f)) and callable(fnnet.jit(mode="default")(f))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_apply_on_cuda_params():
+    torch.manual_seed(0)
+    net = chapter_cnn().eval()
+    model = fnnet.functional(net)
+    params = fnnet.place(model.params, "cuda")
+    x = torch.randn(3, 1, 28, 28)
+    out = model.apply(params, x.cuda())
+    assert out.is_cuda
+    assert torch.allclose(out.cpu(), net(x), atol=1e-4, rtol=1e-4)
+    k = fnnet.random.key(0)
+    a = model.apply(params, x.cuda(), train=True, key=k)
+    b = model.apply(params, x.cuda(), train=True, key=k)
+    assert torch.equal(a, b)
