@@ -1,0 +1,416 @@
+"""Data: batches from in-memory tensors, the embedded digits dataset, and MNIST from IDX files.
+
+A *loader* is anything iterable whose items are batches, and a *batch* is any pytree of tensors
+whose leaves share their first dimension: an :class:`ArrayLoader`, a ``torch.utils.data.DataLoader``,
+a list of ``(x, y)`` tuples or a generator are all accepted wherever fnnet takes a loader.
+:func:`batch_size_of`, :func:`num_batches` and :func:`set_epoch` are what fnnet's training code
+asks of one, and they work on all of them.
+
+:class:`ArrayLoader` is the fast path: the whole dataset sits on the device once and each
+batch is one slice (a view) or one ``index_select`` per leaf -- no per-sample Python, no
+collate, no worker processes. Its order is a pure function of ``(key, epoch)``, so a resumed
+run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import numbers
+import os
+import shutil
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from . import random as _random
+from . import tree as _tree
+from .device import DeviceLike, place, resolve_device
+
+__all__ = [
+    "ArrayLoader",
+    "batch_size_of",
+    "num_batches",
+    "set_epoch",
+    "load_digits",
+    "load_mnist",
+    "DEFAULT_MIRROR",
+    "DIGITS_TRAIN_SIZE",
+]
+
+
+# --------------------------------------------------------------------------------------
+# ArrayLoader
+# --------------------------------------------------------------------------------------
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _as_tensor(path: str, x: Any) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.as_tensor(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"ArrayLoader: the leaf at '{path}' is a {type(x).__name__}; every leaf must be a tensor or "
+            "numpy array (convert lists with torch.tensor)"
+        )
+    if x.ndim == 0:
+        raise ValueError(f"ArrayLoader: the leaf at '{path}' is a 0-d tensor; it has no first (sample) dimension")
+    return x
+
+
+class ArrayLoader:
+    """Batches of an in-memory dataset by index slicing (``torch.utils.data.DataLoader`` for tensors).
+
+    Args:
+        arrays: a tensor, a tuple ``(X, y)``, a dict, or any fnnet pytree of tensors (numpy
+            arrays are converted with ``torch.as_tensor``, dtype kept) whose leaves all have the
+            same first dimension, the number of samples.
+        batch_size: samples per batch, a positive int.
+        shuffle: visit the samples in a new random order each epoch. The order of epoch ``e``
+            is ``fnnet.random.permutation(fold_in(key, e), n)``, drawn on the CPU, so it is the
+            same whatever the device. torch's global RNG is never used.
+        drop_last: drop the last batch when it is smaller than ``batch_size``.
+        key: an :class:`fnnet.random.Key`; required when ``shuffle=True``, unused otherwise.
+        device: where the dataset lives. The whole tree is placed there once (``fnnet.place``),
+            so every batch is a view or a gather on that device. ``None`` keeps it where it is.
+
+    Iterating yields batches with the structure of ``arrays``. Each ``iter(loader)`` runs the
+    next epoch: the first gives epoch 0, the second epoch 1, and so on; :attr:`epoch` is the
+    epoch the next ``iter`` will run and :meth:`set_epoch` changes it (as
+    ``DistributedSampler.set_epoch``), which is how a resumed run reproduces the shuffling.
+    :meth:`batches` gives any epoch from any batch on without touching :attr:`epoch`.
+
+    Raises:
+        ValueError: leaves of different lengths (naming every key path and length), no
+            samples, a bad ``batch_size``, ``shuffle=True`` without ``key``, or ``drop_last=True``
+            with fewer samples than one batch.
+        TypeError: a leaf that is not a tensor or numpy array, or a ``key`` that is not a Key.
+    """
+
+    def __init__(
+        self,
+        arrays: Any,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        key: _random.Key | None = None,
+        device: DeviceLike | None = None,
+    ) -> None:
+        self.batch_size = _check_batch_size(batch_size)
+        if shuffle and key is None:
+            raise ValueError(
+                "ArrayLoader(shuffle=True) needs key=fnnet.random.key(seed): fnnet never shuffles from "
+                "torch's global RNG, so that every run (and every resumed run) sees the same order"
+            )
+        if key is not None and not isinstance(key, _random.Key):
+            raise TypeError(f"key must be an fnnet.random.Key (fnnet.random.key(seed)), got {type(key).__name__}")
+        arrays = _tree.map_with_path(_as_tensor, arrays)
+        leaves = _tree.leaves_with_path(arrays)
+        if not leaves:
+            raise ValueError("ArrayLoader: arrays has no tensors; pass a tensor, a tuple (X, y) or a dict of tensors")
+        lengths = {p: x.shape[0] for p, x in leaves}
+        if len(set(lengths.values())) > 1:
+            listed = ", ".join(f"'{p}': {n}" for p, n in lengths.items())
+            raise ValueError(
+                f"ArrayLoader: every array needs the same first dimension (number of samples), got {listed}"
+            )
+        n = next(iter(lengths.values()))
+        if n == 0:
+            raise ValueError("ArrayLoader: the dataset is empty (first dimension 0)")
+        if drop_last and n < self.batch_size:
+            raise ValueError(
+                f"ArrayLoader: drop_last=True with {n} samples and batch_size={self.batch_size} gives no batch; "
+                f"use batch_size <= {n} or drop_last=False"
+            )
+        self.device = resolve_device(device) if device is not None else None
+        self.arrays = place(arrays, self.device) if self.device is not None else arrays
+        self.num_samples = n
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.key = key
+        self._epoch = 0
+
+    # -- epochs ---------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The epoch the next ``iter(loader)`` runs (0 for a new loader)."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter(loader)`` run ``epoch`` (to resume a run; ``DistributedSampler.set_epoch``)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self._epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """The number of batches per epoch."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """The sample order of ``epoch``: an int64 CPU tensor, ``arange(n)`` when not shuffling."""
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        return _random.permutation(_random.fold_in(self.key, int(epoch)), self.num_samples)
+
+    def batches(self, epoch: int, *, start: int = 0) -> Iterator[Any]:
+        """The batches of ``epoch`` from batch index ``start`` on; :attr:`epoch` is not changed.
+
+        To resume after ``s`` steps of a run that iterates the loader once per epoch:
+        ``loader.batches(s // len(loader), start=s % len(loader))``.
+        """
+        order = self.indices(epoch)
+        count = len(self)
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start <= count:
+            raise ValueError(f"start must be an int in [0, {count}] (the batches per epoch), got {start!r}")
+        return self._iterate(order, int(start), count)
+
+    def _iterate(self, order: torch.Tensor, start: int, count: int) -> Iterator[Any]:
+        b, n = self.batch_size, self.num_samples
+        if not self.shuffle:
+            for i in range(start, count):
+                lo, hi = i * b, min((i + 1) * b, n)
+                yield _tree.map(lambda x: x[lo:hi], self.arrays)
+            return
+        # one host-to-device copy of the order per epoch and device, then gathers on the device
+        on_device: dict[torch.device, torch.Tensor] = {}
+        for x in _tree.leaves(self.arrays):
+            if x.device not in on_device:
+                on_device[x.device] = order.to(x.device)
+        for i in range(start, count):
+            lo, hi = i * b, min((i + 1) * b, n)
+            yield _tree.map(lambda x: x.index_select(0, on_device[x.device][lo:hi]), self.arrays)
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self._epoch
+        self._epoch += 1
+        return self.batches(epoch)
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayLoader(num_samples={self.num_samples}, batch_size={self.batch_size}, batches={len(self)}, "
+            f"shuffle={self.shuffle}, drop_last={self.drop_last}, device={self.device}, epoch={self._epoch})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# What fnnet asks of any loader
+# --------------------------------------------------------------------------------------
+def batch_size_of(batch: Any) -> int:
+    """The number of samples in ``batch``: the first dimension of its first leaf."""
+    leaves = _tree.leaves_with_path(batch)
+    if not leaves:
+        raise ValueError("batch_size_of: the batch has no leaves (an empty container or None)")
+    p, first = leaves[0]
+    shape = getattr(first, "shape", None)
+    if shape is None or len(shape) == 0:
+        raise ValueError(
+            f"batch_size_of: the first leaf of the batch ('{p}', a {type(first).__name__}) has no first "
+            "dimension; batches are trees of tensors with the samples along dimension 0"
+        )
+    return int(shape[0])
+
+
+def num_batches(loader: Iterable[Any]) -> int | None:
+    """``len(loader)`` when the loader has a length (ArrayLoader, DataLoader, list), else ``None``."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def set_epoch(loader: Iterable[Any], epoch: int) -> None:
+    """Tell ``loader`` which epoch comes next, where it can be told (for exact resumes).
+
+    Calls ``loader.set_epoch(epoch)`` (ArrayLoader) or ``loader.sampler.set_epoch(epoch)`` (a
+    ``DataLoader`` over a ``DistributedSampler``); anything else is left alone.
+    """
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------
+# Digits (embedded, no network)
+# --------------------------------------------------------------------------------------
+DIGITS_TRAIN_SIZE = 1500
+
+
+def load_digits(size: int = 28) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), as MNIST-like tensors.
+
+    The images are scaled from [0, 16] to [0, 1] and resized to ``size`` x ``size`` with
+    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` (no resize when
+    ``size == 8``; values are clamped to [0, 1]). The split is fixed: the first 1,500 images in
+    scikit-learn's order are the training set, the last 297 the test set. That order groups
+    images by writer, so the test set is (mostly) writers the model has not seen.
+
+    Returns:
+        ``(X_train, y_train), (X_test, y_test)``: float32 ``N x 1 x size x size`` and int64 ``N``.
+    """
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError:
+        raise ImportError(
+            "fnnet.data.load_digits reads the digits that ship with scikit-learn; install it with "
+            "`pip install scikit-learn` (no network is needed after that)"
+        ) from None
+    digits = _sk_load_digits()
+    x = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0).unsqueeze(1)
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(int(size), int(size)), mode="bilinear", align_corners=False)
+        x = x.clamp_(0.0, 1.0)
+    y = torch.from_numpy(np.asarray(digits.target, dtype=np.int64))
+    x = x.contiguous()
+    t = DIGITS_TRAIN_SIZE
+    return (x[:t].clone(), y[:t].clone()), (x[t:].clone(), y[t:].clone())
+
+
+# --------------------------------------------------------------------------------------
+# MNIST from IDX files
+# --------------------------------------------------------------------------------------
+DEFAULT_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+
+
+def _mnist_names(train: bool) -> tuple[str, str]:
+    prefix = "train" if train else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def _candidates(root: Path, name: str) -> list[Path]:
+    # root itself, then torchvision's layout (root/MNIST/raw), each raw then gzipped
+    return [folder / f for folder in (root, root / "MNIST" / "raw") for f in (name, name + ".gz")]
+
+
+def _read_idx(path: Path, magic: int, *, gz: bool | None = None, shown: Path | None = None) -> tuple[tuple[int, ...], bytes, int]:
+    """``(dims, data, header_size)`` of an IDX file of unsigned bytes, validated."""
+    shown = shown or path
+    gz = path.name.endswith(".gz") if gz is None else gz
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"{shown}: not a valid gzip file ({exc}); delete it and download it again") from None
+    ndim = magic & 0xFF
+    kind = "images" if magic == _IMAGES_MAGIC else "labels"
+    if len(data) < 4:
+        raise ValueError(f"{shown}: {len(data)} bytes, too short for an IDX header (expected an IDX {kind} file)")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        hint = " It looks gzip-compressed: name it with a .gz suffix." if data[:2] == b"\x1f\x8b" else ""
+        raise ValueError(
+            f"{shown}: magic number {found} (0x{found:08x}), expected {magic} (0x{magic:08x}, an IDX "
+            f"{kind} file of unsigned bytes with {ndim} dimension(s)).{hint}"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{shown}: {len(data)} bytes, truncated inside the {header}-byte IDX header")
+    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "longer than its header says"
+        raise ValueError(
+            f"{shown}: {len(data)} bytes{' after gunzip' if gz else ''}, expected {expected} "
+            f"({header}-byte header + {' x '.join(map(str, dims))} values): the file is {what}"
+        )
+    return dims, data, header
+
+
+def _fetch(url: str, dest: Path, magic: int, timeout: float) -> None:
+    """Download ``url`` to ``dest`` atomically, checking it is a gzipped IDX file before the rename."""
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.part")
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConnectionError(f"could not download {url} ({reason})") from None
+        _read_idx(tmp, magic, gz=True, shown=Path(url))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_mnist(
+    root: str | os.PathLike[str],
+    train: bool = True,
+    *,
+    download: bool = False,
+    mirror: str = DEFAULT_MIRROR,
+    timeout: float = 60.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST's training (``train=True``, 60,000) or test (10,000) images from the standard IDX files.
+
+    Looks in ``root`` and in ``root/MNIST/raw`` (torchvision's layout) for
+    ``{train,t10k}-images-idx3-ubyte`` and ``{train,t10k}-labels-idx1-ubyte``, each raw or
+    ``.gz``. Both files are validated: magic numbers (2051 images, 2049 labels), file sizes
+    against the dimensions in their headers, and equal image and label counts.
+    With ``download=True`` missing files are fetched as ``<mirror><name>.gz`` into ``root``
+    (written atomically and validated before they are renamed into place). Any format that
+    ``urllib`` opens works as a mirror, ``file://`` included.
+
+    Returns:
+        ``(X, y)``: float32 ``N x 1 x 28 x 28`` (``N x 1 x rows x cols`` as the header says) in
+        [0, 1] (the bytes divided by 255) and int64 ``N``.
+
+    Raises:
+        FileNotFoundError: a file is missing, naming every path searched and where to get it.
+        ValueError: a corrupt or truncated file, naming it with the expected and found values.
+        ConnectionError: ``download=True`` and the mirror cannot be reached.
+    """
+    root = Path(root)
+    names = _mnist_names(train)
+    magics = (_IMAGES_MAGIC, _LABELS_MAGIC)
+    found: list[Path] = []
+    for name, magic in zip(names, magics):
+        hit = next((p for p in _candidates(root, name) if p.is_file()), None)
+        if hit is None and download:
+            root.mkdir(parents=True, exist_ok=True)
+            hit = root / (name + ".gz")
+            try:
+                _fetch(mirror + name + ".gz", hit, magic, timeout)
+            except ConnectionError as exc:
+                raise ConnectionError(
+                    f"{exc}. Without a network, download {name}.gz for both files of the "
+                    f"{'training' if train else 'test'} set from {mirror} (or another MNIST mirror) on "
+                    f"another machine and copy them into {root}"
+                ) from None
+        if hit is None:
+            searched = ", ".join(str(p) for p in _candidates(root, name))
+            raise FileNotFoundError(
+                f"MNIST file {name} not found; searched {searched}. Download {name}.gz from {mirror} into "
+                f"{root}, or call load_mnist(root, train={train}, download=True)"
+            )
+        found.append(hit)
+    (n, rows, cols), images, img_header = _read_idx(found[0], _IMAGES_MAGIC)
+    (n_labels,), labels, lab_header = _read_idx(found[1], _LABELS_MAGIC)
+    if n != n_labels:
+        raise ValueError(f"{found[0]} holds {n} images but {found[1]} holds {n_labels} labels; they must agree")
+    x = np.frombuffer(images, dtype=np.uint8, offset=img_header).reshape(n, 1, rows, cols)
+    y = np.frombuffer(labels, dtype=np.uint8, offset=lab_header)
+    return torch.from_numpy(x.astype(np.float32) / np.float32(255.0)), torch.from_numpy(y.astype(np.int64))
