@@ -277,7 +277,9 @@ def save(path: PathLike, tree: Any) -> None:
     # O_EXCL: never clobber anything; mode 0o666 & ~umask like any new file
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors writes the file anew with mode 0o600
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())

@@ -1,0 +1,515 @@
+import collections
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import types
+from typing import Any, NamedTuple
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import fnnet
+from fnnet import checkpoint, random as fr, tree
+from conftest import requires_cuda, scalars, tensors, trees
+
+
+class AdamLike(NamedTuple):
+    count: torch.Tensor
+    mu: Any
+    nu: Any
+
+
+@tree.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class State:
+    """The shape of fnnet.TrainState, for tests that must not depend on fnnet.train."""
+
+    params: Any
+    opt_state: Any
+    step: int = 0
+    buffers: Any = None
+    key: Any = None
+
+
+@tree.register_dataclass(static=("period", "factor"))
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    scale: torch.Tensor
+    period: int = 2000
+    factor: float = 2.0
+
+
+def roundtrip(t, **load_kwargs):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "ckpt.safetensors")
+        checkpoint.save(path, t)
+        names = set(checkpoint.load_state_dict(path))
+        return checkpoint.load(path, **load_kwargs), names
+
+
+def tensor_paths(t):
+    return {p for p, x in tree.leaves_with_path(t) if isinstance(x, torch.Tensor)}
+
+
+leaves = st.one_of(tensors(), scalars, st.integers(0, 2**64 - 1).map(fr.key), st.sampled_from([float("nan"), float("-inf")]))
+
+
+def same(a, b):
+    """tree.all_equal, with nan == nan for float leaves."""
+    if tree.structure(a) != tree.structure(b):
+        return False
+    nan = lambda x: isinstance(x, float) and x != x  # noqa: E731
+    pairs = zip(tree.leaves(a), tree.leaves(b))
+    return all((nan(x) and nan(y)) or tree.all_equal(x, y) for x, y in pairs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(trees(leaves))
+def test_roundtrip_random_trees(t):
+    loaded, names = roundtrip(t)
+    assert same(loaded, t)
+    assert names == tensor_paths(t)  # tensors are keyed by their fnnet.tree key paths
+    restored, _ = roundtrip(t, like=t)
+    assert same(restored, t)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.dictionaries(st.one_of(st.integers(-3, 3), st.text("xyz", min_size=1, max_size=2)), tensors(), max_size=4))
+def test_roundtrip_int_keys_and_insertion_order(d):
+    t = {"d": d, "od": collections.OrderedDict(reversed(list(d.items())))}
+    loaded, _ = roundtrip(t)
+    assert same(loaded, t)
+    assert list(loaded["d"]) == list(d) and list(loaded["od"]) == list(reversed(list(d)))
+    assert type(loaded["od"]) is collections.OrderedDict
+
+
+def make_state(k=0):
+    g = torch.Generator().manual_seed(k)
+    params = {"layers.0.weight": torch.randn(4, 3, generator=g), "layers.0.bias": torch.randn(4, generator=g)}
+    opt = (AdamLike(torch.tensor(3), tree.map(torch.zeros_like, params), tree.map(torch.ones_like, params)), None)
+    return State(params, opt, step=3, buffers={"bn.mean": torch.zeros(2, dtype=torch.bfloat16)}, key=fr.key(k))
+
+
+def test_namedtuple_and_registered_dataclass_roundtrip():
+    s = {"state": make_state(), "scale": Scale(torch.tensor(8.0), period=7, factor=0.5)}
+    loaded, names = roundtrip(s)
+    assert tree.all_equal(loaded, s)
+    assert type(loaded["state"]) is State and type(loaded["state"].opt_state[0]) is AdamLike
+    assert loaded["state"].step == 3 and loaded["state"].key == fr.key(0)
+    assert (loaded["scale"].period, loaded["scale"].factor) == (7, 0.5)
+    assert "state.opt_state.0.mu.layers.0.weight" in names
+
+
+def test_trainstate_roundtrip():
+    train = pytest.importorskip("fnnet.train")
+    params = {"w": torch.randn(2, 2)}
+    s = train.TrainState(params=params, opt_state=(AdamLike(torch.tensor(1), params, params),), step=5, key=fr.key(1))
+    loaded, _ = roundtrip(s)
+    assert type(loaded) is train.TrainState and tree.all_equal(loaded, s)
+    assert tree.all_equal(roundtrip(s, like=s)[0], s)
+
+
+def test_metadata_is_documented_json(tmp_path):
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, {"a": [torch.ones(1), 2]})
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert sorted(f.keys()) == ["a.0"]
+    assert meta["fnnet.format"] == "1"
+    structure = json.loads(meta["fnnet.tree"])
+    assert structure == {
+        "kind": "dict",
+        "keys": ["a"],
+        "children": [{"kind": "list", "children": [{"kind": "tensor", "name": "a.0"}, {"kind": "int", "value": 2}]}],
+    }
+
+
+def test_shared_storage_views_and_parameters(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4)
+    p = nn.Parameter(torch.randn(2))
+    t = {"w": base, "tied": base, "row": base[1], "t": base.T, "cols": base[:, 1:3], "e": torch.zeros(1).expand(3), "p": p}
+    checkpoint.save(tmp_path / "c.safetensors", t)
+    loaded = checkpoint.load(tmp_path / "c.safetensors")
+    for k, v in t.items():
+        assert torch.equal(loaded[k], v.detach()), k
+    assert loaded["w"].untyped_storage().data_ptr() != loaded["tied"].untyped_storage().data_ptr()
+    assert not loaded["p"].requires_grad
+    assert base.requires_grad is False and torch.equal(base, torch.arange(12.0).reshape(3, 4))
+
+
+def test_unsavable_leaves_name_their_path(tmp_path):
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"'a\.1'.*numpy"):
+        checkpoint.save(tmp_path / "c", {"a": [torch.ones(1), np.ones(2)]})
+    with pytest.raises(TypeError, match=r"'x'.*object"):
+        checkpoint.save(tmp_path / "c", {"x": object()})
+    with pytest.raises(TypeError, match=r"dict key \(1, 2\)"):
+        checkpoint.save(tmp_path / "c", {(1, 2): torch.ones(1)})
+    with pytest.raises(ValueError, match=r"'a\.b'"):
+        checkpoint.save(tmp_path / "c", {"a.b": torch.ones(1), "a": {"b": torch.zeros(1)}})
+    assert os.listdir(tmp_path) == []
+
+
+# -- like= ---------------------------------------------------------------------------------
+def reported(message):
+    """{category: set of key paths} from the one ValueError that load(like=) raises."""
+    out = collections.defaultdict(set)
+    for line in message.splitlines()[1:]:
+        title, _, rest = line.strip().partition(": ")
+        if title.startswith(("missing", "unexpected")):
+            out[title.split()[0]] |= set(rest.split(", "))
+        else:
+            out[title.split()[0]].add(rest.split(": ")[0])
+    return out
+
+
+def test_like_reports_every_bad_path(tmp_path):
+    path = tmp_path / "c.safetensors"
+    s = make_state()
+    checkpoint.save(path, s)
+    w = s.params["layers.0.weight"]
+    bad = dataclasses.replace(
+        s,
+        params={"layers.0.weight": w.T, "layers.0.bias": s.params["layers.0.bias"].double(), "extra": w},
+        step=3.0,
+        buffers=None,
+    )
+    with pytest.raises(ValueError) as info:
+        checkpoint.load(path, like=bad)
+    msg = str(info.value)
+    assert str(path) in msg
+    got = reported(msg)
+    assert got["missing"] == {"params.extra"}
+    assert got["unexpected"] == {"buffers.bn.mean"}
+    assert got["shape"] == {"params.layers.0.weight"}
+    assert got["dtype"] == {"params.layers.0.bias"}
+    assert got["type"] == {"step"}
+    assert "file (4, 3), like (3, 4)" in msg and "torch.float64" in msg
+
+
+@settings(max_examples=30, deadline=None)
+@given(trees(tensors(dtypes=[torch.float32, torch.int64])), st.data())
+def test_like_mismatch_lists_exactly_the_changed_paths(t, data):
+    flat, spec = tree.flatten_with_path(t)
+    changed = {"shape": set(), "dtype": set()}
+    like_leaves = []
+    for p, x in flat:
+        what = data.draw(st.sampled_from(["keep", "shape", "dtype"])) if isinstance(x, torch.Tensor) else "keep"
+        if what == "shape":
+            x = torch.zeros(x.shape + (1,), dtype=x.dtype)
+        elif what == "dtype":
+            x = x.to(torch.float64)
+        if what != "keep":
+            changed[what].add(p)
+        like_leaves.append(x)
+    like = tree.unflatten(spec, like_leaves)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "c.safetensors")
+        checkpoint.save(path, t)
+        if not changed["shape"] and not changed["dtype"]:
+            assert same(checkpoint.load(path, like=like), t)
+            return
+        with pytest.raises(ValueError) as info:
+            checkpoint.load(path, like=like)
+    got = reported(str(info.value))
+    assert got["shape"] == changed["shape"] and got["dtype"] == changed["dtype"]
+    assert not got["missing"] and not got["unexpected"]
+
+
+def test_like_restores_into_like_structure_and_values_from_file(tmp_path):
+    path = tmp_path / "c.safetensors"
+    saved = make_state(1)
+    checkpoint.save(path, saved)
+    fresh = make_state(2)  # same structure, other values: what a resumed run builds before loading
+    loaded = checkpoint.load(path, like=fresh)
+    assert tree.all_equal(loaded, saved)
+    # like='s containers win; only the key paths have to match
+    as_dict = {
+        "params": fresh.params,
+        "opt_state": [fresh.opt_state[0]._asdict(), None],
+        "step": 0,
+        "buffers": fresh.buffers,
+        "key": fresh.key,
+    }
+    plain = checkpoint.load(path, like=as_dict)
+    assert type(plain) is dict and type(plain["opt_state"][0]) is dict
+    assert plain["step"] == 3 and plain["key"] == saved.key
+    assert torch.equal(plain["opt_state"][0]["nu"]["layers.0.bias"], saved.opt_state[0].nu["layers.0.bias"])
+    part = {"params": fresh.params}
+    with pytest.raises(ValueError, match="unexpected"):
+        checkpoint.load(path, like=part)
+
+
+def test_like_with_plain_safetensors_file(tmp_path):
+    path = str(tmp_path / "hf.safetensors")
+    sd = {"a.weight": torch.randn(2, 3), "b": torch.arange(3)}
+    safetensors.torch.save_file(sd, path)
+    assert tree.all_equal(checkpoint.load(path), sd)
+    like = {"a.weight": torch.zeros(2, 3), "b": torch.zeros(3, dtype=torch.int64)}
+    assert tree.all_equal(checkpoint.load(path, like=like), sd)
+
+
+# -- class lookup safety ---------------------------------------------------------------
+def test_class_not_imported_is_not_imported(tmp_path, monkeypatch):
+    # a module on sys.path that would leave a mark if load() imported it
+    marker = tmp_path / "imported"
+    (tmp_path / "fnnet_ckpt_probe.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from typing import NamedTuple\n"
+        "class Probe(NamedTuple):\n    a: object\n"
+    )
+    mod = types.ModuleType("fnnet_ckpt_probe")
+
+    class Probe(NamedTuple):
+        a: object
+
+    Probe.__module__ = "fnnet_ckpt_probe"
+    Probe.__qualname__ = "Probe"
+    mod.Probe = Probe
+    monkeypatch.setitem(sys.modules, "fnnet_ckpt_probe", mod)
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, {"p": Probe(torch.ones(2))})
+    monkeypatch.delitem(sys.modules, "fnnet_ckpt_probe")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"'p'.*fnnet_ckpt_probe.*not imported.*like="):
+        checkpoint.load(path)
+    assert not marker.exists() and "fnnet_ckpt_probe" not in sys.modules
+    # like= never looks a class up
+    loaded = checkpoint.load(path, like={"p": Probe(torch.zeros(2))})
+    assert type(loaded["p"]) is Probe and torch.equal(loaded["p"].a, torch.ones(2))
+
+
+def test_local_and_changed_classes_suggest_like(tmp_path, monkeypatch):
+    class Local(NamedTuple):
+        x: object
+
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, Local(torch.ones(1)))
+    with pytest.raises(ValueError, match="like="):
+        checkpoint.load(path)
+    assert torch.equal(checkpoint.load(path, like=Local(torch.zeros(1))).x, torch.ones(1))
+
+    checkpoint.save(path, AdamLike(torch.ones(1), None, None))
+
+    class Changed(NamedTuple):
+        count: object
+        mu: object
+
+    monkeypatch.setattr(sys.modules[__name__], "AdamLike", Changed)
+    with pytest.raises(ValueError, match=r"fields \['count', 'mu', 'nu'\].*like="):
+        checkpoint.load(path)
+
+
+def test_unregistered_or_changed_dataclass_is_refused(tmp_path, monkeypatch):
+    import optree
+
+    @dataclasses.dataclass
+    class Temp:
+        a: Any
+
+    Temp.__qualname__ = "TempForCheckpointTest"
+    monkeypatch.setattr(sys.modules[__name__], "TempForCheckpointTest", Temp, raising=False)
+    tree.register_dataclass(Temp)
+    path = tmp_path / "c.safetensors"
+    try:
+        checkpoint.save(path, Temp(torch.ones(1)))
+        assert torch.equal(checkpoint.load(path).a, torch.ones(1))
+    finally:
+        optree.unregister_pytree_node(Temp, namespace=tree.NAMESPACE)
+    with pytest.raises(ValueError, match="not registered.*like="):
+        checkpoint.load(path)
+
+    checkpoint.save(path, Scale(torch.ones(1)))
+
+    @tree.register_dataclass
+    @dataclasses.dataclass
+    class Scale2:  # noqa: F811 - a changed Scale: a new field, no static ones
+        scale: Any
+        extra: Any = None
+
+    monkeypatch.setattr(sys.modules[__name__], "Scale", Scale2)
+    with pytest.raises(ValueError, match="has changed.*like="):
+        checkpoint.load(path)
+
+
+# -- atomic writes and damaged files -------------------------------------------------------
+def test_failed_write_leaves_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, {"w": torch.ones(3)})
+    before = path.read_bytes()
+    real = safetensors.torch.save_file
+
+    def half_then_fail(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save(path, {"w": torch.zeros(1000)})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["c.safetensors"]
+    monkeypatch.undo()
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, {"w": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["c.safetensors"]
+    assert torch.equal(checkpoint.load(path)["w"], torch.ones(3))
+
+    checkpoint.save(path, {"w": torch.zeros(2)})  # a successful save replaces it
+    assert torch.equal(checkpoint.load(path)["w"], torch.zeros(2))
+    assert os.listdir(tmp_path) == ["c.safetensors"]
+
+
+def test_save_creates_folders_and_respects_umask(tmp_path):
+    path = tmp_path / "runs" / "a" / "c.safetensors"
+    checkpoint.save(path, {"w": torch.ones(1)})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_truncated_and_corrupted_files_name_the_file(tmp_path):
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, make_state())
+    data = path.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    for cut in (0, 5, 8, 60, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"bad\.safetensors.*truncated"):
+            checkpoint.load(bad)
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x40  # inside the last tensor's bytes
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*corrupted.*checksum"):
+        checkpoint.load(bad)
+    bad.write_bytes(b"this is not a checkpoint at all" * 4)
+    with pytest.raises(ValueError, match=r"bad\.safetensors"):
+        checkpoint.load(bad)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
+        checkpoint.load(tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
+        checkpoint.load_state_dict(tmp_path / "nope.pt")
+    with pytest.raises(IsADirectoryError):
+        checkpoint.load(tmp_path)
+
+
+def test_load_device_cpu(tmp_path):
+    checkpoint.save(tmp_path / "c", make_state())
+    loaded = checkpoint.load(tmp_path / "c", device="cpu")
+    assert all(x.device.type == "cpu" for x in tree.leaves(loaded) if isinstance(x, torch.Tensor))
+    with pytest.raises(ValueError, match="(?i)devices here"):
+        checkpoint.load(tmp_path / "c", device="nonsense")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_load_onto_cuda_and_like_devices(tmp_path):
+    s = make_state()
+    checkpoint.save(tmp_path / "c", fnnet.place(s, "cuda"))  # saving from the GPU works
+    on_gpu = checkpoint.load(tmp_path / "c", device="cuda")
+    assert all(x.is_cuda for x in tree.leaves(on_gpu) if isinstance(x, torch.Tensor))
+    assert tree.all_equal(fnnet.place(on_gpu, "cpu"), s)
+    like = fnnet.place(make_state(5), "cuda")
+    resumed = checkpoint.load(tmp_path / "c", like=like)
+    assert all(x.is_cuda for x in tree.leaves(resumed) if isinstance(x, torch.Tensor))
+    assert tree.all_equal(fnnet.place(resumed, "cpu"), s)
+
+
+# -- torch interop -------------------------------------------------------------------------
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_torch_save_state_dict_loads_as_flat_dict(tmp_path):
+    torch.manual_seed(0)
+    net = Net()
+    net(torch.randn(8, 3))  # move the BatchNorm running stats
+    sd = net.state_dict()
+    torch.save(sd, tmp_path / "net.pt")
+    flat = checkpoint.load_state_dict(tmp_path / "net.pt")
+    assert list(flat) == list(sd) and all(torch.equal(flat[k], sd[k]) for k in sd)
+    fresh = Net()
+    fresh.load_state_dict(flat)  # strict
+    x = torch.randn(4, 3)
+    assert torch.equal(fresh.eval()(x), net.eval()(x))
+    # the flat dict is fnnet's params format
+    model = fnnet.functional(Net())
+    params = {k: flat[k] for k in model.params}
+    assert set(params) == {"layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias",
+                           "layers.3.weight", "layers.3.bias"}
+    nested = {"model": sd, "extra": {"ema": sd["layers.0.weight"]}}
+    torch.save(nested, tmp_path / "nested.pt")
+    assert set(checkpoint.load_state_dict(tmp_path / "nested.pt", prefix="model.")) == set(sd)
+
+
+def test_torch_save_refusals(tmp_path):
+    torch.save(Net(), tmp_path / "module.pt")  # a pickled module needs unrestricted pickle
+    with pytest.raises(ValueError, match=r"module\.pt.*weights_only"):
+        checkpoint.load_state_dict(tmp_path / "module.pt")
+    torch.save(Net().state_dict(), tmp_path / "sd.pt")
+    data = (tmp_path / "sd.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.pt.*truncated or corrupted"):
+        checkpoint.load_state_dict(tmp_path / "cut.pt")
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=r"list\.pt.*not a state_dict"):
+        checkpoint.load_state_dict(tmp_path / "list.pt")
+    torch.save({"w": torch.ones(1), "epoch": 3}, tmp_path / "mixed.pt")
+    with pytest.raises(ValueError, match=r"mixed\.pt.*epoch"):
+        checkpoint.load_state_dict(tmp_path / "mixed.pt")
+    with pytest.raises(ValueError, match=r"no tensor name starts with 'params\.'.*'layers\.'"):
+        checkpoint.load_state_dict(tmp_path / "sd.pt", prefix="params.")
+
+
+def test_saved_params_load_into_module(tmp_path):
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = fnnet.functional(net)
+    state = State(params=tree.map(lambda p: p * 2, model.params), opt_state=None, step=1)
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, state)
+    target = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    target.load_state_dict(checkpoint.load(path).params)  # strict: keys like "0.weight"
+    assert all(torch.equal(target.state_dict()[k], state.params[k]) for k in state.params)
+    again = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    again.load_state_dict(checkpoint.load_state_dict(path, prefix="params."))
+    x = torch.randn(5, 3)
+    assert torch.equal(again(x), target(x))
+
+
+def test_to_state_dict_flattens_nested_params():
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 1)])
+
+    src = Stack()
+    nested = {"layers": [{"weight": m.weight.detach(), "bias": m.bias.detach()} for m in src.layers]}
+    sd = checkpoint.to_state_dict(nested)
+    assert set(sd) == {"layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"}
+    dst = Stack()
+    dst.load_state_dict(sd)
+    assert all(torch.equal(dst.state_dict()[k], src.state_dict()[k]) for k in sd)
+    with pytest.raises(TypeError, match=r"layers\.0\.scale \(int\)"):
+        checkpoint.to_state_dict({"layers": [{"scale": 3}]})
