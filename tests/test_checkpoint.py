@@ -133,7 +133,8 @@ def test_metadata_is_documented_json(tmp_path):
 def test_shared_storage_views_and_parameters(tmp_path):
     base = torch.arange(12.0).reshape(3, 4)
     p = nn.Parameter(torch.randn(2))
-    t = {"w": base, "tied": base, "row": base[1], "t": base.T, "cols": base[:, 1:3], "e": torch.zeros(1).expand(3), "p": p}
+    t = {"w": base, "tied": base, "row": base[1], "t": base.T, "cols": base[:, 1:3], "e": torch.zeros(1).expand(3), "p": p,
+         "own_t": torch.arange(6.0).reshape(2, 3).T}
     checkpoint.save(tmp_path / "c.safetensors", t)
     loaded = checkpoint.load(tmp_path / "c.safetensors")
     for k, v in t.items():
