@@ -1,0 +1,178 @@
+"""Multi-tensor math over flattened pytrees, grouped by device and dtype.
+
+Every transformation in :mod:`fnnet.optim` works on the flat leaf lists of its trees and
+hands whole lists to ``torch._foreach_*`` ops (one C++ call per op instead of one Python
+call per leaf). Those ops want every list on one device with one dtype, so :func:`grouped`
+splits the leaves by ``(device, dtype of every column)`` and reassembles the results in
+leaf order. Inside a group the math runs in the promoted dtype of its columns (bf16 grads
+with fp32 state run in fp32); a state column is stored back in its own dtype, and updates
+keep the promoted dtype: nothing is silently downcast.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import tree as _tree
+
+Tensors = list[torch.Tensor]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of optimizer scalars (bias corrections, learning rates) on ``device``.
+
+    float64, so float64 parameters get double-precision scalars like torch.optim's Python
+    floats; float32 on MPS, which has no float64.
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def tree_device(tree: Any) -> torch.device:
+    """The device of the first tensor leaf of ``tree`` (where counters live); CPU if there is none."""
+    for leaf in _tree.leaves(tree):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+
+def scalar_for(value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim scalar tensor ready to multiply a list of ``dtype`` tensors on ``device``.
+
+    Scalars use the op-math dtype of the list (float32 for float32/bf16/fp16, float64 for
+    float64), as torch's own kernels do with Python-float scalars.
+    """
+    target = torch.float32 if dtype in _LOW_PRECISION else dtype
+    return value.to(device=device, dtype=target)
+
+
+def _groups(columns: Sequence[Tensors]) -> list[list[int]] | None:
+    """Leaf indices grouped by ``(device, dtype)`` across columns; ``None`` when there is one group."""
+    keys = [{(t.device, t.dtype) for t in col} for col in columns]
+    if all(len(k) == 1 for k in keys):
+        return None
+    by_key: dict[tuple[Any, ...], list[int]] = {}
+    for i, row in enumerate(zip(*columns)):
+        by_key.setdefault(tuple((t.device, t.dtype) for t in row), []).append(i)
+    return list(by_key.values())
+
+
+def index_groups(columns: Sequence[Tensors]) -> list[list[int]]:
+    """Leaf indices grouped by ``(device, dtype)`` across columns (one group in the common case)."""
+    if not columns[0]:
+        return []
+    groups = _groups(columns)
+    return [list(range(len(columns[0])))] if groups is None else groups
+
+
+def _promoted(cols: Sequence[Tensors]) -> torch.dtype:
+    dtype = cols[0][0].dtype
+    for col in cols[1:]:
+        dtype = torch.promote_types(dtype, col[0].dtype)
+    return dtype
+
+
+def grouped(
+    fn: Callable[..., Sequence[Tensors]],
+    columns: Sequence[Tensors],
+    keep_dtype_of: Sequence[int | None],
+) -> list[Tensors]:
+    """Run ``fn(device, dtype, *columns)`` once per (device, dtype) group of leaves.
+
+    Args:
+        fn: receives the group's device, its compute dtype and one list per column (all in
+            the compute dtype, casting copies where a column had another dtype), and returns
+            one list per output.
+        columns: equally long leaf lists (updates, state, params...).
+        keep_dtype_of: for each output, the index of the column whose dtype it is stored in
+            (a state column), or ``None`` to keep the compute dtype (updates).
+
+    Returns:
+        One list per output, in leaf order.
+    """
+    n = len(columns[0])
+    if n == 0:
+        return [[] for _ in keep_dtype_of]
+    groups = _groups(columns)
+    if groups is None:
+        return _run(fn, list(columns), keep_dtype_of)
+    outs: list[list[Any]] = [[None] * n for _ in keep_dtype_of]
+    for idx in groups:
+        results = _run(fn, [[col[i] for i in idx] for col in columns], keep_dtype_of)
+        for out, res in zip(outs, results):
+            for i, t in zip(idx, res):
+                out[i] = t
+    return outs
+
+
+def _run(fn: Callable[..., Sequence[Tensors]], cols: list[Tensors], keep_dtype_of: Sequence[int | None]) -> list[Tensors]:
+    dtype = _promoted(cols)
+    original = [col[0].dtype for col in cols]
+    cols = [col if col[0].dtype == dtype else [t.to(dtype) for t in col] for col in cols]
+    results = list(fn(cols[0][0].device, dtype, *cols))
+    for k, src in enumerate(keep_dtype_of):
+        if src is not None and original[src] != dtype:
+            results[k] = [t.to(original[src]) for t in results[k]]
+    return results
+
+
+# -- in place when donated, out of place otherwise -----------------------------------------
+# Each helper returns the result list: the same tensors when ``inplace``, new ones otherwise.
+
+
+def mul(xs: Tensors, s: Any, inplace: bool) -> Tensors:
+    if inplace:
+        torch._foreach_mul_(xs, s)
+        return xs
+    return list(torch._foreach_mul(xs, s))
+
+
+def add(xs: Tensors, ys: Any, inplace: bool, alpha: float = 1.0) -> Tensors:
+    if inplace:
+        torch._foreach_add_(xs, ys, alpha=alpha)
+        return xs
+    return list(torch._foreach_add(xs, ys, alpha=alpha))
+
+
+def lerp(xs: Tensors, ys: Tensors, weight: float, inplace: bool) -> Tensors:
+    if inplace:
+        torch._foreach_lerp_(xs, ys, weight)
+        return xs
+    return list(torch._foreach_lerp(xs, ys, weight))
+
+
+def clamp(xs: Tensors, lo: float, hi: float, inplace: bool) -> Tensors:
+    if not inplace:
+        xs = list(torch._foreach_clamp_max(xs, hi))
+    else:
+        torch._foreach_clamp_max_(xs, hi)
+    torch._foreach_clamp_min_(xs, lo)
+    return xs
+
+
+def leaves_like(tree: Any, spec: _tree.PyTreeSpec, reference: Any, what: str) -> Tensors:
+    """The leaves of ``tree``, after checking that its structure is ``spec`` (``reference``'s).
+
+    A mismatch raises ``ValueError`` naming the first differing key path, e.g. grads that
+    lack a parameter the optimizer state was initialised with.
+    """
+    leaves, got = _tree.flatten(tree)
+    if got != spec:
+        _tree.assert_same_structure(reference, tree, what=what)
+        raise ValueError(f"{what} differ in structure: expected {spec}, got {got}")
+    return leaves
+
+
+def copy(xs: Tensors) -> Tensors:
+    """New tensors equal to ``xs`` bit for bit (``x * 1.0`` is exact, NaN and -0.0 included)."""
+    return list(torch._foreach_mul(xs, 1.0))
+
+
+def zeros_like(xs: Tensors, inplace: bool) -> Tensors:
+    if inplace:
+        torch._foreach_zero_(xs)
+        return xs
+    return [torch.zeros_like(x) for x in xs]

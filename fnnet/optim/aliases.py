@@ -1,0 +1,179 @@
+"""The usual optimizers, each a short :func:`chain` of building blocks (optax's ``alias.py``).
+
+Arguments mean what they mean in ``torch.optim`` (``weight_decay`` in :func:`adam` is L2 as
+in ``torch.optim.Adam``; :func:`adamw`'s is decoupled as in ``torch.optim.AdamW``), and
+the parameter trajectories match torch.optim's. ``learning_rate`` is a float or a schedule
+(``fnnet.optim.step_lr``, ``cosine_decay_schedule``, ..., or any ``step -> value``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._foreach import scalar_dtype
+from .base import GradientTransformation, ScalarOrSchedule, chain, check_learning_rate
+from .transforms import (
+    Mask,
+    add_decayed_weights,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_stddev,
+    trace,
+)
+
+__all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad"]
+
+
+def _chain(*maybe: GradientTransformation | None) -> GradientTransformation:
+    return chain(*(t for t in maybe if t is not None))
+
+
+def _l2(weight_decay: float) -> GradientTransformation | None:
+    return add_decayed_weights(weight_decay) if weight_decay != 0 else None
+
+
+def sgd(
+    learning_rate: ScalarOrSchedule, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0
+) -> GradientTransformation:
+    """Stochastic gradient descent, with optional momentum and L2 weight decay.
+
+    ``torch.optim.SGD(lr=learning_rate, momentum=momentum, nesterov=nesterov,
+    weight_decay=weight_decay)`` with ``dampening=0``; ``optax.sgd(learning_rate, momentum,
+    nesterov)`` when ``weight_decay == 0``.
+
+    Returns:
+        ``chain([add_decayed_weights(weight_decay)], [trace(momentum, nesterov)],
+        scale_by_learning_rate(learning_rate))``, the bracketed stages only when nonzero.
+    """
+    if nesterov and momentum <= 0:
+        raise ValueError("sgd: nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
+    return _chain(
+        _l2(weight_decay),
+        trace(momentum, nesterov) if momentum != 0 else None,
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    eps_root: float = 0.0,
+) -> GradientTransformation:
+    """Adam, with optional L2 weight decay added to the gradients.
+
+    ``torch.optim.Adam(lr=learning_rate, betas=(b1, b2), eps=eps, weight_decay=weight_decay)``;
+    ``optax.adam(learning_rate, b1, b2, eps, eps_root)`` when ``weight_decay == 0``.
+
+    Returns:
+        ``chain([add_decayed_weights(weight_decay)], scale_by_adam(b1, b2, eps, eps_root),
+        scale_by_learning_rate(learning_rate))``.
+    """
+    return _chain(_l2(weight_decay), scale_by_adam(b1, b2, eps, eps_root), scale_by_learning_rate(learning_rate))
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    *,
+    eps_root: float = 0.0,
+    mask: Mask | None = None,
+) -> GradientTransformation:
+    """Adam with decoupled weight decay: ``p -= learning_rate * (adam_update + weight_decay * p)``.
+
+    ``torch.optim.AdamW(lr=learning_rate, betas=(b1, b2), eps=eps, weight_decay=weight_decay)``
+    and ``optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay, mask)``.
+
+    Args:
+        mask: which leaves to decay (a tree of bools or a callable, see ``masked``); all
+            by default, as in torch.
+
+    Returns:
+        ``chain(scale_by_adam(b1, b2, eps, eps_root), add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate))``.
+    """
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def rmsprop(
+    learning_rate: ScalarOrSchedule,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+) -> GradientTransformation:
+    """RMSprop: ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum, centered)``.
+
+    ``eps`` is added outside the square root, as in torch. ``optax.rmsprop(learning_rate,
+    decay=alpha, eps=eps, momentum=momentum, centered=centered, eps_in_sqrt=False)``
+    computes the same (optax's defaults differ: ``decay=0.9`` and ``eps`` inside the root).
+
+    Returns:
+        ``chain([add_decayed_weights(weight_decay)], scale_by_rms(alpha, eps,
+        eps_in_sqrt=False)`` or ``scale_by_stddev(...)`` if centered, ``[trace(momentum)],
+        scale_by_learning_rate(learning_rate))``.
+    """
+    scaling = scale_by_stddev if centered else scale_by_rms
+    return _chain(
+        _l2(weight_decay),
+        scaling(alpha, eps, eps_in_sqrt=False),
+        trace(momentum) if momentum != 0 else None,
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def _inverse_time_decay(learning_rate: ScalarOrSchedule, lr_decay: float) -> Any:
+    """torch Adagrad's ``lr / (1 + (step - 1) * lr_decay)``, with fnnet's 0-based step."""
+
+    def schedule(step: Any) -> Any:
+        base = learning_rate(step) if callable(learning_rate) else learning_rate
+        if isinstance(step, torch.Tensor):
+            step = step.to(scalar_dtype(step.device))
+        return base / (1 + step * lr_decay)
+
+    return schedule
+
+
+def adagrad(
+    learning_rate: ScalarOrSchedule,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+) -> GradientTransformation:
+    """Adagrad: ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)``.
+
+    ``eps`` is added outside the square root, as in torch. ``optax.adagrad(learning_rate,
+    initial_accumulator_value, eps)`` puts it inside (and defaults to 0.1 and 1e-7): use
+    ``chain(scale_by_rss(0.1, 1e-7), scale_by_learning_rate(lr))`` for optax's numbers.
+
+    Returns:
+        ``chain([add_decayed_weights(weight_decay)], scale_by_rss(initial_accumulator_value,
+        eps, eps_in_sqrt=False), scale_by_learning_rate(lr))``, where ``lr`` decays as
+        ``learning_rate / (1 + step * lr_decay)`` when ``lr_decay`` is nonzero.
+    """
+    if lr_decay < 0:
+        raise ValueError(f"adagrad: lr_decay must be >= 0, got {lr_decay}")
+    if not callable(learning_rate):
+        check_learning_rate(learning_rate, "adagrad")
+    lr = _inverse_time_decay(learning_rate, lr_decay) if lr_decay != 0 else learning_rate
+    return _chain(
+        _l2(weight_decay),
+        scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=False),
+        scale_by_learning_rate(lr),
+    )

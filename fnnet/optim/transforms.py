@@ -1,0 +1,796 @@
+"""Gradient transformations: the building blocks that aliases chain together.
+
+Each function returns a :class:`~fnnet.optim.GradientTransformation`; its state is a small
+NamedTuple (``ScaleByAdamState(count, mu, nu)``), as in optax's ``transform.py``. The math
+is done with ``torch._foreach_*`` ops on whole leaf lists, grouped by device and dtype. With
+``donate=True`` the ops write into the donated grads and state; otherwise they allocate and
+the inputs are left untouched.
+
+Nothing here syncs with the device or branches on a tensor's value in Python (step counts
+are 0-dim tensors and bias corrections are tensor math on them), so a whole training step,
+optimizer included, can be compiled by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from .. import tree as _tree
+from . import _foreach as F
+from .base import (
+    EmptyState,
+    GradientTransformation,
+    OptState,
+    Params,
+    ScalarOrSchedule,
+    ScaleByLearningRateState,
+    ScaleByScheduleState,
+    Updates,
+    check_learning_rate,
+)
+
+__all__ = [
+    "ScaleByAdamState",
+    "ScaleByRmsState",
+    "ScaleByRStdDevState",
+    "ScaleByRssState",
+    "TraceState",
+    "MaskedState",
+    "MultiStepsState",
+    "scale",
+    "scale_by_learning_rate",
+    "scale_by_adam",
+    "scale_by_rms",
+    "scale_by_stddev",
+    "scale_by_rss",
+    "trace",
+    "add_decayed_weights",
+    "clip_by_global_norm",
+    "clip",
+    "set_to_zero",
+    "masked",
+    "multi_steps",
+]
+
+Mask = Any  # a pytree of bools, a prefix of the params' structure, or a callable params -> such a tree
+
+
+# -- states -----------------------------------------------------------------------------------
+
+
+class ScaleByAdamState(NamedTuple):
+    """``count``: updates done (0-dim int64); ``mu``, ``nu``: first and second moments (params' tree)."""
+
+    count: torch.Tensor
+    mu: Updates
+    nu: Updates
+
+
+class ScaleByRmsState(NamedTuple):
+    """``nu``: the moving average of squared gradients (torch: ``square_avg``)."""
+
+    nu: Updates
+
+
+class ScaleByRStdDevState(NamedTuple):
+    """``mu``, ``nu``: moving averages of gradients and squared gradients (torch: ``grad_avg``, ``square_avg``)."""
+
+    mu: Updates
+    nu: Updates
+
+
+class ScaleByRssState(NamedTuple):
+    """``sum_of_squares``: the running sum of squared gradients (torch: Adagrad's ``sum``)."""
+
+    sum_of_squares: Updates
+
+
+class TraceState(NamedTuple):
+    """``trace``: the momentum buffer (torch: ``momentum_buffer``)."""
+
+    trace: Updates
+
+
+class MaskedState(NamedTuple):
+    """``inner_state``: the state of the masked transformation, over the selected leaves only."""
+
+    inner_state: OptState
+
+
+class MultiStepsState(NamedTuple):
+    """State of :func:`multi_steps`.
+
+    Attributes:
+        mini_step: 0-dim int64, micro-batches accumulated since the last real update.
+        gradient_step: 0-dim int64, real updates done by the inner transformation.
+        inner_state: the inner transformation's state.
+        acc_grads: the sum of the gradients accumulated since the last real update.
+    """
+
+    mini_step: torch.Tensor
+    gradient_step: torch.Tensor
+    inner_state: OptState
+    acc_grads: Updates
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _tensor_leaves(params: Params, where: str) -> tuple[list[torch.Tensor], _tree.PyTreeSpec]:
+    leaves, spec = _tree.flatten(params)
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            path = _tree.paths(params)[i]
+            raise TypeError(f"{where}: every leaf of params must be a tensor, got {type(leaf).__name__} at '{path}'")
+    return leaves, spec
+
+
+def _zeros_tree(params: Params, where: str, fill: float = 0.0) -> Updates:
+    leaves, spec = _tensor_leaves(params, where)
+    return _tree.unflatten(spec, [torch.full_like(p, fill) if fill else torch.zeros_like(p) for p in leaves])
+
+
+def _count(params: Params) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=F.tree_device(params))
+
+
+def _scalar_value(x: Any, device: torch.device) -> torch.Tensor:
+    """A learning rate or scale as a 0-dim tensor of :func:`F.scalar_dtype` on ``device``."""
+    dtype = F.scalar_dtype(device)
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    return torch.as_tensor(x, dtype=dtype, device=device)
+
+
+def _check_number(where: str, **values: float) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{where}: {name} must be a finite number, got {v!r}")
+
+
+def _check_nonneg(where: str, **values: float) -> None:
+    _check_number(where, **values)
+    for name, v in values.items():
+        if v < 0:
+            raise ValueError(f"{where}: {name} must be >= 0, got {v}")
+
+
+def _check_decay(where: str, **values: float) -> None:
+    _check_number(where, **values)
+    for name, v in values.items():
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{where}: {name} must be in [0, 1), got {v}")
+
+
+def _map_updates(
+    updates: Updates,
+    fn: Callable[[torch.device, torch.dtype, list[torch.Tensor]], list[torch.Tensor]],
+) -> Updates:
+    """Apply a stateless foreach function to the leaves of ``updates``."""
+    leaves, spec = _tree.flatten(updates)
+    (out,) = F.grouped(lambda device, dtype, u: (fn(device, dtype, u),), [leaves], (None,))
+    return _tree.unflatten(spec, out)
+
+
+def _scale_updates(updates: Updates, factor: torch.Tensor, donate: bool) -> Updates:
+    return _map_updates(updates, lambda device, dtype, u: F.mul(u, F.scalar_for(factor, device, dtype), donate))
+
+
+# -- scaling ----------------------------------------------------------------------------------
+
+
+def scale(step_size: float) -> GradientTransformation:
+    """Multiply updates by a constant: ``u -> step_size * u`` (``optax.scale``).
+
+    Args:
+        step_size: a finite float (negative to turn a descent direction into a step).
+
+    Returns:
+        A stateless :class:`GradientTransformation` (state ``EmptyState()``).
+    """
+    _check_number("scale", step_size=step_size)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
+        del params
+        return _map_updates(updates, lambda device, dtype, u: F.mul(u, step_size, donate)), state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
+    """Multiply updates by ``-learning_rate`` (``optax.scale_by_learning_rate``).
+
+    The learning rate lives in the state, so a trainer can log it
+    (:func:`~fnnet.optim.get_learning_rate`) and, when it is constant, change it
+    (:func:`~fnnet.optim.set_learning_rate`): fnnet's counterpart of
+    ``optax.inject_hyperparams`` and of ``param_group["lr"]`` in torch.optim.
+
+    Args:
+        learning_rate: a float (or 0-dim tensor), or a schedule ``step -> value`` evaluated
+            at the step count before it is incremented: the first update uses
+            ``schedule(0)``, like a torch ``LRScheduler`` stepped after every update.
+        flip_sign: multiply by ``-learning_rate`` (descent, the default) or ``+learning_rate``.
+
+    Returns:
+        A :class:`GradientTransformation` whose state is ``ScaleByLearningRateState(count,
+        learning_rate)`` for a constant or ``ScaleByScheduleState(count, learning_rate)`` for
+        a schedule (``learning_rate`` = the value of the last update).
+
+    Raises:
+        ValueError: a negative or non-finite learning rate, from a constant, or from a
+            schedule at ``init`` (``schedule(0)``) and at every update where checking needs no
+            device sync: when the value is a Python number or a CPU tensor outside
+            ``torch.compile``. On an accelerator only ``schedule(0)`` is checked, so a
+            per-step check never waits for the device.
+    """
+    sign = -1.0 if flip_sign else 1.0
+
+    if callable(learning_rate):
+        schedule = learning_rate
+
+        def evaluate(count: torch.Tensor, where: str) -> torch.Tensor:
+            value = schedule(count)
+            try:
+                check_learning_rate(value, where)
+            except ValueError as err:
+                step = f" at step {int(count)}" if count.device.type == "cpu" and not torch.compiler.is_compiling() else ""
+                raise ValueError(f"{err} (the schedule's value{step})") from None
+            return _scalar_value(value, count.device)
+
+        def init_schedule(params: Params) -> ScaleByScheduleState:
+            count = _count(params)
+            lr = evaluate(count, "scale_by_learning_rate")
+            # One device sync at init (not per step): checks schedule(0) on accelerators too.
+            check_learning_rate(lr.cpu(), "scale_by_learning_rate: schedule(0)")
+            return ScaleByScheduleState(count=count, learning_rate=lr)
+
+        def update_schedule(
+            updates: Updates, state: ScaleByScheduleState, params: Params | None = None, *, donate: bool = False
+        ):
+            del params
+            lr = evaluate(state.count, "scale_by_learning_rate")
+            updates = _scale_updates(updates, sign * lr, donate)
+            return updates, ScaleByScheduleState(count=state.count + 1, learning_rate=lr)
+
+        return GradientTransformation(init_schedule, update_schedule)
+
+    check_learning_rate(learning_rate, "scale_by_learning_rate")
+    constant = learning_rate
+
+    def init(params: Params) -> ScaleByLearningRateState:
+        count = _count(params)
+        return ScaleByLearningRateState(count=count, learning_rate=_scalar_value(constant, count.device))
+
+    def update(updates: Updates, state: ScaleByLearningRateState, params: Params | None = None, *, donate: bool = False):
+        del params
+        updates = _scale_updates(updates, sign * state.learning_rate, donate)
+        return updates, ScaleByLearningRateState(count=state.count + 1, learning_rate=state.learning_rate)
+
+    return GradientTransformation(init, update)
+
+
+# -- adaptive scalings ------------------------------------------------------------------------
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0) -> GradientTransformation:
+    """Rescale updates by Adam's bias-corrected moment estimates (``optax.scale_by_adam``).
+
+    With ``t`` the update number (1, 2, ...)::
+
+        mu = b1 * mu + (1 - b1) * g            nu = b2 * nu + (1 - b2) * g**2
+        u  = (mu / (1 - b1**t)) / (sqrt(nu / (1 - b2**t) + eps_root) + eps)
+
+    ``chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr))`` is
+    ``torch.optim.Adam(lr=lr, betas=(b1, b2), eps=eps)``; the bias corrections are computed
+    from the step-count tensor in float64, like torch's Python floats.
+
+    Args:
+        b1, b2: decay rates of the first and second moments, in [0, 1).
+        eps: added to the denominator outside the square root (torch's and optax's ``eps``).
+        eps_root: added inside the square root (optax's ``eps_root``; torch has none).
+
+    Returns:
+        A :class:`GradientTransformation` with state ``ScaleByAdamState(count, mu, nu)``;
+        ``mu`` and ``nu`` have the params' structure, dtypes and devices.
+    """
+    where = "scale_by_adam"
+    _check_decay(where, b1=b1, b2=b2)
+    _check_nonneg(where, eps=eps, eps_root=eps_root)
+
+    def init(params: Params) -> ScaleByAdamState:
+        return ScaleByAdamState(count=_count(params), mu=_zeros_tree(params, where), nu=_zeros_tree(params, where))
+
+    def update(updates: Updates, state: ScaleByAdamState, params: Params | None = None, *, donate: bool = False):
+        del params
+        mu, spec = _tree.flatten(state.mu)
+        nu = _tree.leaves(state.nu)
+        g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates")
+        count = state.count + 1
+        t = count.to(F.scalar_dtype(count.device))
+        bc1 = 1.0 - b1**t
+        bc2 = 1.0 - b2**t
+        # u = mu / d with d = bc1 * (sqrt(nu / bc2) + eps): the scalars fold into d's passes.
+        if eps_root == 0.0:
+            d_scale, d_shift = bc1 / bc2.sqrt(), eps * bc1
+        else:
+            d_scale, d_shift = 1.0 / bc2, eps_root
+
+        def math_(device, dtype, g, mu, nu):
+            mu = F.lerp(mu, g, 1.0 - b1, donate)
+            nu = F.mul(nu, b2, donate)
+            torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
+            if eps_root == 0.0:
+                d = list(torch._foreach_sqrt(nu))
+                torch._foreach_mul_(d, F.scalar_for(d_scale, device, dtype))
+                torch._foreach_add_(d, F.scalar_for(d_shift, device, dtype))
+            else:
+                d = list(torch._foreach_mul(nu, F.scalar_for(d_scale, device, dtype)))
+                torch._foreach_add_(d, eps_root)
+                torch._foreach_sqrt_(d)
+                torch._foreach_add_(d, eps)
+                torch._foreach_mul_(d, F.scalar_for(bc1, device, dtype))
+            return list(torch._foreach_div(mu, d)), mu, nu
+
+        u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2))
+        return _tree.unflatten(spec, u), ScaleByAdamState(count, _tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
+
+    return GradientTransformation(init, update)
+
+
+def _denominator(nu: list[torch.Tensor], eps: float, eps_in_sqrt: bool) -> list[torch.Tensor]:
+    """``sqrt(nu + eps)`` or ``sqrt(nu) + eps``, as new tensors."""
+    if eps_in_sqrt:
+        d = list(torch._foreach_add(nu, eps))
+        torch._foreach_sqrt_(d)
+    else:
+        d = list(torch._foreach_sqrt(nu))
+        torch._foreach_add_(d, eps)
+    return d
+
+
+def _divide(g: list[torch.Tensor], d: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
+    if donate:  # the donated gradient buffers take the result
+        torch._foreach_div_(g, d)
+        return g
+    return list(torch._foreach_div(g, d))
+
+
+def scale_by_rms(
+    decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0, *, eps_in_sqrt: bool = True
+) -> GradientTransformation:
+    """Divide updates by the root of a moving average of squared gradients (``optax.scale_by_rms``).
+
+    ``nu = decay * nu + (1 - decay) * g**2``; ``u = g / sqrt(nu + eps)``, or with
+    ``eps_in_sqrt=False`` ``u = g / (sqrt(nu) + eps)``, which is ``torch.optim.RMSprop``
+    (``alpha=decay``, ``centered=False``) before its learning rate.
+
+    Args:
+        decay: the moving average's decay rate, in [0, 1) (torch's ``alpha``).
+        eps: the denominator's regulariser.
+        initial_scale: the initial value of ``nu`` (0 in torch and optax).
+        eps_in_sqrt: put ``eps`` inside the square root (optax's default) or outside (torch).
+
+    Returns:
+        A :class:`GradientTransformation` with state ``ScaleByRmsState(nu)``.
+    """
+    where = "scale_by_rms"
+    _check_decay(where, decay=decay)
+    _check_nonneg(where, eps=eps, initial_scale=initial_scale)
+
+    def init(params: Params) -> ScaleByRmsState:
+        return ScaleByRmsState(nu=_zeros_tree(params, where, initial_scale))
+
+    def update(updates: Updates, state: ScaleByRmsState, params: Params | None = None, *, donate: bool = False):
+        del params
+        nu, spec = _tree.flatten(state.nu)
+        g = F.leaves_like(updates, spec, state.nu, f"{where}: the optimizer state (nu) and the updates")
+
+        def math_(device, dtype, g, nu):
+            nu = F.mul(nu, decay, donate)
+            torch._foreach_addcmul_(nu, g, g, value=1.0 - decay)
+            return _divide(g, _denominator(nu, eps, eps_in_sqrt), donate), nu
+
+        u, nu = F.grouped(math_, [g, nu], (None, 1))
+        return _tree.unflatten(spec, u), ScaleByRmsState(_tree.unflatten(spec, nu))
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_stddev(
+    decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0, *, eps_in_sqrt: bool = True
+) -> GradientTransformation:
+    """Divide updates by a moving estimate of the gradients' standard deviation (``optax.scale_by_stddev``).
+
+    ``mu = decay * mu + (1 - decay) * g``; ``nu = decay * nu + (1 - decay) * g**2``;
+    ``u = g / sqrt(nu - mu**2 + eps)`` (or ``g / (sqrt(nu - mu**2) + eps)`` with
+    ``eps_in_sqrt=False``, which is ``torch.optim.RMSprop(centered=True)`` before its
+    learning rate).
+
+    Returns:
+        A :class:`GradientTransformation` with state ``ScaleByRStdDevState(mu, nu)``.
+    """
+    where = "scale_by_stddev"
+    _check_decay(where, decay=decay)
+    _check_nonneg(where, eps=eps, initial_scale=initial_scale)
+
+    def init(params: Params) -> ScaleByRStdDevState:
+        return ScaleByRStdDevState(mu=_zeros_tree(params, where), nu=_zeros_tree(params, where, initial_scale))
+
+    def update(updates: Updates, state: ScaleByRStdDevState, params: Params | None = None, *, donate: bool = False):
+        del params
+        mu, spec = _tree.flatten(state.mu)
+        nu = _tree.leaves(state.nu)
+        g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates")
+
+        def math_(device, dtype, g, mu, nu):
+            mu = F.lerp(mu, g, 1.0 - decay, donate)
+            nu = F.mul(nu, decay, donate)
+            torch._foreach_addcmul_(nu, g, g, value=1.0 - decay)
+            variance = list(torch._foreach_addcmul(nu, mu, mu, value=-1.0))
+            return _divide(g, _denominator_(variance, eps, eps_in_sqrt), donate), mu, nu
+
+        u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2))
+        return _tree.unflatten(spec, u), ScaleByRStdDevState(_tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
+
+    return GradientTransformation(init, update)
+
+
+def _denominator_(x: list[torch.Tensor], eps: float, eps_in_sqrt: bool) -> list[torch.Tensor]:
+    """:func:`_denominator` computed in place in ``x`` (a list of fresh tensors)."""
+    if eps_in_sqrt:
+        torch._foreach_add_(x, eps)
+        torch._foreach_sqrt_(x)
+    else:
+        torch._foreach_sqrt_(x)
+        torch._foreach_add_(x, eps)
+    return x
+
+
+def scale_by_rss(
+    initial_accumulator_value: float = 0.1, eps: float = 1e-7, *, eps_in_sqrt: bool = True
+) -> GradientTransformation:
+    """Divide updates by the root of the sum of all squared gradients so far (``optax.scale_by_rss``).
+
+    ``s = s + g**2``; ``u = g / sqrt(s + eps)``, or with ``eps_in_sqrt=False``
+    ``u = g / (sqrt(s) + eps)``, which is ``torch.optim.Adagrad`` before its learning rate.
+    (optax returns 0 where ``s == 0``; here that leaf's gradient has been 0 throughout, so
+    the update is 0 too, unless ``eps == 0``, where it is NaN as in torch.)
+
+    Args:
+        initial_accumulator_value: the initial value of ``s`` (optax 0.1, torch 0).
+        eps: the denominator's regulariser (optax 1e-7, torch 1e-10).
+        eps_in_sqrt: ``eps`` inside the square root (optax) or outside (torch).
+
+    Returns:
+        A :class:`GradientTransformation` with state ``ScaleByRssState(sum_of_squares)``.
+    """
+    where = "scale_by_rss"
+    _check_nonneg(where, initial_accumulator_value=initial_accumulator_value, eps=eps)
+
+    def init(params: Params) -> ScaleByRssState:
+        return ScaleByRssState(sum_of_squares=_zeros_tree(params, where, initial_accumulator_value))
+
+    def update(updates: Updates, state: ScaleByRssState, params: Params | None = None, *, donate: bool = False):
+        del params
+        s, spec = _tree.flatten(state.sum_of_squares)
+        g = F.leaves_like(updates, spec, state.sum_of_squares, f"{where}: the optimizer state and the updates")
+
+        def math_(device, dtype, g, s):
+            if donate:
+                torch._foreach_addcmul_(s, g, g, value=1.0)
+            else:
+                s = list(torch._foreach_addcmul(s, g, g, value=1.0))
+            return _divide(g, _denominator(s, eps, eps_in_sqrt), donate), s
+
+        u, s = F.grouped(math_, [g, s], (None, 1))
+        return _tree.unflatten(spec, u), ScaleByRssState(_tree.unflatten(spec, s))
+
+    return GradientTransformation(init, update)
+
+
+# -- momentum and weight decay ----------------------------------------------------------------
+
+
+def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
+    """Momentum (``optax.trace``; torch.optim.SGD's ``momentum`` with ``dampening=0``).
+
+    ``trace = decay * trace + g``; ``u = trace``, or ``u = g + decay * trace`` with
+    ``nesterov=True``. The first update gives ``trace = g``, like torch's buffer, which
+    starts as a copy of the first gradient.
+
+    Returns:
+        A :class:`GradientTransformation` with state ``TraceState(trace)``.
+    """
+    where = "trace"
+    _check_nonneg(where, decay=decay)
+
+    def init(params: Params) -> TraceState:
+        return TraceState(trace=_zeros_tree(params, where))
+
+    def update(updates: Updates, state: TraceState, params: Params | None = None, *, donate: bool = False):
+        del params
+        tr, spec = _tree.flatten(state.trace)
+        g = F.leaves_like(updates, spec, state.trace, f"{where}: the optimizer state (trace) and the updates")
+
+        def math_(device, dtype, g, tr):
+            tr = F.mul(tr, decay, donate)
+            torch._foreach_add_(tr, g)
+            if nesterov:
+                return F.add(g, tr, donate, alpha=decay), tr
+            # The updates must not alias the state: a later stage may scale them in place.
+            if donate:
+                torch._foreach_copy_(g, tr)
+                return g, tr
+            return F.copy(tr), tr
+
+        u, tr = F.grouped(math_, [g, tr], (None, 1))
+        return _tree.unflatten(spec, u), TraceState(_tree.unflatten(spec, tr))
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
+    """Add ``weight_decay * params`` to the updates (``optax.add_decayed_weights``).
+
+    Before an adaptive scaling this is L2 regularisation, torch.optim's ``weight_decay`` in
+    SGD, Adam, RMSprop and Adagrad; after it (``adamw``) it is decoupled weight decay.
+
+    Args:
+        weight_decay: a finite float >= 0.
+        mask: optional tree of bools (a prefix of the params' structure) or a callable
+            ``params -> tree``; only leaves marked ``True`` are decayed (e.g. no decay for
+            biases and norms), as in optax.
+
+    Returns:
+        A stateless :class:`GradientTransformation`; its ``update`` needs ``params``.
+    """
+    where = "add_decayed_weights"
+    _check_nonneg(where, weight_decay=weight_decay)
+    if mask is not None:
+        return masked(add_decayed_weights(weight_decay), mask)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
+        if params is None:
+            raise ValueError(f"{where}: the update needs the params: call opt.update(grads, state, params)")
+        if weight_decay == 0.0:
+            return updates, state
+        u, spec = _tree.flatten(updates)
+        p = F.leaves_like(params, spec, updates, f"{where}: the updates and the params")
+        (u,) = F.grouped(lambda device, dtype, u, p: (F.add(u, p, donate, alpha=weight_decay),), [u, p], (None,))
+        return _tree.unflatten(spec, u), state
+
+    return GradientTransformation(init, update)
+
+
+# -- clipping ---------------------------------------------------------------------------------
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Rescale updates so that their global L2 norm is at most ``max_norm`` (``optax.clip_by_global_norm``).
+
+    ``u -> u * min(1, max_norm / ||u||)`` where ``||u||`` is the L2 norm of all leaves
+    together. ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` computes
+    ``min(1, max_norm / (||g|| + 1e-6))``: the same except for torch's ``1e-6`` in the
+    denominator, so above the threshold torch's clipped norm is ``max_norm * ||g|| / (||g||
+    + 1e-6)``, smaller by a relative ``1e-6 / ||g||``. Here (as in optax) the clipped norm is
+    exactly ``max_norm``, and a zero gradient stays zero.
+
+    Returns:
+        A stateless :class:`GradientTransformation` (``EmptyState``). No host sync: the
+        scale is a tensor.
+    """
+    where = "clip_by_global_norm"
+    _check_nonneg(where, max_norm=max_norm)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
+        del params
+        leaves, spec = _tree.flatten(updates)
+        if not leaves:
+            return updates, state
+        groups = F.index_groups([leaves])
+        device = leaves[0].device
+        dtype = torch.float32
+        for idx in groups:
+            dtype = torch.promote_types(dtype, leaves[idx[0]].dtype)
+        group_norms = []
+        for idx in groups:
+            norms = torch._foreach_norm([leaves[i] for i in idx])
+            group_norms.append(torch.linalg.vector_norm(torch.stack(norms)).to(device=device, dtype=dtype))
+        total = group_norms[0] if len(group_norms) == 1 else torch.linalg.vector_norm(torch.stack(group_norms))
+        factor = torch.clamp(max_norm / total, max=1.0)
+        return _scale_updates(updates, factor, donate), state
+
+    return GradientTransformation(init, update)
+
+
+def clip(max_delta: float) -> GradientTransformation:
+    """Clamp every update element to ``[-max_delta, max_delta]`` (``optax.clip``; ``torch.nn.utils.clip_grad_value_``).
+
+    Returns:
+        A stateless :class:`GradientTransformation`.
+    """
+    _check_nonneg("clip", max_delta=max_delta)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
+        del params
+        return _map_updates(updates, lambda device, dtype, u: F.clamp(u, -max_delta, max_delta, donate)), state
+
+    return GradientTransformation(init, update)
+
+
+def set_to_zero() -> GradientTransformation:
+    """Replace updates by zeros (``optax.set_to_zero``): with :func:`masked`, freezes parameters.
+
+    ``chain(masked(set_to_zero(), frozen), adam(1e-3))`` keeps the leaves marked in
+    ``frozen`` fixed (Adam's moments of those leaves stay at zero).
+    """
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
+        del params
+        return _map_updates(updates, lambda device, dtype, u: F.zeros_like(u, donate)), state
+
+    return GradientTransformation(init, update)
+
+
+# -- combinators ------------------------------------------------------------------------------
+
+
+def _mask_flags(mask: Mask, tree: Any, where: str) -> list[bool]:
+    """One bool per leaf of ``tree``, broadcasting each mask leaf over its subtree."""
+    spec = _tree.structure(tree)
+    m = mask(tree) if callable(mask) else mask
+    try:
+        expanded = _tree.map(lambda flag, sub: _tree.map(lambda _: flag, sub), m, tree)
+    except ValueError as err:
+        raise ValueError(f"{where}: the mask must have the structure of the params (or a prefix of it): {err}") from None
+    flags = _tree.leaves(expanded)
+    for i, flag in enumerate(flags):
+        if not isinstance(flag, bool):
+            raise TypeError(
+                f"{where}: mask leaves must be Python bools, got {type(flag).__name__} at "
+                f"'{_tree.paths(tree)[i]}' (a tensor would need a device sync)"
+            )
+    if len(flags) != spec.num_leaves:
+        raise ValueError(f"{where}: the mask selects {len(flags)} leaves of a tree of {spec.num_leaves}")
+    return flags
+
+
+def _select(tree: Any, flags: list[bool]) -> Any:
+    """``tree`` with the leaves not selected replaced by ``None`` (an empty subtree)."""
+    leaves, spec = _tree.flatten(tree)
+    return _tree.unflatten(spec, [x if f else None for x, f in zip(leaves, flags)])
+
+
+def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
+    """Apply ``inner`` only to the leaves selected by ``mask``; others pass through (``optax.masked``).
+
+    The counterpart of torch.optim's parameter groups: e.g. weight decay on weights only,
+    or with :func:`set_to_zero`, frozen parameters. Leaves not selected are returned
+    unchanged, *not* zeroed: to freeze them, mask them with ``set_to_zero()``.
+
+    Args:
+        inner: the transformation for the selected leaves.
+        mask: a tree of Python bools with the params' structure or a prefix of it (one
+            bool may stand for a whole subtree: ``{"encoder": False, "head": True}``), or a
+            callable ``tree -> such a tree``, called with the params at ``init`` and the
+            updates at ``update``.
+
+    Returns:
+        A :class:`GradientTransformation` with state ``MaskedState(inner_state)``, where
+        ``inner_state`` has ``None`` in place of the leaves not selected.
+    """
+    where = "masked"
+
+    def init(params: Params) -> MaskedState:
+        return MaskedState(inner.init(_select(params, _mask_flags(mask, params, where))))
+
+    def update(updates: Updates, state: MaskedState, params: Params | None = None, *, donate: bool = False):
+        leaves, spec = _tree.flatten(updates)
+        flags = _mask_flags(mask, updates, where)
+        sub_params = None
+        if params is not None:
+            F.leaves_like(params, spec, updates, f"{where}: the updates and the params")
+            sub_params = _select(params, flags)
+        new_sub, inner_state = inner.update(_select(updates, flags), state.inner_state, sub_params, donate=donate)
+        new_leaves = iter(_tree.leaves(new_sub))
+        out = [next(new_leaves) if f else u for u, f in zip(leaves, flags)]
+        return _tree.unflatten(spec, out), MaskedState(inner_state)
+
+    return GradientTransformation(init, update)
+
+
+def _can_branch(counter: torch.Tensor) -> bool:
+    """Whether Python may read ``counter``: free on CPU, a device sync or graph break otherwise."""
+    return counter.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransformation:
+    """Gradient accumulation: one ``inner`` update every ``every_k`` calls (``optax.MultiSteps``).
+
+    Each call adds the gradients to an accumulator. Calls 1 .. k-1 of every cycle return
+    zero updates (parameters stay put); call k passes the mean of the k gradients to
+    ``inner`` and returns its updates. ``chain(..., multi_steps(adam(lr), 4))`` on micro-batches
+    is ``torch.optim.Adam`` stepped after 4 ``backward()`` calls of loss / 4.
+
+    Outside ``torch.compile`` with CPU counters the cycle position is read in Python (free on
+    CPU). Otherwise (accelerators, compiled steps) there is no host sync: ``inner`` runs on
+    every call and ``torch.where`` keeps its result only on the k-th, so each micro-step costs
+    one ``inner`` update.
+
+    Returns:
+        A :class:`GradientTransformation` with state ``MultiStepsState(mini_step,
+        gradient_step, inner_state, acc_grads)``.
+    """
+    if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
+        raise ValueError(f"multi_steps: every_k must be an int >= 1, got {every_k!r}")
+    where = "multi_steps"
+
+    def init(params: Params) -> MultiStepsState:
+        count = _count(params)
+        return MultiStepsState(
+            mini_step=count, gradient_step=count.clone(), inner_state=inner.init(params), acc_grads=_zeros_tree(params, where)
+        )
+
+    def update(updates: Updates, state: MultiStepsState, params: Params | None = None, *, donate: bool = False):
+        acc, spec = _tree.flatten(state.acc_grads)
+        g = F.leaves_like(updates, spec, state.acc_grads, f"{where}: the accumulated gradients and the updates")
+        (acc,) = F.grouped(lambda device, dtype, a, g: (F.add(a, g, donate),), [acc, g], (0,))
+        (mean,) = F.grouped(lambda device, dtype, a: (list(torch._foreach_div(a, float(every_k))),), [acc], (None,))
+        mean = _tree.unflatten(spec, mean)
+
+        if _can_branch(state.mini_step):
+            if int(state.mini_step) + 1 < every_k:
+                zeros = [torch.zeros_like(a) for a in acc]
+                new_state = MultiStepsState(state.mini_step + 1, state.gradient_step, state.inner_state, _tree.unflatten(spec, acc))
+                return _tree.unflatten(spec, zeros), new_state
+            # ``mean`` is fresh, so inner may write into it when the caller donates.
+            new_updates, inner_state = inner.update(mean, state.inner_state, params, donate=donate)
+            acc = F.zeros_like(acc, True)  # ``acc`` is the donated state or a fresh sum
+            new_state = MultiStepsState(
+                torch.zeros_like(state.mini_step), state.gradient_step + 1, inner_state, _tree.unflatten(spec, acc)
+            )
+            return new_updates, new_state
+
+        emit = state.mini_step + 1 >= every_k
+        new_updates, inner_new = inner.update(mean, state.inner_state, params, donate=False)
+
+        def pick(new: Any, old: Any) -> Any:
+            if isinstance(new, torch.Tensor):
+                return torch.where(emit.to(new.device), new, old)
+            return new
+
+        new_updates = _tree.map(lambda u: torch.where(emit.to(u.device), u, 0.0), new_updates)
+        inner_state = _tree.map(pick, inner_new, state.inner_state)
+        acc = [torch.where(emit.to(a.device), 0.0, a) for a in acc]
+        new_state = MultiStepsState(
+            torch.where(emit, 0, state.mini_step + 1),
+            state.gradient_step + emit.to(torch.int64),
+            inner_state,
+            _tree.unflatten(spec, acc),
+        )
+        return new_updates, new_state
+
+    return GradientTransformation(init, update)
