@@ -26,16 +26,27 @@ which takes every container from ``like`` and only tensors and plain values from
 
 File layout (metadata keys)
 ---------------------------
-``"fnnet.format"``: ``"1"``; ``"fnnet.tree"``: the structure (see :func:`_Encoder.node`);
-``"fnnet.crc32"``: a CRC-32 of every tensor's bytes, checked on load, so a damaged file is an
-error rather than silently wrong weights. A plain safetensors file (no fnnet metadata) loads
-as a flat ``{name: tensor}`` dict.
+``"fnnet.format"``: ``"1"``. ``"fnnet.crc32"``: ``{name: CRC-32 of the tensor's bytes}``,
+checked on load, so a damaged file is an error rather than silently wrong weights.
+``"fnnet.tree"``: the structure as one JSON node, where a node is one of::
+
+    {"kind": "tensor", "name": "params.w"}            # the safetensors name = the key path
+    {"kind": "int" | "float" | "bool" | "str", "value": ...}   # float nan/inf as "nan", "inf"
+    {"kind": "key", "value": ["<hi hex>", "<lo hex>"]}          # fnnet.random.Key
+    {"kind": "none"}
+    {"kind": "list" | "tuple", "children": [...]}
+    {"kind": "dict" | "OrderedDict", "keys": [...], "children": [...]}   # insertion order
+    {"kind": "namedtuple", "class": "module:Qual", "fields": [...], "children": [...]}
+    {"kind": "custom", "class": "module:Qual", "entries": [...], "meta": <static fields>,
+     "children": [...]}                                # registered classes (TrainState)
+
+A plain safetensors file (no fnnet metadata) loads as a flat ``{name: tensor}`` dict.
 
 Interop with ``torch.nn.Module``
 --------------------------------
 ``fnnet.Model.params`` is already keyed like ``state_dict()``, so
-``module.load_state_dict(load(path)["params"], strict=False)`` works (``strict=False``
-because buffers are kept apart). :func:`to_state_dict` flattens nested param trees to such a
+``module.load_state_dict(load(path).params)`` works for a saved ``TrainState`` (add
+``strict=False`` when the module has buffers, which fnnet keeps apart in ``state.buffers``). :func:`to_state_dict` flattens nested param trees to such a
 dict; :func:`load_state_dict` reads a ``torch.save``\\ d ``state_dict`` (with
 ``weights_only=True``) or a safetensors file as a flat dict of tensors.
 """
@@ -148,14 +159,7 @@ class _Encoder:
         self._storages: set[tuple[int, int]] = set()
 
     def node(self, obj: Any, path: tuple[Any, ...]) -> dict[str, Any]:
-        """The JSON node of ``obj`` at ``path``. Node kinds:
-
-        ``{"kind": "tensor", "name": path}``; ``{"kind": "int"|"float"|"bool"|"str"|"key",
-        "value": ...}``; ``{"kind": "none"}``; ``{"kind": "list"|"tuple", "children": [...]}``;
-        ``{"kind": "dict"|"OrderedDict", "keys": [...], "children": [...]}``;
-        ``{"kind": "namedtuple", "class": "mod:Qual", "fields": [...], "children": [...]}``;
-        ``{"kind": "custom", "class": "mod:Qual", "entries": [...], "meta": ..., "children": [...]}``.
-        """
+        """The JSON node of ``obj`` at ``path`` (node kinds: see the module docstring)."""
         if isinstance(obj, torch.Tensor):
             return {"kind": "tensor", "name": self._add(obj, path)}
         leaf = _encode_scalar(obj)
@@ -309,6 +313,8 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
         with safetensors.safe_open(path, framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except PermissionError:
+        raise
     except (safetensors.SafetensorError, RuntimeError, OSError, ValueError) as exc:
         size = os.path.getsize(path)
         raise ValueError(
@@ -612,6 +618,8 @@ def load_state_dict(path: PathLike, *, prefix: str = "") -> dict[str, torch.Tens
                 f"'{path}' needs more than weights_only=True unpickling, which fnnet refuses: save "
                 f"module.state_dict() (not the module) with torch.save. ({str(exc).splitlines()[0]})"
             ) from None
+        except PermissionError:
+            raise
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
             raise ValueError(
                 f"'{path}' ({os.path.getsize(path)} bytes) is neither a safetensors file nor a readable "
