@@ -115,6 +115,15 @@ def test_trainstate_roundtrip():
     assert tree.all_equal(roundtrip(s, like=s)[0], s)
 
 
+def test_real_optimizer_state_roundtrip():
+    optim = pytest.importorskip("fnnet.optim")
+    params = {"layers.0.weight": torch.randn(3, 2), "layers.0.bias": torch.zeros(3)}
+    s = State(params, optim.adam(1e-3).init(params), step=0, key=fr.key(2))
+    loaded, names = roundtrip(s)
+    assert tree.all_equal(loaded, s) and tree.structure(loaded) == tree.structure(s)
+    assert names == tensor_paths(s)
+
+
 def test_metadata_is_documented_json(tmp_path):
     path = tmp_path / "c.safetensors"
     checkpoint.save(path, {"a": [torch.ones(1), 2]})
