@@ -92,7 +92,8 @@ def adamw(
     """Adam with decoupled weight decay: ``p -= learning_rate * (adam_update + weight_decay * p)``.
 
     ``torch.optim.AdamW(lr=learning_rate, betas=(b1, b2), eps=eps, weight_decay=weight_decay)``
-    and ``optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay, mask)``.
+    and ``optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay=weight_decay, mask=mask)``
+    (the default ``weight_decay`` is torch's 1e-2; optax's is 1e-4).
 
     Args:
         mask: which leaves to decay (a tree of bools or a callable, see ``masked``); all

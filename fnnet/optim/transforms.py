@@ -316,27 +316,28 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         t = count.to(F.scalar_dtype(count.device))
         bc1 = 1.0 - b1**t
         bc2 = 1.0 - b2**t
-        # u = mu / d with d = bc1 * (sqrt(nu / bc2) + eps): the scalars fold into d's passes.
-        if eps_root == 0.0:
-            d_scale, d_shift = bc1 / bc2.sqrt(), eps * bc1
-        else:
-            d_scale, d_shift = 1.0 / bc2, eps_root
+        inv_bc1 = 1.0 / bc1
+        inv_bc2 = 1.0 / bc2
+        inv_sqrt_bc2 = inv_bc2.sqrt()
 
+        # The tensor-valued scalars (bias corrections) only ever multiply: _foreach_mul_ takes
+        # a 0-dim tensor as is, while _foreach_add_(list, tensor) is not implemented everywhere
+        # without reading it on the host (on "meta" it calls item()), which would be a sync.
         def math_(device, dtype, g, mu, nu):
             mu = F.lerp(mu, g, 1.0 - b1, donate)
             nu = F.mul(nu, b2, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
             if eps_root == 0.0:
                 d = list(torch._foreach_sqrt(nu))
-                torch._foreach_mul_(d, F.scalar_for(d_scale, device, dtype))
-                torch._foreach_add_(d, F.scalar_for(d_shift, device, dtype))
+                torch._foreach_mul_(d, F.scalar_for(inv_sqrt_bc2, device, dtype))
             else:
-                d = list(torch._foreach_mul(nu, F.scalar_for(d_scale, device, dtype)))
+                d = list(torch._foreach_mul(nu, F.scalar_for(inv_bc2, device, dtype)))
                 torch._foreach_add_(d, eps_root)
                 torch._foreach_sqrt_(d)
-                torch._foreach_add_(d, eps)
-                torch._foreach_mul_(d, F.scalar_for(bc1, device, dtype))
-            return list(torch._foreach_div(mu, d)), mu, nu
+            torch._foreach_add_(d, eps)
+            u = list(torch._foreach_div(mu, d))
+            torch._foreach_mul_(u, F.scalar_for(inv_bc1, device, dtype))
+            return u, mu, nu
 
         u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2))
         return _tree.unflatten(spec, u), ScaleByAdamState(count, _tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
