@@ -75,7 +75,7 @@ def resolve_device(device: DeviceLike | None) -> torch.device:
         except RuntimeError:
             raise ValueError(
                 f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'. "
-                f"Devices here: {_existing()}"
+                f"devices here: {_existing()}"
             ) from None
     else:
         raise TypeError(f"device must be a torch.device, str or int, not {type(device).__name__}")

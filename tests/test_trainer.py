@@ -1,0 +1,277 @@
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fnnet
+from fnnet import optim
+from fnnet.callbacks import Callback, CSVLogger, EarlyStopping, LearningRateSchedule, ModelCheckpoint
+from conftest import CUDA, requires_cuda
+
+
+def blobs(n=256, seed=0):
+    """A small 3-class problem a tiny MLP learns in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.5]])
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = centers[y] + 0.6 * torch.randn(n, 2, generator=g)
+    return x, y
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def make_trainer(**kwargs):
+    kwargs.setdefault("metrics", {"accuracy": fnnet.metrics.accuracy})
+    return fnnet.Trainer(mlp(), F.cross_entropy, optim.adam(0.05), devices="cpu", **kwargs)
+
+
+def loaders(batch=32):
+    train, val = blobs(256, 0), blobs(128, 1)
+    return (fnnet.ArrayLoader(train, batch, shuffle=True, key=fnnet.random.key(0)),
+            fnnet.ArrayLoader(val, batch))
+
+
+def test_fit_evaluate_predict_and_history():
+    trainer = make_trainer()
+    train, val = loaders()
+    history = trainer.fit(train, val, epochs=4, verbose=0)
+    for k in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+        assert len(history[k]) == 4, k
+    assert history["epoch"] == [1, 2, 3, 4]
+    assert history["lr"] == [pytest.approx(0.05)] * 4
+    assert history["val_accuracy"][-1] > 0.9
+    assert history["loss"][-1] < history["loss"][0]
+    ev = trainer.evaluate(val)
+    assert set(ev) == {"val_loss", "val_accuracy"}
+    assert ev["val_loss"] == pytest.approx(history["val_loss"][-1], rel=1e-6)
+    # exact accuracy over all samples, not a mean of batch means
+    preds = trainer.predict(val)
+    x_val, y_val = blobs(128, 1)
+    assert preds.shape == (128, 3) and preds.device.type == "cpu"
+    assert ev["val_accuracy"] == pytest.approx((preds.argmax(1) == y_val).float().mean().item())
+    assert torch.equal(trainer.predict(x_val, batch_size=50), preds)
+    # fit again continues
+    trainer.fit(train, val, epochs=1, verbose=0)
+    assert trainer.history["epoch"] == [1, 2, 3, 4, 5] and trainer.state.step == 5 * len(train)
+    df = trainer.history.to_pandas()
+    assert list(df["epoch"]) == [1, 2, 3, 4, 5]
+
+
+def test_plain_iterables_and_torch_dataloader_are_loaders():
+    x, y = blobs(64)
+    trainer = make_trainer()
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    h = trainer.fit(dl, [(x, y)], epochs=1, verbose=0)
+    assert len(h["val_loss"]) == 1 and trainer.state.step == 4
+
+
+def test_progress_output(capsys):
+    trainer = make_trainer()
+    train, val = loaders()
+    trainer.fit(train, val, epochs=1, verbose=1)
+    out = capsys.readouterr().out
+    assert "training on cpu" in out and "Epoch 1 (1/1)" in out and "val_accuracy=" in out
+    trainer.fit(train, val, epochs=1, verbose=0)
+    assert capsys.readouterr().out == ""
+
+
+def test_model_checkpoint_keeps_top_k_and_best_reloads(tmp_path):
+    trainer = make_trainer()
+    train, val = loaders()
+    ckpt = ModelCheckpoint(tmp_path, monitor="val_loss", mode="min", save_top_k=2, save_last=True)
+    history = trainer.fit(train, val, epochs=5, callbacks=[ckpt], verbose=0)
+    files = sorted(f for f in os.listdir(tmp_path) if f != "last.safetensors")
+    assert len(files) == 2 and os.path.exists(tmp_path / "last.safetensors")
+    best = min(history["val_loss"])
+    assert ckpt.best_model_score == pytest.approx(best)
+    kept_scores = sorted(history["val_loss"])[:2]
+    assert sorted(s for s, _ in ckpt.best_k) == pytest.approx(kept_scores)
+    fresh = make_trainer()
+    fresh.load(ckpt.best_model_path)
+    assert fresh.evaluate(val)["val_loss"] == pytest.approx(best, rel=1e-6)
+
+
+def test_model_checkpoint_mode_max_and_nan_never_best(tmp_path):
+    ckpt = ModelCheckpoint(tmp_path, monitor="val_accuracy", mode="max", save_top_k=1)
+    trainer = make_trainer()
+    for epoch, score in enumerate([0.5, float("nan"), 0.7, 0.6]):
+        ckpt.on_epoch_end(trainer, epoch, {"val_accuracy": score})
+    assert ckpt.best_model_score == 0.7 and "epoch=002" in ckpt.best_model_path
+    assert len(os.listdir(tmp_path)) == 1
+    with pytest.raises(KeyError, match="val_data"):
+        ckpt.on_epoch_end(trainer, 4, {"loss": 1.0})
+
+
+def test_early_stopping_after_patience_and_restores_best():
+    trainer = make_trainer()
+    scores = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9])
+    es = EarlyStopping(monitor="val_loss", patience=3, restore_best=True)
+
+    class FakeScore(Callback):  # feeds the monitored value; the stopping logic is the real one
+        def on_epoch_end(self, trainer, epoch, logs):
+            logs["val_loss"] = next(scores)
+
+    train, _ = loaders()
+    seen = {}
+
+    class Spy(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 1:
+                seen["best"] = fnnet.tree.map(torch.clone, trainer.state.params)
+
+    history = trainer.fit(train, epochs=10, callbacks=[FakeScore(), Spy(), es], verbose=0)
+    assert len(history["epoch"]) == 5  # best at epoch 1, then 3 bad epochs
+    assert es.stopped_epoch == 4 and es.best_epoch == 1 and history.stop_reason == "stopped by callback"
+    assert fnnet.tree.all_equal(trainer.state.params, seen["best"])
+
+
+def test_lr_schedule_per_epoch_and_csv_logger(tmp_path):
+    trainer = make_trainer()
+    train, val = loaders()
+    sched = LearningRateSchedule(lambda epoch: 0.1 * 0.5**epoch, interval="epoch")
+    csv_path = tmp_path / "log" / "history.csv"
+    history = trainer.fit(train, val, epochs=3, callbacks=[sched, CSVLogger(csv_path)], verbose=0)
+    assert history["lr"] == pytest.approx([0.1, 0.05, 0.025])
+    lines = csv_path.read_text().strip().splitlines()
+    assert lines[0].startswith("epoch,loss,accuracy,val_loss,val_accuracy,lr") and len(lines) == 4
+
+
+def test_lr_schedule_per_step():
+    trainer = make_trainer()
+    train, _ = loaders()
+    seen = []
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer, step, metrics):
+            seen.append(float(optim.get_learning_rate(trainer.state.opt_state)))
+
+    trainer.fit(train, epochs=1, callbacks=[LearningRateSchedule(lambda s: 0.01 * (s + 1), "step"), Spy()], verbose=0)
+    assert seen == pytest.approx([0.01 * (s + 1) for s in range(len(train))])
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    x, y = blobs(64)
+    trainer = make_trainer()
+    ckpt = ModelCheckpoint(tmp_path, monitor="loss", save_last=True)
+    trainer.fit([(x, y)], epochs=2, callbacks=[ckpt], verbose=0)
+    good = open(tmp_path / "last.safetensors", "rb").read()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    history = trainer.fit([(bad, y)], epochs=3, callbacks=[ckpt], verbose=0)
+    assert history.stop_reason == "nonfinite"
+    assert "non-finite" in capsys.readouterr().err
+    assert len(history["epoch"]) == 2
+    assert open(tmp_path / "last.safetensors", "rb").read() == good
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.fit([(bad, y)], epochs=1, verbose=0, on_nonfinite="raise")
+
+
+def test_keyboard_interrupt_returns_history_and_runs_fit_end():
+    trainer = make_trainer()
+    train, _ = loaders()
+    ended = []
+
+    class Interrupt(Callback):
+        def on_train_batch_end(self, trainer, step, metrics):
+            if step == len(train) + 3:
+                raise KeyboardInterrupt
+
+        def on_fit_end(self, trainer):
+            ended.append(trainer.state.step)
+
+    history = trainer.fit(train, epochs=5, callbacks=[Interrupt()], verbose=0)
+    assert history.stop_reason == "interrupted"
+    assert len(history["epoch"]) == 1 and ended == [len(train) + 3]
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("cpu", ["cpu"]), (0, ["cpu"]), ("auto", [str(fnnet.default_device())]), (torch.device("cpu"), ["cpu"]),
+])
+def test_parse_devices_valid(spec, expected):
+    assert [str(d) for d in fnnet.parse_devices(spec)] == expected
+
+
+def test_parse_devices_invalid_lists_what_exists():
+    n = fnnet.device_count()
+    for bad in [n + 2, [n + 3], "tpu", [5, 5] if n > 5 else [99]] + ([] if n else ["cuda", 1, -1]):
+        with pytest.raises(ValueError, match="devices here: cpu"):
+            fnnet.parse_devices(bad)
+    with pytest.raises(ValueError):
+        fnnet.parse_devices(-2)
+    with pytest.raises(ValueError):
+        fnnet.parse_devices([])
+    with pytest.raises(TypeError):
+        fnnet.parse_devices(1.5)
+    with pytest.raises(TypeError):
+        fnnet.parse_devices(["0"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_multi_device_is_validated_then_not_implemented():
+    with pytest.raises(NotImplementedError, match="data parallelism"):
+        fnnet.Trainer(mlp(), F.cross_entropy, optim.adam(0.01), devices=2)
+
+
+def test_trainer_bad_arguments():
+    with pytest.raises(TypeError, match="fnnet.optim"):
+        fnnet.Trainer(mlp(), F.cross_entropy, torch.optim.Adam(mlp().parameters()))
+    with pytest.raises(TypeError, match="loss"):
+        fnnet.Trainer(mlp(), "mse", optim.adam(0.01))
+    with pytest.raises(ValueError, match="reserved"):
+        fnnet.Trainer(mlp(), F.cross_entropy, optim.adam(0.01), metrics={"val_acc": fnnet.metrics.accuracy})
+    trainer = make_trainer()
+    with pytest.raises(ValueError, match="epochs"):
+        trainer.fit([], epochs=-1)
+    with pytest.raises(ValueError, match="no batches"):
+        trainer.fit([], epochs=1, verbose=0)
+
+
+def test_seed_everything():
+    fnnet.seed_everything(7)
+    a = torch.rand(3)
+    fnnet.seed_everything(7)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_digits_reach_90_percent_in_10_epochs():
+    trainer, result = fnnet.recipes.train_digits(epochs=10, device="cpu", verbose=0, lr=0.01, batch_size=128)
+    assert result["final"]["val_accuracy"] >= 0.90, result["final"]
+    assert max(result["history"]["val_accuracy"]) >= 0.90
+
+
+def test_cli_train_digits_one_epoch(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fnnet.cli", "train", "digits", "--epochs", "1", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Total params" in proc.stdout or "total" in proc.stdout.lower()
+    assert "final evaluation" in proc.stdout
+    names = os.listdir(out)
+    assert "history.csv" in names and any(n.endswith(".safetensors") for n in names)
+
+
+def test_cli_usage_errors():
+    for args in (["train", "digits", "--device", "tpu"], ["train", "mnist"], ["train", "imagenet"],
+                 ["train", "digits", "--epochs", "0"]):
+        proc = subprocess.run([sys.executable, "-m", "fnnet.cli", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "usage:" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "fnnet.cli", "train", "mnist", "--data-dir", "/nonexistent"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "IDX" in proc.stderr
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_trainer_on_cuda_digits():
+    trainer, result = fnnet.recipes.train_digits(epochs=10, device="cuda", verbose=0)
+    assert trainer.device.type == "cuda"
+    assert result["final"]["val_accuracy"] >= 0.90
