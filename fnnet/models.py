@@ -42,8 +42,15 @@ class LinearRegression(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.w = nn.Parameter(torch.randn(1, 2))
-        self.b = nn.Parameter(torch.zeros(1, 1))
+        self.w = nn.Parameter(torch.empty(1, 2))
+        self.b = nn.Parameter(torch.empty(1, 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The chapter's initialisation, ``w ~ N(0, 1)``, ``b = 0`` (so ``Model.init(key)`` redraws ``w``)."""
+        with torch.no_grad():
+            self.w.normal_()
+            self.b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.w.t() + self.b

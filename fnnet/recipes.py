@@ -130,17 +130,14 @@ def train_linreg(
     dev = resolve_device(device)
     X, Y = place(linreg_data(n, seed=seed), dev)
 
-    def init(key: _random.Key, params: dict) -> dict:
-        return {"w": _random.normal(key, (1, 2), device=dev), "b": torch.zeros(1, 1, device=dev)}
-
-    model = functional(LinearRegression(), init_fn=init)
+    model = functional(LinearRegression())
 
     def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
         x, y = batch
         return F.mse_loss(model.apply(params, x), y)
 
     optimizer = optim.adam(lr)
-    state = TrainState.create(model.init(_random.key(seed)), optimizer)
+    state = TrainState.create(place(model.init(_random.key(seed)), dev), optimizer)
     step = make_train_step(loss_fn, optimizer, jit=jit, donate=True)
     if verbose:
         print(f"linear regression: n={n}, {steps} full-batch Adam steps (lr {lr}) on {dev}, jit {'on' if jit else 'off'}")

@@ -45,7 +45,7 @@ class SummaryRow(NamedTuple):
     shared: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class SummaryTable:
     """What :func:`summary` measured; ``str(table)`` renders the torchkeras-style text table.
 
@@ -71,6 +71,10 @@ class SummaryTable:
     @property
     def total_size_mb(self) -> float:
         return self.input_size_mb + self.forward_backward_size_mb + self.params_size_mb
+
+    def __repr__(self) -> str:
+        # A notebook cell ending in fnnet.summary(...) shows the table once, not a dataclass dump.
+        return str(self)
 
     def __str__(self) -> str:
         header = ("Layer (type)", "Output Shape", "Param #")

@@ -139,6 +139,19 @@ def _inputs_targets(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
+def _tqdm_class() -> Any:
+    """tqdm's notebook bar where Jupyter widgets exist, its text bar elsewhere (no IProgress warning)."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        from tqdm.std import tqdm
+
+        return tqdm
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
 class _Bar:
     """A tqdm progress bar, or nothing when verbose=0 or tqdm is missing."""
 
@@ -146,8 +159,7 @@ class _Bar:
         self.bar = None
         if enabled:
             try:
-                from tqdm.auto import tqdm
-
+                tqdm = _tqdm_class()
                 self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
             except ImportError:  # pragma: no cover - tqdm is a dependency
                 self.bar = None
