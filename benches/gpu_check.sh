@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one command for a CUDA machine with torch preinstalled and no network.
+#
+#   bash benches/gpu_check.sh                 # on the GPU machine, from anywhere
+#   PYTHON=/work/venv/bin/python bash benches/gpu_check.sh --scale 0.05   # CPU dry run
+#
+# It installs nothing from the network: fnnet runs from this checkout through PYTHONPATH, and
+# wheels carried in .whl/ (optree, which the GPU image lacks) are installed offline into
+# /tmp/site. Then `python -m fnnet.bench --gpu-check` runs, within one time budget,
+#   1. pytest -m cuda tests                      (skipped, with a message, without CUDA)
+#   2. pytest benches --benchmark-only           (CPU and CUDA parameters side by side)
+#   3. fnnet bench --device all --scale 1        (the table a newcomer sees)
+# and writes gpu-check-<date>-<gpu>.{json,md,log} plus the raw JSONs into $OUT when set,
+# else benches/results/. Extra arguments go to fnnet.bench (e.g. --scale, --budget).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    echo "[gpu-check] installing carried wheels from .whl/ into /tmp/site (offline)"
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+        || { echo "[gpu-check] error: could not install the wheels in .whl/" >&2; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+
+"$PY" - <<'PY' || exit 1
+import importlib, sys
+missing = [m for m in ("torch", "optree", "pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"[gpu-check] error: missing Python packages {missing}; carry their wheels in .whl/ (see benches/README.md)")
+import torch
+print(f"[gpu-check] torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+if not torch.cuda.is_available():
+    print("[gpu-check] no CUDA device: this is a dry run; the CUDA tests and CUDA benchmark cases will be skipped")
+PY
+
+# 8 minutes in all: the steps share --budget (440 s by default) and the summary is written
+# even when a step runs out of time; `timeout` is the backstop.
+timeout -k 10 "${GPU_CHECK_TIMEOUT:-470}" "$PY" -m fnnet.bench --gpu-check --budget "${GPU_CHECK_BUDGET:-440}" "$@"
+rc=$?
+[ $rc -eq 124 ] && echo "[gpu-check] error: the check ran past ${GPU_CHECK_TIMEOUT:-470} s and was stopped" >&2
+exit $rc
