@@ -723,3 +723,45 @@ def test_update_compiles_without_graph_breaks():
     comp_p, comp_s = compiled(params, state, grads)
     assert tree.all_equal(eager_p, comp_p)
     assert tree.all_equal(eager_s, comp_s)
+
+
+# -- eager-mode speed paths: folding and chunking ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_stage, make_scale",
+    [
+        (lambda: O.scale_by_adam(), lambda: O.scale_by_learning_rate(0.05)),
+        (lambda: O.scale_by_adam(eps_root=1e-6), lambda: O.scale_by_learning_rate(O.linear_schedule(0.1, 0.01, 5))),
+        (lambda: O.trace(0.9), lambda: O.scale(-0.1)),
+        (lambda: O.trace(0.9, nesterov=True), lambda: O.scale_by_learning_rate(0.1)),
+    ],
+)
+@pytest.mark.parametrize("donate", [False, True])
+def test_chain_folds_a_scale_into_the_stage_before(monkeypatch, make_stage, make_scale, donate):
+    folded = O.chain(make_stage(), make_scale())
+    separate = O.chain(make_stage(), O.identity(), make_scale())  # identity blocks the fold
+    calls = []
+    original = T._scale_updates
+    monkeypatch.setattr(T, "_scale_updates", lambda *a: calls.append(1) or original(*a))
+    out_f, state_f = fnnet_run(folded, _params(), steps=6, donate=donate)
+    assert calls == []  # the scaling pass never ran on its own
+    out_s, state_s = fnnet_run(separate, _params(), steps=6, donate=donate)
+    assert len(calls) == 6
+    for a, b in zip(out_f, out_s):  # the same numbers up to the last bit
+        assert_close_trees(a, b, 1e-14)
+    assert tree.all_equal(state_f[1], state_s[2])  # the scaling stage's state advanced the same way
+
+
+@pytest.mark.parametrize("name", ["adam", "adam_eps_root", "rmsprop", "rms_optax", "sgd_nesterov", "adagrad"])
+def test_cpu_chunks_give_bit_identical_results(monkeypatch, name):
+    g = torch.Generator().manual_seed(0)
+    params = {f"p{i}": torch.randn(3 + i % 4, generator=g, dtype=torch.float64) for i in range(12)}
+    whole, whole_state = fnnet_run(ALL[name](), params, steps=5)
+    monkeypatch.setattr(O._foreach, "CPU_CHUNK_BYTES", 40)  # a chunk every leaf or two
+    chunks = O._foreach._chunks(tree.leaves(params), 40)
+    assert 1 < len(chunks) < 12
+    chunked, chunked_state = fnnet_run(ALL[name](), params, steps=5)
+    for a, b in zip(whole, chunked):
+        assert tree.all_equal(a, b)
+    assert tree.all_equal(whole_state, chunked_state)

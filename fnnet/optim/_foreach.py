@@ -39,20 +39,31 @@ def tree_device(tree: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def scalar_for(value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def scalar_for(value: torch.Tensor | float, device: torch.device, dtype: torch.dtype) -> torch.Tensor | float:
     """A 0-dim scalar tensor ready to multiply a list of ``dtype`` tensors on ``device``.
 
     Scalars use the op-math dtype of the list (float32 for float32/bf16/fp16, float64 for
     float64), as torch's own kernels do with Python-float scalars.
     """
+    if not isinstance(value, torch.Tensor):  # a Python number is already a scalar for every dtype
+        return value
     target = torch.float32 if dtype in _LOW_PRECISION else dtype
     return value.to(device=device, dtype=target)
 
 
+def _column_keys(col: Tensors) -> Any:
+    """The distinct ``(device, dtype)`` pairs of a list of tensors."""
+    if not torch.compiler.is_compiling():
+        try:  # torch.optim's C++ helper: 3x faster than reading .device in Python
+            return torch._C._group_tensors_by_device_and_dtype([col], False).keys()
+        except (AttributeError, RuntimeError):
+            pass
+    return {(t.device, t.dtype) for t in col}
+
+
 def _groups(columns: Sequence[Tensors]) -> list[list[int]] | None:
     """Leaf indices grouped by ``(device, dtype)`` across columns; ``None`` when there is one group."""
-    keys = [{(t.device, t.dtype) for t in col} for col in columns]
-    if all(len(k) == 1 for k in keys):
+    if all(len(_column_keys(col)) == 1 for col in columns):
         return None
     by_key: dict[tuple[Any, ...], list[int]] = {}
     for i, row in enumerate(zip(*columns)):
@@ -75,20 +86,44 @@ def _promoted(cols: Sequence[Tensors]) -> torch.dtype:
     return dtype
 
 
+# On CPU a foreach op is a loop over its tensors, so a sequence of ops over all leaves
+# streams every tensor through memory once per op. Running the whole sequence on chunks of
+# about this many bytes per column instead keeps each chunk in cache from op to op. (On GPUs
+# one foreach op is one fused kernel over the whole list, so lists are never chunked there.)
+CPU_CHUNK_BYTES = 1 << 20
+
+
+def _chunks(col: Tensors, budget: int) -> list[slice]:
+    """Contiguous slices of ``col`` holding about ``budget`` bytes each."""
+    out, start, size = [], 0, 0
+    for i, t in enumerate(col):
+        size += t.numel() * t.element_size()
+        if size >= budget:
+            out.append(slice(start, i + 1))
+            start, size = i + 1, 0
+    if start < len(col):
+        out.append(slice(start, len(col)))
+    return out
+
+
 def grouped(
     fn: Callable[..., Sequence[Tensors]],
     columns: Sequence[Tensors],
     keep_dtype_of: Sequence[int | None],
+    scalars: Sequence[torch.Tensor] = (),
+    chunked: bool = False,
 ) -> list[Tensors]:
-    """Run ``fn(device, dtype, *columns)`` once per (device, dtype) group of leaves.
+    """Run ``fn(scalars, *columns)`` once per (device, dtype) group of leaves.
 
     Args:
-        fn: receives the group's device, its compute dtype and one list per column (all in
-            the compute dtype, casting copies where a column had another dtype), and returns
-            one list per output.
+        fn: receives a tuple with the ``scalars`` converted for the group (see
+            :func:`scalar_for`) and one list per column (all in the group's promoted dtype,
+            casting copies where a column had another dtype); returns one list per output.
         columns: equally long leaf lists (updates, state, params...).
         keep_dtype_of: for each output, the index of the column whose dtype it is stored in
             (a state column), or ``None`` to keep the compute dtype (updates).
+        scalars: 0-dim tensors ``fn`` multiplies by (bias corrections, learning rates).
+        chunked: ``fn`` is a sequence of several ops: on CPU, run it on cache-sized chunks.
 
     Returns:
         One list per output, in leaf order.
@@ -98,21 +133,40 @@ def grouped(
         return [[] for _ in keep_dtype_of]
     groups = _groups(columns)
     if groups is None:
-        return _run(fn, list(columns), keep_dtype_of)
+        return _run_group(fn, list(columns), keep_dtype_of, scalars, chunked)
     outs: list[list[Any]] = [[None] * n for _ in keep_dtype_of]
     for idx in groups:
-        results = _run(fn, [[col[i] for i in idx] for col in columns], keep_dtype_of)
+        results = _run_group(fn, [[col[i] for i in idx] for col in columns], keep_dtype_of, scalars, chunked)
         for out, res in zip(outs, results):
             for i, t in zip(idx, res):
                 out[i] = t
     return outs
 
 
-def _run(fn: Callable[..., Sequence[Tensors]], cols: list[Tensors], keep_dtype_of: Sequence[int | None]) -> list[Tensors]:
+def _run_group(
+    fn: Callable[..., Sequence[Tensors]],
+    cols: list[Tensors],
+    keep_dtype_of: Sequence[int | None],
+    scalars: Sequence[torch.Tensor],
+    chunked: bool,
+) -> list[Tensors]:
     dtype = _promoted(cols)
+    device = cols[0][0].device
+    converted = tuple(scalar_for(s, device, dtype) for s in scalars)
     original = [col[0].dtype for col in cols]
-    cols = [col if col[0].dtype == dtype else [t.to(dtype) for t in col] for col in cols]
-    results = list(fn(cols[0][0].device, dtype, *cols))
+    if chunked and device.type == "cpu" and not torch.compiler.is_compiling():
+        pieces = _chunks(cols[0], CPU_CHUNK_BYTES)
+    else:
+        pieces = [slice(None)]
+    results: list[Tensors] = []
+    for piece in pieces:
+        sub = [col[piece] if col[0].dtype == dtype else [t.to(dtype) for t in col[piece]] for col in cols]
+        out = fn(converted, *sub)
+        if not results:
+            results = [list(o) for o in out]
+        else:
+            for acc, o in zip(results, out):
+                acc.extend(o)
     for k, src in enumerate(keep_dtype_of):
         if src is not None and original[src] != dtype:
             results[k] = [t.to(original[src]) for t in results[k]]

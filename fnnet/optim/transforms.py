@@ -167,16 +167,45 @@ def _check_decay(where: str, **values: float) -> None:
 
 def _map_updates(
     updates: Updates,
-    fn: Callable[[torch.device, torch.dtype, list[torch.Tensor]], list[torch.Tensor]],
+    fn: Callable[[list[torch.Tensor]], list[torch.Tensor]],
 ) -> Updates:
     """Apply a stateless foreach function to the leaves of ``updates``."""
     leaves, spec = _tree.flatten(updates)
-    (out,) = F.grouped(lambda device, dtype, u: (fn(device, dtype, u),), [leaves], (None,))
+    (out,) = F.grouped(lambda _, u: (fn(u),), [leaves], (None,))
     return _tree.unflatten(spec, out)
 
 
 def _scale_updates(updates: Updates, factor: torch.Tensor, donate: bool) -> Updates:
-    return _map_updates(updates, lambda device, dtype, u: F.mul(u, F.scalar_for(factor, device, dtype), donate))
+    leaves, spec = _tree.flatten(updates)
+    (out,) = F.grouped(lambda s, u: (F.mul(u, s[0], donate),), [leaves], (None,), scalars=(factor,))
+    return _tree.unflatten(spec, out)
+
+
+# A chain folds a scaling stage into the stage before it when that one can scale its output
+# for free (see ``chain``): scaling stages expose ``update.factor``, foldable stages
+# ``update.scaled``, and their plain ``update`` is the same code with no factor.
+
+
+def _scaling(factor_of: Callable[[Any], tuple[Any, Any]]) -> Callable[..., tuple[Updates, Any]]:
+    """The ``update`` of a stage that multiplies by ``factor_of(state)[0]``."""
+
+    def update(updates: Updates, state: Any, params: Params | None = None, *, donate: bool = False):
+        del params
+        factor, new_state = factor_of(state)
+        return _scale_updates(updates, factor, donate), new_state
+
+    update.factor = factor_of  # type: ignore[attr-defined]
+    return update
+
+
+def _foldable(scaled: Callable[..., tuple[Updates, Any]]) -> Callable[..., tuple[Updates, Any]]:
+    """The ``update`` of a stage whose ``scaled(updates, state, params, donate, factor)`` scales its output."""
+
+    def update(updates: Updates, state: Any, params: Params | None = None, *, donate: bool = False):
+        return scaled(updates, state, params, donate, None)
+
+    update.scaled = scaled  # type: ignore[attr-defined]
+    return update
 
 
 # -- scaling ----------------------------------------------------------------------------------
@@ -197,11 +226,7 @@ def scale(step_size: float) -> GradientTransformation:
         del params
         return EmptyState()
 
-    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
-        del params
-        return _map_updates(updates, lambda device, dtype, u: F.mul(u, step_size, donate)), state
-
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, _scaling(lambda state: (step_size, state)))
 
 
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
@@ -251,15 +276,11 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
             check_learning_rate(lr.cpu(), "scale_by_learning_rate: schedule(0)")
             return ScaleByScheduleState(count=count, learning_rate=lr)
 
-        def update_schedule(
-            updates: Updates, state: ScaleByScheduleState, params: Params | None = None, *, donate: bool = False
-        ):
-            del params
+        def scheduled_factor(state: ScaleByScheduleState) -> tuple[torch.Tensor, ScaleByScheduleState]:
             lr = evaluate(state.count, "scale_by_learning_rate")
-            updates = _scale_updates(updates, sign * lr, donate)
-            return updates, ScaleByScheduleState(count=state.count + 1, learning_rate=lr)
+            return sign * lr, ScaleByScheduleState(count=state.count + 1, learning_rate=lr)
 
-        return GradientTransformation(init_schedule, update_schedule)
+        return GradientTransformation(init_schedule, _scaling(scheduled_factor))
 
     check_learning_rate(learning_rate, "scale_by_learning_rate")
     constant = learning_rate
@@ -268,12 +289,10 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         count = _count(params)
         return ScaleByLearningRateState(count=count, learning_rate=_scalar_value(constant, count.device))
 
-    def update(updates: Updates, state: ScaleByLearningRateState, params: Params | None = None, *, donate: bool = False):
-        del params
-        updates = _scale_updates(updates, sign * state.learning_rate, donate)
-        return updates, ScaleByLearningRateState(count=state.count + 1, learning_rate=state.learning_rate)
+    def factor(state: ScaleByLearningRateState) -> tuple[torch.Tensor, ScaleByLearningRateState]:
+        return sign * state.learning_rate, ScaleByLearningRateState(count=state.count + 1, learning_rate=state.learning_rate)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, _scaling(factor))
 
 
 # -- adaptive scalings ------------------------------------------------------------------------
@@ -307,42 +326,43 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     def init(params: Params) -> ScaleByAdamState:
         return ScaleByAdamState(count=_count(params), mu=_zeros_tree(params, where), nu=_zeros_tree(params, where))
 
-    def update(updates: Updates, state: ScaleByAdamState, params: Params | None = None, *, donate: bool = False):
+    def scaled(updates: Updates, state: ScaleByAdamState, params: Params | None, donate: bool, factor: Any):
         del params
         mu, spec = _tree.flatten(state.mu)
         nu = _tree.leaves(state.nu)
         g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates")
         count = state.count + 1
         t = count.to(F.scalar_dtype(count.device))
-        bc1 = 1.0 - b1**t
-        bc2 = 1.0 - b2**t
-        inv_bc1 = 1.0 / bc1
-        inv_bc2 = 1.0 / bc2
-        inv_sqrt_bc2 = inv_bc2.sqrt()
-
+        inv_bc2 = 1.0 / (1.0 - b2**t)
+        out_scale = 1.0 / (1.0 - b1**t)  # times a folded learning rate, as torch's lr / bc1
+        if factor is not None:
+            out_scale = out_scale * factor
         # The tensor-valued scalars (bias corrections) only ever multiply: _foreach_mul_ takes
         # a 0-dim tensor as is, while _foreach_add_(list, tensor) is not implemented everywhere
         # without reading it on the host (on "meta" it calls item()), which would be a sync.
-        def math_(device, dtype, g, mu, nu):
+
+        def math_(s, g, mu, nu):
+            s_inv_bc2, s_out = s
             mu = F.lerp(mu, g, 1.0 - b1, donate)
             nu = F.mul(nu, b2, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
-            if eps_root == 0.0:
+            if eps_root == 0.0:  # sqrt(nu / bc2) = sqrt(nu) * (1 / sqrt(bc2)), as torch
                 d = list(torch._foreach_sqrt(nu))
-                torch._foreach_mul_(d, F.scalar_for(inv_sqrt_bc2, device, dtype))
+                torch._foreach_mul_(d, s_inv_bc2)
             else:
-                d = list(torch._foreach_mul(nu, F.scalar_for(inv_bc2, device, dtype)))
+                d = list(torch._foreach_mul(nu, s_inv_bc2))
                 torch._foreach_add_(d, eps_root)
                 torch._foreach_sqrt_(d)
             torch._foreach_add_(d, eps)
             u = list(torch._foreach_div(mu, d))
-            torch._foreach_mul_(u, F.scalar_for(inv_bc1, device, dtype))
+            torch._foreach_mul_(u, s_out)
             return u, mu, nu
 
-        u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2))
+        scalars = (inv_bc2.sqrt() if eps_root == 0.0 else inv_bc2, out_scale)
+        u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2), scalars=scalars, chunked=True)
         return _tree.unflatten(spec, u), ScaleByAdamState(count, _tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, _foldable(scaled))
 
 
 def _denominator(nu: list[torch.Tensor], eps: float, eps_in_sqrt: bool) -> list[torch.Tensor]:
@@ -393,12 +413,12 @@ def scale_by_rms(
         nu, spec = _tree.flatten(state.nu)
         g = F.leaves_like(updates, spec, state.nu, f"{where}: the optimizer state (nu) and the updates")
 
-        def math_(device, dtype, g, nu):
+        def math_(_, g, nu):
             nu = F.mul(nu, decay, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - decay)
             return _divide(g, _denominator(nu, eps, eps_in_sqrt), donate), nu
 
-        u, nu = F.grouped(math_, [g, nu], (None, 1))
+        u, nu = F.grouped(math_, [g, nu], (None, 1), chunked=True)
         return _tree.unflatten(spec, u), ScaleByRmsState(_tree.unflatten(spec, nu))
 
     return GradientTransformation(init, update)
@@ -430,14 +450,14 @@ def scale_by_stddev(
         nu = _tree.leaves(state.nu)
         g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates")
 
-        def math_(device, dtype, g, mu, nu):
+        def math_(_, g, mu, nu):
             mu = F.lerp(mu, g, 1.0 - decay, donate)
             nu = F.mul(nu, decay, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - decay)
             variance = list(torch._foreach_addcmul(nu, mu, mu, value=-1.0))
             return _divide(g, _denominator_(variance, eps, eps_in_sqrt), donate), mu, nu
 
-        u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2))
+        u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2), chunked=True)
         return _tree.unflatten(spec, u), ScaleByRStdDevState(_tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
 
     return GradientTransformation(init, update)
@@ -483,14 +503,14 @@ def scale_by_rss(
         s, spec = _tree.flatten(state.sum_of_squares)
         g = F.leaves_like(updates, spec, state.sum_of_squares, f"{where}: the optimizer state and the updates")
 
-        def math_(device, dtype, g, s):
+        def math_(_, g, s):
             if donate:
                 torch._foreach_addcmul_(s, g, g, value=1.0)
             else:
                 s = list(torch._foreach_addcmul(s, g, g, value=1.0))
             return _divide(g, _denominator(s, eps, eps_in_sqrt), donate), s
 
-        u, s = F.grouped(math_, [g, s], (None, 1))
+        u, s = F.grouped(math_, [g, s], (None, 1), chunked=True)
         return _tree.unflatten(spec, u), ScaleByRssState(_tree.unflatten(spec, s))
 
     return GradientTransformation(init, update)
@@ -515,26 +535,32 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     def init(params: Params) -> TraceState:
         return TraceState(trace=_zeros_tree(params, where))
 
-    def update(updates: Updates, state: TraceState, params: Params | None = None, *, donate: bool = False):
+    def scaled(updates: Updates, state: TraceState, params: Params | None, donate: bool, factor: Any):
         del params
         tr, spec = _tree.flatten(state.trace)
         g = F.leaves_like(updates, spec, state.trace, f"{where}: the optimizer state (trace) and the updates")
 
-        def math_(device, dtype, g, tr):
+        def math_(s, g, tr):
             tr = F.mul(tr, decay, donate)
             torch._foreach_add_(tr, g)
             if nesterov:
-                return F.add(g, tr, donate, alpha=decay), tr
+                u = F.add(g, tr, donate, alpha=decay)
+                if s:
+                    torch._foreach_mul_(u, s[0])
+                return u, tr
+            if s:  # a new tensor, scaled: no copy needed
+                return list(torch._foreach_mul(tr, s[0])), tr
             # The updates must not alias the state: a later stage may scale them in place.
             if donate:
                 torch._foreach_copy_(g, tr)
                 return g, tr
             return F.copy(tr), tr
 
-        u, tr = F.grouped(math_, [g, tr], (None, 1))
+        scalars = () if factor is None else (factor,)
+        u, tr = F.grouped(math_, [g, tr], (None, 1), scalars=scalars, chunked=True)
         return _tree.unflatten(spec, u), TraceState(_tree.unflatten(spec, tr))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, _foldable(scaled))
 
 
 def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
@@ -568,7 +594,7 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
             return updates, state
         u, spec = _tree.flatten(updates)
         p = F.leaves_like(params, spec, updates, f"{where}: the updates and the params")
-        (u,) = F.grouped(lambda device, dtype, u, p: (F.add(u, p, donate, alpha=weight_decay),), [u, p], (None,))
+        (u,) = F.grouped(lambda _, u, p: (F.add(u, p, donate, alpha=weight_decay),), [u, p], (None,))
         return _tree.unflatten(spec, u), state
 
     return GradientTransformation(init, update)
@@ -633,7 +659,7 @@ def clip(max_delta: float) -> GradientTransformation:
 
     def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
         del params
-        return _map_updates(updates, lambda device, dtype, u: F.clamp(u, -max_delta, max_delta, donate)), state
+        return _map_updates(updates, lambda u: F.clamp(u, -max_delta, max_delta, donate)), state
 
     return GradientTransformation(init, update)
 
@@ -651,7 +677,7 @@ def set_to_zero() -> GradientTransformation:
 
     def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
         del params
-        return _map_updates(updates, lambda device, dtype, u: F.zeros_like(u, donate)), state
+        return _map_updates(updates, lambda u: F.zeros_like(u, donate)), state
 
     return GradientTransformation(init, update)
 
@@ -758,8 +784,8 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
     def update(updates: Updates, state: MultiStepsState, params: Params | None = None, *, donate: bool = False):
         acc, spec = _tree.flatten(state.acc_grads)
         g = F.leaves_like(updates, spec, state.acc_grads, f"{where}: the accumulated gradients and the updates")
-        (acc,) = F.grouped(lambda device, dtype, a, g: (F.add(a, g, donate),), [acc, g], (0,))
-        (mean,) = F.grouped(lambda device, dtype, a: (list(torch._foreach_div(a, float(every_k))),), [acc], (None,))
+        (acc,) = F.grouped(lambda _, a, g: (F.add(a, g, donate),), [acc, g], (0,))
+        (mean,) = F.grouped(lambda _, a: (list(torch._foreach_div(a, float(every_k))),), [acc], (None,))
         mean = _tree.unflatten(spec, mean)
 
         if _can_branch(state.mini_step):
