@@ -25,7 +25,7 @@ from .callbacks import Callback
 from .data import batch_size_of, num_batches, set_epoch
 from .device import device_count, place, resolve_device
 from .functional import Model, functional
-from .train import TrainState, make_eval_step, make_train_step, supervised_loss
+from .train import PRECISIONS, DynamicScale, TrainState, make_eval_step, make_train_step, supervised_loss
 
 __all__ = ["Trainer", "History", "parse_devices", "seed_everything"]
 
@@ -240,8 +240,10 @@ class Trainer:
         buffers = place(self.model.buffers, self.device) if self.model.buffers else None
         params = self.model.params if params is None else params
         self.model._check_params(params)
+        # float16 keeps its loss scale in the state from the start, so checkpoints always hold it
+        loss_scale = DynamicScale.create(self.device) if PRECISIONS.get(precision) is torch.float16 else None
         self.state: TrainState = TrainState.create(place(params, self.device), optimizer,
-                                                   buffers=buffers, key=key)
+                                                   buffers=buffers, key=key, loss_scale=loss_scale)
         self.history = History()
         self.epoch = 0
         self.stop_training = False

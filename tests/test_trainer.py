@@ -275,3 +275,19 @@ def test_trainer_on_cuda_digits():
     trainer, result = fnnet.recipes.train_digits(epochs=10, device="cuda", verbose=0)
     assert trainer.device.type == "cuda"
     assert result["final"]["val_accuracy"] >= 0.90
+
+
+@pytest.mark.parametrize("precision", ["bf16", "16-mixed"])
+def test_mixed_precision_trains_with_float32_master_params(precision, tmp_path):
+    trainer = make_trainer(precision=precision)
+    train, val = loaders()
+    history = trainer.fit(train, val, epochs=3, verbose=0)
+    assert history["val_accuracy"][-1] > 0.9
+    assert all(v.dtype == torch.float32 for v in trainer.state.params.values())
+    if precision == "16-mixed":
+        assert isinstance(trainer.state.loss_scale, fnnet.DynamicScale)
+        assert int(trainer.state.loss_scale.good_steps) == 3 * len(train)
+    trainer.save(tmp_path / "state.safetensors")
+    again = make_trainer(precision=precision)
+    again.load(tmp_path / "state.safetensors")
+    assert again.evaluate(val) == pytest.approx(trainer.evaluate(val))
