@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple
 
+import optree
 import torch
 
 from .. import tree as _tree
@@ -686,29 +687,49 @@ def set_to_zero() -> GradientTransformation:
 
 
 def _mask_flags(mask: Mask, tree: Any, where: str) -> list[bool]:
-    """One bool per leaf of ``tree``, broadcasting each mask leaf over its subtree."""
-    spec = _tree.structure(tree)
+    """One bool per leaf of ``tree``: the flag of the mask leaf whose path is a prefix of the leaf's."""
     m = mask(tree) if callable(mask) else mask
-    try:
-        expanded = _tree.map(lambda flag, sub: _tree.map(lambda _: flag, sub), m, tree)
-    except ValueError as err:
-        raise ValueError(f"{where}: the mask must have the structure of the params (or a prefix of it): {err}") from None
-    flags = _tree.leaves(expanded)
-    for i, flag in enumerate(flags):
+    if not torch.compiler.is_compiling():  # checked eagerly at init; the check trips torch.compile (2.13)
+        try:
+            _tree.assert_same_structure(m, tree, what="the mask and the tree", prefix=True)
+        except ValueError as err:
+            raise ValueError(f"{where}: the mask must have the structure of the params (or a prefix of it): {err}") from None
+    by_path = dict(_mask_items(m, ()))
+    for path, flag in by_path.items():
         if not isinstance(flag, bool):
             raise TypeError(
                 f"{where}: mask leaves must be Python bools, got {type(flag).__name__} at "
-                f"'{_tree.paths(tree)[i]}' (a tensor would need a device sync)"
+                f"'{_tree.path_str(path)}' (a tensor would need a device sync)"
             )
-    if len(flags) != spec.num_leaves:
-        raise ValueError(f"{where}: the mask selects {len(flags)} leaves of a tree of {spec.num_leaves}")
+    flags = []
+    for path in optree.tree_paths(tree, none_is_leaf=False, namespace=_tree.NAMESPACE):
+        flags.append(next(by_path[path[:k]] for k in range(len(path) + 1) if path[:k] in by_path))
     return flags
 
 
-def _select(tree: Any, flags: list[bool]) -> Any:
-    """``tree`` with the leaves not selected replaced by ``None`` (an empty subtree)."""
-    leaves, spec = _tree.flatten(tree)
-    return _tree.unflatten(spec, [x if f else None for x, f in zip(leaves, flags)])
+def _mask_items(m: Any, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], Any]]:
+    """``(key path, leaf)`` pairs of a mask, as ``optree.tree_flatten_with_path`` would give.
+
+    Plain recursion for the usual containers: torch.compile (2.13) cannot flatten a dict built
+    inside the compiled region (a callable mask's result) with optree, nor rebuild one with
+    ``tree.map`` and flatten it again.
+    """
+    if m is None:
+        return []
+    if isinstance(m, dict):
+        return [item for k, v in m.items() for item in _mask_items(v, path + (k,))]
+    if isinstance(m, (list, tuple)):
+        return [item for i, v in enumerate(m) for item in _mask_items(v, path + (i,))]
+    if isinstance(m, bool):
+        return [(path, m)]
+    # anything else (a registered container, or a wrong leaf that the caller reports): optree
+    paths, leaves, _ = optree.tree_flatten_with_path(m, none_is_leaf=False, namespace=_tree.NAMESPACE)
+    return [(path + p, leaf) for p, leaf in zip(paths, leaves)]
+
+
+def _select(paths: list[str], leaves: list[Any], flags: list[bool]) -> dict[str, Any]:
+    """The selected leaves as a flat dict keyed by their dotted key paths."""
+    return {path: leaf for path, leaf, f in zip(paths, leaves, flags) if f}
 
 
 def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
@@ -726,24 +747,30 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
             updates at ``update``.
 
     Returns:
-        A :class:`GradientTransformation` with state ``MaskedState(inner_state)``, where
-        ``inner_state`` has ``None`` in place of the leaves not selected.
+        A :class:`GradientTransformation` with state ``MaskedState(inner_state)``. The inner
+        transformation sees the selected leaves as a flat dict keyed by their dotted key
+        paths (``{"layers.0.weight": ...}``), so its state holds nothing for the others.
     """
     where = "masked"
 
     def init(params: Params) -> MaskedState:
-        return MaskedState(inner.init(_select(params, _mask_flags(mask, params, where))))
+        flags = _mask_flags(mask, params, where)
+        paths = _tree.paths(params)
+        chosen = [p for p, f in zip(paths, flags) if f]
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"{where}: two selected leaves have the same key path in {chosen}; rename one")
+        return MaskedState(inner.init(_select(paths, _tree.leaves(params), flags)))
 
     def update(updates: Updates, state: MaskedState, params: Params | None = None, *, donate: bool = False):
-        leaves, spec = _tree.flatten(updates)
         flags = _mask_flags(mask, updates, where)
+        leaves, spec = _tree.flatten(updates)
+        paths = _tree.paths(updates)
         sub_params = None
         if params is not None:
-            F.leaves_like(params, spec, updates, f"{where}: the updates and the params")
-            sub_params = _select(params, flags)
-        new_sub, inner_state = inner.update(_select(updates, flags), state.inner_state, sub_params, donate=donate)
-        new_leaves = iter(_tree.leaves(new_sub))
-        out = [next(new_leaves) if f else u for u, f in zip(leaves, flags)]
+            p_leaves = F.leaves_like(params, spec, updates, f"{where}: the updates and the params")
+            sub_params = _select(paths, p_leaves, flags)
+        new_sub, inner_state = inner.update(_select(paths, leaves, flags), state.inner_state, sub_params, donate=donate)
+        out = [new_sub[p] if f else u for p, u, f in zip(paths, leaves, flags)]
         return _tree.unflatten(spec, out), MaskedState(inner_state)
 
     return GradientTransformation(init, update)
