@@ -11,8 +11,13 @@ biases). Every variant runs in the same session on the same data::
 * ``torch-foreach`` / ``torch-loop``: the same with ``foreach=True`` / ``foreach=False``.
 * ``fnnet-pure``: ``opt.update`` + ``apply_updates`` with new tensors for everything.
 * ``fnnet-donated``: the same with ``donate=True`` (state and params updated in place).
+* ``fnnet-donated-whole-lists``: the donated path with every foreach op over all 200
+  tensors at once. On CPU fnnet runs each stage's ops on cache-sized chunks of the leaf
+  lists instead (``fnnet.optim._foreach.CPU_CHUNK_BYTES``); on GPUs it never chunks, so
+  there this variant is ``fnnet-donated`` again.
 * ``fnnet-donated-loop``: fnnet's donated math written as a Python loop over leaves, one
-  op per tensor: what the ``torch._foreach_*`` ops in fnnet.optim save.
+  op per tensor (the update loop, then the apply loop): the per-leaf way the foreach ops
+  replace.
 
 Targets (issue 3): on CPU, fnnet-donated <= 1.1x and fnnet-pure <= 1.5x torch-default.
 Ratios: divide the medians of the table pytest-benchmark prints.
@@ -25,9 +30,18 @@ import torch
 
 import fnnet.optim as O
 from fnnet import tree
+from fnnet.optim import _foreach as F
 
 LR = 1e-3
-VARIANTS = ["torch-default", "torch-foreach", "torch-loop", "fnnet-pure", "fnnet-donated", "fnnet-donated-loop"]
+VARIANTS = [
+    "torch-default",
+    "torch-foreach",
+    "torch-loop",
+    "fnnet-pure",
+    "fnnet-donated",
+    "fnnet-donated-whole-lists",
+    "fnnet-donated-loop",
+]
 
 
 def make_tree(device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -38,18 +52,19 @@ def make_tree(device: torch.device, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _loop_adam_donated(params, grads, state, b1=0.9, b2=0.999, eps=1e-8):
-    """fnnet's donated Adam math, one tensor at a time (same ops, same results)."""
+    """fnnet's donated Adam (update with the learning rate folded in, then apply), one tensor at a time."""
     adam_state, lr_state = state
     count = adam_state.count + 1
     t = count.to(torch.float64)
-    inv_bc1 = (1.0 / (1.0 - b1**t)).float()
     inv_sqrt_bc2 = (1.0 / (1.0 - b2**t)).sqrt().float()
-    neg_lr = (-lr_state.learning_rate).float()
-    for p, g, m, v in zip(tree.leaves(params), tree.leaves(grads), tree.leaves(adam_state.mu), tree.leaves(adam_state.nu)):
+    out_scale = (-lr_state.learning_rate / (1.0 - b1**t)).float()
+    updates = []
+    for g, m, v in zip(tree.leaves(grads), tree.leaves(adam_state.mu), tree.leaves(adam_state.nu)):
         m.lerp_(g, 1.0 - b1)
         v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
         d = v.sqrt().mul_(inv_sqrt_bc2).add_(eps)
-        u = torch.div(m, d).mul_(inv_bc1).mul_(neg_lr)
+        updates.append(torch.div(m, d).mul_(out_scale))
+    for p, u in zip(tree.leaves(params), updates):
         p.add_(u)
     return params, (adam_state._replace(count=count), lr_state._replace(count=lr_state.count + 1))
 
@@ -92,9 +107,11 @@ def build(variant: str, device: torch.device):
     # writes into the gradients, which this check makes sure of.
     grads_before = tree.map(torch.clone, grads)
 
-    if variant == "fnnet-donated":
+    if variant in ("fnnet-donated", "fnnet-donated-whole-lists"):
+        chunk_bytes = F.CPU_CHUNK_BYTES if variant == "fnnet-donated" else 1 << 62
 
         def run():
+            F.CPU_CHUNK_BYTES = chunk_bytes
             updates, box["state"] = opt.update(grads, box["state"], box["params"], donate=True)
             box["params"] = O.apply_updates(box["params"], updates, donate=True)
             _sync(device)
@@ -108,6 +125,13 @@ def build(variant: str, device: torch.device):
     run()
     assert tree.all_equal(grads, grads_before), "the donated Adam update wrote into the gradients"
     return run
+
+
+@pytest.fixture(autouse=True)
+def _restore_chunk_size():
+    saved = F.CPU_CHUNK_BYTES
+    yield
+    F.CPU_CHUNK_BYTES = saved
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

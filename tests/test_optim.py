@@ -564,9 +564,22 @@ def test_grads_with_another_structure_name_the_key_path(name):
         opt.update(grads, state, params)
 
 
+@pytest.mark.parametrize("name", sorted(set(ALL) - {"clip"}))
+def test_grads_with_another_shape_name_the_key_path(name):
+    opt = ALL[name]()
+    params = _params()
+    state = opt.init(params)
+    grads = tree.map(torch.ones_like, params)
+    grads["b"]["c"] = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"shape at 'b\.c': \(4,\) instead of \(3,\)"):
+        opt.update(grads, state, params)
+
+
 def test_apply_updates_structure_error():
     with pytest.raises(ValueError, match="'y'"):
         O.apply_updates({"x": torch.ones(1), "y": torch.ones(1)}, {"x": torch.ones(1)})
+    with pytest.raises(ValueError, match="shape at 'x'"):
+        O.apply_updates({"x": torch.ones(2)}, {"x": torch.ones(3)})
 
 
 @pytest.mark.parametrize("name", sorted(ALL))

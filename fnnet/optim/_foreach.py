@@ -207,16 +207,22 @@ def clamp(xs: Tensors, lo: float, hi: float, inplace: bool) -> Tensors:
     return xs
 
 
-def leaves_like(tree: Any, spec: _tree.PyTreeSpec, reference: Any, what: str) -> Tensors:
+def leaves_like(tree: Any, spec: _tree.PyTreeSpec, reference: Any, what: str, shapes_of: Tensors | None = None) -> Tensors:
     """The leaves of ``tree``, after checking that its structure is ``spec`` (``reference``'s).
 
     A mismatch raises ``ValueError`` naming the first differing key path, e.g. grads that
-    lack a parameter the optimizer state was initialised with.
+    lack a parameter the optimizer state was initialised with. With ``shapes_of`` (the
+    reference's leaves) the shapes must match too.
     """
     leaves, got = _tree.flatten(tree)
     if got != spec:
         _tree.assert_same_structure(reference, tree, what=what)
         raise ValueError(f"{what} differ in structure: expected {spec}, got {got}")
+    if shapes_of is not None:
+        for i, (a, b) in enumerate(zip(leaves, shapes_of)):
+            if a.shape != b.shape:
+                path = _tree.paths(reference)[i]
+                raise ValueError(f"{what} differ in shape at '{path}': {tuple(a.shape)} instead of {tuple(b.shape)}")
     return leaves
 
 

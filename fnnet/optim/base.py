@@ -183,7 +183,7 @@ def apply_updates(params: Params, updates: Updates, *, donate: bool = False) -> 
         ValueError: ``updates`` does not have ``params``' structure (the key path is named).
     """
     p_leaves, spec = _tree.flatten(params)
-    u_leaves = _foreach.leaves_like(updates, spec, params, "apply_updates: params and updates")
+    u_leaves = _foreach.leaves_like(updates, spec, params, "apply_updates: params and updates", p_leaves)
     groups = _foreach.index_groups([p_leaves, u_leaves])
     if donate:
         # In place, under no_grad as in torch.optim (params may be leaves that require grad).

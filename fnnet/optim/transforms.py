@@ -2,9 +2,9 @@
 
 Each function returns a :class:`~fnnet.optim.GradientTransformation`; its state is a small
 NamedTuple (``ScaleByAdamState(count, mu, nu)``), as in optax's ``transform.py``. The math
-is done with ``torch._foreach_*`` ops on whole leaf lists, grouped by device and dtype. With
-``donate=True`` the ops write into the donated grads and state; otherwise they allocate and
-the inputs are left untouched.
+is done with ``torch._foreach_*`` ops on leaf lists grouped by device and dtype (on CPU, in
+cache-sized chunks; see ``_foreach.py``). With ``donate=True`` the ops write into the donated
+grads and state; otherwise they allocate and the inputs are left untouched.
 
 Nothing here syncs with the device or branches on a tensor's value in Python (step counts
 are 0-dim tensors and bias corrections are tensor math on them), so a whole training step,
@@ -331,7 +331,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         del params
         mu, spec = _tree.flatten(state.mu)
         nu = _tree.leaves(state.nu)
-        g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates")
+        g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates", mu)
         count = state.count + 1
         t = count.to(F.scalar_dtype(count.device))
         inv_bc2 = 1.0 / (1.0 - b2**t)
@@ -412,7 +412,7 @@ def scale_by_rms(
     def update(updates: Updates, state: ScaleByRmsState, params: Params | None = None, *, donate: bool = False):
         del params
         nu, spec = _tree.flatten(state.nu)
-        g = F.leaves_like(updates, spec, state.nu, f"{where}: the optimizer state (nu) and the updates")
+        g = F.leaves_like(updates, spec, state.nu, f"{where}: the optimizer state (nu) and the updates", nu)
 
         def math_(_, g, nu):
             nu = F.mul(nu, decay, donate)
@@ -449,7 +449,7 @@ def scale_by_stddev(
         del params
         mu, spec = _tree.flatten(state.mu)
         nu = _tree.leaves(state.nu)
-        g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates")
+        g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates", mu)
 
         def math_(_, g, mu, nu):
             mu = F.lerp(mu, g, 1.0 - decay, donate)
@@ -502,7 +502,7 @@ def scale_by_rss(
     def update(updates: Updates, state: ScaleByRssState, params: Params | None = None, *, donate: bool = False):
         del params
         s, spec = _tree.flatten(state.sum_of_squares)
-        g = F.leaves_like(updates, spec, state.sum_of_squares, f"{where}: the optimizer state and the updates")
+        g = F.leaves_like(updates, spec, state.sum_of_squares, f"{where}: the optimizer state and the updates", s)
 
         def math_(_, g, s):
             if donate:
@@ -539,7 +539,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     def scaled(updates: Updates, state: TraceState, params: Params | None, donate: bool, factor: Any):
         del params
         tr, spec = _tree.flatten(state.trace)
-        g = F.leaves_like(updates, spec, state.trace, f"{where}: the optimizer state (trace) and the updates")
+        g = F.leaves_like(updates, spec, state.trace, f"{where}: the optimizer state (trace) and the updates", tr)
 
         def math_(s, g, tr):
             tr = F.mul(tr, decay, donate)
@@ -593,8 +593,8 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
             raise ValueError(f"{where}: the update needs the params: call opt.update(grads, state, params)")
         if weight_decay == 0.0:
             return updates, state
-        u, spec = _tree.flatten(updates)
-        p = F.leaves_like(params, spec, updates, f"{where}: the updates and the params")
+        p, spec = _tree.flatten(params)
+        u = F.leaves_like(updates, spec, params, f"{where}: the params and the updates", p)
         (u,) = F.grouped(lambda _, u, p: (F.add(u, p, donate, alpha=weight_decay),), [u, p], (None,))
         return _tree.unflatten(spec, u), state
 
@@ -810,7 +810,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
 
     def update(updates: Updates, state: MultiStepsState, params: Params | None = None, *, donate: bool = False):
         acc, spec = _tree.flatten(state.acc_grads)
-        g = F.leaves_like(updates, spec, state.acc_grads, f"{where}: the accumulated gradients and the updates")
+        g = F.leaves_like(updates, spec, state.acc_grads, f"{where}: the accumulated gradients and the updates", acc)
         (acc,) = F.grouped(lambda _, a, g: (F.add(a, g, donate),), [acc, g], (0,))
         (mean,) = F.grouped(lambda _, a: (list(torch._foreach_div(a, float(every_k))),), [acc], (None,))
         mean = _tree.unflatten(spec, mean)
