@@ -18,9 +18,13 @@ PY=${PYTHON:-python3}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     echo "[gpu-check] installing carried wheels from .whl/ into /tmp/site (offline)"
-    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
-        || { echo "[gpu-check] error: could not install the wheels in .whl/" >&2; exit 1; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    if "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        # e.g. wheels built for the GPU machine's Python on a dry run elsewhere: go on with what
+        # this Python has; the check below stops with a clear message if something is missing.
+        echo "[gpu-check] warning: the wheels in .whl/ did not install for this Python; using its own packages" >&2
+    fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg

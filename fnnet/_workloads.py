@@ -29,6 +29,7 @@ __all__ = [
     "Case",
     "Unavailable",
     "timed",
+    "reset_compiler",
     "LinearRegression",
     "CnnModel",
     "linreg_data",
@@ -129,11 +130,12 @@ def _check_device(variant: str, device: torch.device | str) -> torch.device:
     return dev
 
 
-def _fresh_compiler(variant: str) -> None:
-    # Every compiled variant starts from an empty dynamo cache, so its first-call time is
-    # the whole compilation and no earlier case's guards count towards the recompile limit.
-    if variant in COMPILED:
-        torch._dynamo.reset()
+def reset_compiler() -> None:
+    """Empty torch.compile's caches. Harnesses call it before building a group of cases, so a
+    compiled variant's first call is its whole compilation and no earlier case's guards count
+    towards dynamo's recompile limit. (Not inside the builders: it would throw away the
+    compiled code of cases built earlier and still to be timed.)"""
+    torch._dynamo.reset()
 
 
 def _need(module: str, *names: str) -> Any:
@@ -226,7 +228,6 @@ def linreg_case(variant: str, device: torch.device | str, *, n: int = 1_000_000,
 
         optimizer = optim.adam(lr)
         options = {"mode": "reduce-overhead"} if variant == "fnnet-jit-cudagraphs" else None
-        _fresh_compiler(variant)
         step = train_mod.make_train_step(
             loss_fn, optimizer, jit=variant in COMPILED, donate=variant != "fnnet-eager", compile_options=options
         )
@@ -304,7 +305,6 @@ def cnn_case(variant: str, device: torch.device | str, *, samples: int = 12_800,
         data = _need("fnnet.data", "ArrayLoader")
         trainer_mod = _need("fnnet.trainer", "Trainer")
         model = fnnet.functional(_seeded(seed, CnnModel))
-        _fresh_compiler(variant)
         trainer = trainer_mod.Trainer(model, F.cross_entropy, optim.adam(lr), devices=dev,
                                       jit=variant in COMPILED, key=fnnet.random.key(seed))
         loader = data.ArrayLoader((X, Y), batch_size, shuffle=True, key=fnnet.random.key(seed + 1), device=dev)

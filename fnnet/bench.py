@@ -10,7 +10,8 @@ the chapter's sizes and prints one row per workload, device and variant::
     python -m fnnet.bench --gpu-check    # CUDA tests + benches + this table, into $OUT
 
 Every timing waits for the device inside the timed call, follows a warm-up, and is the
-median of ``--repeats`` runs. ``time/chapter`` is this variant's time over the chapter's way
+median of ``--repeats`` runs; the variants of a workload take turns run by run, so load from
+elsewhere on a shared machine hits them all alike. ``time/chapter`` is this variant's time over the chapter's way
 on the same device (below 1 is faster); ``vs cpu`` is its throughput over the chapter's way
 on the CPU (the GPU speed-up a newcomer asks about). Compiled variants report their first
 call (the compilation) apart from the steady state.
@@ -121,32 +122,60 @@ def run(
     results: list[Result] = []
     for workload in workloads:
         for dev in map(torch.device, devices):
-            for variant in W.variants(workload):
-                if variant in W.CUDA_ONLY and dev.type != "cuda":
-                    continue  # not a result: the variant does not exist on this device
-                row = Result(workload, str(dev), variant)
-                results.append(row)
-                if variant in W.COMPILED and not compile:
-                    row.skipped = "compiled variants off (--no-compile)"
-                    continue
-                _log(f"{workload:7s} {str(dev):7s} {variant:22s} ...", verbose)
-                try:
-                    case = W.build(workload, variant, dev, scale=scale, steps=steps)
-                    row.times = measure(case, repeats=repeats, warmup=warmup)
-                except W.Unavailable as e:
-                    row.skipped = str(e)
-                    continue
-                except Exception as e:  # noqa: BLE001 - one broken variant must not hide the rest
-                    row.skipped = f"failed: {type(e).__name__}: {e}"
-                    _log(f"  {row.skipped}", verbose)
-                    continue
-                row.seconds = statistics.median(row.times)
-                row.work, row.unit, row.size, row.first_call_s = case.work, case.unit, case.size, case.first_call_s
-                row.throughput = case.throughput(row.seconds)
-                del case
-                _log(f"  {_fmt_time(row.seconds)} per run, {_fmt_rate(row.throughput, row.unit)}", verbose)
+            results += _run_group(workload, dev, scale=scale, repeats=repeats, warmup=warmup, compile=compile,
+                                  steps=steps, verbose=verbose)
     _add_ratios(results)
     return results
+
+
+def _run_group(workload: str, dev: torch.device, *, scale: float, repeats: int, warmup: int, compile: bool,
+               steps: int, verbose: bool) -> list[Result]:
+    """All variants of one workload on one device, timed round-robin.
+
+    Each repeat runs every variant once in turn, so a burst of load from elsewhere on a
+    shared machine slows all of them rather than whichever happened to be running: the
+    ratios stay fair even when the absolute numbers move.
+    """
+    rows: list[Result] = []
+    cases: dict[str, W.Case] = {}
+    W.reset_compiler()
+    for variant in W.variants(workload):
+        if variant in W.CUDA_ONLY and dev.type != "cuda":
+            continue  # not a result: the variant does not exist on this device
+        row = Result(workload, str(dev), variant)
+        rows.append(row)
+        if variant in W.COMPILED and not compile:
+            row.skipped = "compiled variants off (--no-compile)"
+            continue
+        _log(f"{workload:7s} {str(dev):7s} {variant:22s} setting up", verbose)
+        try:
+            cases[variant] = W.build(workload, variant, dev, scale=scale, steps=steps)
+        except W.Unavailable as e:
+            row.skipped = str(e)
+        except Exception as e:  # noqa: BLE001 - one broken variant must not hide the rest
+            row.skipped = f"failed: {type(e).__name__}: {e}"
+            _log(f"  {row.skipped}", verbose)
+    by_variant = {r.variant: r for r in rows}
+    for i in range(warmup + repeats):
+        for variant, case in list(cases.items()):
+            try:
+                t0 = time.perf_counter()
+                case.run()
+                elapsed = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001
+                by_variant[variant].skipped = f"failed: {type(e).__name__}: {e}"
+                del cases[variant]
+                continue
+            if i >= warmup:
+                by_variant[variant].times.append(elapsed)
+    for variant, case in cases.items():
+        row = by_variant[variant]
+        row.seconds = statistics.median(row.times)
+        row.work, row.unit, row.size, row.first_call_s = case.work, case.unit, case.size, case.first_call_s
+        row.throughput = case.throughput(row.seconds)
+        _log(f"{workload:7s} {str(dev):7s} {variant:22s} {_fmt_time(row.seconds)} per run, "
+             f"{_fmt_rate(row.throughput, row.unit)}", verbose)
+    return rows
 
 
 def _add_ratios(results: list[Result]) -> None:
@@ -381,14 +410,16 @@ def gpu_check(out_dir: str | os.PathLike | None = None, *, budget_s: float = 450
     steps.append(_run_step("fnnet bench", [py, "-m", "fnnet.bench", "--device", "all", "--scale", str(scale),
                                            "--json", str(cli_json)], left(10), log, env, root))
 
+    raw = json.loads(bench_json.read_text()) if bench_json.exists() else {}
     summary = {
         "schema": "fnnet-gpu-check/1",
         "environment": environment(),
         "cuda_available": cuda,
         "scale": scale,
         "steps": steps,
-        "benches": [dataclasses.asdict(r) for r in results_from_pytest_benchmark(json.loads(bench_json.read_text()))]
-        if bench_json.exists() else [],
+        "benches": [dataclasses.asdict(r) for r in results_from_pytest_benchmark(raw)],
+        "other_benches": [{"name": b["name"], "median_s": b["stats"]["median"], "extra_info": b.get("extra_info", {})}
+                          for b in raw.get("benchmarks", []) if "workload" not in b.get("extra_info", {})],
         "bench": json.loads(cli_json.read_text())["results"] if cli_json.exists() else [],
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -419,6 +450,11 @@ def _gpu_check_markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"## pytest benches (scale {summary['scale']} of the chapter's sizes; median of rounds)", ""]
     rows = [Result(**r) for r in summary["benches"]]
     lines.append(format_markdown(rows) if rows else "(no pytest-benchmark results)")
+    if summary["other_benches"]:
+        lines += ["", "Other benchmarks in `benches/` (median of rounds):", "", "| benchmark | median | extra_info |",
+                  "|---|---|---|"]
+        for b in summary["other_benches"]:
+            lines.append(f"| {b['name']} | {_fmt_time(b['median_s'])} | {json.dumps(b['extra_info'])} |")
     lines += ["", "## fnnet bench --device all", ""]
     rows = [Result(**r) for r in summary["bench"]]
     lines.append(format_markdown(rows) if rows else "(no results)")
