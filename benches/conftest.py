@@ -34,6 +34,7 @@ reason when the machine has too few GPUs.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
@@ -52,6 +53,8 @@ NO_CUDA = "no CUDA device here (torch.cuda.is_available() is False); the CUDA ca
 
 # FNNET_BENCH_SCALE shrinks every problem (1 = the chapter's sizes); fnnet bench's --scale.
 SCALE = float(os.environ.get("FNNET_BENCH_SCALE", "1"))
+# FNNET_BENCH_LOG: also append every result to this JSON-lines file as soon as it is measured.
+LOG = os.environ.get("FNNET_BENCH_LOG")
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -119,6 +122,10 @@ def run_case() -> Callable[..., None]:
             return
         median = stats.stats.median
         benchmark.extra_info["throughput"] = case.throughput(median)
+        if LOG:  # one line per result as it is measured (the GPU check keeps them if stopped early)
+            with open(LOG, "a") as f:
+                f.write(json.dumps({"name": benchmark.name, "stats": {"median": median},
+                                    "extra_info": benchmark.extra_info}) + "\n")
         _RESULTS.append(Result(case.workload, str(case.device), case.variant, median, list(stats.stats.data),
                                case.work, case.unit, case.throughput(median), first_call_s=case.first_call_s,
                                size=case.size))

@@ -9,7 +9,7 @@
 # /tmp/site. Then `python -m fnnet.bench --gpu-check` runs, within one time budget,
 #   1. pytest -m cuda tests                      (skipped, with a message, without CUDA)
 #   2. pytest benches --benchmark-only           (CPU and CUDA parameters side by side)
-#   3. fnnet bench --device all --scale 1        (the table a newcomer sees)
+#   3. fnnet bench --device all --no-compile     (the table a newcomer sees)
 # and writes gpu-check-<date>-<gpu>.{json,md,log} plus the raw JSONs into $OUT when set,
 # else benches/results/. Extra arguments go to fnnet.bench (e.g. --scale, --budget).
 set -u
