@@ -535,6 +535,15 @@ def test_get_learning_rate():
     assert math.isclose(float(O.get_learning_rate(state)), 0.8)  # the last update used schedule(2)
 
 
+def test_learning_rate_found_inside_combinators():
+    params = _params()
+    for opt in (O.multi_steps(O.adam(0.1), 2), O.masked(O.sgd(0.1), {"a": True, "b": False})):
+        state = O.set_learning_rate(opt.init(params), 0.3)
+        assert float(O.get_learning_rate(state)) == 0.3
+        updates, state = opt.update(tree.map(torch.ones_like, params), state, params)
+        assert float(O.get_learning_rate(state)) == 0.3
+
+
 def test_set_learning_rate_errors_and_copy():
     params = _params()
     state = O.adam(0.1).init(params)

@@ -177,10 +177,16 @@ def apply_updates(params: Params, updates: Updates, *, donate: bool = False) -> 
             parameters); otherwise return new tensors and leave ``params`` untouched.
 
     Returns:
-        The updated params, with ``params``' structure, dtypes and devices.
+        The updated params, with ``params``' structure, dtypes and devices (bf16 params with
+        fp32 updates: the sum is taken in fp32 and stored in bf16, as optax does).
 
     Raises:
-        ValueError: ``updates`` does not have ``params``' structure (the key path is named).
+        ValueError: ``updates`` does not have ``params``' structure or shapes (the key path
+            is named).
+
+    The pure path is ordinary tensor math, so autograd can see through it (differentiating
+    through an optimizer step, as with optax under ``jax.grad``); the donated path runs
+    under ``torch.no_grad()``, like ``torch.optim``.
     """
     p_leaves, spec = _tree.flatten(params)
     u_leaves = _foreach.leaves_like(updates, spec, params, "apply_updates: params and updates", p_leaves)
