@@ -7,6 +7,9 @@ The protocol (every method optional; subclass :class:`Callback` and override wha
     on_train_batch_start(trainer, step)            # step = trainer.state.step before the update
     on_train_batch_end(trainer, step, metrics)     # metrics: device tensors, not synced
     on_epoch_end(trainer, epoch, logs)             # logs: this epoch's floats (loss, val_loss, lr...)
+
+``epoch`` in the hooks is an index counted from 0; what users see (History, the console,
+CSV rows, checkpoint file names) counts epochs from 1.
     on_fit_end(trainer)                            # always runs: after the last epoch, on a
                                                    # non-finite loss, and on KeyboardInterrupt
 
@@ -52,7 +55,7 @@ def _check_mode(mode: str) -> None:
 
 def _monitored(logs: dict, monitor: str, who: str) -> float:
     if monitor not in logs:
-        raise KeyError(f"{who}: monitor={monitor!r} is not among the epoch's logs {sorted(logs)}"
+        raise ValueError(f"{who}: monitor={monitor!r} is not among the epoch's logs {sorted(logs)}"
                        + (" (did you pass val_data to fit?)" if monitor.startswith("val_") else ""))
     return float(logs[monitor])
 
@@ -81,8 +84,10 @@ class ModelCheckpoint(Callback):
         filename: a format string over ``epoch`` and the logs.
 
     Attributes ``best_model_path`` and ``best_model_score`` name the best so far; a NaN score
-    never counts as best. Files are ``fnnet.save`` checkpoints (atomic safetensors) of the whole
-    ``TrainState``: ``trainer.load(path)`` restores them.
+    never counts as best. Files are ``trainer.save`` checkpoints (atomic safetensors holding the
+    whole ``TrainState`` and the epoch count): ``trainer.load(path)`` resumes from them, and
+    ``fnnet.load(path)["state"].params`` loads into the ``nn.Module``. ``epoch`` in ``filename``
+    counts from 1.
     """
 
     def __init__(self, dirpath: str | os.PathLike, monitor: str = "val_loss", mode: str = "min",
@@ -105,17 +110,15 @@ class ModelCheckpoint(Callback):
         return self.best_k[0][0] if self.best_k else None
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
-        from .checkpoint import save
-
         os.makedirs(self.dirpath, exist_ok=True)
         score = _monitored(logs, self.monitor, "ModelCheckpoint")
         if self.save_top_k != 0 and not math.isnan(score):
             worst = self.best_k[-1][0] if self.best_k else None
             full = self.save_top_k != -1 and len(self.best_k) >= self.save_top_k
             if not full or _improves(score, worst, self.mode):
-                name = self.filename.format(**{**logs, "epoch": epoch, "monitor": self.monitor, "score": score}) + ".safetensors"
+                name = self.filename.format(**{**logs, "epoch": epoch + 1, "monitor": self.monitor, "score": score}) + ".safetensors"
                 path = os.path.join(self.dirpath, name)
-                save(path, trainer.state)
+                trainer.save(path)
                 self.best_k.append((score, path))
                 self.best_k.sort(key=lambda sp: sp[0], reverse=self.mode == "max")
                 if self.save_top_k != -1:
@@ -127,7 +130,7 @@ class ModelCheckpoint(Callback):
                     self.best_k = keep
         if self.save_last:
             self.last_model_path = os.path.join(self.dirpath, "last.safetensors")
-            save(self.last_model_path, trainer.state)
+            trainer.save(self.last_model_path)
 
 
 class EarlyStopping(Callback):
@@ -150,6 +153,10 @@ class EarlyStopping(Callback):
         self.stopped_epoch: int | None = None
         self._best_state: Any = None
 
+    def on_fit_start(self, trainer: Any) -> None:
+        # Each fit is a fresh watch (Keras resets in on_train_begin too).
+        self.best, self.best_epoch, self.wait, self.stopped_epoch, self._best_state = None, None, 0, None, None
+
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
         score = _monitored(logs, self.monitor, "EarlyStopping")
         if _improves(score, self.best, self.mode, self.min_delta):
@@ -164,7 +171,7 @@ class EarlyStopping(Callback):
 
     def on_fit_end(self, trainer: Any) -> None:
         if self.restore_best and self._best_state is not None and self.stopped_epoch is not None:
-            trainer.state = self._best_state
+            trainer.state = _clone(self._best_state)  # a copy: later donated steps must not write into ours
 
 
 class LearningRateSchedule(Callback):
@@ -215,17 +222,29 @@ class CSVLogger(Callback):
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        if not self.append and os.path.exists(self.path):
-            os.remove(self.path)
         self._fields = None
+        if os.path.exists(self.path):
+            if not self.append:
+                os.remove(self.path)
+            else:
+                with open(self.path, newline="") as f:
+                    self._fields = next(csv.reader(f), None)
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
-        row = {"epoch": epoch, **logs}
-        new_file = not os.path.exists(self.path)
+        row = {"epoch": epoch + 1, **logs}
+        rows: list[dict] = []
         if self._fields is None:
             self._fields = list(row)
+        elif any(k not in self._fields for k in row):
+            # a column appeared (e.g. val_* from the second fit on): rewrite with the wider header
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            self._fields += [k for k in row if k not in self._fields]
+            os.remove(self.path)
+        new_file = not os.path.exists(self.path)
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self._fields, restval="")
             if new_file:
                 writer.writeheader()
+            writer.writerows(rows)
             writer.writerow(row)

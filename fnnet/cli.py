@@ -65,7 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                               "(train-images-idx3-ubyte[.gz] ...) there, e.g. from an MNIST mirror")
         try:
             recipes.train_mnist(args.data_dir, **common)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ValueError) as exc:  # missing or corrupt IDX files: say which
             print(f"fnnet train mnist: {exc}", file=sys.stderr)
             return 2
     return 0
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto (default), cpu, cuda, cuda:N, a GPU count (0 = CPU, -1 = all) or a list 0,1")
     p_train.add_argument("--out", default=None, help="folder for the best checkpoint, history.csv and history.png")
     p_train.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (default 128)")
-    p_train.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.01; linreg 0.1)")
+    p_train.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default 0.01; linreg 0.1)")
     p_train.add_argument("--jit", action="store_true", help="compile the training step with torch.compile")
     p_train.add_argument("--precision", choices=["32", "bf16", "16-mixed"], default="32")
     p_train.add_argument("--seed", type=int, default=0, help="the key everything random derives from")
@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     if _register_bench is not None:
         _register_bench(sub)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:

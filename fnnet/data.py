@@ -211,12 +211,13 @@ class ArrayLoader:
 # --------------------------------------------------------------------------------------
 def batch_size_of(batch: Any) -> int:
     """The number of samples in ``batch``: the first dimension of its first leaf."""
-    leaves = _tree.leaves_with_path(batch)
+    leaves = _tree.leaves(batch)  # paths are built only for the error message (this runs every step)
     if not leaves:
         raise ValueError("batch_size_of: the batch has no leaves (an empty container or None)")
-    p, first = leaves[0]
+    first = leaves[0]
     shape = getattr(first, "shape", None)
     if shape is None or len(shape) == 0:
+        p = _tree.leaves_with_path(batch)[0][0]
         raise ValueError(
             f"batch_size_of: the first leaf of the batch ('{p}', a {type(first).__name__}) has no first "
             "dimension; batches are trees of tensors with the samples along dimension 0"

@@ -47,7 +47,8 @@ def default_device() -> torch.device:
     return torch.device("cuda", 0) if device_count() > 0 else torch.device("cpu")
 
 
-def _existing() -> str:
+def existing_devices() -> str:
+    """The devices this machine has, as text for error messages: ``"cpu, cuda:0"``."""
     names = ["cpu"] + [f"cuda:{i}" for i in range(device_count())]
     return ", ".join(names)
 
@@ -56,26 +57,28 @@ def resolve_device(device: DeviceLike | None) -> torch.device:
     """Turn any accepted spelling into a concrete ``torch.device`` that exists on this machine.
 
     Accepted: a ``torch.device``, ``"cpu"``, ``"cuda"`` (= ``cuda:0``), ``"cuda:N"``, an int
-    index ``N`` (= ``cuda:N``), ``"auto"`` or ``None`` (= :func:`default_device`). Anything else,
-    or a device this machine does not have, raises ``ValueError`` listing the devices that exist.
+    index ``N`` (= ``cuda:N``), ``"auto"`` or ``None`` (= :func:`default_device`); strings in any
+    case. Anything else, or a device this machine does not have, raises ``ValueError`` listing
+    the devices that exist. (An int here is a device *index*; ``Trainer(devices=N)`` takes a
+    device *count*, as Lightning's ``gpus=N`` did: ``0`` there means the CPU.)
     """
-    if device is None or (isinstance(device, str) and device == "auto"):
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return default_device()
     if isinstance(device, bool):
         raise TypeError(f"device must be a torch.device, str or int, not bool ({device!r})")
     if isinstance(device, int):
         if device < 0:
-            raise ValueError(f"device index {device} is negative; devices here: {_existing()}")
+            raise ValueError(f"device index {device} is negative; devices here: {existing_devices()}")
         dev = torch.device("cuda", device)
     elif isinstance(device, torch.device):
         dev = device
     elif isinstance(device, str):
         try:
-            dev = torch.device(device)
+            dev = torch.device(device.strip().lower())
         except RuntimeError:
             raise ValueError(
                 f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'. "
-                f"devices here: {_existing()}"
+                f"devices here: {existing_devices()}"
             ) from None
     else:
         raise TypeError(f"device must be a torch.device, str or int, not {type(device).__name__}")
@@ -86,11 +89,11 @@ def resolve_device(device: DeviceLike | None) -> torch.device:
         n = device_count()
         index = 0 if dev.index is None else dev.index
         if n == 0:
-            raise ValueError(f"device {device!r} was asked for but CUDA is not available; devices here: {_existing()}")
+            raise ValueError(f"device {device!r} was asked for but CUDA is not available; devices here: {existing_devices()}")
         if index >= n:
-            raise ValueError(f"device {device!r} does not exist ({n} CUDA device(s)); devices here: {_existing()}")
+            raise ValueError(f"device {device!r} does not exist ({n} CUDA device(s)); devices here: {existing_devices()}")
         return torch.device("cuda", index)
-    raise ValueError(f"device type {dev.type!r} ({device!r}) is not supported by fnnet; devices here: {_existing()}")
+    raise ValueError(f"device type {dev.type!r} ({device!r}) is not supported by fnnet; devices here: {existing_devices()}")
 
 
 def place(tree: Any, device: DeviceLike | None, *, non_blocking: bool = False) -> Any:

@@ -108,7 +108,8 @@ class Model:
             bufs = {k: v.clone() for k, v in bufs.items()}
         template = self._train_template if train else self._eval_template
         tensors = {**params, **bufs}
-        if key is not None and not torch.compiler.is_compiling():
+        # Only dropout layers draw from the RNG; without them the key changes nothing.
+        if key is not None and self.stochastic and not torch.compiler.is_compiling():
             devices = {t.device for t in params.values() if t.device.type == "cuda"}
             with _random.rng_scope(key, sorted(devices, key=str)):
                 out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=True)
@@ -157,7 +158,7 @@ class Model:
         self._check_params(params)
         dev = next((p.device for p in params.values()), torch.device("cpu"))
         module = copy.deepcopy(self._eval_template).to_empty(device=dev)
-        module.load_state_dict({**params, **buffers}, strict=False)
+        module.load_state_dict({**params, **buffers}, strict=True)
         for p in module.parameters():
             p.requires_grad_(True)
         return module

@@ -37,6 +37,7 @@ import torch
 from . import random as _random
 from . import tree as _tree
 from .functional import Model
+from .optim._foreach import tree_device
 
 __all__ = [
     "TrainState",
@@ -44,6 +45,7 @@ __all__ = [
     "make_train_step",
     "make_eval_step",
     "supervised_loss",
+    "split_batch",
     "PRECISIONS",
 ]
 
@@ -112,7 +114,8 @@ class TrainState:
     Attributes:
         params: the parameters (a dict of tensors, or any pytree).
         opt_state: the optimizer's state (``optimizer.init(params)``).
-        step: how many updates were applied (a Python int, so reading it never syncs).
+        step: how many times the training step ran (a Python int, so reading it never syncs;
+            float16 steps skipped for overflow count too, the optimizer's own count does not).
         buffers: non-trainable model state (BatchNorm running stats) or ``None``.
         key: an :class:`fnnet.random.Key` split once per step for dropout, or ``None``.
         loss_scale: a :class:`DynamicScale` for float16 training, or ``None``.
@@ -333,7 +336,7 @@ def make_train_step(
         return new_params, new_opt_state, new_buffers, loss_scale, {"loss": loss, **aux}
 
     if jit:
-        compiled = torch.compile(inner, dynamic=False, **dict(compile_options or {}))
+        compiled = torch.compile(inner, **{"dynamic": False, **dict(compile_options or {})})
     else:
         compiled = inner
 
@@ -343,13 +346,16 @@ def make_train_step(
         _check_signature(declared, state, loss_fn)
         loss_scale = state.loss_scale
         if scaled and loss_scale is None:
-            loss_scale = DynamicScale.create(_first_device(state.params))
+            loss_scale = DynamicScale.create(tree_device(state.params))
         if state.key is not None:
             next_key, step_key = _random.split(state.key)
         else:
             next_key, step_key = None, None
         inner_key = _random.TRACING_KEY if (jit and step_key is not None) else step_key
-        with _random.rng_scope(step_key, _cuda_devices(state.params)):
+        # Randomness inside the step (dropout) is seeded from the step's key; a loss that takes
+        # no key draws none, and then torch's RNG is not touched at all.
+        scope_key = step_key if "key" in declared else None
+        with _random.rng_scope(scope_key, _cuda_devices(state.params)):
             params, opt_state, buffers, loss_scale, metrics = compiled(
                 state.params, state.opt_state, state.buffers, loss_scale, batch, inner_key
             )
@@ -369,15 +375,8 @@ def _apply(params: Any, updates: Any, donate: bool) -> Any:
     return apply_updates(params, updates, donate=donate)
 
 
-def _first_device(params: Any) -> torch.device:
-    for x in _tree.leaves(params):
-        if isinstance(x, torch.Tensor):
-            return x.device
-    return torch.device("cpu")
-
-
 def _cuda_devices(params: Any) -> list[torch.device]:
-    dev = _first_device(params)
+    dev = tree_device(params)
     return [dev] if dev.type == "cuda" else []
 
 
@@ -391,6 +390,8 @@ def make_eval_step(
     ``key=None``. Runs under ``torch.no_grad``.
     """
     _check_precision(precision)
+    if compile_options and not jit:
+        raise ValueError("compile_options only apply with jit=True")
     declared = _declared(loss_fn)
 
     def inner(params, buffers, batch):
@@ -398,7 +399,7 @@ def make_eval_step(
             loss, aux, _ = _call_loss(loss_fn, declared, params, batch, buffers, None, False)
         return {"loss": loss.float(), **aux}
 
-    compiled = torch.compile(inner, dynamic=False, **dict(compile_options or {})) if jit else inner
+    compiled = torch.compile(inner, **{"dynamic": False, **dict(compile_options or {})}) if jit else inner
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
         if not isinstance(state, TrainState):
@@ -407,6 +408,25 @@ def make_eval_step(
         return compiled(state.params, state.buffers, batch)
 
     return eval_step
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a supervised batch: ``(x, y)``, ``[x, y]`` or ``{"x": ..., "y": ...}``.
+
+    A batch of inputs alone (a tensor, a 1-tuple, a dict without ``"y"``) gives ``targets=None``.
+    Anything else is a ``ValueError`` saying which forms are accepted.
+    """
+    if isinstance(batch, Mapping):
+        if "x" not in batch:
+            raise ValueError(f"a dict batch needs keys 'x' (and 'y' for training), got {sorted(batch)}")
+        return batch["x"], batch.get("y")
+    if isinstance(batch, (tuple, list)):
+        if len(batch) in (1, 2):
+            return batch[0], (batch[1] if len(batch) == 2 else None)
+        raise ValueError(f"a batch is (inputs, targets), (inputs,) or {{'x': ..., 'y': ...}}; got a {type(batch).__name__} of length {len(batch)}")
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    raise ValueError(f"a batch is (inputs, targets), (inputs,), a tensor or {{'x': ..., 'y': ...}}; got {type(batch).__name__}")
 
 
 def supervised_loss(model: Model, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
@@ -422,20 +442,16 @@ def supervised_loss(model: Model, loss: Callable[[torch.Tensor, torch.Tensor], t
         raise TypeError(f"supervised_loss expects an fnnet.Model (fnnet.functional(module)), got {type(model).__name__}")
     uses_buffers = bool(model.buffers) if with_buffers is None else with_buffers
 
-    def unpack(batch: Any) -> tuple[Any, Any]:
-        if isinstance(batch, Mapping):
-            try:
-                return batch["x"], batch["y"]
-            except KeyError:
-                raise ValueError(f"a dict batch needs keys 'x' and 'y', got {sorted(batch)}") from None
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("supervised_loss expects batch = (inputs, targets) or {'x': ..., 'y': ...}")
-        return batch[0], batch[1]
+    def _supervised(batch: Any) -> tuple[Any, Any]:
+        x, y = split_batch(batch)
+        if y is None:
+            raise ValueError("supervised_loss needs batches with targets: (inputs, targets) or {'x': ..., 'y': ...}")
+        return x, y
 
     if uses_buffers:
 
         def loss_fn(params, batch, *, buffers=None, key=None, train=True):
-            x, y = unpack(batch)
+            x, y = _supervised(batch)
             out, new_buffers = model.apply(params, x, buffers=buffers, train=train, key=key, return_buffers=True)
             value = loss(out, y)
             return value, ({"outputs": out} if return_outputs else None), new_buffers
@@ -443,7 +459,7 @@ def supervised_loss(model: Model, loss: Callable[[torch.Tensor, torch.Tensor], t
     else:
 
         def loss_fn(params, batch, *, key=None, train=True):
-            x, y = unpack(batch)
+            x, y = _supervised(batch)
             out = model.apply(params, x, train=train, key=key)
             value = loss(out, y)
             return (value, {"outputs": out}) if return_outputs else value

@@ -10,11 +10,14 @@ epoch metrics are exact streaming metrics (``fnnet.metrics``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,15 +26,21 @@ from . import metrics as _metrics
 from . import random as _random
 from .callbacks import Callback
 from .data import batch_size_of, num_batches, set_epoch
-from .device import device_count, place, resolve_device
+from .device import device_count, existing_devices, place, resolve_device
 from .functional import Model, functional
-from .train import PRECISIONS, DynamicScale, TrainState, make_eval_step, make_train_step, supervised_loss
+from .train import (
+    PRECISIONS,
+    DynamicScale,
+    TrainState,
+    _autocast,
+    make_eval_step,
+    make_train_step,
+    split_batch,
+    supervised_loss,
+)
+from . import tree as _tree
 
 __all__ = ["Trainer", "History", "parse_devices", "seed_everything"]
-
-
-def _existing() -> str:
-    return ", ".join(["cpu"] + [f"cuda:{i}" for i in range(device_count())])
 
 
 def parse_devices(devices: Any) -> list[torch.device]:
@@ -57,12 +66,12 @@ def parse_devices(devices: Any) -> list[torch.device]:
             return [torch.device("cpu")]
         if devices == -1:
             if n == 0:
-                raise ValueError(f"devices=-1 asks for every GPU, but this machine has none; devices here: {_existing()}")
+                raise ValueError(f"devices=-1 asks for every GPU, but this machine has none; devices here: {existing_devices()}")
             return [torch.device("cuda", i) for i in range(n)]
         if devices < -1:
             raise ValueError(f"devices={devices} is not valid: use 0 (CPU), a GPU count >= 1, or -1 (all GPUs)")
         if devices > n:
-            raise ValueError(f"devices={devices} asks for {devices} GPU(s) but this machine has {n}; devices here: {_existing()}")
+            raise ValueError(f"devices={devices} asks for {devices} GPU(s) but this machine has {n}; devices here: {existing_devices()}")
         return [torch.device("cuda", i) for i in range(devices)]
     if isinstance(devices, (list, tuple)):
         if not devices:
@@ -72,7 +81,7 @@ def parse_devices(devices: Any) -> list[torch.device]:
             if not isinstance(i, int) or isinstance(i, bool):
                 raise TypeError(f"devices list entries must be GPU indices (ints), got {i!r}")
             if not 0 <= i < n:
-                raise ValueError(f"devices={list(devices)}: GPU {i} does not exist; devices here: {_existing()}")
+                raise ValueError(f"devices={list(devices)}: GPU {i} does not exist; devices here: {existing_devices()}")
             out.append(torch.device("cuda", i))
         if len(set(out)) != len(out):
             raise ValueError(f"devices={list(devices)} names a GPU twice")
@@ -128,17 +137,6 @@ class History(dict):
         return f"History({dict(self)!r})"
 
 
-def _inputs_targets(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, Mapping):
-        return batch.get("x"), batch.get("y")
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 2:
-            return batch[0], batch[1]
-        if len(batch) == 1:
-            return batch[0], None
-    return batch, None
-
-
 def _tqdm_class() -> Any:
     """tqdm's notebook bar where Jupyter widgets exist, its text bar elsewhere (no IProgress warning)."""
     try:
@@ -150,6 +148,29 @@ def _tqdm_class() -> Any:
     from tqdm.auto import tqdm
 
     return tqdm
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag the loop checks after each step (main thread only).
+
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once, as usual.
+    """
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["set"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Bar:
@@ -237,12 +258,14 @@ class Trainer:
         self.train_step = make_train_step(self.loss_fn, optimizer, jit=jit, donate=donate, precision=precision,
                                           compile_options=compile_options)
         self.eval_step = make_eval_step(self.loss_fn, jit=jit, precision=precision, compile_options=compile_options)
-        buffers = place(self.model.buffers, self.device) if self.model.buffers else None
+        buffers = _tree.map(torch.clone, place(self.model.buffers, self.device)) if self.model.buffers else None
         params = self.model.params if params is None else params
         self.model._check_params(params)
+        # The trainer owns its state: copies, so donated steps never write into the caller's tensors.
+        params = _tree.map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, place(params, self.device))
         # float16 keeps its loss scale in the state from the start, so checkpoints always hold it
         loss_scale = DynamicScale.create(self.device) if PRECISIONS.get(precision) is torch.float16 else None
-        self.state: TrainState = TrainState.create(place(params, self.device), optimizer,
+        self.state: TrainState = TrainState.create(params, optimizer,
                                                    buffers=buffers, key=key, loss_scale=loss_scale)
         self.history = History()
         self.epoch = 0
@@ -250,6 +273,11 @@ class Trainer:
         self._announced = False
 
     # -- helpers ---------------------------------------------------------------------------
+    def _place(self, batch: Any) -> Any:
+        # non_blocking only for host-to-device copies: a device-to-host copy must be complete
+        # before the CPU reads it.
+        return place(batch, self.device, non_blocking=self.device.type == "cuda")
+
     def _metric_states(self) -> dict[str, Any]:
         return {name: m.init(self.device) for name, m in self.metrics.items()}
 
@@ -284,17 +312,21 @@ class Trainer:
                 (fastest: data already on the device), a torch ``DataLoader``, a list.
             val_data: the same for validation (logged as ``val_loss``, ``val_<metric>``).
             epochs: how many epochs to run in this call; calling ``fit`` again continues from the
-                current state (epochs keep counting).
+                current state (epochs keep counting, and so does a loaded checkpoint's).
             callbacks: see ``fnnet.callbacks``.
-            log_every: refresh the progress bar's loss every this many steps (each refresh reads
-                the loss from the device, a sync); default about ten times per epoch.
+            log_every: check the loss (and refresh the progress bar) every this many steps; each
+                check reads the loss from the device, a sync. Default: about ten times per epoch.
             verbose: 0 silent, 1 progress bar and a line per epoch.
             on_nonfinite: ``"stop"`` (default) ends training with a message when the loss becomes
-                NaN/inf, without running ``on_epoch_end`` (so no checkpoint of the broken state is
-                written and the last good one stays intact); ``"raise"`` raises ``FloatingPointError``.
+                NaN/inf: ``trainer.state`` goes back to the last state whose loss was checked finite
+                (with ``donate=False``), and ``on_epoch_end`` is not run for the broken epoch, so
+                no checkpoint of it is written and the last good one stays intact. ``"raise"``
+                does the same, then raises ``FloatingPointError``.
 
-        A ``KeyboardInterrupt`` ends training after the current step: ``on_fit_end`` callbacks
-        still run and the history so far is returned (``history.stop_reason == "interrupted"``).
+        The logged ``lr`` is the learning rate of the epoch's last update. Ctrl-C (SIGINT) ends
+        training after the current step: ``on_fit_end`` callbacks still run and the history so
+        far is returned (``history.stop_reason == "interrupted"``); a second Ctrl-C interrupts
+        at once.
         """
         if not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -312,36 +344,37 @@ class Trainer:
         for cb in callbacks:
             cb.on_fit_start(self)
         try:
-            for i in range(epochs):
-                epoch = self.epoch
-                set_epoch(train_data, epoch)
-                for cb in callbacks:
-                    cb.on_epoch_start(self, epoch)
-                lr = self._learning_rate()
-                start = time.perf_counter()
-                logs = self._train_epoch(train_data, epoch, callbacks, log_every, verbose)
-                if logs is None:  # non-finite loss
-                    message = (f"fnnet.Trainer: the training loss became non-finite in epoch {epoch} "
-                               f"(step {self.state.step}); stopping. The last good checkpoint is kept.")
-                    self.history.stop_reason = "nonfinite"
-                    if on_nonfinite == "raise":
-                        raise FloatingPointError(message)
-                    print(message, file=sys.stderr)
-                    break
-                if val_data is not None:
-                    logs.update(self.evaluate(val_data))
-                logs["lr"] = lr
-                logs["time"] = time.perf_counter() - start
-                self.epoch += 1
-                self.history.append({"epoch": epoch + 1, **logs})
-                if verbose:
-                    shown = "  ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "time")
-                    print(f"Epoch {epoch + 1} ({i + 1}/{epochs})  {shown}  [{logs['time']:.1f}s]")
-                for cb in callbacks:
-                    cb.on_epoch_end(self, epoch, logs)
-                if self.stop_training:
-                    self.history.stop_reason = "stopped by callback"
-                    break
+            with _deferred_interrupt() as interrupted:
+                for i in range(epochs):
+                    epoch = self.epoch
+                    set_epoch(train_data, epoch)
+                    for cb in callbacks:
+                        cb.on_epoch_start(self, epoch)
+                    start = time.perf_counter()
+                    logs = self._train_epoch(train_data, epoch, callbacks, log_every, verbose, interrupted)
+                    if logs is None:  # non-finite loss
+                        message = (f"fnnet.Trainer: the training loss became non-finite in epoch {epoch + 1}; "
+                                   f"stopping at step {self.state.step} (the state before it was restored and the "
+                                   "last good checkpoint is kept).")
+                        self.history.stop_reason = "nonfinite"
+                        if on_nonfinite == "raise":
+                            raise FloatingPointError(message)
+                        print(message, file=sys.stderr)
+                        break
+                    if val_data is not None:
+                        logs.update(self.evaluate(val_data))
+                    logs["lr"] = self._learning_rate()
+                    logs["time"] = time.perf_counter() - start
+                    self.epoch += 1
+                    self.history.append({"epoch": epoch + 1, **logs})
+                    if verbose:
+                        shown = "  ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "time")
+                        print(f"Epoch {epoch + 1} ({i + 1}/{epochs})  {shown}  [{logs['time']:.1f}s]")
+                    for cb in callbacks:
+                        cb.on_epoch_end(self, epoch, logs)
+                    if self.stop_training:
+                        self.history.stop_reason = "stopped by callback"
+                        break
         except KeyboardInterrupt:
             self.history.stop_reason = "interrupted"
             print(f"fnnet.Trainer: interrupted at step {self.state.step}; returning the history so far.", file=sys.stderr)
@@ -351,24 +384,25 @@ class Trainer:
         return self.history
 
     def _train_epoch(self, data: Iterable, epoch: int, callbacks: Sequence[Callback], log_every: int | None,
-                     verbose: int) -> dict[str, float] | None:
+                     verbose: int, interrupted: Callable[[], bool]) -> dict[str, float] | None:
         total = num_batches(data)
         every = log_every or max(1, (total or 100) // 10)
         bar = _Bar(total, f"epoch {epoch + 1}", bool(verbose))
         loss_metric = _metrics.mean_metric()
         loss_state = loss_metric.init(self.device)
         metric_states = self._metric_states()
+        good = self.state  # the last state known to give a finite loss
         count = 0
         try:
             for batch in data:
-                batch = place(batch, self.device, non_blocking=True)
-                _, targets = _inputs_targets(batch)
+                batch = self._place(batch)
+                _, targets = split_batch(batch)
                 for cb in callbacks:
                     cb.on_train_batch_start(self, self.state.step)
+                before = self.state
                 self.state, step_metrics = self.train_step(self.state, batch)
                 loss = step_metrics["loss"]
-                size = batch_size_of(batch)
-                loss_state = loss_metric.update(loss_state, loss, size)
+                loss_state = loss_metric.update(loss_state, loss, batch_size_of(batch))
                 outputs = step_metrics.get("outputs")
                 for name, m in self.metrics.items():
                     metric_states[name] = m.update(metric_states[name], outputs, targets)
@@ -377,20 +411,29 @@ class Trainer:
                     cb.on_train_batch_end(self, self.state.step, step_metrics)
                 postfix = None
                 if count % every == 0:
-                    value = float(loss)  # one sync per `every` steps
-                    if not math.isfinite(value):
+                    if not math.isfinite(float(loss)):  # one sync per `every` steps
+                        self._restore(good)
                         return None
+                    good = before  # its loss (the one just read) was finite
                     if verbose:
                         postfix = {"loss": float(loss_metric.compute(loss_state))}
                 bar.update(postfix)
+                if interrupted():
+                    raise KeyboardInterrupt
         finally:
             bar.close()
         if count == 0:
             raise ValueError("train_data yielded no batches")
         logs = self._logs(loss_state, metric_states)
         if not math.isfinite(logs["loss"]):
+            self._restore(good)
             return None
         return logs
+
+    def _restore(self, good: TrainState) -> None:
+        # A donated step wrote into the old state's buffers: nothing safe to go back to.
+        if not self.donate:
+            self.state = good
 
     # -- evaluate / predict -------------------------------------------------------------------
     def evaluate(self, data: Iterable, *, prefix: str = "val_") -> dict[str, float]:
@@ -400,8 +443,8 @@ class Trainer:
         metric_states = self._metric_states()
         count = 0
         for batch in data:
-            batch = place(batch, self.device, non_blocking=True)
-            _, targets = _inputs_targets(batch)
+            batch = self._place(batch)
+            _, targets = split_batch(batch)
             out = self.eval_step(self.state, batch)
             loss_state = loss_metric.update(loss_state, out["loss"], batch_size_of(batch))
             for name, m in self.metrics.items():
@@ -412,40 +455,65 @@ class Trainer:
         return self._logs(loss_state, metric_states, prefix)
 
     def predict(self, data: Iterable | torch.Tensor, *, device: Any = "cpu", batch_size: int = 256) -> torch.Tensor:
-        """The model's outputs (eval mode) for every batch of ``data``, concatenated.
+        """The model's outputs (eval mode, the trainer's precision) for every batch of ``data``, concatenated.
 
         ``data``: a tensor of inputs (split into batches of ``batch_size``) or any iterable of
-        batches (``(inputs, targets)`` or inputs alone). Returned on ``device`` (CPU by default).
+        batches (``(inputs, targets)``, ``(inputs,)`` or inputs alone). Returned on ``device``
+        (CPU by default) in float32 when the trainer computes in a lower precision.
         """
         if isinstance(data, torch.Tensor):
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
             data = [(data[i:i + batch_size],) for i in range(0, len(data), batch_size)]
         outs = []
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(self.precision, self.state.params):
             for batch in data:
-                batch = place(batch, self.device, non_blocking=True)
-                inputs, _ = _inputs_targets(batch)
-                outs.append(self.model.apply(self.state.params, inputs, buffers=self.state.buffers, train=False))
+                inputs, _ = split_batch(self._place(batch))
+                out = self.model.apply(self.state.params, inputs, buffers=self.state.buffers, train=False)
+                outs.append(out.float() if out.is_floating_point() else out)
         if not outs:
             raise ValueError("predict: data yielded no batches")
         return place(torch.cat(outs), device)
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, Any]:
+        """What :meth:`save` writes: ``{"state": trainer.state, "epoch": epochs completed}``."""
+        return {"state": self.state, "epoch": self.epoch}
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``trainer.state`` to ``path`` (``fnnet.save``: atomic safetensors)."""
+        """Write :meth:`checkpoint` to ``path`` (``fnnet.save``: one atomic safetensors file).
+
+        ``fnnet.load(path)["state"]`` is the ``TrainState``; its ``params`` load into the
+        ``nn.Module`` with ``load_state_dict``.
+        """
         from .checkpoint import save
 
-        save(path, self.state)
+        save(path, self.checkpoint())
 
     def load(self, path: str | os.PathLike) -> "Trainer":
-        """Replace ``trainer.state`` with the checkpoint at ``path``, validated against the current state."""
+        """Restore the state and epoch count saved by :meth:`save` (or ``ModelCheckpoint``).
+
+        The file is validated against the current state (structure, shapes, dtypes: every
+        mismatch is named), lands on the trainer's device, and training resumes exactly where
+        it stopped: the epoch count drives the loader's shuffling order and per-epoch schedules.
+        A file holding a bare ``TrainState`` (``fnnet.save(path, state)``) loads too, without
+        changing the epoch count.
+        """
         from .checkpoint import load
 
-        self.state = load(path, like=self.state, device=self.device)
+        try:
+            saved = load(path, like=self.checkpoint(), device=self.device)
+        except ValueError as full_error:
+            try:
+                self.state = load(path, like=self.state, device=self.device)
+            except ValueError:
+                raise full_error from None
+            return self
+        self.state, self.epoch = saved["state"], int(saved["epoch"])
         return self
 
     def summary(self, input_shape: Sequence[int], **kwargs: Any) -> Any:
-        """``fnnet.summary`` of the model with the trainer's current params."""
+        """``fnnet.summary`` of the model (layer shapes and parameter counts; values do not matter)."""
         from .summary import summary
 
         return summary(self.model, input_shape, **kwargs)
-

@@ -145,7 +145,9 @@ def test_vmap_and_jit_wrappers():
     f = lambda x: (x ** 2).sum()
     xs = torch.arange(6.0).reshape(3, 2)
     assert torch.equal(fnnet.vmap(f)(xs), (xs ** 2).sum(1))
-    assert callable(fnnet.jit(f)) and callable(fnnet.jit(mode="default")(f))
+    # compiled with dynamo's eager backend: what is tested is the wrapper, not inductor
+    assert torch.equal(fnnet.jit(f, backend="eager")(xs), f(xs))
+    assert torch.equal(fnnet.jit(backend="eager")(f)(xs), f(xs))
 
 
 @pytest.mark.cuda
