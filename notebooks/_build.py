@@ -464,7 +464,7 @@ CELLS = [
     **6, save and reload the model.** The checkpoint callback already saved the best epoch. A fresh
     `Trainer` loads it (the file is checked against the new trainer's state: key paths, shapes,
     dtypes) and evaluates to the same validation loss. And since the params inside are keyed like a
-    `state_dict`, plain PyTorch reads them too: `fnnet.load_state_dict(path, prefix="params.")`
+    `state_dict`, plain PyTorch reads them too: `fnnet.load_state_dict(path, prefix="state.params.")`
     goes straight into a fresh `nn.Module`.
     """),
     code("""
@@ -479,7 +479,7 @@ CELLS = [
     """),
     code("""
     net_clone = fnnet.models.CnnModel()
-    net_clone.load_state_dict(fnnet.load_state_dict(checkpoint.best_model_path, prefix="params."))
+    net_clone.load_state_dict(fnnet.load_state_dict(checkpoint.best_model_path, prefix="state.params."))
     net_clone.eval()
     with torch.no_grad():
         accuracy = (net_clone(X_test).argmax(dim=1) == y_test).float().mean().item()
