@@ -247,12 +247,14 @@ def _detached(x: Any) -> Any:
     return _tree.map(lambda t: t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t), x)
 
 
-def _grad_fn(loss_fn: Callable, declared: frozenset[str], precision: str, scaled: bool) -> Callable:
-    """``(params, batch, buffers, key, scale) -> (grads, (loss, aux, new_buffers))`` via ``torch.func.grad``.
+def _grad_fn(loss_fn: Callable, declared: frozenset[str], precision: str, scaled: bool, jit: bool) -> Callable:
+    """``(params, batch, buffers, key, scale) -> (grads, (loss, aux, new_buffers))``.
 
-    ``torch.func`` (unlike ``torch.autograd.grad``) traces into ``torch.compile`` without a
-    graph break. Its aux output must hold tensors only, so ``None`` entries are left out and
-    Python numbers in ``aux`` become tensors.
+    Compiled steps use ``torch.func.grad``, which (unlike ``torch.autograd.grad``) traces into
+    ``torch.compile`` without a graph break; its aux output must hold tensors only, so ``None``
+    entries are left out and Python numbers in ``aux`` become tensors. Eager steps run the same
+    objective through ``torch.autograd.grad`` on detached aliases of the parameters: the same
+    math with less per-call Python than functorch's wrappers, which matters for small models.
     """
 
     def objective(params, batch, buffers, key, scale):
@@ -264,7 +266,24 @@ def _grad_fn(loss_fn: Callable, declared: frozenset[str], precision: str, scaled
             payload["buffers"] = _detached(new_buffers)
         return (loss * scale if scaled else loss), payload
 
-    grad = torch.func.grad(objective, has_aux=True)
+    if jit:
+        grad = torch.func.grad(objective, has_aux=True)
+    else:
+
+        def grad(params, batch, buffers, key, scale):
+            leaves, spec = _tree.flatten(params)
+            trainable = [isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) for x in leaves]
+            with torch.enable_grad():
+                inputs = [x.detach().requires_grad_(True) if t else x for x, t in zip(leaves, trainable)]
+                target, payload = objective(_tree.unflatten(spec, inputs), batch, buffers, key, scale)
+                wrt = [x for x, t in zip(inputs, trainable) if t]
+                found = torch.autograd.grad(target, wrt, allow_unused=True) if wrt else ()
+            found = iter(found)
+            grads = []
+            for x, t in zip(leaves, trainable):
+                g = next(found) if t else None
+                grads.append(torch.zeros_like(x) if g is None else g)  # unused params: zero gradient
+            return _tree.unflatten(spec, grads), payload
 
     def run(params, batch, buffers, key, scale):
         grads, payload = grad(params, batch, buffers, key, scale)
@@ -315,7 +334,7 @@ def make_train_step(
         raise ValueError("compile_options only apply with jit=True")
     declared = _declared(loss_fn)
     scaled = PRECISIONS[precision] is torch.float16
-    grad_fn = _grad_fn(loss_fn, declared, precision, scaled)
+    grad_fn = _grad_fn(loss_fn, declared, precision, scaled, jit)
     # A loss-scaled step may have to be undone: it cannot update its inputs in place.
     donate_update = donate and not scaled
 
