@@ -367,13 +367,16 @@ def sort_results(results: Sequence[Result]) -> list[Result]:
 _BENCH_ORDER = {"test_bench_matmul.py": 0, "test_bench_linreg.py": 1, "test_bench_optim.py": 2, "test_bench_cnn.py": 3}
 
 
-def gpu_check(out_dir: str | os.PathLike | None = None, *, budget_s: float = 450, scale: float = 1.0) -> int:
+def gpu_check(out_dir: str | os.PathLike | None = None, *, budget_s: float = 450, scale: float = 1.0,
+              cuda_only: bool = False) -> int:
     """The prepared GPU check: CUDA tests, ``pytest benches``, ``fnnet bench --device all --no-compile``.
 
     Writes ``gpu-check-<date>-<gpu>.json`` and ``.md`` (plus the raw pytest-benchmark JSON,
     the bench JSON and a full log) into ``out_dir`` (default ``$OUT``, else
     ``benches/results``). Steps share ``budget_s`` seconds; a step that runs out of time is
-    recorded as timed out and the summary is still written. Without CUDA the CUDA steps are
+    recorded as timed out and the summary is still written. ``cuda_only`` times only the CUDA
+    benchmark cases in the pytest step (CPU numbers then come from the ``fnnet bench`` table,
+    at its small default scale), for a short device lease. Without CUDA the CUDA steps are
     skipped with a message and the CPU benchmarks still run (a dry run). Returns 0 when no
     step failed.
     """
@@ -410,6 +413,7 @@ def gpu_check(out_dir: str | os.PathLike | None = None, *, budget_s: float = 450
     env["FNNET_BENCH_LOG"] = str(partial)
     files = sorted((root / "benches").glob("test_bench_*.py"), key=lambda f: (_BENCH_ORDER.get(f.name, 50), f.name))
     steps.append(_run_step("pytest benches", [py, "-m", "pytest", *(str(f.relative_to(root)) for f in files),
+                                              *(["-m", "cuda"] if cuda_only and cuda else []),
                                               "--benchmark-only", "-q", "-rs", f"--benchmark-json={bench_json}",
                                               "-p", "no:cacheprovider"],
                            left(60), log, env, root))
@@ -501,11 +505,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "JSON + markdown summary into --out, $OUT or benches/results")
     parser.add_argument("--out", metavar="DIR", help="--gpu-check: where the summary goes")
     parser.add_argument("--budget", type=float, default=450.0, help="--gpu-check: total seconds for all steps (default 450)")
+    parser.add_argument("--cuda-only", action="store_true",
+                        help="--gpu-check: time only the CUDA cases in the pytest step (a short lease)")
 
 
 def _cmd(args: argparse.Namespace) -> int:
     if args.gpu_check:
-        return gpu_check(args.out, budget_s=args.budget, scale=1.0 if args.scale is None else args.scale)
+        return gpu_check(args.out, budget_s=args.budget, scale=1.0 if args.scale is None else args.scale,
+                         cuda_only=args.cuda_only)
     scale = DEFAULT_SCALE if args.scale is None else args.scale
     if not scale > 0:
         print(f"fnnet bench: error: --scale must be positive, got {scale}", file=sys.stderr)
