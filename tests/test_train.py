@@ -239,17 +239,9 @@ def test_jit_matches_eager_and_compiles_once_per_shape():
     assert after_small - after_full <= after_full - frames
 
 
-def test_chapter_linear_regression_recovers_w_and_b():
-    result = fnnet.recipes.train_linreg(n=1_000_000, steps=500, device="cpu", verbose=0)
-    assert abs(result["w"][0] - 2.0) < 0.05 and abs(result["w"][1] + 3.0) < 0.05
-    assert abs(result["b"] - 10.0) < 0.05
-    assert abs(result["loss"] - 4.0) < 0.05
-
-
-@pytest.mark.cuda
-@requires_cuda
-def test_chapter_linear_regression_on_cuda():
-    result = fnnet.recipes.train_linreg(n=1_000_000, steps=500, device="cuda", verbose=0)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])])
+def test_chapter_linear_regression_recovers_w_and_b(device):
+    result = fnnet.recipes.train_linreg(n=1_000_000, steps=500, device=device, verbose=0)
     assert abs(result["w"][0] - 2.0) < 0.05 and abs(result["w"][1] + 3.0) < 0.05
     assert abs(result["b"] - 10.0) < 0.05
     assert abs(result["loss"] - 4.0) < 0.05
