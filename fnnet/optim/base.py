@@ -274,8 +274,10 @@ def set_learning_rate(opt_state: OptState, learning_rate: float | torch.Tensor) 
         old = x.learning_rate
         if isinstance(learning_rate, torch.Tensor):
             new = learning_rate.to(device=old.device, dtype=old.dtype)
-        else:  # straight to the state's dtype: a float32 detour would round 0.01
-            new = torch.tensor(float(learning_rate), device=old.device, dtype=old.dtype)
+        else:
+            # Straight to the state's dtype (a float32 detour would round 0.01), filled on the
+            # device: torch.tensor(...) would be a blocking host-to-device copy on every call.
+            new = torch.full((), float(learning_rate), device=old.device, dtype=old.dtype)
         return x._replace(learning_rate=new)
 
     return optree.tree_map(replace, opt_state, is_leaf=_is_lr_state, none_is_leaf=False, namespace=_tree.NAMESPACE)
