@@ -306,14 +306,14 @@ def _read_idx(path: Path, magic: int, *, gz: bool | None = None, shown: Path | N
     """``(dims, data, header_size)`` of an IDX file of unsigned bytes, validated."""
     shown = shown or path
     gz = path.name.endswith(".gz") if gz is None else gz
-    try:
-        if gz:
+    if gz:
+        try:
             with gzip.open(path, "rb") as f:
                 data = f.read()
-        else:
-            data = path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:
-        raise ValueError(f"{shown}: not a valid gzip file ({exc}); delete it and download it again") from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise ValueError(f"{shown}: not a valid gzip file ({exc}); delete it and download it again") from None
+    else:
+        data = path.read_bytes()  # an OSError (permissions, ...) passes through as it is
     ndim = magic & 0xFF
     kind = "images" if magic == _IMAGES_MAGIC else "labels"
     if len(data) < 4:
