@@ -805,3 +805,16 @@ def test_cpu_chunks_give_bit_identical_results(monkeypatch, name):
     for a, b in zip(whole, chunked):
         assert tree.all_equal(a, b)
     assert tree.all_equal(whole_state, chunked_state)
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: O.sgd(0.1, momentum=-0.5), r"^sgd: momentum must be >= 0"),
+    (lambda: O.adam(0.1, b1=1.0), r"^adam: b1 must be in \[0, 1\)"),
+    (lambda: O.adamw(0.1, eps=float("nan")), r"^adamw: eps must be a finite number"),
+    (lambda: O.rmsprop(0.1, alpha=1.0), r"^rmsprop: alpha must be in \[0, 1\)"),
+    (lambda: O.adagrad(0.1, lr_decay="x"), r"^adagrad: lr_decay must be a finite number"),
+    (lambda: O.adagrad(0.1, lr_decay=-1), r"^adagrad: lr_decay must be >= 0"),
+])
+def test_alias_errors_name_the_alias_argument(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -16,6 +16,8 @@ from ._foreach import scalar_dtype
 from .base import GradientTransformation, ScalarOrSchedule, chain, check_learning_rate
 from .transforms import (
     Mask,
+    _check_decay,
+    _check_nonneg,
     add_decayed_weights,
     scale_by_adam,
     scale_by_learning_rate,
@@ -49,6 +51,8 @@ def sgd(
         ``chain([add_decayed_weights(weight_decay)], [trace(momentum, nesterov)],
         scale_by_learning_rate(learning_rate))``, the bracketed stages only when nonzero.
     """
+    # Checked here, so that errors name sgd's own arguments (not the building blocks').
+    _check_nonneg("sgd", momentum=momentum, weight_decay=weight_decay)
     if nesterov and momentum <= 0:
         raise ValueError("sgd: nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
     return _chain(
@@ -76,6 +80,8 @@ def adam(
         ``chain([add_decayed_weights(weight_decay)], scale_by_adam(b1, b2, eps, eps_root),
         scale_by_learning_rate(learning_rate))``.
     """
+    _check_decay("adam", b1=b1, b2=b2)
+    _check_nonneg("adam", eps=eps, weight_decay=weight_decay, eps_root=eps_root)
     return _chain(_l2(weight_decay), scale_by_adam(b1, b2, eps, eps_root), scale_by_learning_rate(learning_rate))
 
 
@@ -103,6 +109,8 @@ def adamw(
         ``chain(scale_by_adam(b1, b2, eps, eps_root), add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate))``.
     """
+    _check_decay("adamw", b1=b1, b2=b2)
+    _check_nonneg("adamw", eps=eps, weight_decay=weight_decay, eps_root=eps_root)
     return chain(
         scale_by_adam(b1, b2, eps, eps_root),
         add_decayed_weights(weight_decay, mask),
@@ -129,6 +137,8 @@ def rmsprop(
         eps_in_sqrt=False)`` or ``scale_by_stddev(...)`` if centered, ``[trace(momentum)],
         scale_by_learning_rate(learning_rate))``.
     """
+    _check_decay("rmsprop", alpha=alpha)
+    _check_nonneg("rmsprop", eps=eps, weight_decay=weight_decay, momentum=momentum)
     scaling = scale_by_stddev if centered else scale_by_rms
     return _chain(
         _l2(weight_decay),
@@ -168,8 +178,8 @@ def adagrad(
         eps, eps_in_sqrt=False), scale_by_learning_rate(lr))``, where ``lr`` decays as
         ``learning_rate / (1 + step * lr_decay)`` when ``lr_decay`` is nonzero.
     """
-    if lr_decay < 0:
-        raise ValueError(f"adagrad: lr_decay must be >= 0, got {lr_decay}")
+    _check_nonneg("adagrad", lr_decay=lr_decay, weight_decay=weight_decay,
+                  initial_accumulator_value=initial_accumulator_value, eps=eps)
     if not callable(learning_rate):
         check_learning_rate(learning_rate, "adagrad")
     lr = _inverse_time_decay(learning_rate, lr_decay) if lr_decay != 0 else learning_rate
