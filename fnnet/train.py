@@ -374,7 +374,7 @@ def make_train_step(
         # Randomness inside the step (dropout) is seeded from the step's key; a loss that takes
         # no key draws none, and then torch's RNG is not touched at all.
         scope_key = step_key if "key" in declared else None
-        with _random.rng_scope(scope_key, _cuda_devices(state.params)):
+        with _random.rng_scope(scope_key, _cuda_devices(state.params) if scope_key is not None else ()):
             params, opt_state, buffers, loss_scale, metrics = compiled(
                 state.params, state.opt_state, state.buffers, loss_scale, batch, inner_key
             )

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from fnnet.models import CnnModel, LinearRegression  # noqa: F401  (shared with the tests)
+from fnnet.models import CnnModel
 
 
 def chapter_cnn() -> nn.Module:

@@ -9,7 +9,7 @@ from torch import nn
 
 import fnnet
 from fnnet import optim
-from conftest import CUDA, requires_cuda
+from conftest import requires_cuda
 from models import bn_net, chapter_cnn
 
 

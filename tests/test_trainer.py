@@ -1,4 +1,3 @@
-import math
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from torch import nn
 import fnnet
 from fnnet import optim
 from fnnet.callbacks import Callback, CSVLogger, EarlyStopping, LearningRateSchedule, ModelCheckpoint
-from conftest import CUDA, requires_cuda
+from conftest import requires_cuda
 
 
 def blobs(n=256, seed=0):
