@@ -209,8 +209,11 @@ def jit(fn: Callable | None = None, **compile_kwargs: Any) -> Callable:
 
     Unlike ``jax.jit`` it does not require purity or static shapes: torch.compile guards on
     shapes and dtypes and recompiles when they change. Keyword arguments go to
-    ``torch.compile`` (``mode="reduce-overhead"`` for CUDA graphs, ``dynamic=...``, ...).
+    ``torch.compile`` (``mode="reduce-overhead"`` for CUDA graphs, ``dynamic=...``, ...),
+    through :func:`fnnet.compiler.compile` (which adds fnnet's CPU pass for skinny matmuls).
     """
+    from .compiler import compile as _compile
+
     if fn is None:
-        return lambda f: torch.compile(f, **compile_kwargs)
-    return torch.compile(fn, **compile_kwargs)
+        return lambda f: _compile(f, **compile_kwargs)
+    return _compile(fn, **compile_kwargs)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from . import compiler as _compiler
 from . import random as _random
 from . import tree as _tree
 from .functional import Model
@@ -313,7 +314,9 @@ def make_train_step(
         loss_fn: see the module docstring for the calling convention.
         optimizer: an ``fnnet.optim`` ``GradientTransformation`` (the same one the state was
             created with).
-        jit: compile the whole step (gradient + update + apply) with ``torch.compile``.
+        jit: compile the whole step (gradient + update + apply) with ``torch.compile``
+            (through :func:`fnnet.compiler.compile`: on CPU, memory-bound skinny matmuls are
+            rewritten into code that fuses with the rest of the step).
             Shapes are specialised (``dynamic=False``): the first call compiles, a batch of
             another shape (the last, smaller batch of an epoch) compiles once more, and later
             calls with either shape reuse the compiled code. Dropout draws inside the compiled
@@ -327,7 +330,8 @@ def make_train_step(
             kept in ``state.loss_scale``: a step with non-finite gradients is skipped and the
             scale shrinks). Master params and optimizer state stay in their own dtype.
         compile_options: extra keyword arguments for ``torch.compile`` when ``jit=True``
-            (``mode="reduce-overhead"`` for CUDA graphs, ``fullgraph=True``, ...).
+            (``mode="reduce-overhead"`` for CUDA graphs, ``fullgraph=True``, inductor
+            ``options``, ...; see :func:`fnnet.compiler.compile`).
     """
     _check_precision(precision)
     if compile_options and not jit:
@@ -354,10 +358,7 @@ def make_train_step(
             new_buffers = buffers
         return new_params, new_opt_state, new_buffers, loss_scale, {"loss": loss, **aux}
 
-    if jit:
-        compiled = torch.compile(inner, **{"dynamic": False, **dict(compile_options or {})})
-    else:
-        compiled = inner
+    compiled = _compiler.compile(inner, **{"dynamic": False, **dict(compile_options or {})}) if jit else inner
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         if not isinstance(state, TrainState):
@@ -418,7 +419,7 @@ def make_eval_step(
             loss, aux, _ = _call_loss(loss_fn, declared, params, batch, buffers, None, False)
         return {"loss": loss.float(), **aux}
 
-    compiled = torch.compile(inner, **{"dynamic": False, **dict(compile_options or {})}) if jit else inner
+    compiled = _compiler.compile(inner, **{"dynamic": False, **dict(compile_options or {})}) if jit else inner
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
         if not isinstance(state, TrainState):

@@ -1,0 +1,144 @@
+"""fnnet.compiler: the skinny-matmul pass rewrites what it should, keeps the maths, and compile() routes options."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fnnet
+from fnnet import compiler, optim
+from fnnet.models import LinearRegression, linreg_data
+
+pytestmark = pytest.mark.skipif(compiler._hash_files is None, reason="this torch has no inductor custom passes")
+
+aten = torch.ops.aten
+MATMULS = (aten.mm.default, aten.addmm.default)
+
+
+def _traced(fn, *args):
+    """An aten graph of ``fn`` with fake values on its nodes, as inductor's post-grad passes see it."""
+    return make_fx(fn, tracing_mode="fake")(*args)
+
+
+def _matmuls(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in MATMULS)
+
+
+def _rewritten(fn, *args):
+    gm = _traced(fn, *args)
+    before = _matmuls(gm)
+    compiler.SkinnyMatmulPass()(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, before, _matmuls(gm)
+
+
+dims = st.sampled_from([1, 2, 3, 8, 9, 33, 200])
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=dims, k=dims, n=dims, with_bias=st.booleans(), double=st.booleans(), seed=st.integers(0, 2**16))
+def test_pass_keeps_values_and_rewrites_exactly_the_skinny_products(m, k, n, with_bias, double, seed):
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    a, b, bias = (torch.randn(s, generator=g, dtype=dtype) for s in ((m, k), (k, n), (1, n)))
+
+    def fn(a, b, bias):
+        return torch.addmm(bias, a, b) if with_bias else a @ b
+
+    gm, before, after = _rewritten(fn, a, b, bias)
+    assert before == 1
+    skinny = k <= compiler.SHORT_CONTRACTION or m * n <= compiler.TINY_OUTPUT
+    assert after == (0 if skinny else 1)
+    want = fn(a, b, bias)
+    got = gm(a, b, bias)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = 1e-12 if double else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * k)
+
+
+def test_pass_leaves_other_products_alone():
+    a32, b32 = torch.randn(100, 2), torch.randn(2, 3)
+    # scaled addmm, low precision and meta-less inputs are not rewritten
+    gm, before, after = _rewritten(lambda c, a, b: torch.addmm(c, a, b, beta=0.5), torch.randn(1, 3), a32, b32)
+    assert before == after == 1
+    gm, before, after = _rewritten(lambda a, b: a @ b, a32.bfloat16(), b32.bfloat16())
+    assert before == after == 1
+
+
+def test_pass_does_not_touch_cuda_graphs():
+    # Device is read from the fake values: a graph traced on the meta device stands in for CUDA.
+    a, b = torch.randn(100, 2, device="meta"), torch.randn(2, 1, device="meta")
+    gm = make_fx(lambda a, b: a @ b, tracing_mode="fake")(a, b)
+    compiler.SkinnyMatmulPass()(gm.graph)
+    assert _matmuls(gm) == 1
+
+
+def test_pass_has_a_stable_cache_id():
+    assert compiler.SkinnyMatmulPass().uuid() == compiler.SkinnyMatmulPass().uuid() is not None
+
+
+def _linreg_step(jit, compile_options=None):
+    with torch.random.fork_rng():  # the same initial parameters for every step built here
+        torch.manual_seed(0)
+        model = fnnet.functional(LinearRegression())
+
+    def loss_fn(params, batch):
+        x, y = batch
+        return F.mse_loss(model.apply(params, x), y)
+
+    opt = optim.adam(0.1)
+    state = fnnet.TrainState.create(model.params, opt)
+    return fnnet.make_train_step(loss_fn, opt, jit=jit, compile_options=compile_options), state
+
+
+def test_compiled_linreg_step_is_one_fused_pass_and_matches_eager():
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    X, Y = linreg_data(20_000, seed=3)
+    eager, state = _linreg_step(False)
+    jitted, jstate = _linreg_step(True)
+    (jstate, jmetrics), codes = run_and_get_code(jitted, jstate, (X, Y))
+    code = "\n".join(codes)
+    assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
+    state, metrics = eager(state, (X, Y))
+    for _ in range(30):
+        state, metrics = eager(state, (X, Y))
+        jstate, jmetrics = jitted(jstate, (X, Y))
+    torch.testing.assert_close(jmetrics["loss"], metrics["loss"], rtol=1e-4, atol=1e-5)
+    for name in state.params:
+        torch.testing.assert_close(jstate.params[name], state.params[name], rtol=1e-4, atol=1e-5)
+
+
+def test_pass_can_be_turned_off():
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    X, Y = linreg_data(20_000, seed=3)
+    step, state = _linreg_step(True, {"options": {"post_grad_custom_pre_pass": None}})
+    _, codes = run_and_get_code(step, state, (X, Y))
+    assert "extern_kernels.mm" in "\n".join(codes)
+
+
+def test_compile_options_routing(monkeypatch):
+    seen = {}
+
+    def fake_compile(fn, **kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    f = lambda x: x  # noqa: E731
+    compiler.compile(f, dynamic=False)
+    assert isinstance(seen["options"]["post_grad_custom_pre_pass"], compiler.SkinnyMatmulPass)
+    compiler.compile(f, mode="reduce-overhead")
+    assert "mode" not in seen and seen["options"]["triton.cudagraphs"] is True
+    assert isinstance(seen["options"]["post_grad_custom_pre_pass"], compiler.SkinnyMatmulPass)
+    compiler.compile(f, mode="max-autotune", options={"post_grad_custom_pre_pass": None, "max_autotune": False})
+    assert "post_grad_custom_pre_pass" not in seen["options"] and seen["options"]["max_autotune"] is False
+    compiler.compile(f, backend="eager", mode="default")
+    assert seen == {"backend": "eager", "mode": "default"}
