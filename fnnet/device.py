@@ -96,17 +96,32 @@ def resolve_device(device: DeviceLike | None) -> torch.device:
     raise ValueError(f"device type {dev.type!r} ({device!r}) is not supported by fnnet; devices here: {existing_devices()}")
 
 
-def place(tree: Any, device: DeviceLike | None, *, non_blocking: bool = False) -> Any:
+def place(tree: Any, device: DeviceLike | None, *, non_blocking: bool = False,
+          memory_format: torch.memory_format | None = None) -> Any:
     """Return ``tree`` with every tensor leaf on ``device``; other leaves pass through.
 
-    A leaf already on ``device`` is returned as is (no copy), so placing twice is free. The
-    structure is unchanged. ``non_blocking=True`` overlaps host-to-device copies with compute
-    (pin the source memory for it to matter). See :func:`resolve_device` for the spellings.
+    A leaf already on ``device`` (and, with ``memory_format``, already in that layout) is
+    returned as is (no copy), so placing twice is free. The structure is unchanged.
+    ``non_blocking=True`` overlaps host-to-device copies with compute (pin the source memory
+    for it to matter). ``memory_format=torch.channels_last`` also lays out every 4-D tensor
+    leaf (conv weights, image batches) as NHWC, the layout flax uses and in which oneDNN's CPU
+    convolutions and pooling run fastest; tensors of other ranks keep their layout. See
+    :func:`resolve_device` for the device spellings.
     """
     dev = resolve_device(device)
+    if memory_format is not None and not isinstance(memory_format, torch.memory_format):
+        raise TypeError(
+            f"memory_format must be a torch.memory_format (torch.channels_last, torch.contiguous_format, "
+            f"torch.preserve_format) or None, got {memory_format!r}"
+        )
+    relayout = memory_format is not None and memory_format is not torch.preserve_format
 
     def move(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.device != dev:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if relayout and x.ndim == 4:
+            return x.to(dev, non_blocking=non_blocking, memory_format=memory_format)
+        if x.device != dev:
             return x.to(dev, non_blocking=non_blocking)
         return x
 

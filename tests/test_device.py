@@ -88,3 +88,35 @@ def test_place_on_cuda_and_back():
     stats = fnnet.memory_stats("cuda")
     assert stats["allocated"] > 0
     fnnet.empty_cache()
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=trees())
+def test_place_channels_last_relayouts_4d_leaves_only(t):
+    out = fnnet.place(t, "cpu", memory_format=torch.channels_last)
+    assert fnnet.tree.structure(out) == fnnet.tree.structure(t)
+    for a, b in zip(fnnet.tree.leaves(t), fnnet.tree.leaves(out)):
+        if isinstance(a, torch.Tensor) and a.ndim == 4:
+            assert b.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+        else:
+            assert b is a
+
+
+def test_place_channels_last_values_strides_and_no_second_copy():
+    g = torch.Generator().manual_seed(0)
+    tree = {"w": torch.randn(8, 3, 5, 5, generator=g), "b": torch.randn(8, generator=g), "x": torch.randn(2, 3, 4, 4, generator=g)}
+    before = {k: v.clone() for k, v in tree.items()}
+    out = fnnet.place(tree, "cpu", memory_format=torch.channels_last)
+    assert out["w"].stride() == (75, 1, 15, 3) and out["x"].stride() == (48, 1, 12, 3)
+    assert out["b"] is tree["b"]
+    assert all(torch.equal(out[k], before[k]) and torch.equal(tree[k], before[k]) for k in tree)  # inputs untouched
+    again = fnnet.place(out, "cpu", memory_format=torch.channels_last)
+    assert all(again[k] is out[k] for k in out)
+    back = fnnet.place(out, "cpu", memory_format=torch.contiguous_format)
+    assert back["w"].is_contiguous() and torch.equal(back["w"], before["w"])
+    assert fnnet.place(tree, "cpu", memory_format=torch.preserve_format)["w"] is tree["w"]
+
+
+def test_place_rejects_a_bad_memory_format():
+    with pytest.raises(TypeError, match="torch.channels_last"):
+        fnnet.place({"w": torch.zeros(1, 1, 1, 1)}, "cpu", memory_format="channels_last")

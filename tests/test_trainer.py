@@ -393,3 +393,46 @@ def test_early_stopping_resets_between_fits():
     assert es.stopped_epoch == 1
     h = trainer.fit(train, epochs=2, callbacks=[FakeScore(), es], verbose=0)
     assert es.stopped_epoch is None and h.stop_reason == ""
+
+
+def _cnn_trainer(opt=None, **kwargs):
+    from models import chapter_cnn
+
+    torch.manual_seed(0)
+    return fnnet.Trainer(chapter_cnn(), F.cross_entropy, opt or optim.adam(0.01), devices="cpu", key=3, **kwargs)
+
+
+def test_memory_format_auto_is_channels_last_on_cpu_and_trains_like_nchw(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(96, 1, 28, 28, generator=g), torch.randint(0, 10, (96,), generator=g))
+    # SGD: Adam would blow the rounding in near-zero gradients up to whole steps
+    nhwc, nchw = _cnn_trainer(optim.sgd(0.1)), _cnn_trainer(optim.sgd(0.1), memory_format="contiguous")
+    assert nhwc.memory_format is torch.channels_last and nchw.memory_format is torch.contiguous_format
+    assert nhwc.state.params["layers.2.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert nchw.state.params["layers.2.weight"].is_contiguous()
+    torch.testing.assert_close(nhwc.predict(data[0]), nchw.predict(data[0]), rtol=1e-5, atol=1e-5)
+    hist = [t.fit(fnnet.ArrayLoader(data, 32, shuffle=True, key=fnnet.random.key(1)), epochs=2, verbose=0)
+            for t in (nhwc, nchw)]
+    # the same training (same dropout draws), up to the float rounding of two conv algorithms
+    assert hist[0]["loss"] == pytest.approx(hist[1]["loss"], rel=1e-5)
+    for k in nhwc.state.params:
+        torch.testing.assert_close(nhwc.state.params[k], nchw.state.params[k], rtol=1e-4, atol=1e-5)
+    # checkpoints are written contiguous and come back in the trainer's layout
+    nhwc.save(tmp_path / "ck.safetensors")
+    fresh = _cnn_trainer(optim.sgd(0.1)).load(tmp_path / "ck.safetensors")
+    w = fresh.state.params["layers.2.weight"]
+    assert w.is_contiguous(memory_format=torch.channels_last) and torch.equal(w, nhwc.state.params["layers.2.weight"])
+
+
+def test_loaded_optimizer_state_takes_the_trainer_layout(tmp_path):
+    fnnet.save(tmp_path / "state.safetensors", _cnn_trainer().state)  # written contiguous
+    mu = _cnn_trainer().load(tmp_path / "state.safetensors").state.opt_state[0].mu["layers.2.weight"]
+    assert mu.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_memory_format_auto_leaves_models_without_4d_params_alone():
+    assert make_trainer().memory_format is None
+    assert _cnn_trainer(memory_format="preserve").memory_format is None
+    assert _cnn_trainer(memory_format=torch.channels_last).memory_format is torch.channels_last
+    with pytest.raises(ValueError, match="memory_format must be 'auto'"):
+        _cnn_trainer(memory_format="nhwc")
