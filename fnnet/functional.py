@@ -24,11 +24,74 @@ _STOCHASTIC = (nn.modules.dropout._DropoutNd,)
 
 
 def _meta_copy(module: nn.Module, train: bool) -> nn.Module:
-    template = copy.deepcopy(module).to("meta")
+    """A weight-free copy of ``module`` on the meta device, ties included.
+
+    Every parameter and buffer is swapped for a meta tensor of its shape and dtype through
+    ``deepcopy``'s memo, so no weights are copied and a tensor shared by two submodules (tied
+    weights) stays shared in the copy (``module.to("meta")`` would untie it).
+    """
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    template = copy.deepcopy(module, memo)
     template.train(train)
-    for p in template.parameters():
-        p.requires_grad_(False)
     return template
+
+
+def _materialize(template: nn.Module, device: torch.device, params: Mapping[str, torch.Tensor],
+                 buffers: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A real module on ``device`` holding copies of ``params`` and ``buffers`` (ties kept, as in :func:`_meta_copy`)."""
+    memo: dict[int, Any] = {}
+    for name, p in template.named_parameters():
+        memo[id(p)] = nn.Parameter(params[name].detach().to(device, copy=True))
+    for name, b in template.named_buffers():
+        memo[id(b)] = buffers[name].detach().to(device, copy=True)
+    return copy.deepcopy(template, memo)
+
+
+def _slots(template: nn.Module) -> list[tuple[str, dict, str]]:
+    """``(key, owner's _parameters or _buffers dict, attribute)`` for every tensor slot of ``template``.
+
+    Tied tensors (one parameter under two names) get one slot per name, all keyed by the
+    name ``named_parameters()`` reports (the ``state_dict`` key): ``functional_call``'s
+    ``tie_weights=True``, resolved once instead of at every call.
+    """
+    key_of: dict[int, str] = {}
+    out = []
+    for store, named in (("_parameters", template.named_parameters(remove_duplicate=False)),
+                         ("_buffers", template.named_buffers(remove_duplicate=False))):
+        for path, tensor in named:
+            prefix, _, attr = path.rpartition(".")
+            key = key_of.setdefault(id(tensor), path)
+            out.append((key, getattr(template.get_submodule(prefix), store), attr))
+    return out
+
+
+def _swapped_call(template: nn.Module, slots: list[tuple[str, dict, str]], tensors: Mapping[str, torch.Tensor],
+                  args: tuple, kwargs: dict) -> Any:
+    """``template(*args, **kwargs)`` with ``tensors`` in its parameter and buffer slots, then put back.
+
+    What ``torch.func.functional_call`` does (it swaps the same dict entries), minus its
+    per-call path resolution and tie analysis: the eager step's forward runs with less Python.
+    """
+    saved = []
+    try:
+        for key, store, attr in slots:
+            saved.append((store, attr, store[attr]))
+            store[attr] = tensors[key]
+        return template(*args, **kwargs)
+    finally:
+        for store, attr, old in reversed(saved):
+            store[attr] = old
+
+
+def _bad_buffers(module_type: str, got: Any, want: Mapping[str, torch.Tensor]) -> None:
+    if not isinstance(got, Mapping):
+        raise TypeError(f"buffers must be a dict of tensors keyed like state_dict(), got {type(got).__name__}")
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    raise ValueError(f"{module_type} buffers: missing keys {missing}, unexpected keys {extra}")
 
 
 class Model:
@@ -49,6 +112,7 @@ class Model:
         self.buffers: Params = {k: v.detach().clone() for k, v in module.named_buffers()}
         self._train_template = _meta_copy(module, True)
         self._eval_template = _meta_copy(module, False)
+        self._slots = {id(t): _slots(t) for t in (self._train_template, self._eval_template)}
         self._shapes = {k: v.shape for k, v in self.params.items()}
         self._init_fn = init_fn
         self.stochastic = any(isinstance(m, _STOCHASTIC) for m in module.modules())
@@ -68,6 +132,15 @@ class Model:
                 raise TypeError(f"params['{name}'] must be a tensor, got {type(got).__name__}")
             if got.shape != shape:
                 raise ValueError(f"params['{name}'] has shape {tuple(got.shape)}, the module expects {tuple(shape)}")
+
+    def _check_buffers(self, buffers: Any) -> None:
+        if not isinstance(buffers, Mapping) or buffers.keys() != self.buffers.keys():
+            _bad_buffers(self.module_type, buffers, self.buffers)
+        for name, want in self.buffers.items():
+            got = buffers[name]
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise ValueError(f"buffers['{name}'] has shape {shape}, the module expects {tuple(want.shape)}")
 
     def apply(
         self,
@@ -103,18 +176,22 @@ class Model:
                 "(fnnet never draws from torch's global RNG implicitly)"
             )
         bufs = self.buffers if buffers is None else buffers
+        if buffers is not None:
+            self._check_buffers(buffers)
         if train:
             # BatchNorm updates buffers in place: give it copies so the caller's stay untouched.
             bufs = {k: v.clone() for k, v in bufs.items()}
         template = self._train_template if train else self._eval_template
         tensors = {**params, **bufs}
         # Only dropout layers draw from the RNG; without them the key changes nothing.
-        if key is not None and self.stochastic and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # dynamo traces torch.func.functional_call natively
+            out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=True)
+        elif key is not None and self.stochastic:
             devices = {t.device for t in params.values() if t.device.type == "cuda"}
             with _random.rng_scope(key, sorted(devices, key=str)):
-                out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=True)
+                out = _swapped_call(template, self._slots[id(template)], tensors, args, kwargs)
         else:
-            out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=True)
+            out = _swapped_call(template, self._slots[id(template)], tensors, args, kwargs)
         if return_buffers:
             return out, dict(bufs)
         return out
@@ -138,12 +215,7 @@ class Model:
         )
         if self._init_fn is not None:
             return dict(self._init_fn(key, {k: v.to(dev) for k, v in self.params.items()}))
-        module = copy.deepcopy(self._eval_template).to_empty(device=dev)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                p.copy_(self.params[name])
-            for name, b in module.named_buffers():
-                b.copy_(self.buffers[name])
+        module = _materialize(self._eval_template, dev, self.params, self.buffers)
         with _random.rng_scope(key, [dev]), torch.no_grad():
             for m in module.modules():
                 reset = getattr(m, "reset_parameters", None)
@@ -156,12 +228,9 @@ class Model:
         params = self.params if params is None else params
         buffers = self.buffers if buffers is None else buffers
         self._check_params(params)
+        self._check_buffers(buffers)
         dev = next((p.device for p in params.values()), torch.device("cpu"))
-        module = copy.deepcopy(self._eval_template).to_empty(device=dev)
-        module.load_state_dict({**params, **buffers}, strict=True)
-        for p in module.parameters():
-            p.requires_grad_(True)
-        return module
+        return _materialize(self._eval_template, dev, params, buffers)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.params.values())

@@ -165,3 +165,72 @@ def test_apply_on_cuda_params():
     a = model.apply(params, x.cuda(), train=True, key=k)
     b = model.apply(params, x.cuda(), train=True, key=k)
     assert torch.equal(a, b)
+
+
+class _Tied(nn.Module):
+    """An embedding and an output layer sharing one weight (one state_dict key per name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.emb(idx)))
+
+
+def test_tied_weights_share_one_key_and_sum_both_gradients():
+    torch.manual_seed(0)
+    module = _Tied()
+    model = fnnet.functional(module)
+    assert list(model.params) == ["emb.weight"]
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    torch.testing.assert_close(model.apply(model.params, idx), module(idx), rtol=0, atol=0)
+    grads = fnnet.grad(lambda p: model.apply(p, idx).square().sum())(model.params)
+    module(idx).square().sum().backward()
+    torch.testing.assert_close(grads["emb.weight"], module.emb.weight.grad)
+
+
+def test_parametrized_module_matches_and_template_is_restored_after_an_error():
+    torch.manual_seed(0)
+    module = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))
+    model = fnnet.functional(module)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(model.apply(model.params, x), module(x))
+    with pytest.raises(RuntimeError):
+        model.apply(model.params, torch.randn(5, 4))  # wrong input width: fails inside the forward
+    # the meta template holds its own (meta) tensors again, and the next call works
+    assert all(t.device.type == "meta" for t in model._eval_template.parameters())
+    torch.testing.assert_close(model.apply(model.params, x), module(x))
+
+
+def test_buffers_with_wrong_keys_are_named():
+    torch.manual_seed(0)
+    model = fnnet.functional(nn.BatchNorm1d(3))
+    bufs = dict(model.buffers)
+    bufs["extra"] = bufs.pop("running_var")
+    with pytest.raises(ValueError, match=r"missing keys \['running_var'\], unexpected keys \['extra'\]"):
+        model.apply(model.params, torch.randn(4, 3), buffers=bufs)
+    with pytest.raises(TypeError, match="buffers must be a dict"):
+        model.apply(model.params, torch.randn(4, 3), buffers=[1])
+
+
+def test_tied_model_goes_back_to_a_tied_module_and_inits_one_key():
+    torch.manual_seed(0)
+    model = fnnet.functional(_Tied())
+    module = model.to_module()
+    assert module.emb.weight is module.out.weight and module.emb.weight.requires_grad
+    assert torch.equal(module.emb.weight, model.params["emb.weight"])
+    fresh = model.init(fnnet.random.key(1))
+    assert list(fresh) == ["emb.weight"] and not torch.equal(fresh["emb.weight"], model.params["emb.weight"])
+    assert torch.equal(fresh["emb.weight"], model.init(fnnet.random.key(1))["emb.weight"])
+
+
+def test_buffers_with_wrong_shapes_are_named():
+    model = fnnet.functional(nn.BatchNorm1d(3))
+    bufs = {**model.buffers, "running_mean": torch.zeros(4)}
+    with pytest.raises(ValueError, match=r"buffers\['running_mean'\] has shape \(4,\), the module expects \(3,\)"):
+        model.apply(model.params, torch.randn(4, 3), buffers=bufs)
+    with pytest.raises(ValueError, match="running_mean"):
+        model.to_module(buffers=bufs)
