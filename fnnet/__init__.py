@@ -5,7 +5,7 @@ explicit state transforms (``fnnet.optim``), device placement is one function
 (``fnnet.place``), and training is ``state, metrics = train_step(state, batch)``.
 """
 
-from . import callbacks, data, metrics, models, optim, random, tree
+from . import callbacks, compiler, data, metrics, models, optim, random, tree
 from .checkpoint import load, load_state_dict, save, to_state_dict
 from .data import ArrayLoader, load_digits, load_mnist
 from .device import (

@@ -27,6 +27,7 @@ is a ``TypeError`` naming what is missing. :func:`supervised_loss` builds the us
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -221,10 +222,13 @@ def _check_signature(declared: frozenset[str], state: TrainState, loss_fn: Calla
 
 def _autocast(precision: str, params: Any):
     dtype = PRECISIONS[precision]
-    if dtype is None:
-        return torch.autocast("cpu", enabled=False)
     leaves = [x for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
     device_type = leaves[0].device.type if leaves else "cpu"
+    if dtype is None:
+        # Full precision: switch off a caller's autocast if one is active, else enter nothing.
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type, enabled=False)
+        return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=dtype)
 
 

@@ -187,6 +187,17 @@ def _scale_updates(updates: Updates, factor: torch.Tensor, donate: bool) -> Upda
 # ``update.scaled``, and their plain ``update`` is the same code with no factor.
 
 
+def _factor(sign: float, lr: torch.Tensor, count: torch.Tensor) -> torch.Tensor | float:
+    """``sign * lr``: a Python float where reading ``lr`` is free (CPU, eager), else a tensor.
+
+    A Python scalar spares a tensor op here and in every op that multiplies by it (foreach
+    ops take it directly); torch.optim's own numbers are Python floats too.
+    """
+    if _can_branch(count) and lr.device.type == "cpu":
+        return sign * lr.item()
+    return sign * lr
+
+
 def _scaling(factor_of: Callable[[Any], tuple[Any, Any]]) -> Callable[..., tuple[Updates, Any]]:
     """The ``update`` of a stage that multiplies by ``factor_of(state)[0]``."""
 
@@ -279,7 +290,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
 
         def scheduled_factor(state: ScaleByScheduleState) -> tuple[torch.Tensor, ScaleByScheduleState]:
             lr = evaluate(state.count, "scale_by_learning_rate")
-            return sign * lr, ScaleByScheduleState(count=state.count + 1, learning_rate=lr)
+            return _factor(sign, lr, state.count), ScaleByScheduleState(count=state.count + 1, learning_rate=lr)
 
         return GradientTransformation(init_schedule, _scaling(scheduled_factor))
 
@@ -291,7 +302,8 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         return ScaleByLearningRateState(count=count, learning_rate=_scalar_value(constant, count.device))
 
     def factor(state: ScaleByLearningRateState) -> tuple[torch.Tensor, ScaleByLearningRateState]:
-        return sign * state.learning_rate, ScaleByLearningRateState(count=state.count + 1, learning_rate=state.learning_rate)
+        lr = state.learning_rate
+        return _factor(sign, lr, state.count), ScaleByLearningRateState(count=state.count + 1, learning_rate=lr)
 
     return GradientTransformation(init, _scaling(factor))
 
@@ -333,7 +345,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         nu = _tree.leaves(state.nu)
         g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates", mu)
         count = state.count + 1
-        t = count.to(F.scalar_dtype(count.device))
+        # Bias corrections: Python floats where the count is free to read (CPU, eager), as in
+        # torch.optim; otherwise float64 tensor math that never waits for the device.
+        t = count.item() if _can_branch(count) and not isinstance(factor, torch.Tensor) else count.to(F.scalar_dtype(count.device))
         inv_bc2 = 1.0 / (1.0 - b2**t)
         out_scale = 1.0 / (1.0 - b1**t)  # times a folded learning rate, as torch's lr / bc1
         if factor is not None:
@@ -359,8 +373,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
             torch._foreach_mul_(u, s_out)
             return u, mu, nu
 
-        scalars = (inv_bc2.sqrt() if eps_root == 0.0 else inv_bc2, out_scale)
-        u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2), scalars=scalars, chunked=True)
+        if eps_root == 0.0:
+            inv_bc2 = math.sqrt(inv_bc2) if isinstance(inv_bc2, float) else inv_bc2.sqrt()
+        u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2), scalars=(inv_bc2, out_scale), chunked=True)
         return _tree.unflatten(spec, u), ScaleByAdamState(count, _tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
 
     return GradientTransformation(init, _foldable(scaled))
