@@ -222,13 +222,15 @@ def _check_signature(declared: frozenset[str], state: TrainState, loss_fn: Calla
 
 def _autocast(precision: str, params: Any):
     dtype = PRECISIONS[precision]
-    leaves = [x for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
-    device_type = leaves[0].device.type if leaves else "cpu"
     if dtype is None:
         # Full precision: switch off a caller's autocast if one is active, else enter nothing.
-        if torch.is_autocast_enabled(device_type):
-            return torch.autocast(device_type, enabled=False)
-        return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        return stack
+    leaves = [x for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
+    device_type = leaves[0].device.type if leaves else "cpu"
     return torch.autocast(device_type, dtype=dtype)
 
 
@@ -249,6 +251,8 @@ def _select(pred: torch.Tensor, new: Any, old: Any) -> Any:
 
 
 def _detached(x: Any) -> Any:
+    if isinstance(x, dict) and not x:
+        return {}
     return _tree.map(lambda t: t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t), x)
 
 

@@ -51,19 +51,32 @@ def scalar_for(value: torch.Tensor | float, device: torch.device, dtype: torch.d
     return value.to(device=device, dtype=target)
 
 
+# Up to this many leaves a Python loop over ``(device, dtype)`` beats torch's C++ grouping
+# helper, whose call costs more than the loop for the few tensors of a small model.
+_PY_GROUPING_MAX = 8
+
+
 def _column_keys(col: Tensors) -> Any:
     """The distinct ``(device, dtype)`` pairs of a list of tensors."""
-    if not torch.compiler.is_compiling():
-        try:  # torch.optim's C++ helper: 3x faster than reading .device in Python
+    if len(col) > _PY_GROUPING_MAX and not torch.compiler.is_compiling():
+        try:  # torch.optim's C++ helper: 3x faster than reading .device in Python on long lists
             return torch._C._group_tensors_by_device_and_dtype([col], False).keys()
         except (AttributeError, RuntimeError):
             pass
     return {(t.device, t.dtype) for t in col}
 
 
+def _uniform(col: Tensors) -> bool:
+    """Whether every tensor of ``col`` has the first one's device and dtype."""
+    if len(col) > _PY_GROUPING_MAX:
+        return len(_column_keys(col)) == 1
+    dtype, device = col[0].dtype, col[0].device
+    return all(t.dtype == dtype and t.device == device for t in col)
+
+
 def _groups(columns: Sequence[Tensors]) -> list[list[int]] | None:
     """Leaf indices grouped by ``(device, dtype)`` across columns; ``None`` when there is one group."""
-    if all(len(_column_keys(col)) == 1 for col in columns):
+    if all(_uniform(col) for col in columns):
         return None
     by_key: dict[tuple[Any, ...], list[int]] = {}
     for i, row in enumerate(zip(*columns)):

@@ -193,7 +193,7 @@ def _factor(sign: float, lr: torch.Tensor, count: torch.Tensor) -> torch.Tensor 
     A Python scalar spares a tensor op here and in every op that multiplies by it (foreach
     ops take it directly); torch.optim's own numbers are Python floats too.
     """
-    if _can_branch(count) and lr.device.type == "cpu":
+    if lr.is_cpu and _can_branch(count):
         return sign * lr.item()
     return sign * lr
 
@@ -793,7 +793,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
 
 def _can_branch(counter: torch.Tensor) -> bool:
     """Whether Python may read ``counter``: free on CPU, a device sync or graph break otherwise."""
-    return counter.device.type == "cpu" and not torch.compiler.is_compiling()
+    return counter.is_cpu and not torch.compiler.is_compiling()
 
 
 def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransformation:
