@@ -234,3 +234,23 @@ def test_buffers_with_wrong_shapes_are_named():
         model.apply(model.params, torch.randn(4, 3), buffers=bufs)
     with pytest.raises(ValueError, match="running_mean"):
         model.to_module(buffers=bufs)
+
+
+def test_tied_model_trains_the_same_eager_and_compiled():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = fnnet.functional(_Tied())
+    batch = (torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[2, 3, 4], [5, 6, 0]]))
+
+    def loss_fn(params, batch):
+        idx, target = batch
+        return F.cross_entropy(model.apply(params, idx).flatten(0, 1), target.flatten())
+
+    opt = fnnet.optim.sgd(0.1)
+    state = fnnet.TrainState.create(model.params, opt)
+    eager, _ = fnnet.make_train_step(loss_fn, opt)(state, batch)
+    torch._dynamo.reset()
+    jitted, _ = fnnet.make_train_step(loss_fn, opt, jit=True)(state, batch)
+    assert not torch.equal(eager.params["emb.weight"], state.params["emb.weight"])
+    torch.testing.assert_close(jitted.params["emb.weight"], eager.params["emb.weight"], rtol=1e-5, atol=1e-6)
