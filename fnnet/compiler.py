@@ -25,8 +25,9 @@ over the data instead of four. Every other product is left to BLAS. The pass cha
 order of floating-point additions in the products it rewrites (inductor sums with cascade
 summation), not what they compute.
 
-Opt out with ``compile_options={"options": {"post_grad_custom_pre_pass": None}}`` (any value
-you set for that inductor option, your own pass included, replaces fnnet's).
+Products below ``LARGE_DIM`` in every dimension are left alone (nothing to win there). Opt out
+with ``compile_options={"options": {"post_grad_custom_post_pass": None}}`` (any value you set
+for that inductor option, your own pass included, replaces fnnet's).
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["compile", "SkinnyMatmulPass", "SHORT_CONTRACTION", "TINY_OUTPUT"]
+__all__ = ["compile", "SkinnyMatmulPass", "SHORT_CONTRACTION", "TINY_OUTPUT", "LARGE_DIM"]
 
 # Contractions up to this length become element-wise code (inductor unrolls reductions of at
 # most 8 elements: config.unroll_reductions_threshold), outputs up to this many elements
-# become per-element reductions.
+# become per-element reductions. Only products with a dimension of at least LARGE_DIM are
+# touched: below that a BLAS call costs next to nothing and there is nothing to win.
 SHORT_CONTRACTION = 8
 TINY_OUTPUT = 8
+LARGE_DIM = 4096
 
-_PASS_OPTION = "post_grad_custom_pre_pass"
+_PASS_OPTION = "post_grad_custom_post_pass"
 _DTYPES = (torch.float32, torch.float64)
 
 try:  # torch >= 2.6; on older torch fnnet compiles without the pass
@@ -63,9 +66,10 @@ class SkinnyMatmulPass(_PassBase):  # type: ignore[misc,valid-type]
     """An inductor post-grad pass: memory-bound CPU matmuls become fusable element-wise code.
 
     Rewrites ``aten.mm(a, b)`` and ``aten.addmm(bias, a, b)`` (``alpha = beta = 1``) with
-    ``a: (M, K)``, ``b: (K, N)`` on CPU in float32/float64 when ``K <= SHORT_CONTRACTION``
-    (broadcast multiply, sum over ``K``) or ``M * N <= TINY_OUTPUT`` (one sum over ``K`` per
-    output element). See the module docstring for why.
+    ``a: (M, K)``, ``b: (K, N)`` on CPU in float32/float64, one of ``M, K, N`` at least
+    ``LARGE_DIM``, when ``K <= SHORT_CONTRACTION`` (broadcast multiply, sum over ``K``) or
+    ``M * N <= TINY_OUTPUT`` (one sum over ``K`` per output element). It runs after inductor's
+    own post-grad passes (``post_grad_custom_post_pass``). See the module docstring for why.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -87,8 +91,10 @@ class SkinnyMatmulPass(_PassBase):  # type: ignore[misc,valid-type]
                 graph.erase_node(node)
 
     def uuid(self) -> Any:
-        # Inductor caches compiled graphs under this id: it changes whenever this file does.
-        return _hash_files((__file__,)) if _hash_files is not None else None
+        # Inductor caches compiled graphs under this id: it changes with this file and the thresholds.
+        if _hash_files is None:
+            return None
+        return (_hash_files((__file__,)), SHORT_CONTRACTION, TINY_OUTPUT, LARGE_DIM)
 
 
 def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, bias: Any, a: Any, b: Any) -> torch.fx.Node | None:
@@ -104,6 +110,8 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, bias: Any, a: Any, b: A
     if dims is None:
         return None
     m, k, _, n = dims
+    if max(m, k, n) < LARGE_DIM:
+        return None
     if bias is not None:
         vbias = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
         if not isinstance(vbias, torch.Tensor) or vbias.dtype != va.dtype:
@@ -158,7 +166,7 @@ def compile(fn: Callable, **compile_kwargs: Any) -> Callable:  # noqa: A001 - mi
     Other backends (``backend="eager"``, ``"aot_eager"``, a callable) get exactly the
     arguments given. With inductor, ``mode`` is turned into the inductor options it stands
     for, so it combines with the pass (``mode="reduce-overhead"`` still means CUDA graphs).
-    An ``options`` entry ``post_grad_custom_pre_pass`` given by the caller wins (``None``
+    An ``options`` entry ``post_grad_custom_post_pass`` given by the caller wins (``None``
     turns fnnet's pass off).
     """
     kwargs = dict(compile_kwargs)

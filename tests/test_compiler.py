@@ -1,5 +1,7 @@
 """fnnet.compiler: the skinny-matmul pass rewrites what it should, keeps the maths, and compile() routes options."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,17 @@ def _matmuls(gm) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in MATMULS)
 
 
+@contextlib.contextmanager
+def large_dim(value):
+    """Let the pass act on small products (tests use small shapes; the default leaves them to BLAS)."""
+    saved = compiler.LARGE_DIM
+    compiler.LARGE_DIM = value
+    try:
+        yield
+    finally:
+        compiler.LARGE_DIM = saved
+
+
 def _rewritten(fn, *args):
     gm = _traced(fn, *args)
     before = _matmuls(gm)
@@ -48,7 +61,8 @@ def test_pass_keeps_values_and_rewrites_exactly_the_skinny_products(m, k, n, wit
     def fn(a, b, bias):
         return torch.addmm(bias, a, b) if with_bias else a @ b
 
-    gm, before, after = _rewritten(fn, a, b, bias)
+    with large_dim(1):
+        gm, before, after = _rewritten(fn, a, b, bias)
     assert before == 1
     skinny = k <= compiler.SHORT_CONTRACTION or m * n <= compiler.TINY_OUTPUT
     assert after == (0 if skinny else 1)
@@ -59,6 +73,15 @@ def test_pass_keeps_values_and_rewrites_exactly_the_skinny_products(m, k, n, wit
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * k)
 
 
+def test_pass_leaves_small_products_to_blas_and_takes_large_skinny_ones():
+    a, b = torch.randn(compiler.LARGE_DIM - 1, 2), torch.randn(2, 3)
+    assert _rewritten(lambda a, b: a @ b, a, b)[1:] == (1, 1)
+    a = torch.randn(compiler.LARGE_DIM, 2)
+    assert _rewritten(lambda a, b: a @ b, a, b)[1:] == (1, 0)
+    assert _rewritten(lambda a, b: a.t() @ b, a, torch.randn(compiler.LARGE_DIM, 3))[1:] == (1, 0)
+
+
+@large_dim(1)
 def test_pass_leaves_other_products_alone():
     a32, b32 = torch.randn(100, 2), torch.randn(2, 3)
     # scaled addmm, low precision and meta-less inputs are not rewritten
@@ -68,6 +91,7 @@ def test_pass_leaves_other_products_alone():
     assert before == after == 1
 
 
+@large_dim(1)
 def test_pass_does_not_touch_cuda_graphs():
     # Device is read from the fake values: a graph traced on the meta device stands in for CUDA.
     a, b = torch.randn(100, 2, device="meta"), torch.randn(2, 1, device="meta")
@@ -113,12 +137,65 @@ def test_compiled_linreg_step_is_one_fused_pass_and_matches_eager():
         torch.testing.assert_close(jstate.params[name], state.params[name], rtol=1e-4, atol=1e-5)
 
 
+class _TiedNet(torch.nn.Module):
+    """Embedding and output layer sharing a weight: a scatter-add and skinny products in one backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, 4)
+        self.out = torch.nn.Linear(4, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.emb(idx)))
+
+
+def _small_cases():
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tied, mlp = _TiedNet(), torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    idx = torch.randint(0, 7, (2, 3), generator=g)
+    yield tied, (idx, torch.randint(0, 7, (2, 3), generator=g)), lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
+    x = torch.randn(64, 2, generator=g)
+    yield mlp, (x, x[:, :1] * 2 - x[:, 1:]), F.mse_loss
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["tied-embedding", "mlp-2-inputs"])
+def test_pass_forced_on_small_graphs_trains_like_eager(case):
+    """With the size threshold off, every product in these steps is rewritten: inductor's code
+    for the rewritten graph must train exactly as the eager step does."""
+    from torch._inductor.utils import run_and_get_code
+
+    module, batch, loss = list(_small_cases())[case]
+    model = fnnet.functional(module)
+
+    def loss_fn(params, batch):
+        x, y = batch
+        return loss(model.apply(params, x), y)
+
+    opt = optim.sgd(0.1)
+    state = fnnet.TrainState.create(model.params, opt)
+    eager = fnnet.make_train_step(loss_fn, opt)
+    torch._dynamo.reset()
+    with large_dim(1):
+        jitted = fnnet.make_train_step(loss_fn, opt, jit=True)
+        (jstate, _), codes = run_and_get_code(jitted, state, batch)
+    assert "extern_kernels.mm" not in "\n".join(codes)
+    estate, _ = eager(state, batch)
+    for _ in range(3):
+        estate, _ = eager(estate, batch)
+        jstate, _ = jitted(jstate, batch)
+    for name in estate.params:
+        torch.testing.assert_close(jstate.params[name], estate.params[name], rtol=1e-5, atol=1e-6)
+
+
 def test_pass_can_be_turned_off():
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     X, Y = linreg_data(20_000, seed=3)
-    step, state = _linreg_step(True, {"options": {"post_grad_custom_pre_pass": None}})
+    step, state = _linreg_step(True, {"options": {"post_grad_custom_post_pass": None}})
     _, codes = run_and_get_code(step, state, (X, Y))
     assert "extern_kernels.mm" in "\n".join(codes)
 
@@ -134,11 +211,11 @@ def test_compile_options_routing(monkeypatch):
     monkeypatch.setattr(torch, "compile", fake_compile)
     f = lambda x: x  # noqa: E731
     compiler.compile(f, dynamic=False)
-    assert isinstance(seen["options"]["post_grad_custom_pre_pass"], compiler.SkinnyMatmulPass)
+    assert isinstance(seen["options"]["post_grad_custom_post_pass"], compiler.SkinnyMatmulPass)
     compiler.compile(f, mode="reduce-overhead")
     assert "mode" not in seen and seen["options"]["triton.cudagraphs"] is True
-    assert isinstance(seen["options"]["post_grad_custom_pre_pass"], compiler.SkinnyMatmulPass)
-    compiler.compile(f, mode="max-autotune", options={"post_grad_custom_pre_pass": None, "max_autotune": False})
-    assert "post_grad_custom_pre_pass" not in seen["options"] and seen["options"]["max_autotune"] is False
+    assert isinstance(seen["options"]["post_grad_custom_post_pass"], compiler.SkinnyMatmulPass)
+    compiler.compile(f, mode="max-autotune", options={"post_grad_custom_post_pass": None, "max_autotune": False})
+    assert "post_grad_custom_post_pass" not in seen["options"] and seen["options"]["max_autotune"] is False
     compiler.compile(f, backend="eager", mode="default")
     assert seen == {"backend": "eager", "mode": "default"}
