@@ -120,3 +120,12 @@ def test_place_channels_last_values_strides_and_no_second_copy():
 def test_place_rejects_a_bad_memory_format():
     with pytest.raises(TypeError, match="torch.channels_last"):
         fnnet.place({"w": torch.zeros(1, 1, 1, 1)}, "cpu", memory_format="channels_last")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_place_on_cuda_channels_last():
+    w = torch.randn(8, 3, 5, 5)
+    g = fnnet.place({"w": w, "b": torch.randn(8)}, "cuda", memory_format=torch.channels_last)
+    assert g["w"].is_cuda and g["w"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(g["w"].cpu(), w) and g["b"].is_cuda

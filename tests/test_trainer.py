@@ -436,3 +436,24 @@ def test_memory_format_auto_leaves_models_without_4d_params_alone():
     assert _cnn_trainer(memory_format=torch.channels_last).memory_format is torch.channels_last
     with pytest.raises(ValueError, match="memory_format must be 'auto'"):
         _cnn_trainer(memory_format="nhwc")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_memory_format_on_cuda_auto_preserves_and_channels_last_trains_alike():
+    from models import chapter_cnn
+
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
+    trainers = []
+    for fmt in ("auto", "channels_last"):
+        torch.manual_seed(0)
+        trainers.append(fnnet.Trainer(chapter_cnn(), F.cross_entropy, optim.sgd(0.1), devices="cuda", key=3,
+                                      memory_format=fmt))
+    auto, nhwc = trainers
+    assert auto.memory_format is None and auto.state.params["layers.2.weight"].is_contiguous()
+    assert nhwc.state.params["layers.2.weight"].is_contiguous(memory_format=torch.channels_last)
+    for t in trainers:
+        t.fit(fnnet.ArrayLoader(data, 32, shuffle=True, key=fnnet.random.key(1), device="cuda"), epochs=1, verbose=0)
+    for k in auto.state.params:  # TF32 may differ in rounding between layouts: loose tolerance
+        torch.testing.assert_close(auto.state.params[k], nhwc.state.params[k], rtol=1e-2, atol=1e-3)
