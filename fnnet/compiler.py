@@ -12,13 +12,15 @@ linear layer with 2 inputs over a million rows (``(1e6, 2) @ (2, 1)``) or its we
 (``(1, 1e6) @ (1e6, 2)``). Each such call is one more pass over memory, plus layout copies.
 On CUDA inductor already rewrites such products into fusable element-wise code
 (its ``decompose_mm_pass``); on CPU its thresholds leave them alone. :class:`SkinnyMatmulPass`
-rewrites, on CPU and for float32/float64 with static shapes:
+rewrites, on CPU and for float32/float64 with static shapes, products with one large
+dimension (at least ``LARGE_DIM``) and two small ones:
 
-* products with a short contraction (``K <= 8``, inductor's unrolling threshold) into a
-  broadcast multiply and a sum over ``K``: element-wise code that fuses with its producers
-  and consumers;
-* products with a tiny output (``M * N <= 8``) into one sum over ``K`` per output element,
-  which fuse with the other full reductions over the same rows (a loss, a bias gradient).
+* a short contraction and a thin side (``K <= 8``, inductor's unrolling threshold, and
+  ``min(M, N) <= 8``) become a broadcast multiply and a sum over ``K``: element-wise code that
+  fuses with its producers and consumers;
+* a long contraction with a tiny output (``M * N <= 8``) becomes one sum over ``K`` per output
+  element; these fuse with the other full reductions over the same rows (a loss, a bias
+  gradient).
 
 A full-batch linear-regression step (forward, MSE, gradient, Adam) then compiles to one pass
 over the data instead of four. Every other product is left to BLAS. The pass changes the
@@ -26,8 +28,8 @@ order of floating-point additions in the products it rewrites (inductor sums wit
 summation), not what they compute.
 
 Products below ``LARGE_DIM`` in every dimension are left alone (nothing to win there). Opt out
-with ``compile_options={"options": {"post_grad_custom_post_pass": None}}`` (any value you set
-for that inductor option, your own pass included, replaces fnnet's).
+with ``compile_options={"options": {"post_grad_custom_post_pass": None}}``; any pass you set for
+that inductor option, per call or globally in ``torch._inductor.config``, replaces fnnet's.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class SkinnyMatmulPass(_PassBase):  # type: ignore[misc,valid-type]
 
     Rewrites ``aten.mm(a, b)`` and ``aten.addmm(bias, a, b)`` (``alpha = beta = 1``) with
     ``a: (M, K)``, ``b: (K, N)`` on CPU in float32/float64, one of ``M, K, N`` at least
-    ``LARGE_DIM``, when ``K <= SHORT_CONTRACTION`` (broadcast multiply, sum over ``K``) or
-    ``M * N <= TINY_OUTPUT`` (one sum over ``K`` per output element). It runs after inductor's
+    ``LARGE_DIM``, when ``K <= SHORT_CONTRACTION`` and ``min(M, N) <= TINY_OUTPUT``
+    (broadcast multiply, sum over ``K``) or ``1 <= M * N <= TINY_OUTPUT`` (one sum over ``K``
+    per output element). It runs after inductor's
     own post-grad passes (``post_grad_custom_post_pass``). See the module docstring for why.
     """
 
@@ -127,10 +130,10 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, bias: Any, a: Any, b: A
         return new
 
     with graph.inserting_before(node):
-        if k <= SHORT_CONTRACTION:
+        if k <= SHORT_CONTRACTION and min(m, n) <= TINY_OUTPUT:
             product = call(aten.mul.Tensor, call(aten.unsqueeze.default, a, 2), call(aten.unsqueeze.default, b, 0))
             out = call(aten.sum.dim_IntList, product, [1])
-        elif m * n <= TINY_OUTPUT:
+        elif 1 <= m * n <= TINY_OUTPUT:
             cells = []
             for i in range(m):
                 row = call(aten.select.int, a, 0, i)
@@ -145,15 +148,21 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, bias: Any, a: Any, b: A
     return out
 
 
+_PASS = SkinnyMatmulPass() if _hash_files is not None else None
+
+
 def _with_pass(options: dict[str, Any] | None, mode: str | None, dynamic: Any) -> dict[str, Any]:
     """Inductor options holding fnnet's pass, with ``mode`` folded in (torch.compile takes one of the two)."""
+    from torch._inductor import config as inductor_config
+
     merged: dict[str, Any] = {}
     if mode is not None:
         from torch._inductor import list_mode_options
 
         merged.update(list_mode_options(mode, dynamic))
-    if _hash_files is not None:
-        merged[_PASS_OPTION] = SkinnyMatmulPass()
+    # A pass installed globally (torch._inductor.config) is the user's: leave it in charge.
+    if _PASS is not None and getattr(inductor_config, _PASS_OPTION, None) is None:
+        merged[_PASS_OPTION] = _PASS
     merged.update(options or {})
     if merged.get(_PASS_OPTION, 0) is None:
         del merged[_PASS_OPTION]
@@ -167,7 +176,7 @@ def compile(fn: Callable, **compile_kwargs: Any) -> Callable:  # noqa: A001 - mi
     arguments given. With inductor, ``mode`` is turned into the inductor options it stands
     for, so it combines with the pass (``mode="reduce-overhead"`` still means CUDA graphs).
     An ``options`` entry ``post_grad_custom_post_pass`` given by the caller wins (``None``
-    turns fnnet's pass off).
+    turns fnnet's pass off), and so does a pass set globally in ``torch._inductor.config``.
     """
     kwargs = dict(compile_kwargs)
     if kwargs.get("backend", "inductor") != "inductor":

@@ -96,6 +96,10 @@ def resolve_device(device: DeviceLike | None) -> torch.device:
     raise ValueError(f"device type {dev.type!r} ({device!r}) is not supported by fnnet; devices here: {existing_devices()}")
 
 
+# The tensor rank each layout applies to (None: no relayout).
+_LAYOUT_RANKS = {torch.channels_last: 4, torch.channels_last_3d: 5, torch.contiguous_format: 4, torch.preserve_format: None}
+
+
 def place(tree: Any, device: DeviceLike | None, *, non_blocking: bool = False,
           memory_format: torch.memory_format | None = None) -> Any:
     """Return ``tree`` with every tensor leaf on ``device``; other leaves pass through.
@@ -105,21 +109,22 @@ def place(tree: Any, device: DeviceLike | None, *, non_blocking: bool = False,
     ``non_blocking=True`` overlaps host-to-device copies with compute (pin the source memory
     for it to matter). ``memory_format=torch.channels_last`` also lays out every 4-D tensor
     leaf (conv weights, image batches) as NHWC, the layout flax uses and in which oneDNN's CPU
-    convolutions and pooling run fastest; tensors of other ranks keep their layout. See
-    :func:`resolve_device` for the device spellings.
+    convolutions and pooling run fastest (``torch.channels_last_3d`` does the same for 5-D
+    leaves, ``torch.contiguous_format`` puts 4-D leaves back in NCHW); tensors of other ranks
+    keep their layout. See :func:`resolve_device` for the device spellings.
     """
     dev = resolve_device(device)
-    if memory_format is not None and not isinstance(memory_format, torch.memory_format):
+    if memory_format is not None and memory_format not in _LAYOUT_RANKS:
         raise TypeError(
-            f"memory_format must be a torch.memory_format (torch.channels_last, torch.contiguous_format, "
-            f"torch.preserve_format) or None, got {memory_format!r}"
+            "memory_format must be torch.channels_last (4-D leaves), torch.channels_last_3d (5-D leaves), "
+            f"torch.contiguous_format (4-D leaves), torch.preserve_format or None, got {memory_format!r}"
         )
-    relayout = memory_format is not None and memory_format is not torch.preserve_format
+    rank = _LAYOUT_RANKS.get(memory_format)
 
     def move(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
-        if relayout and x.ndim == 4:
+        if rank is not None and x.ndim == rank:
             return x.to(dev, non_blocking=non_blocking, memory_format=memory_format)
         if x.device != dev:
             return x.to(dev, non_blocking=non_blocking)

@@ -1,9 +1,12 @@
-"""Models as pure functions over parameter dicts, through ``torch.func.functional_call``.
+"""Models as pure functions over parameter dicts (``torch.func.functional_call``'s semantics).
 
 ``model = fnnet.functional(module)`` splits any ``nn.Module`` into data (``model.params``,
-``model.buffers``: dicts keyed exactly like ``module.state_dict()``) and a weight-free
-function (``model.apply``). The module is copied to the ``meta`` device, so the function
-holds no weights, and nothing it does can change the caller's tensors.
+``model.buffers``: dicts keyed like ``module.state_dict()``; a tied weight appears once, under
+its first name) and a weight-free function (``model.apply``). The module is copied to the
+``meta`` device, so the function holds no weights, and nothing it does can change the caller's
+tensors. The forward swaps the given tensors into the template's parameter and buffer slots
+for the call, as ``torch.func.functional_call`` does (which fnnet calls under
+``torch.compile``), with the slots resolved once instead of at every call.
 """
 
 from __future__ import annotations
@@ -87,18 +90,28 @@ def _swapped_call(template: nn.Module, slots: list[tuple[str, dict, str]], tenso
             store[attr] = old
 
 
-def _bad_buffers(module_type: str, got: Any, want: Mapping[str, torch.Tensor]) -> None:
+def _check_tensor_dict(what: str, module_type: str, got: Any, shapes: Mapping[str, torch.Size]) -> None:
+    """``got`` must be a dict with exactly ``shapes``' keys, holding tensors of those shapes."""
     if not isinstance(got, Mapping):
-        raise TypeError(f"buffers must be a dict of tensors keyed like state_dict(), got {type(got).__name__}")
-    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
-    raise ValueError(f"{module_type} buffers: missing keys {missing}, unexpected keys {extra}")
+        raise TypeError(f"{what} must be a dict of tensors keyed like state_dict(), got {type(got).__name__}")
+    if got.keys() != shapes.keys():
+        missing, extra = sorted(shapes.keys() - got.keys()), sorted(got.keys() - shapes.keys())
+        raise ValueError(f"{module_type} {what}: missing keys {missing}, unexpected keys {extra}")
+    for name, shape in shapes.items():
+        t = got[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}['{name}'] must be a tensor, got {type(t).__name__}")
+        if t.shape != shape:
+            raise ValueError(f"{what}['{name}'] has shape {tuple(t.shape)}, the module expects {tuple(shape)}")
 
 
 class Model:
     """A pure function over parameters, made from an ``nn.Module`` by :func:`functional`.
 
     Attributes:
-        params: ``dict[str, Tensor]`` of detached parameter copies, keyed like ``state_dict()``.
+        params: ``dict[str, Tensor]`` of detached parameter copies, keyed like ``state_dict()``
+            (a weight tied to several modules appears once, under the first name
+            ``named_parameters()`` gives it; ``to_module`` restores the tie).
         buffers: ``dict[str, Tensor]`` of buffer copies (BatchNorm running stats, ...).
         stochastic: whether the module holds dropout layers (then ``train=True`` needs a key).
 
@@ -112,7 +125,9 @@ class Model:
         self.buffers: Params = {k: v.detach().clone() for k, v in module.named_buffers()}
         self._train_template = _meta_copy(module, True)
         self._eval_template = _meta_copy(module, False)
-        self._slots = {id(t): _slots(t) for t in (self._train_template, self._eval_template)}
+        # Plain attributes (not keyed by id) so deepcopy and pickle carry them with the templates.
+        self._train_slots = _slots(self._train_template)
+        self._eval_slots = _slots(self._eval_template)
         self._shapes = {k: v.shape for k, v in self.params.items()}
         self._init_fn = init_fn
         self.stochastic = any(isinstance(m, _STOCHASTIC) for m in module.modules())
@@ -120,27 +135,10 @@ class Model:
 
     # -- the forward ---------------------------------------------------------------------
     def _check_params(self, params: Mapping[str, torch.Tensor]) -> None:
-        if not isinstance(params, Mapping):
-            raise TypeError(f"params must be a dict of tensors keyed like state_dict(), got {type(params).__name__}")
-        if params.keys() != self._shapes.keys():
-            missing = sorted(self._shapes.keys() - params.keys())
-            extra = sorted(params.keys() - self._shapes.keys())
-            raise ValueError(f"{self.module_type} params: missing keys {missing}, unexpected keys {extra}")
-        for name, shape in self._shapes.items():
-            got = params[name]
-            if not isinstance(got, torch.Tensor):
-                raise TypeError(f"params['{name}'] must be a tensor, got {type(got).__name__}")
-            if got.shape != shape:
-                raise ValueError(f"params['{name}'] has shape {tuple(got.shape)}, the module expects {tuple(shape)}")
+        _check_tensor_dict("params", self.module_type, params, self._shapes)
 
     def _check_buffers(self, buffers: Any) -> None:
-        if not isinstance(buffers, Mapping) or buffers.keys() != self.buffers.keys():
-            _bad_buffers(self.module_type, buffers, self.buffers)
-        for name, want in self.buffers.items():
-            got = buffers[name]
-            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise ValueError(f"buffers['{name}'] has shape {shape}, the module expects {tuple(want.shape)}")
+        _check_tensor_dict("buffers", self.module_type, buffers, {k: v.shape for k, v in self.buffers.items()})
 
     def apply(
         self,
@@ -181,17 +179,17 @@ class Model:
         if train:
             # BatchNorm updates buffers in place: give it copies so the caller's stay untouched.
             bufs = {k: v.clone() for k, v in bufs.items()}
-        template = self._train_template if train else self._eval_template
+        template, slots = (self._train_template, self._train_slots) if train else (self._eval_template, self._eval_slots)
         tensors = {**params, **bufs}
-        # Only dropout layers draw from the RNG; without them the key changes nothing.
         if torch.compiler.is_compiling():  # dynamo traces torch.func.functional_call natively
             out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=True)
         elif key is not None and self.stochastic:
+            # Only dropout layers draw from the RNG; without them the key changes nothing.
             devices = {t.device for t in params.values() if t.device.type == "cuda"}
             with _random.rng_scope(key, sorted(devices, key=str)):
-                out = _swapped_call(template, self._slots[id(template)], tensors, args, kwargs)
+                out = _swapped_call(template, slots, tensors, args, kwargs)
         else:
-            out = _swapped_call(template, self._slots[id(template)], tensors, args, kwargs)
+            out = _swapped_call(template, slots, tensors, args, kwargs)
         if return_buffers:
             return out, dict(bufs)
         return out

@@ -223,15 +223,23 @@ def _check_signature(declared: frozenset[str], state: TrainState, loss_fn: Calla
 def _autocast(precision: str, params: Any):
     dtype = PRECISIONS[precision]
     if dtype is None:
-        # Full precision: switch off a caller's autocast if one is active, else enter nothing.
-        stack = contextlib.ExitStack()
-        for device_type in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        return stack
+        # Full precision: switch a caller's autocast off if one is active, else enter nothing
+        # (a single context either way, which torch.compile traces).
+        active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not active:
+            return contextlib.nullcontext()
+        if len(active) == 1:
+            return torch.autocast(active[0], enabled=False)
+        return _both_autocasts_off()
     leaves = [x for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
     device_type = leaves[0].device.type if leaves else "cpu"
     return torch.autocast(device_type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _both_autocasts_off():
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
 
 
 def _check_precision(precision: str) -> None:
@@ -366,7 +374,7 @@ def make_train_step(
             new_buffers = buffers
         return new_params, new_opt_state, new_buffers, loss_scale, {"loss": loss, **aux}
 
-    compiled = _compiler.compile(inner, **{"dynamic": False, **dict(compile_options or {})}) if jit else inner
+    compiled = _compile_step(inner, compile_options) if jit else inner
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         if not isinstance(state, TrainState):
@@ -395,6 +403,11 @@ def make_train_step(
     step.donate = donate  # type: ignore[attr-defined]
     step.precision = precision  # type: ignore[attr-defined]
     return step
+
+
+def _compile_step(fn: Callable, compile_options: Mapping[str, Any] | None) -> Callable:
+    """``fn`` through :func:`fnnet.compiler.compile`, shapes specialised unless the options say otherwise."""
+    return _compiler.compile(fn, **{"dynamic": False, **dict(compile_options or {})})
 
 
 def _apply(params: Any, updates: Any, donate: bool) -> Any:
@@ -427,7 +440,7 @@ def make_eval_step(
             loss, aux, _ = _call_loss(loss_fn, declared, params, batch, buffers, None, False)
         return {"loss": loss.float(), **aux}
 
-    compiled = _compiler.compile(inner, **{"dynamic": False, **dict(compile_options or {})}) if jit else inner
+    compiled = _compile_step(inner, compile_options) if jit else inner
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
         if not isinstance(state, TrainState):

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -239,7 +240,10 @@ class Trainer:
             ``"channels_last"`` (NHWC, flax's layout), ``"contiguous"`` (NCHW) or
             ``"preserve"``. 4-D batch tensors (images) are laid out the same way as they
             arrive, and so are loaded checkpoints. Values are the same in every layout; on CPU
-            oneDNN's convolutions and pooling are much faster in NHWC.
+            oneDNN's convolutions and pooling are much faster in NHWC. The first batch checks
+            that the forward runs on channels-last tensors (``x.view(n, -1)`` after a conv
+            does not; ``reshape``/``flatten`` do): if not, ``"auto"`` warns and trains NCHW,
+            an explicit ``"channels_last"`` raises ``ValueError``.
 
     Attributes:
         state: the :class:`TrainState` (params, optimizer state, step, buffers, key).
@@ -285,6 +289,8 @@ class Trainer:
         params = self.model.params if params is None else params
         self.model._check_params(params)
         self.memory_format = _memory_format(memory_format, self.device, params)
+        self._layout_auto = isinstance(memory_format, str) and memory_format == "auto"
+        self._layout_checked = self.memory_format not in (torch.channels_last, torch.channels_last_3d)
         fmt = self.memory_format
         # The trainer owns its state: copies, so donated steps never write into the caller's tensors
         # (clone keeps the layout place gave them).
@@ -306,7 +312,56 @@ class Trainer:
         # before the CPU reads it.
         # Batches take the trainer's layout too: a conv picks its output layout from its input
         # as well as its weight, and an image batch in NHWC keeps the whole network in NHWC.
-        return place(batch, self.device, non_blocking=self.device.type == "cuda", memory_format=self.memory_format)
+        placed = place(batch, self.device, non_blocking=self.device.type == "cuda", memory_format=self.memory_format)
+        if not self._layout_checked:
+            self._layout_checked = True
+            try:
+                takes = self._forward_takes_layout(placed)
+            except ValueError:
+                self._layout_checked = False  # an explicit layout the model cannot take: say so every time
+                raise
+            if not takes:
+                placed = place(batch, self.device, non_blocking=self.device.type == "cuda", memory_format=self.memory_format)
+        return placed
+
+    def _forward_takes_layout(self, batch: Any) -> bool:
+        """Check, once, that the model's forward runs on channels-last tensors.
+
+        Code written for NCHW tensors can fail on them (``x.view(x.size(0), -1)`` after a conv
+        needs ``reshape`` or ``flatten``). With ``memory_format="auto"`` the trainer then moves
+        to the contiguous layout with a warning (and returns False); with an explicit
+        ``"channels_last"`` it raises ``ValueError`` saying so. A forward that fails in both
+        layouts is not a layout problem: the step will report it.
+        """
+        try:
+            inputs, _ = split_batch(batch)
+        except ValueError:
+            return True
+        buffers = self.state.buffers if self.model.buffers else None
+
+        def forward(params: Any, x: Any) -> None:
+            with torch.no_grad():
+                self.model.apply(params, x, buffers=buffers)
+
+        try:
+            forward(self.state.params, inputs)
+            return True
+        except RuntimeError as err:
+            error = err
+        nchw = torch.contiguous_format
+        try:
+            forward(place(self.state.params, self.device, memory_format=nchw), place(inputs, self.device, memory_format=nchw))
+        except RuntimeError:
+            return True
+        hint = (f"{self.model.module_type}'s forward fails on channels-last tensors ({str(error).splitlines()[0]}); "
+                "write .reshape(...) or .flatten(1) instead of .view(...) to keep the faster layout")
+        if not self._layout_auto:
+            raise ValueError(f"Trainer(memory_format=channels_last): {hint}, or pass memory_format='contiguous'") from error
+        warnings.warn(f"fnnet.Trainer: {hint}; training in the contiguous (NCHW) layout instead "
+                      "(memory_format='contiguous' silences this)", stacklevel=4)
+        self.memory_format = nchw
+        self.state = self._relayout(self.state)
+        return False
 
     def _metric_states(self) -> dict[str, Any]:
         return {name: m.init(self.device) for name, m in self.metrics.items()}

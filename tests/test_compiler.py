@@ -48,7 +48,7 @@ def _rewritten(fn, *args):
     return gm, before, _matmuls(gm)
 
 
-dims = st.sampled_from([1, 2, 3, 8, 9, 33, 200])
+dims = st.sampled_from([0, 1, 2, 3, 8, 9, 33, 200])
 
 
 @settings(max_examples=40, deadline=None)
@@ -64,7 +64,8 @@ def test_pass_keeps_values_and_rewrites_exactly_the_skinny_products(m, k, n, wit
     with large_dim(1):
         gm, before, after = _rewritten(fn, a, b, bias)
     assert before == 1
-    skinny = k <= compiler.SHORT_CONTRACTION or m * n <= compiler.TINY_OUTPUT
+    short = k <= compiler.SHORT_CONTRACTION and min(m, n) <= compiler.TINY_OUTPUT
+    skinny = (short or 1 <= m * n <= compiler.TINY_OUTPUT) and max(m, k, n) >= 1  # LARGE_DIM is 1 here
     assert after == (0 if skinny else 1)
     want = fn(a, b, bias)
     got = gm(a, b, bias)
@@ -84,7 +85,7 @@ def test_pass_leaves_small_products_to_blas_and_takes_large_skinny_ones():
 @large_dim(1)
 def test_pass_leaves_other_products_alone():
     a32, b32 = torch.randn(100, 2), torch.randn(2, 3)
-    # scaled addmm, low precision and meta-less inputs are not rewritten
+    # a scaled addmm and low precision are not rewritten
     gm, before, after = _rewritten(lambda c, a, b: torch.addmm(c, a, b, beta=0.5), torch.randn(1, 3), a32, b32)
     assert before == after == 1
     gm, before, after = _rewritten(lambda a, b: a @ b, a32.bfloat16(), b32.bfloat16())
@@ -92,8 +93,9 @@ def test_pass_leaves_other_products_alone():
 
 
 @large_dim(1)
-def test_pass_does_not_touch_cuda_graphs():
-    # Device is read from the fake values: a graph traced on the meta device stands in for CUDA.
+def test_pass_only_touches_cpu_products():
+    # The device is read from the fake values: a graph traced on the meta device stands in
+    # for any non-CPU one (the CUDA case itself runs in the GPU check's compiled tests).
     a, b = torch.randn(100, 2, device="meta"), torch.randn(2, 1, device="meta")
     gm = make_fx(lambda a, b: a @ b, tracing_mode="fake")(a, b)
     compiler.SkinnyMatmulPass()(gm.graph)
@@ -104,7 +106,7 @@ def test_pass_has_a_stable_cache_id():
     assert compiler.SkinnyMatmulPass().uuid() == compiler.SkinnyMatmulPass().uuid() is not None
 
 
-def _linreg_step(jit, compile_options=None):
+def _linreg_step(jit, compile_options=None, donate=False):
     with torch.random.fork_rng():  # the same initial parameters for every step built here
         torch.manual_seed(0)
         model = fnnet.functional(LinearRegression())
@@ -115,19 +117,23 @@ def _linreg_step(jit, compile_options=None):
 
     opt = optim.adam(0.1)
     state = fnnet.TrainState.create(model.params, opt)
-    return fnnet.make_train_step(loss_fn, opt, jit=jit, compile_options=compile_options), state
+    return fnnet.make_train_step(loss_fn, opt, jit=jit, donate=donate, compile_options=compile_options), state
 
 
-def test_compiled_linreg_step_is_one_fused_pass_and_matches_eager():
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_compiled_linreg_step_is_one_fused_kernel_and_matches_eager(donate):
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     X, Y = linreg_data(20_000, seed=3)
     eager, state = _linreg_step(False)
-    jitted, jstate = _linreg_step(True)
+    jitted, jstate = _linreg_step(True, donate=donate)
     (jstate, jmetrics), codes = run_and_get_code(jitted, jstate, (X, Y))
     code = "\n".join(codes)
     assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
+    # the whole step (forward, loss, gradient, Adam) is one generated kernel call
+    assert len([line for line in code.splitlines() if line.strip().startswith("cpp_fused_") and "(" in line
+                and "async_compile" not in line]) == 1
     state, metrics = eager(state, (X, Y))
     for _ in range(30):
         state, metrics = eager(state, (X, Y))
@@ -219,3 +225,29 @@ def test_compile_options_routing(monkeypatch):
     assert "post_grad_custom_post_pass" not in seen["options"] and seen["options"]["max_autotune"] is False
     compiler.compile(f, backend="eager", mode="default")
     assert seen == {"backend": "eager", "mode": "default"}
+
+
+def test_a_globally_installed_pass_is_left_in_charge(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
+    mine = object()
+    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", mine)
+    compiler.compile(lambda x: x)
+    assert "options" not in seen
+
+
+def test_full_precision_jit_step_traces_whole_under_a_callers_autocast():
+    torch._dynamo.reset()
+    model = fnnet.functional(torch.nn.Linear(3, 2))
+
+    def loss_fn(params, batch):
+        out = model.apply(params, batch[0])
+        return F.mse_loss(out, batch[1]), {"fp32": torch.tensor(float(out.dtype == torch.float32))}
+
+    opt = optim.sgd(0.1)
+    step = fnnet.make_train_step(loss_fn, opt, jit=True, compile_options={"backend": "eager", "fullgraph": True})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, metrics = step(fnnet.TrainState.create(model.params, opt), (torch.randn(4, 3), torch.randn(4, 2)))
+    assert metrics["fp32"] == 1.0  # precision "32" switched the caller's autocast off, in one graph

@@ -3,7 +3,9 @@ import torch
 from hypothesis import given, settings
 
 import fnnet
-from conftest import CUDA, requires_cuda, trees
+from hypothesis import strategies as st
+
+from conftest import CUDA, requires_cuda, tensors, trees
 
 
 def test_devices_and_default():
@@ -91,7 +93,7 @@ def test_place_on_cuda_and_back():
 
 
 @settings(max_examples=30, deadline=None)
-@given(t=trees())
+@given(t=trees(leaves=st.one_of(tensors(dtypes=[torch.float32, torch.int64], max_dims=5), st.integers())))
 def test_place_channels_last_relayouts_4d_leaves_only(t):
     out = fnnet.place(t, "cpu", memory_format=torch.channels_last)
     assert fnnet.tree.structure(out) == fnnet.tree.structure(t)
@@ -117,9 +119,13 @@ def test_place_channels_last_values_strides_and_no_second_copy():
     assert fnnet.place(tree, "cpu", memory_format=torch.preserve_format)["w"] is tree["w"]
 
 
-def test_place_rejects_a_bad_memory_format():
+def test_place_rejects_a_bad_memory_format_and_handles_3d():
     with pytest.raises(TypeError, match="torch.channels_last"):
         fnnet.place({"w": torch.zeros(1, 1, 1, 1)}, "cpu", memory_format="channels_last")
+    v = torch.randn(2, 3, 4, 5, 6)
+    out = fnnet.place({"v": v, "w": torch.randn(2, 3, 4, 5)}, "cpu", memory_format=torch.channels_last_3d)
+    assert out["v"].is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(out["v"], v)
+    assert out["w"].is_contiguous()
 
 
 @pytest.mark.cuda

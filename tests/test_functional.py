@@ -254,3 +254,24 @@ def test_tied_model_trains_the_same_eager_and_compiled():
     jitted, _ = fnnet.make_train_step(loss_fn, opt, jit=True)(state, batch)
     assert not torch.equal(eager.params["emb.weight"], state.params["emb.weight"])
     torch.testing.assert_close(jitted.params["emb.weight"], eager.params["emb.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_model_survives_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = fnnet.functional(_Tied())
+    idx = torch.tensor([[1, 2, 3]])
+    want = model.apply(model.params, idx)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(other.apply(other.params, idx), want, rtol=0, atol=0)
+        # the copy's slots point into its own template, not the original's
+        assert all(t.device.type == "meta" for t in model._eval_template.parameters())
+        torch.testing.assert_close(other.apply(model.params, idx, train=True), want, rtol=0, atol=0)
+
+
+def test_non_tensor_buffer_is_a_type_error():
+    model = fnnet.functional(nn.BatchNorm1d(3))
+    with pytest.raises(TypeError, match=r"buffers\['running_mean'\] must be a tensor, got int"):
+        model.apply(model.params, torch.randn(4, 3), buffers={**model.buffers, "running_mean": 0})

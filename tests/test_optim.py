@@ -818,3 +818,12 @@ def test_cpu_chunks_give_bit_identical_results(monkeypatch, name):
 def test_alias_errors_name_the_alias_argument(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_a_learning_rate_that_requires_grad_keeps_its_gradient():
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    opt = O.sgd(lambda count: lr)
+    params = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    updates, _ = opt.update({"w": torch.tensor([0.5, -1.0], dtype=torch.float64)}, opt.init(params), params)
+    (g,) = torch.autograd.grad(updates["w"].sum(), lr)
+    assert g.item() == pytest.approx(0.5)  # d/dlr of -lr * (0.5 - 1.0)

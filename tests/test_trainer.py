@@ -457,3 +457,32 @@ def test_memory_format_on_cuda_auto_preserves_and_channels_last_trains_alike():
         t.fit(fnnet.ArrayLoader(data, 32, shuffle=True, key=fnnet.random.key(1), device="cuda"), epochs=1, verbose=0)
     for k in auto.state.params:  # TF32 may differ in rounding between layouts: loose tolerance
         torch.testing.assert_close(auto.state.params[k], nhwc.state.params[k], rtol=1e-2, atol=1e-3)
+
+
+class _ViewNet(nn.Module):
+    """A CNN that flattens with .view, which channels-last activations do not allow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_auto_layout_falls_back_to_nchw_with_a_warning_for_view_models():
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g))
+    torch.manual_seed(0)
+    trainer = fnnet.Trainer(_ViewNet(), F.cross_entropy, optim.sgd(0.1), devices="cpu")
+    assert trainer.memory_format is torch.channels_last
+    with pytest.warns(UserWarning, match=r"_ViewNet's forward fails on channels-last tensors.*\.reshape"):
+        history = trainer.fit(fnnet.ArrayLoader(data, 8), epochs=2, verbose=0)
+    assert trainer.memory_format is torch.contiguous_format and trainer.state.params["conv.weight"].is_contiguous()
+    assert history["loss"][1] < history["loss"][0]
+    torch.manual_seed(0)
+    strict = fnnet.Trainer(_ViewNet(), F.cross_entropy, optim.sgd(0.1), devices="cpu", memory_format="channels_last")
+    with pytest.raises(ValueError, match="memory_format='contiguous'"):
+        strict.fit(fnnet.ArrayLoader(data, 8), epochs=1, verbose=0)

@@ -123,7 +123,7 @@ def grouped(
     fn: Callable[..., Sequence[Tensors]],
     columns: Sequence[Tensors],
     keep_dtype_of: Sequence[int | None],
-    scalars: Sequence[torch.Tensor] = (),
+    scalars: Sequence[torch.Tensor | float] = (),
     chunked: bool = False,
 ) -> list[Tensors]:
     """Run ``fn(scalars, *columns)`` once per (device, dtype) group of leaves.
@@ -135,7 +135,8 @@ def grouped(
         columns: equally long leaf lists (updates, state, params...).
         keep_dtype_of: for each output, the index of the column whose dtype it is stored in
             (a state column), or ``None`` to keep the compute dtype (updates).
-        scalars: 0-dim tensors ``fn`` multiplies by (bias corrections, learning rates).
+        scalars: what ``fn`` multiplies by (bias corrections, learning rates): 0-dim tensors,
+            or Python floats where the optimizer could read them for free (CPU, eager).
         chunked: ``fn`` is a sequence of several ops: on CPU, run it on cache-sized chunks.
 
     Returns:
@@ -160,7 +161,7 @@ def _run_group(
     fn: Callable[..., Sequence[Tensors]],
     cols: list[Tensors],
     keep_dtype_of: Sequence[int | None],
-    scalars: Sequence[torch.Tensor],
+    scalars: Sequence[torch.Tensor | float],
     chunked: bool,
 ) -> list[Tensors]:
     dtype = _promoted(cols)

@@ -176,7 +176,7 @@ def _map_updates(
     return _tree.unflatten(spec, out)
 
 
-def _scale_updates(updates: Updates, factor: torch.Tensor, donate: bool) -> Updates:
+def _scale_updates(updates: Updates, factor: torch.Tensor | float, donate: bool) -> Updates:
     leaves, spec = _tree.flatten(updates)
     (out,) = F.grouped(lambda s, u: (F.mul(u, s[0], donate),), [leaves], (None,), scalars=(factor,))
     return _tree.unflatten(spec, out)
@@ -193,7 +193,7 @@ def _factor(sign: float, lr: torch.Tensor, count: torch.Tensor) -> torch.Tensor 
     A Python scalar spares a tensor op here and in every op that multiplies by it (foreach
     ops take it directly); torch.optim's own numbers are Python floats too.
     """
-    if lr.is_cpu and _can_branch(count):
+    if lr.is_cpu and not lr.requires_grad and _can_branch(count):  # keep a learned rate's gradient
         return sign * lr.item()
     return sign * lr
 
@@ -277,7 +277,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
             try:
                 check_learning_rate(value, where)
             except ValueError as err:
-                step = f" at step {int(count)}" if count.device.type == "cpu" and not torch.compiler.is_compiling() else ""
+                step = f" at step {int(count)}" if _can_branch(count) else ""
                 raise ValueError(f"{err} (the schedule's value{step})") from None
             return _scalar_value(value, count.device)
 
