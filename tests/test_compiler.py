@@ -232,10 +232,11 @@ def test_a_globally_installed_pass_is_left_in_charge(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
-    mine = object()
-    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", mine)
-    compiler.compile(lambda x: x)
+    with inductor_config.patch(post_grad_custom_post_pass=compiler.SkinnyMatmulPass()):
+        compiler.compile(lambda x: x)
     assert "options" not in seen
+    compiler.compile(lambda x: x)  # the global setting is back to None: fnnet's pass again
+    assert isinstance(seen["options"]["post_grad_custom_post_pass"], compiler.SkinnyMatmulPass)
 
 
 def test_full_precision_jit_step_traces_whole_under_a_callers_autocast():

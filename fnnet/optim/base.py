@@ -296,7 +296,7 @@ def check_learning_rate(value: Any, where: str) -> None:
             raise ValueError(f"{where}: the learning rate must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if value.device.type != "cpu" or torch.compiler.is_compiling():
             return
-        number = float(value)
+        number = float(value.detach())
     else:
         try:
             number = float(value)
