@@ -165,35 +165,47 @@ def _small_cases():
     yield tied, (idx, torch.randint(0, 7, (2, 3), generator=g)), lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
     x = torch.randn(64, 2, generator=g)
     yield mlp, (x, x[:, :1] * 2 - x[:, 1:]), F.mse_loss
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        bn = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(2, 2))
+    yield bn, (torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)), F.cross_entropy
+    yield conv, (torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 2, (16,), generator=g)), F.cross_entropy
 
 
-@pytest.mark.parametrize("case", [0, 1], ids=["tied-embedding", "mlp-2-inputs"])
-def test_pass_forced_on_small_graphs_trains_like_eager(case):
-    """With the size threshold off, every product in these steps is rewritten: inductor's code
-    for the rewritten graph must train exactly as the eager step does."""
+# (case, every product rewritten?): the BatchNorm net's first-layer weight gradient
+# (8 x 64) @ (64 x 4) is neither short nor tiny and stays a BLAS call.
+@pytest.mark.parametrize("case,all_rewritten", [(0, True), (1, True), (2, False), (3, True)],
+                         ids=["tied-embedding", "mlp-2-inputs", "batchnorm-mlp", "conv-skinny-head"])
+def test_pass_forced_on_small_graphs_trains_like_eager(case, all_rewritten):
+    """With the size threshold off, the pass rewrites the skinny products of these steps:
+    inductor's code for the rewritten graph must train exactly as the eager step does."""
     from torch._inductor.utils import run_and_get_code
 
     module, batch, loss = list(_small_cases())[case]
     model = fnnet.functional(module)
-
-    def loss_fn(params, batch):
-        x, y = batch
-        return loss(model.apply(params, x), y)
+    loss_fn = fnnet.supervised_loss(model, loss, return_outputs=False)
 
     opt = optim.sgd(0.1)
-    state = fnnet.TrainState.create(model.params, opt)
+    buffers = dict(model.buffers) if model.buffers else None
+    state = fnnet.TrainState.create(model.params, opt, buffers=buffers)
     eager = fnnet.make_train_step(loss_fn, opt)
     torch._dynamo.reset()
     with large_dim(1):
         jitted = fnnet.make_train_step(loss_fn, opt, jit=True)
         (jstate, _), codes = run_and_get_code(jitted, state, batch)
-    assert "extern_kernels.mm" not in "\n".join(codes)
+    code = "\n".join(codes)
+    assert ("extern_kernels.mm" not in code) == all_rewritten
+    assert "cpp_fused" in code
     estate, _ = eager(state, batch)
     for _ in range(3):
         estate, _ = eager(estate, batch)
         jstate, _ = jitted(jstate, batch)
     for name in estate.params:
         torch.testing.assert_close(jstate.params[name], estate.params[name], rtol=1e-5, atol=1e-6)
+    for name in estate.buffers or {}:
+        torch.testing.assert_close(jstate.buffers[name], estate.buffers[name], rtol=1e-5, atol=1e-6)
 
 
 def test_pass_can_be_turned_off():
