@@ -129,6 +129,7 @@ class Model:
         self._train_slots = _slots(self._train_template)
         self._eval_slots = _slots(self._eval_template)
         self._shapes = {k: v.shape for k, v in self.params.items()}
+        self._buffer_shapes = {k: v.shape for k, v in self.buffers.items()}
         self._init_fn = init_fn
         self.stochastic = any(isinstance(m, _STOCHASTIC) for m in module.modules())
         self.module_type = type(module).__name__
@@ -138,7 +139,7 @@ class Model:
         _check_tensor_dict("params", self.module_type, params, self._shapes)
 
     def _check_buffers(self, buffers: Any) -> None:
-        _check_tensor_dict("buffers", self.module_type, buffers, {k: v.shape for k, v in self.buffers.items()})
+        _check_tensor_dict("buffers", self.module_type, buffers, self._buffer_shapes)
 
     def apply(
         self,

@@ -381,13 +381,17 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     return GradientTransformation(init, _foldable(scaled))
 
 
-def _denominator(nu: list[torch.Tensor], eps: float, eps_in_sqrt: bool) -> list[torch.Tensor]:
-    """``sqrt(nu + eps)`` or ``sqrt(nu) + eps``, as new tensors."""
+def _denominator(x: list[torch.Tensor], eps: float, eps_in_sqrt: bool, *, scratch: bool = False) -> list[torch.Tensor]:
+    """``sqrt(x + eps)`` or ``sqrt(x) + eps``: new tensors, or computed in ``x`` when it is ``scratch``."""
     if eps_in_sqrt:
-        d = list(torch._foreach_add(nu, eps))
+        d = x if scratch else list(torch._foreach_add(x, eps))
+        if scratch:
+            torch._foreach_add_(d, eps)
         torch._foreach_sqrt_(d)
     else:
-        d = list(torch._foreach_sqrt(nu))
+        d = x if scratch else list(torch._foreach_sqrt(x))
+        if scratch:
+            torch._foreach_sqrt_(d)
         torch._foreach_add_(d, eps)
     return d
 
@@ -471,23 +475,12 @@ def scale_by_stddev(
             nu = F.mul(nu, decay, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - decay)
             variance = list(torch._foreach_addcmul(nu, mu, mu, value=-1.0))
-            return _divide(g, _denominator_(variance, eps, eps_in_sqrt), donate), mu, nu
+            return _divide(g, _denominator(variance, eps, eps_in_sqrt, scratch=True), donate), mu, nu
 
         u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2), chunked=True)
         return _tree.unflatten(spec, u), ScaleByRStdDevState(_tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
 
     return GradientTransformation(init, update)
-
-
-def _denominator_(x: list[torch.Tensor], eps: float, eps_in_sqrt: bool) -> list[torch.Tensor]:
-    """:func:`_denominator` computed in place in ``x`` (a list of fresh tensors)."""
-    if eps_in_sqrt:
-        torch._foreach_add_(x, eps)
-        torch._foreach_sqrt_(x)
-    else:
-        torch._foreach_sqrt_(x)
-        torch._foreach_add_(x, eps)
-    return x
 
 
 def scale_by_rss(
