@@ -690,7 +690,7 @@ def test_masked_mask_errors():
 @pytest.mark.parametrize("branch", [True, False], ids=["cpu-branch", "sync-free-where"])
 def test_multi_steps_is_sgd_on_mean_gradient(monkeypatch, branch):
     if not branch:  # the path used on accelerators and under torch.compile
-        monkeypatch.setattr(T, "_can_branch", lambda counter: False)
+        monkeypatch.setattr(O._common, "can_branch", lambda counter: False)
     k, steps = 3, 12
     params = {"w": torch.randn(4, dtype=torch.float64)}
     opt = O.multi_steps(O.sgd(0.1, momentum=0.9), k)
@@ -720,7 +720,7 @@ def test_multi_steps_where_path_equals_branch_path(monkeypatch, donate):
     params = _params()
     opt = O.multi_steps(O.adamw(O.exponential_decay(0.1, 3, 0.5)), 2)
     branch_out, branch_state = fnnet_run(opt, params, steps=7, donate=donate)
-    monkeypatch.setattr(T, "_can_branch", lambda counter: False)
+    monkeypatch.setattr(O._common, "can_branch", lambda counter: False)
     where_out, where_state = fnnet_run(opt, params, steps=7, donate=donate)
     for a, b in zip(branch_out, where_out):
         assert tree.all_equal(a, b)
@@ -765,32 +765,53 @@ def test_update_compiles_without_graph_breaks(name):
     assert tree.structure(comp_s) == tree.structure(eager_s)
 
 
-# -- eager-mode speed paths: folding and chunking ---------------------------------------------
+# -- eager-mode speed paths: fused learning rates and chunking -------------------------------
 
 
 @pytest.mark.parametrize(
-    "make_stage, make_scale",
+    "fused, separate",
     [
-        (lambda: O.scale_by_adam(), lambda: O.scale_by_learning_rate(0.05)),
-        (lambda: O.scale_by_adam(eps_root=1e-6), lambda: O.scale_by_learning_rate(O.linear_schedule(0.1, 0.01, 5))),
-        (lambda: O.trace(0.9), lambda: O.scale(-0.1)),
-        (lambda: O.trace(0.9, nesterov=True), lambda: O.scale_by_learning_rate(0.1)),
+        (lambda: O.scale_by_adam(learning_rate=0.05), lambda: O.chain(O.scale_by_adam(), O.scale_by_learning_rate(0.05))),
+        (lambda: O.scale_by_adam(eps_root=1e-6, learning_rate=O.linear_schedule(0.1, 0.01, 5)),
+         lambda: O.chain(O.scale_by_adam(eps_root=1e-6), O.scale_by_learning_rate(O.linear_schedule(0.1, 0.01, 5)))),
+        (lambda: O.trace(0.9, learning_rate=0.1), lambda: O.chain(O.trace(0.9), O.scale_by_learning_rate(0.1))),
+        (lambda: O.trace(0.9, nesterov=True, learning_rate=0.1),
+         lambda: O.chain(O.trace(0.9, nesterov=True), O.scale_by_learning_rate(0.1))),
     ],
 )
 @pytest.mark.parametrize("donate", [False, True])
-def test_chain_folds_a_scale_into_the_stage_before(monkeypatch, make_stage, make_scale, donate):
-    folded = O.chain(make_stage(), make_scale())
-    separate = O.chain(make_stage(), O.identity(), make_scale())  # identity blocks the fold
+def test_fused_learning_rate_equals_the_chain_with_one_pass_fewer(monkeypatch, fused, separate, donate):
     calls = []
     original = T._scale_updates
     monkeypatch.setattr(T, "_scale_updates", lambda *a: calls.append(1) or original(*a))
-    out_f, state_f = fnnet_run(folded, _params(), steps=6, donate=donate)
-    assert calls == []  # the scaling pass never ran on its own
-    out_s, state_s = fnnet_run(separate, _params(), steps=6, donate=donate)
+    out_f, state_f = fnnet_run(fused(), _params(), steps=6, donate=donate)
+    assert calls == []  # no separate scaling pass ran
+    out_s, state_s = fnnet_run(separate(), _params(), steps=6, donate=donate)
     assert len(calls) == 6
     for a, b in zip(out_f, out_s):  # the same numbers up to the last bit
         assert_close_trees(a, b, 1e-14)
-    assert tree.all_equal(state_f[1], state_s[2])  # the scaling stage's state advanced the same way
+    assert tree.structure(state_f) == tree.structure(state_s)  # the same states: (block state, learning-rate state)
+    assert_close_trees(state_f, state_s, 1e-12)
+    assert O.get_learning_rate(state_f) is not None
+
+
+def test_chain_is_a_plain_loop_and_user_transforms_take_part():
+    """A user-written stage between two fnnet stages sees exactly what the first one produced."""
+    seen = []
+
+    def spy_update(updates, state, params=None, *, donate=False):
+        seen.append(tree.map(torch.clone, updates))
+        return updates, state
+
+    spy = O.GradientTransformation(lambda params: (), spy_update)
+    opt = O.chain(O.scale_by_adam(), spy, O.scale_by_learning_rate(0.1))
+    params = _params()
+    state = opt.init(params)
+    grads = tree.map(lambda p: grad_of(p, 0), params)
+    updates, _ = opt.update(grads, state, params)
+    adam_only, _ = O.scale_by_adam().update(grads, O.scale_by_adam().init(params), params)
+    assert tree.all_equal(seen[0], adam_only)
+    assert_close_trees(updates, tree.map(lambda u: -0.1 * u, adam_only), 1e-15)
 
 
 @pytest.mark.parametrize("name", ["adam", "adam_eps_root", "rmsprop", "rms_optax", "sgd_nesterov", "adagrad"])

@@ -12,12 +12,10 @@ from typing import Any
 
 import torch
 
-from ._foreach import scalar_dtype
-from .base import GradientTransformation, ScalarOrSchedule, chain, check_learning_rate
+from ._common import check_decay, check_learning_rate, check_nonneg, scalar_dtype
+from .base import GradientTransformation, ScalarOrSchedule, chain
 from .transforms import (
     Mask,
-    _check_decay,
-    _check_nonneg,
     add_decayed_weights,
     scale_by_adam,
     scale_by_learning_rate,
@@ -31,7 +29,15 @@ __all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad"]
 
 
 def _chain(*maybe: GradientTransformation | None) -> GradientTransformation:
-    return chain(*(t for t in maybe if t is not None))
+    """``chain`` of the stages that are not ``None``; a single stage is returned as is."""
+    stages = [t for t in maybe if t is not None]
+    return stages[0] if len(stages) == 1 else chain(*stages)
+
+
+def _check_lr(learning_rate: Any, where: str) -> None:
+    """Errors about the learning rate name the alias (a schedule is checked when it is evaluated)."""
+    if not callable(learning_rate):
+        check_learning_rate(learning_rate, where)
 
 
 def _l2(weight_decay: float) -> GradientTransformation | None:
@@ -48,18 +54,22 @@ def sgd(
     nesterov)`` when ``weight_decay == 0``.
 
     Returns:
-        ``chain([add_decayed_weights(weight_decay)], [trace(momentum, nesterov)],
-        scale_by_learning_rate(learning_rate))``, the bracketed stages only when nonzero.
+        ``chain([add_decayed_weights(weight_decay)], trace(momentum, nesterov,
+        learning_rate=learning_rate))`` with momentum, else ``chain([...],
+        scale_by_learning_rate(learning_rate))``; the bracketed stage only when nonzero.
     """
     # Checked here, so that errors name sgd's own arguments (not the building blocks').
-    _check_nonneg("sgd", momentum=momentum, weight_decay=weight_decay)
+    check_nonneg("sgd", momentum=momentum, weight_decay=weight_decay)
     if nesterov and momentum <= 0:
         raise ValueError("sgd: nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
-    return _chain(
-        _l2(weight_decay),
-        trace(momentum, nesterov) if momentum != 0 else None,
-        scale_by_learning_rate(learning_rate),
-    )
+    _check_lr(learning_rate, "sgd")
+    if momentum != 0:
+        # Momentum and the learning rate in one pass over memory (trace's learning_rate=):
+        # the numbers of chain(trace(momentum, nesterov), scale_by_learning_rate(lr)).
+        step = trace(momentum, nesterov, learning_rate=learning_rate)
+    else:
+        step = scale_by_learning_rate(learning_rate)
+    return _chain(_l2(weight_decay), step)
 
 
 def adam(
@@ -77,12 +87,15 @@ def adam(
     ``optax.adam(learning_rate, b1, b2, eps, eps_root)`` when ``weight_decay == 0``.
 
     Returns:
-        ``chain([add_decayed_weights(weight_decay)], scale_by_adam(b1, b2, eps, eps_root),
-        scale_by_learning_rate(learning_rate))``.
+        ``chain([add_decayed_weights(weight_decay)], scale_by_adam(b1, b2, eps, eps_root,
+        learning_rate=learning_rate))``: Adam with the learning rate fused into its pass.
     """
-    _check_decay("adam", b1=b1, b2=b2)
-    _check_nonneg("adam", eps=eps, weight_decay=weight_decay, eps_root=eps_root)
-    return _chain(_l2(weight_decay), scale_by_adam(b1, b2, eps, eps_root), scale_by_learning_rate(learning_rate))
+    check_decay("adam", b1=b1, b2=b2)
+    check_nonneg("adam", eps=eps, weight_decay=weight_decay, eps_root=eps_root)
+    _check_lr(learning_rate, "adam")
+    # Adam and the learning rate in one pass over memory (scale_by_adam's learning_rate=):
+    # the numbers of chain(scale_by_adam(...), scale_by_learning_rate(learning_rate)).
+    return _chain(_l2(weight_decay), scale_by_adam(b1, b2, eps, eps_root, learning_rate=learning_rate))
 
 
 def adamw(
@@ -109,8 +122,9 @@ def adamw(
         ``chain(scale_by_adam(b1, b2, eps, eps_root), add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate))``.
     """
-    _check_decay("adamw", b1=b1, b2=b2)
-    _check_nonneg("adamw", eps=eps, weight_decay=weight_decay, eps_root=eps_root)
+    check_decay("adamw", b1=b1, b2=b2)
+    check_nonneg("adamw", eps=eps, weight_decay=weight_decay, eps_root=eps_root)
+    _check_lr(learning_rate, "adamw")
     return chain(
         scale_by_adam(b1, b2, eps, eps_root),
         add_decayed_weights(weight_decay, mask),
@@ -128,24 +142,31 @@ def rmsprop(
 ) -> GradientTransformation:
     """RMSprop: ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum, centered)``.
 
-    ``eps`` is added outside the square root, as in torch. ``optax.rmsprop(learning_rate,
-    decay=alpha, eps=eps, momentum=momentum, centered=centered, eps_in_sqrt=False)``
-    computes the same (optax's defaults differ: ``decay=0.9`` and ``eps`` inside the root).
+    ``eps`` is added outside the square root, as in torch, and the trajectories match
+    torch.optim's for every argument combination.
+
+    optax: ``optax.rmsprop(learning_rate, decay=alpha, eps=eps, momentum=momentum,
+    centered=centered, eps_in_sqrt=False)`` computes the same when ``weight_decay == 0`` and
+    either the learning rate is constant or ``momentum == 0``. With momentum *and* a
+    schedule they differ: optax multiplies by the learning rate before the momentum trace
+    (the trace accumulates ``lr_t * g``), fnnet and torch after it (``lr_t * trace``).
+    optax's own defaults also differ (``decay=0.9``, ``eps`` inside the root).
 
     Returns:
         ``chain([add_decayed_weights(weight_decay)], scale_by_rms(alpha, eps,
-        eps_in_sqrt=False)`` or ``scale_by_stddev(...)`` if centered, ``[trace(momentum)],
-        scale_by_learning_rate(learning_rate))``.
+        eps_in_sqrt=False)`` or ``scale_by_stddev(...)`` if centered, then
+        ``trace(momentum, learning_rate=learning_rate)`` with momentum or
+        ``scale_by_learning_rate(learning_rate)`` without)``.
     """
-    _check_decay("rmsprop", alpha=alpha)
-    _check_nonneg("rmsprop", eps=eps, weight_decay=weight_decay, momentum=momentum)
+    check_decay("rmsprop", alpha=alpha)
+    check_nonneg("rmsprop", eps=eps, weight_decay=weight_decay, momentum=momentum)
+    _check_lr(learning_rate, "rmsprop")
     scaling = scale_by_stddev if centered else scale_by_rms
-    return _chain(
-        _l2(weight_decay),
-        scaling(alpha, eps, eps_in_sqrt=False),
-        trace(momentum) if momentum != 0 else None,
-        scale_by_learning_rate(learning_rate),
-    )
+    if momentum != 0:
+        step = trace(momentum, learning_rate=learning_rate)  # momentum and lr in one pass
+    else:
+        step = scale_by_learning_rate(learning_rate)
+    return _chain(_l2(weight_decay), scaling(alpha, eps, eps_in_sqrt=False), step)
 
 
 def _inverse_time_decay(learning_rate: ScalarOrSchedule, lr_decay: float) -> Any:
@@ -178,10 +199,9 @@ def adagrad(
         eps, eps_in_sqrt=False), scale_by_learning_rate(lr))``, where ``lr`` decays as
         ``learning_rate / (1 + step * lr_decay)`` when ``lr_decay`` is nonzero.
     """
-    _check_nonneg("adagrad", lr_decay=lr_decay, weight_decay=weight_decay,
+    check_nonneg("adagrad", lr_decay=lr_decay, weight_decay=weight_decay,
                   initial_accumulator_value=initial_accumulator_value, eps=eps)
-    if not callable(learning_rate):
-        check_learning_rate(learning_rate, "adagrad")
+    _check_lr(learning_rate, "adagrad")
     lr = _inverse_time_decay(learning_rate, lr_decay) if lr_decay != 0 else learning_rate
     return _chain(
         _l2(weight_decay),

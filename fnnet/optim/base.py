@@ -10,7 +10,6 @@ and state the caller hands over, the way ``jax.jit(donate_argnums=...)`` does.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Protocol, Union
 
 import optree
@@ -18,6 +17,7 @@ import torch
 
 from .. import tree as _tree
 from . import _foreach
+from ._common import EmptyState, check_learning_rate, init_empty
 
 __all__ = [
     "Params",
@@ -71,10 +71,6 @@ class GradientTransformation(NamedTuple):
     update: UpdateFn
 
 
-class EmptyState(NamedTuple):
-    """The state of a stateless transformation (optax's ``EmptyState``)."""
-
-
 class ScaleByLearningRateState(NamedTuple):
     """State of ``scale_by_learning_rate`` with a constant learning rate.
 
@@ -104,15 +100,11 @@ class ScaleByScheduleState(NamedTuple):
 def identity() -> GradientTransformation:
     """Pass updates through unchanged (``optax.identity``)."""
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
     def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
         del params, donate
         return updates, state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init_empty, update)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -124,13 +116,6 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     Example: ``chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))``
     is ``torch.nn.utils.clip_grad_norm_`` followed by ``torch.optim.Adam(lr=1e-3)``.
-
-    Without a compiler every stage is a pass over all the updates in memory, so ``chain``
-    folds a multiplication stage (``scale``, ``scale_by_learning_rate``) into the stage just
-    before it when that one can scale its output at no cost (``scale_by_adam``, ``trace``):
-    the same numbers (up to rounding in the last bit), one pass fewer. The protocol is
-    private: a foldable stage's ``update`` has a ``scaled(updates, state, params, donate,
-    factor)`` attribute, a multiplication stage's a ``factor(state) -> (factor, new_state)``.
     """
     for i, t in enumerate(transforms):
         if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
@@ -149,19 +134,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"chain of {len(transforms)} transformations: expected its state, a tuple of {len(transforms)} "
                 f"states (what init returned), got {got}"
             )
-        new_state = list(state)
-        i = 0
-        while i < len(transforms):
-            scaled = getattr(transforms[i].update, "scaled", None)
-            factor_of = getattr(transforms[i + 1].update, "factor", None) if i + 1 < len(transforms) else None
-            if scaled is not None and factor_of is not None:
-                # Fold the next stage (a multiplication) into this one: one pass fewer.
-                factor, new_state[i + 1] = factor_of(state[i + 1])
-                updates, new_state[i] = scaled(updates, state[i], params, donate, factor)
-                i += 2
-            else:
-                updates, new_state[i] = transforms[i].update(updates, state[i], params, donate=donate)
-                i += 1
+        new_state = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params, donate=donate)
+            new_state.append(s)
         return updates, tuple(new_state)
 
     return GradientTransformation(init, update)
@@ -183,6 +159,7 @@ def apply_updates(params: Params, updates: Updates, *, donate: bool = False) -> 
     Raises:
         ValueError: ``updates`` does not have ``params``' structure or shapes (the key path
             is named).
+        TypeError: a params leaf is not a floating-point tensor (naming its key path).
 
     The pure path is ordinary tensor math, so autograd can see through it (differentiating
     through an optimizer step, as with optax under ``jax.grad``); the donated path runs
@@ -191,6 +168,12 @@ def apply_updates(params: Params, updates: Updates, *, donate: bool = False) -> 
     p_leaves, spec = _tree.flatten(params)
     u_leaves = _foreach.leaves_like(updates, spec, params, "apply_updates: params and updates", p_leaves)
     groups = _foreach.index_groups([p_leaves, u_leaves])
+    for idx in groups:  # one check per (device, dtype) group, not per leaf
+        if not (p_leaves[idx[0]].is_floating_point() or p_leaves[idx[0]].is_complex()):
+            raise TypeError(
+                f"apply_updates: the params leaf at '{_tree.paths(params)[idx[0]]}' is {p_leaves[idx[0]].dtype}; "
+                "only floating-point parameters are updated (an integer parameter would be silently truncated)"
+            )
     if donate:
         # In place, under no_grad as in torch.optim (params may be leaves that require grad).
         # Grouped by (device, dtype) without casting: each param keeps its dtype.
@@ -281,29 +264,3 @@ def set_learning_rate(opt_state: OptState, learning_rate: float | torch.Tensor) 
         return x._replace(learning_rate=new)
 
     return optree.tree_map(replace, opt_state, is_leaf=_is_lr_state, none_is_leaf=False, namespace=_tree.NAMESPACE)
-
-
-def check_learning_rate(value: Any, where: str) -> None:
-    """Raise ``ValueError`` if a learning rate is negative or not finite, without a device sync.
-
-    Python numbers and CPU tensors are checked. A tensor on an accelerator is not (reading
-    it would wait for the device at every step), nor is any tensor while ``torch.compile``
-    traces (reading it would break the graph); those are checked where a sync is harmless
-    (at ``init``).
-    """
-    if isinstance(value, torch.Tensor):
-        if value.ndim != 0:
-            raise ValueError(f"{where}: the learning rate must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        if value.device.type != "cpu" or torch.compiler.is_compiling():
-            return
-        number = float(value.detach())
-    else:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"{where}: the learning rate must be a number, a 0-dim tensor or a schedule (step -> value), "
-                f"got {type(value).__name__}"
-            ) from None
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{where}: the learning rate must be finite and >= 0, got {number}")

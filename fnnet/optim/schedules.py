@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import _foreach
+from ._common import check_int, check_number, scalar_dtype
 from .base import Schedule
 
 __all__ = [
@@ -41,28 +41,16 @@ def _schedule(fn: Callable[[torch.Tensor], torch.Tensor], name: str) -> Schedule
 
     def schedule(step: Any) -> Any:
         if isinstance(step, torch.Tensor):
-            return fn(step.to(_foreach.scalar_dtype(step.device)))
+            return fn(step.to(scalar_dtype(step.device)))
         return float(fn(torch.tensor(float(step), dtype=torch.float64)))
 
     schedule.__name__ = schedule.__qualname__ = name
     return schedule
 
 
-def _finite(where: str, **values: Any) -> None:
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{where}: {name} must be a finite number, got {v!r}")
-
-
-def _steps(where: str, minimum: int = 1, **values: Any) -> None:
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {v!r}")
-
-
 def constant_schedule(value: float) -> Schedule:
     """``step -> value`` (``optax.constant_schedule``; torch: no scheduler)."""
-    _finite("constant_schedule", value=value)
+    check_number("constant_schedule", value=value)
     return _schedule(lambda t: torch.full_like(t, value), f"constant_schedule({value})")
 
 
@@ -87,13 +75,13 @@ def exponential_decay(
         end_value: a floor (for decay) or ceiling (for growth) of the value.
     """
     where = "exponential_decay"
-    _finite(where, init_value=init_value, decay_rate=decay_rate)
-    _steps(where, transition_steps=transition_steps)
-    _steps(where, 0, transition_begin=transition_begin)
+    check_number(where, init_value=init_value, decay_rate=decay_rate)
+    check_int(where, transition_steps=transition_steps)
+    check_int(where, 0, transition_begin=transition_begin)
     if decay_rate < 0:
         raise ValueError(f"{where}: decay_rate must be >= 0, got {decay_rate}")
     if end_value is not None:
-        _finite(where, end_value=end_value)
+        check_number(where, end_value=end_value)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         elapsed = t - transition_begin
@@ -116,8 +104,8 @@ def step_lr(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
     once-per-epoch stepping use ``per_epoch(step_lr(1e-3, 10, 0.5), steps_per_epoch)``.
     Same as ``exponential_decay(init_value, step_size, gamma, staircase=True)``.
     """
-    _finite("step_lr", init_value=init_value, gamma=gamma)
-    _steps("step_lr", step_size=step_size)
+    check_number("step_lr", init_value=init_value, gamma=gamma)
+    check_int("step_lr", step_size=step_size)
     return exponential_decay(init_value, step_size, gamma, staircase=True)
 
 
@@ -128,11 +116,11 @@ def piecewise_constant_schedule(init_value: float, boundaries_and_scales: Mappin
     ``MultiStepLR(milestones=[30, 80], gamma=0.1)`` stepped after every update.
     """
     where = "piecewise_constant_schedule"
-    _finite(where, init_value=init_value)
+    check_number(where, init_value=init_value)
     items = sorted((boundaries_and_scales or {}).items())
     for boundary, s in items:
-        _steps(where, 0, boundary=boundary)
-        _finite(where, scale=s)
+        check_int(where, 0, boundary=boundary)
+        check_number(where, scale=s)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         value = torch.full_like(t, init_value)
@@ -154,9 +142,9 @@ def polynomial_schedule(
     torch: ``PolynomialLR(total_iters=transition_steps, power=power)`` when ``end_value == 0``.
     """
     where = "polynomial_schedule"
-    _finite(where, init_value=init_value, end_value=end_value, power=power)
-    _steps(where, transition_steps=transition_steps)
-    _steps(where, 0, transition_begin=transition_begin)
+    check_number(where, init_value=init_value, end_value=end_value, power=power)
+    check_int(where, transition_steps=transition_steps)
+    check_int(where, 0, transition_begin=transition_begin)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         k = torch.clamp(t - transition_begin, 0, transition_steps)
@@ -183,8 +171,8 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
     ``decay_steps`` where torch's goes back up.
     """
     where = "cosine_decay_schedule"
-    _finite(where, init_value=init_value, alpha=alpha, exponent=exponent)
-    _steps(where, decay_steps=decay_steps)
+    check_number(where, init_value=init_value, alpha=alpha, exponent=exponent)
+    check_int(where, decay_steps=decay_steps)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         k = torch.clamp(t, 0, decay_steps)
@@ -205,7 +193,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     if len(schedules) != len(boundaries) + 1:
         raise ValueError(f"{where}: needs one more schedule than boundaries, got {len(schedules)} and {len(boundaries)}")
     for b in boundaries:
-        _steps(where, 0, boundary=b)
+        check_int(where, 0, boundary=b)
     if list(boundaries) != sorted(boundaries):
         raise ValueError(f"{where}: boundaries must be increasing, got {list(boundaries)}")
 
@@ -216,7 +204,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
                 if step >= b:
                     start, chosen = b, s
             return chosen(step - start)
-        dtype = _foreach.scalar_dtype(step.device)
+        dtype = scalar_dtype(step.device)
         value = torch.as_tensor(schedules[0](step), dtype=dtype, device=step.device)
         for b, s in zip(boundaries, schedules[1:]):
             later = torch.as_tensor(s(step - b), dtype=dtype, device=step.device)
@@ -240,9 +228,9 @@ def warmup_cosine_decay_schedule(
     ``SequentialLR([LinearLR(...), CosineAnnealingLR(...)], milestones=[warmup_steps])``.
     """
     where = "warmup_cosine_decay_schedule"
-    _finite(where, init_value=init_value, peak_value=peak_value, end_value=end_value, exponent=exponent)
-    _steps(where, 0, warmup_steps=warmup_steps)
-    _steps(where, 1, decay_steps=decay_steps)
+    check_number(where, init_value=init_value, peak_value=peak_value, end_value=end_value, exponent=exponent)
+    check_int(where, 0, warmup_steps=warmup_steps)
+    check_int(where, 1, decay_steps=decay_steps)
     if decay_steps <= warmup_steps:
         raise ValueError(
             f"{where}: decay_steps counts the whole schedule, warmup included, so it must exceed "
@@ -262,7 +250,7 @@ def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
     per epoch: ``adam(per_epoch(step_lr(1e-3, 30, 0.1), len(loader)))`` is Adam with
     ``StepLR(step_size=30, gamma=0.1)`` and ``scheduler.step()`` after every epoch.
     """
-    _steps("per_epoch", steps_per_epoch=steps_per_epoch)
+    check_int("per_epoch", steps_per_epoch=steps_per_epoch)
 
     def stepped(step: Any) -> Any:
         if isinstance(step, torch.Tensor):

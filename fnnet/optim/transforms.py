@@ -4,11 +4,20 @@ Each function returns a :class:`~fnnet.optim.GradientTransformation`; its state 
 NamedTuple (``ScaleByAdamState(count, mu, nu)``), as in optax's ``transform.py``. The math
 is done with ``torch._foreach_*`` ops on leaf lists grouped by device and dtype (on CPU, in
 cache-sized chunks; see ``_foreach.py``). With ``donate=True`` the ops write into the donated
-grads and state; otherwise they allocate and the inputs are left untouched.
+grads and state (the updates come back in the gradient buffers); otherwise they allocate and
+the inputs are left untouched.
 
-Nothing here syncs with the device or branches on a tensor's value in Python (step counts
-are 0-dim tensors and bias corrections are tensor math on them), so a whole training step,
-optimizer included, can be compiled by ``torch.compile``.
+Two building blocks, :func:`scale_by_adam` and :func:`trace`, take an optional
+``learning_rate``: then they also multiply by ``-learning_rate`` inside their own pass over
+memory, which is ``chain(block, scale_by_learning_rate(learning_rate))`` with one pass fewer
+(the ``adam`` and ``sgd`` aliases use it). Nothing else is fused; :func:`~fnnet.optim.chain`
+is optax's plain loop.
+
+Nothing here syncs with an accelerator or branches on a tensor's value in Python (step
+counts are 0-dim tensors and bias corrections are tensor math on them), so a whole training
+step, optimizer included, can be compiled by ``torch.compile``. (On CPU, outside
+``torch.compile``, counters are read as Python numbers, which is free there and is what
+torch.optim does.)
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import optree
 import torch
 
 from .. import tree as _tree
+from . import _common as C
 from . import _foreach as F
 from .base import (
     EmptyState,
@@ -30,7 +40,6 @@ from .base import (
     ScaleByLearningRateState,
     ScaleByScheduleState,
     Updates,
-    check_learning_rate,
 )
 
 __all__ = [
@@ -120,56 +129,16 @@ class MultiStepsState(NamedTuple):
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _tensor_leaves(params: Params, where: str) -> tuple[list[torch.Tensor], _tree.PyTreeSpec]:
-    leaves, spec = _tree.flatten(params)
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor):
-            path = _tree.paths(params)[i]
-            raise TypeError(f"{where}: every leaf of params must be a tensor, got {type(leaf).__name__} at '{path}'")
-    return leaves, spec
+def _stateless(update: Callable[[Updates, Params | None, bool], Updates]) -> GradientTransformation:
+    """A transformation with no state from ``update(updates, params, donate) -> updates`` (``optax.stateless``)."""
+
+    def update_fn(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
+        return update(updates, params, donate), state
+
+    return GradientTransformation(C.init_empty, update_fn)
 
 
-def _zeros_tree(params: Params, where: str, fill: float = 0.0) -> Updates:
-    leaves, spec = _tensor_leaves(params, where)
-    return _tree.unflatten(spec, [torch.full_like(p, fill) if fill else torch.zeros_like(p) for p in leaves])
-
-
-def _count(params: Params) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64, device=F.tree_device(params))
-
-
-def _scalar_value(x: Any, device: torch.device) -> torch.Tensor:
-    """A learning rate or scale as a 0-dim tensor of :func:`F.scalar_dtype` on ``device``."""
-    dtype = F.scalar_dtype(device)
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=dtype)
-    return torch.as_tensor(x, dtype=dtype, device=device)
-
-
-def _check_number(where: str, **values: float) -> None:
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{where}: {name} must be a finite number, got {v!r}")
-
-
-def _check_nonneg(where: str, **values: float) -> None:
-    _check_number(where, **values)
-    for name, v in values.items():
-        if v < 0:
-            raise ValueError(f"{where}: {name} must be >= 0, got {v}")
-
-
-def _check_decay(where: str, **values: float) -> None:
-    _check_number(where, **values)
-    for name, v in values.items():
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"{where}: {name} must be in [0, 1), got {v}")
-
-
-def _map_updates(
-    updates: Updates,
-    fn: Callable[[list[torch.Tensor]], list[torch.Tensor]],
-) -> Updates:
+def _map_updates(updates: Updates, fn: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> Updates:
     """Apply a stateless foreach function to the leaves of ``updates``."""
     leaves, spec = _tree.flatten(updates)
     (out,) = F.grouped(lambda _, u: (fn(u),), [leaves], (None,))
@@ -182,42 +151,101 @@ def _scale_updates(updates: Updates, factor: torch.Tensor | float, donate: bool)
     return _tree.unflatten(spec, out)
 
 
-# A chain folds a scaling stage into the stage before it when that one can scale its output
-# for free (see ``chain``): scaling stages expose ``update.factor``, foldable stages
-# ``update.scaled``, and their plain ``update`` is the same code with no factor.
-
-
 def _factor(sign: float, lr: torch.Tensor, count: torch.Tensor) -> torch.Tensor | float:
     """``sign * lr``: a Python float where reading ``lr`` is free (CPU, eager), else a tensor.
 
     A Python scalar spares a tensor op here and in every op that multiplies by it (foreach
     ops take it directly); torch.optim's own numbers are Python floats too.
     """
-    if lr.is_cpu and not lr.requires_grad and _can_branch(count):  # keep a learned rate's gradient
+    if lr.is_cpu and not lr.requires_grad and C.can_branch(count):  # keep a learned rate's gradient
         return sign * lr.item()
     return sign * lr
 
 
-def _scaling(factor_of: Callable[[Any], tuple[Any, Any]]) -> Callable[..., tuple[Updates, Any]]:
-    """The ``update`` of a stage that multiplies by ``factor_of(state)[0]``."""
+# -- the learning rate ------------------------------------------------------------------------
 
-    def update(updates: Updates, state: Any, params: Params | None = None, *, donate: bool = False):
+LearningRateStage = tuple[Callable[[Params], Any], Callable[[Any], tuple[Any, Any]]]
+
+
+def _learning_rate_stage(learning_rate: ScalarOrSchedule, sign: float, where: str) -> LearningRateStage:
+    """``(init, factor)`` of a learning-rate stage: ``factor(state) -> (sign * lr, next state)``.
+
+    Shared by :func:`scale_by_learning_rate` and the fused ``learning_rate=`` of
+    :func:`scale_by_adam` and :func:`trace`, so the learning rate lives in one kind of state.
+    """
+    if callable(learning_rate):
+        schedule = learning_rate
+
+        def evaluate(count: torch.Tensor) -> torch.Tensor:
+            value = schedule(count)
+            try:
+                C.check_learning_rate(value, where)
+            except ValueError as err:
+                step = f" at step {int(count)}" if C.can_branch(count) else ""
+                raise ValueError(f"{err} (the schedule's value{step})") from None
+            return C.scalar_value(value, count.device)
+
+        def init_schedule(params: Params) -> ScaleByScheduleState:
+            count = C.count(params, where)
+            lr = evaluate(count)
+            # One device sync at init (not per step): checks schedule(0) on accelerators too.
+            C.check_learning_rate(lr.cpu(), f"{where}: schedule(0)")
+            return ScaleByScheduleState(count=count, learning_rate=lr)
+
+        def scheduled(state: ScaleByScheduleState) -> tuple[Any, ScaleByScheduleState]:
+            lr = evaluate(state.count)
+            return _factor(sign, lr, state.count), ScaleByScheduleState(count=state.count + 1, learning_rate=lr)
+
+        return init_schedule, scheduled
+
+    C.check_learning_rate(learning_rate, where)
+
+    def init(params: Params) -> ScaleByLearningRateState:
+        count = C.count(params, where)
+        return ScaleByLearningRateState(count=count, learning_rate=C.scalar_value(learning_rate, count.device))
+
+    def constant(state: ScaleByLearningRateState) -> tuple[Any, ScaleByLearningRateState]:
+        lr = state.learning_rate
+        return _factor(sign, lr, state.count), ScaleByLearningRateState(count=state.count + 1, learning_rate=lr)
+
+    return init, constant
+
+
+Kernel = Callable[[Updates, Any, bool, Any], tuple[Updates, Any]]
+
+
+def _with_learning_rate(init: Callable[[Params], Any], kernel: Kernel, learning_rate: ScalarOrSchedule | None,
+                        where: str) -> GradientTransformation:
+    """The transformation of ``kernel(updates, state, donate, factor)``, optionally fused with a learning rate.
+
+    Without ``learning_rate`` the kernel runs with ``factor=None``. With it, the state is
+    ``(state, learning-rate state)``, what ``chain(block, scale_by_learning_rate(lr))`` holds,
+    and the kernel multiplies its output by ``-lr`` in its own pass.
+    """
+    if learning_rate is None:
+
+        def update(updates: Updates, state: Any, params: Params | None = None, *, donate: bool = False):
+            del params
+            return kernel(updates, state, donate, None)
+
+        return GradientTransformation(init, update)
+
+    lr_init, lr_factor = _learning_rate_stage(learning_rate, -1.0, where)
+
+    def fused_init(params: Params) -> tuple[Any, Any]:
+        return init(params), lr_init(params)
+
+    def fused_update(updates: Updates, state: Any, params: Params | None = None, *, donate: bool = False):
         del params
-        factor, new_state = factor_of(state)
-        return _scale_updates(updates, factor, donate), new_state
+        if not (isinstance(state, tuple) and len(state) == 2 and not hasattr(state, "_fields")):
+            raise ValueError(f"{where}(..., learning_rate=...): expected its state, a pair (state, learning-rate "
+                             f"state) as init returned, got {type(state).__name__}")
+        inner, lr_state = state
+        factor, lr_state = lr_factor(lr_state)
+        updates, inner = kernel(updates, inner, donate, factor)
+        return updates, (inner, lr_state)
 
-    update.factor = factor_of  # type: ignore[attr-defined]
-    return update
-
-
-def _foldable(scaled: Callable[..., tuple[Updates, Any]]) -> Callable[..., tuple[Updates, Any]]:
-    """The ``update`` of a stage whose ``scaled(updates, state, params, donate, factor)`` scales its output."""
-
-    def update(updates: Updates, state: Any, params: Params | None = None, *, donate: bool = False):
-        return scaled(updates, state, params, donate, None)
-
-    update.scaled = scaled  # type: ignore[attr-defined]
-    return update
+    return GradientTransformation(fused_init, fused_update)
 
 
 # -- scaling ----------------------------------------------------------------------------------
@@ -232,13 +260,8 @@ def scale(step_size: float) -> GradientTransformation:
     Returns:
         A stateless :class:`GradientTransformation` (state ``EmptyState()``).
     """
-    _check_number("scale", step_size=step_size)
-
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    return GradientTransformation(init, _scaling(lambda state: (step_size, state)))
+    C.check_number("scale", step_size=step_size)
+    return _stateless(lambda updates, params, donate: _scale_updates(updates, step_size, donate))
 
 
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
@@ -261,57 +284,28 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         a schedule (``learning_rate`` = the value of the last update).
 
     Raises:
+        TypeError: a learning rate that is not a number, a 0-dim tensor or a callable.
         ValueError: a negative or non-finite learning rate, from a constant, or from a
             schedule at ``init`` (``schedule(0)``) and at every update where checking needs no
             device sync: when the value is a Python number or a CPU tensor outside
             ``torch.compile``. On an accelerator only ``schedule(0)`` is checked, so a
             per-step check never waits for the device.
     """
-    sign = -1.0 if flip_sign else 1.0
+    init, factor_of = _learning_rate_stage(learning_rate, -1.0 if flip_sign else 1.0, "scale_by_learning_rate")
 
-    if callable(learning_rate):
-        schedule = learning_rate
+    def update(updates: Updates, state: Any, params: Params | None = None, *, donate: bool = False):
+        del params
+        factor, state = factor_of(state)
+        return _scale_updates(updates, factor, donate), state
 
-        def evaluate(count: torch.Tensor, where: str) -> torch.Tensor:
-            value = schedule(count)
-            try:
-                check_learning_rate(value, where)
-            except ValueError as err:
-                step = f" at step {int(count)}" if _can_branch(count) else ""
-                raise ValueError(f"{err} (the schedule's value{step})") from None
-            return _scalar_value(value, count.device)
-
-        def init_schedule(params: Params) -> ScaleByScheduleState:
-            count = _count(params)
-            lr = evaluate(count, "scale_by_learning_rate")
-            # One device sync at init (not per step): checks schedule(0) on accelerators too.
-            check_learning_rate(lr.cpu(), "scale_by_learning_rate: schedule(0)")
-            return ScaleByScheduleState(count=count, learning_rate=lr)
-
-        def scheduled_factor(state: ScaleByScheduleState) -> tuple[torch.Tensor, ScaleByScheduleState]:
-            lr = evaluate(state.count, "scale_by_learning_rate")
-            return _factor(sign, lr, state.count), ScaleByScheduleState(count=state.count + 1, learning_rate=lr)
-
-        return GradientTransformation(init_schedule, _scaling(scheduled_factor))
-
-    check_learning_rate(learning_rate, "scale_by_learning_rate")
-    constant = learning_rate
-
-    def init(params: Params) -> ScaleByLearningRateState:
-        count = _count(params)
-        return ScaleByLearningRateState(count=count, learning_rate=_scalar_value(constant, count.device))
-
-    def factor(state: ScaleByLearningRateState) -> tuple[torch.Tensor, ScaleByLearningRateState]:
-        lr = state.learning_rate
-        return _factor(sign, lr, state.count), ScaleByLearningRateState(count=state.count + 1, learning_rate=lr)
-
-    return GradientTransformation(init, _scaling(factor))
+    return GradientTransformation(init, update)
 
 
 # -- adaptive scalings ------------------------------------------------------------------------
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0) -> GradientTransformation:
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, *,
+                  learning_rate: ScalarOrSchedule | None = None) -> GradientTransformation:
     """Rescale updates by Adam's bias-corrected moment estimates (``optax.scale_by_adam``).
 
     With ``t`` the update number (1, 2, ...)::
@@ -320,48 +314,55 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         u  = (mu / (1 - b1**t)) / (sqrt(nu / (1 - b2**t) + eps_root) + eps)
 
     ``chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr))`` is
-    ``torch.optim.Adam(lr=lr, betas=(b1, b2), eps=eps)``; the bias corrections are computed
-    from the step-count tensor in float64, like torch's Python floats.
+    ``torch.optim.Adam(lr=lr, betas=(b1, b2), eps=eps)``; the bias corrections are Python
+    floats on CPU (as torch's) and float64 tensor math elsewhere.
 
     Args:
         b1, b2: decay rates of the first and second moments, in [0, 1).
         eps: added to the denominator outside the square root (torch's and optax's ``eps``).
         eps_root: added inside the square root (optax's ``eps_root``; torch has none).
+        learning_rate: if given, also multiply by ``-learning_rate`` in the same pass: the
+            numbers of ``chain(scale_by_adam(...), scale_by_learning_rate(learning_rate))``
+            (up to the last bit), with one pass over memory fewer. The state is then the pair
+            ``(ScaleByAdamState, learning-rate state)`` that chain would hold.
 
     Returns:
         A :class:`GradientTransformation` with state ``ScaleByAdamState(count, mu, nu)``;
         ``mu`` and ``nu`` have the params' structure, dtypes and devices.
     """
     where = "scale_by_adam"
-    _check_decay(where, b1=b1, b2=b2)
-    _check_nonneg(where, eps=eps, eps_root=eps_root)
+    C.check_decay(where, b1=b1, b2=b2)
+    C.check_nonneg(where, eps=eps, eps_root=eps_root)
 
     def init(params: Params) -> ScaleByAdamState:
-        return ScaleByAdamState(count=_count(params), mu=_zeros_tree(params, where), nu=_zeros_tree(params, where))
+        return ScaleByAdamState(count=C.count(params, where), mu=C.zeros_tree(params, where), nu=C.zeros_tree(params, where))
 
-    def scaled(updates: Updates, state: ScaleByAdamState, params: Params | None, donate: bool, factor: Any):
-        del params
+    def kernel(updates: Updates, state: ScaleByAdamState, donate: bool, factor: Any):
         mu, spec = _tree.flatten(state.mu)
         nu = _tree.leaves(state.nu)
         g = F.leaves_like(updates, spec, state.mu, f"{where}: the optimizer state (mu) and the updates", mu)
         count = state.count + 1
         # Bias corrections: Python floats where the count is free to read (CPU, eager), as in
         # torch.optim; otherwise float64 tensor math that never waits for the device.
-        t = count.item() if _can_branch(count) and not isinstance(factor, torch.Tensor) else count.to(F.scalar_dtype(count.device))
+        if C.can_branch(count) and not isinstance(factor, torch.Tensor):
+            t: Any = count.item()
+        else:
+            t = count.to(C.scalar_dtype(count.device))
         inv_bc2 = 1.0 / (1.0 - b2**t)
-        out_scale = 1.0 / (1.0 - b1**t)  # times a folded learning rate, as torch's lr / bc1
+        if eps_root == 0.0:  # sqrt(nu / bc2) = sqrt(nu) * (1 / sqrt(bc2)), as torch
+            inv_bc2 = math.sqrt(inv_bc2) if isinstance(inv_bc2, float) else inv_bc2.sqrt()
+        out_scale = 1.0 / (1.0 - b1**t)  # times a fused learning rate: torch's lr / bc1
         if factor is not None:
             out_scale = out_scale * factor
-        # The tensor-valued scalars (bias corrections) only ever multiply: _foreach_mul_ takes
-        # a 0-dim tensor as is, while _foreach_add_(list, tensor) is not implemented everywhere
-        # without reading it on the host (on "meta" it calls item()), which would be a sync.
+        # The tensor-valued scalars only ever multiply: _foreach_mul_ takes a 0-dim tensor as
+        # is, while _foreach_add_(list, tensor) reads it on the host on some devices (a sync).
 
         def math_(s, g, mu, nu):
             s_inv_bc2, s_out = s
             mu = F.lerp(mu, g, 1.0 - b1, donate)
             nu = F.mul(nu, b2, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
-            if eps_root == 0.0:  # sqrt(nu / bc2) = sqrt(nu) * (1 / sqrt(bc2)), as torch
+            if eps_root == 0.0:
                 d = list(torch._foreach_sqrt(nu))
                 torch._foreach_mul_(d, s_inv_bc2)
             else:
@@ -369,16 +370,24 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
                 torch._foreach_add_(d, eps_root)
                 torch._foreach_sqrt_(d)
             torch._foreach_add_(d, eps)
-            u = list(torch._foreach_div(mu, d))
+            u = _divide(mu, d, out=g if donate else None)
             torch._foreach_mul_(u, s_out)
             return u, mu, nu
 
-        if eps_root == 0.0:
-            inv_bc2 = math.sqrt(inv_bc2) if isinstance(inv_bc2, float) else inv_bc2.sqrt()
         u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2), scalars=(inv_bc2, out_scale), chunked=True)
         return _tree.unflatten(spec, u), ScaleByAdamState(count, _tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
 
-    return GradientTransformation(init, _foldable(scaled))
+    return _with_learning_rate(init, kernel, learning_rate, where)
+
+
+def _divide(x: list[torch.Tensor], d: list[torch.Tensor], out: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """``x / d``, into the donated buffers ``out`` when given (no new updates tree), else new tensors."""
+    if out is None:
+        return list(torch._foreach_div(x, d))
+    if out is not x:
+        torch._foreach_copy_(out, x)
+    torch._foreach_div_(out, d)
+    return out
 
 
 def _denominator(x: list[torch.Tensor], eps: float, eps_in_sqrt: bool, *, scratch: bool = False) -> list[torch.Tensor]:
@@ -394,13 +403,6 @@ def _denominator(x: list[torch.Tensor], eps: float, eps_in_sqrt: bool, *, scratc
             torch._foreach_sqrt_(d)
         torch._foreach_add_(d, eps)
     return d
-
-
-def _divide(g: list[torch.Tensor], d: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
-    if donate:  # the donated gradient buffers take the result
-        torch._foreach_div_(g, d)
-        return g
-    return list(torch._foreach_div(g, d))
 
 
 def scale_by_rms(
@@ -422,11 +424,11 @@ def scale_by_rms(
         A :class:`GradientTransformation` with state ``ScaleByRmsState(nu)``.
     """
     where = "scale_by_rms"
-    _check_decay(where, decay=decay)
-    _check_nonneg(where, eps=eps, initial_scale=initial_scale)
+    C.check_decay(where, decay=decay)
+    C.check_nonneg(where, eps=eps, initial_scale=initial_scale)
 
     def init(params: Params) -> ScaleByRmsState:
-        return ScaleByRmsState(nu=_zeros_tree(params, where, initial_scale))
+        return ScaleByRmsState(nu=C.zeros_tree(params, where, initial_scale))
 
     def update(updates: Updates, state: ScaleByRmsState, params: Params | None = None, *, donate: bool = False):
         del params
@@ -436,7 +438,7 @@ def scale_by_rms(
         def math_(_, g, nu):
             nu = F.mul(nu, decay, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - decay)
-            return _divide(g, _denominator(nu, eps, eps_in_sqrt), donate), nu
+            return _divide(g, _denominator(nu, eps, eps_in_sqrt), g if donate else None), nu
 
         u, nu = F.grouped(math_, [g, nu], (None, 1), chunked=True)
         return _tree.unflatten(spec, u), ScaleByRmsState(_tree.unflatten(spec, nu))
@@ -458,11 +460,11 @@ def scale_by_stddev(
         A :class:`GradientTransformation` with state ``ScaleByRStdDevState(mu, nu)``.
     """
     where = "scale_by_stddev"
-    _check_decay(where, decay=decay)
-    _check_nonneg(where, eps=eps, initial_scale=initial_scale)
+    C.check_decay(where, decay=decay)
+    C.check_nonneg(where, eps=eps, initial_scale=initial_scale)
 
     def init(params: Params) -> ScaleByRStdDevState:
-        return ScaleByRStdDevState(mu=_zeros_tree(params, where), nu=_zeros_tree(params, where, initial_scale))
+        return ScaleByRStdDevState(mu=C.zeros_tree(params, where), nu=C.zeros_tree(params, where, initial_scale))
 
     def update(updates: Updates, state: ScaleByRStdDevState, params: Params | None = None, *, donate: bool = False):
         del params
@@ -475,7 +477,7 @@ def scale_by_stddev(
             nu = F.mul(nu, decay, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - decay)
             variance = list(torch._foreach_addcmul(nu, mu, mu, value=-1.0))
-            return _divide(g, _denominator(variance, eps, eps_in_sqrt, scratch=True), donate), mu, nu
+            return _divide(g, _denominator(variance, eps, eps_in_sqrt, scratch=True), g if donate else None), mu, nu
 
         u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2), chunked=True)
         return _tree.unflatten(spec, u), ScaleByRStdDevState(_tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
@@ -502,10 +504,10 @@ def scale_by_rss(
         A :class:`GradientTransformation` with state ``ScaleByRssState(sum_of_squares)``.
     """
     where = "scale_by_rss"
-    _check_nonneg(where, initial_accumulator_value=initial_accumulator_value, eps=eps)
+    C.check_nonneg(where, initial_accumulator_value=initial_accumulator_value, eps=eps)
 
     def init(params: Params) -> ScaleByRssState:
-        return ScaleByRssState(sum_of_squares=_zeros_tree(params, where, initial_accumulator_value))
+        return ScaleByRssState(sum_of_squares=C.zeros_tree(params, where, initial_accumulator_value))
 
     def update(updates: Updates, state: ScaleByRssState, params: Params | None = None, *, donate: bool = False):
         del params
@@ -517,7 +519,7 @@ def scale_by_rss(
                 torch._foreach_addcmul_(s, g, g, value=1.0)
             else:
                 s = list(torch._foreach_addcmul(s, g, g, value=1.0))
-            return _divide(g, _denominator(s, eps, eps_in_sqrt), donate), s
+            return _divide(g, _denominator(s, eps, eps_in_sqrt), g if donate else None), s
 
         u, s = F.grouped(math_, [g, s], (None, 1), chunked=True)
         return _tree.unflatten(spec, u), ScaleByRssState(_tree.unflatten(spec, s))
@@ -528,24 +530,29 @@ def scale_by_rss(
 # -- momentum and weight decay ----------------------------------------------------------------
 
 
-def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
+def trace(decay: float, nesterov: bool = False, *, learning_rate: ScalarOrSchedule | None = None) -> GradientTransformation:
     """Momentum (``optax.trace``; torch.optim.SGD's ``momentum`` with ``dampening=0``).
 
     ``trace = decay * trace + g``; ``u = trace``, or ``u = g + decay * trace`` with
     ``nesterov=True``. The first update gives ``trace = g``, like torch's buffer, which
     starts as a copy of the first gradient.
 
+    Args:
+        decay: the momentum, >= 0.
+        nesterov: Nesterov momentum.
+        learning_rate: if given, also multiply by ``-learning_rate`` in the same pass (see
+            :func:`scale_by_adam`); the state is then ``(TraceState, learning-rate state)``.
+
     Returns:
         A :class:`GradientTransformation` with state ``TraceState(trace)``.
     """
     where = "trace"
-    _check_nonneg(where, decay=decay)
+    C.check_nonneg(where, decay=decay)
 
     def init(params: Params) -> TraceState:
-        return TraceState(trace=_zeros_tree(params, where))
+        return TraceState(trace=C.zeros_tree(params, where))
 
-    def scaled(updates: Updates, state: TraceState, params: Params | None, donate: bool, factor: Any):
-        del params
+    def kernel(updates: Updates, state: TraceState, donate: bool, factor: Any):
         tr, spec = _tree.flatten(state.trace)
         g = F.leaves_like(updates, spec, state.trace, f"{where}: the optimizer state (trace) and the updates", tr)
 
@@ -554,22 +561,22 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
             torch._foreach_add_(tr, g)
             if nesterov:
                 u = F.add(g, tr, donate, alpha=decay)
-                if s:
-                    torch._foreach_mul_(u, s[0])
-                return u, tr
-            if s:  # a new tensor, scaled: no copy needed
-                return list(torch._foreach_mul(tr, s[0])), tr
-            # The updates must not alias the state: a later stage may scale them in place.
-            if donate:
+            elif donate:  # the updates take the gradient buffers; they must not alias the state
                 torch._foreach_copy_(g, tr)
-                return g, tr
-            return F.copy(tr), tr
+                u = g
+            elif s:  # a new tensor, scaled: no copy needed
+                return list(torch._foreach_mul(tr, s[0])), tr
+            else:
+                u = F.copy(tr)
+            if s:
+                torch._foreach_mul_(u, s[0])
+            return u, tr
 
         scalars = () if factor is None else (factor,)
         u, tr = F.grouped(math_, [g, tr], (None, 1), scalars=scalars, chunked=True)
         return _tree.unflatten(spec, u), TraceState(_tree.unflatten(spec, tr))
 
-    return GradientTransformation(init, _foldable(scaled))
+    return _with_learning_rate(init, kernel, learning_rate, where)
 
 
 def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
@@ -588,25 +595,21 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
         A stateless :class:`GradientTransformation`; its ``update`` needs ``params``.
     """
     where = "add_decayed_weights"
-    _check_nonneg(where, weight_decay=weight_decay)
+    C.check_nonneg(where, weight_decay=weight_decay)
     if mask is not None:
         return masked(add_decayed_weights(weight_decay), mask)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
+    def update(updates: Updates, params: Params | None, donate: bool) -> Updates:
         if params is None:
             raise ValueError(f"{where}: the update needs the params: call opt.update(grads, state, params)")
         if weight_decay == 0.0:
-            return updates, state
-        p, spec = _tree.flatten(params)
+            return updates
+        p, spec = C.float_leaves(params, where)
         u = F.leaves_like(updates, spec, params, f"{where}: the params and the updates", p)
         (u,) = F.grouped(lambda _, u, p: (F.add(u, p, donate, alpha=weight_decay),), [u, p], (None,))
-        return _tree.unflatten(spec, u), state
+        return _tree.unflatten(spec, u)
 
-    return GradientTransformation(init, update)
+    return _stateless(update)
 
 
 # -- clipping ---------------------------------------------------------------------------------
@@ -622,22 +625,19 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     + 1e-6)``, smaller by a relative ``1e-6 / ||g||``. Here (as in optax) the clipped norm is
     exactly ``max_norm``, and a zero gradient stays zero.
 
+    Args:
+        max_norm: a finite float > 0 (a zero would turn every update into 0 / 0).
+
     Returns:
         A stateless :class:`GradientTransformation` (``EmptyState``). No host sync: the
         scale is a tensor.
     """
-    where = "clip_by_global_norm"
-    _check_nonneg(where, max_norm=max_norm)
+    C.check_positive("clip_by_global_norm", max_norm=max_norm)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
-        del params
-        leaves, spec = _tree.flatten(updates)
+    def update(updates: Updates, params: Params | None, donate: bool) -> Updates:
+        leaves = _tree.leaves(updates)
         if not leaves:
-            return updates, state
+            return updates
         groups = F.index_groups([leaves])
         device = leaves[0].device
         dtype = torch.float32
@@ -648,10 +648,11 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
             norms = torch._foreach_norm([leaves[i] for i in idx])
             group_norms.append(torch.linalg.vector_norm(torch.stack(norms)).to(device=device, dtype=dtype))
         total = group_norms[0] if len(group_norms) == 1 else torch.linalg.vector_norm(torch.stack(group_norms))
+        # max_norm / 0 = inf, clamped to 1: an all-zero gradient stays zero.
         factor = torch.clamp(max_norm / total, max=1.0)
-        return _scale_updates(updates, factor, donate), state
+        return _scale_updates(updates, factor, donate)
 
-    return GradientTransformation(init, update)
+    return _stateless(update)
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -660,17 +661,9 @@ def clip(max_delta: float) -> GradientTransformation:
     Returns:
         A stateless :class:`GradientTransformation`.
     """
-    _check_nonneg("clip", max_delta=max_delta)
-
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
-        del params
-        return _map_updates(updates, lambda u: F.clamp(u, -max_delta, max_delta, donate)), state
-
-    return GradientTransformation(init, update)
+    C.check_nonneg("clip", max_delta=max_delta)
+    return _stateless(lambda updates, params, donate: _map_updates(
+        updates, lambda u: F.clamp(u, -max_delta, max_delta, donate)))
 
 
 def set_to_zero() -> GradientTransformation:
@@ -679,16 +672,7 @@ def set_to_zero() -> GradientTransformation:
     ``chain(masked(set_to_zero(), frozen), adam(1e-3))`` keeps the leaves marked in
     ``frozen`` fixed (Adam's moments of those leaves stay at zero).
     """
-
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(updates: Updates, state: EmptyState, params: Params | None = None, *, donate: bool = False):
-        del params
-        return _map_updates(updates, lambda u: F.zeros_like(u, donate)), state
-
-    return GradientTransformation(init, update)
+    return _stateless(lambda updates, params, donate: _map_updates(updates, lambda u: F.zeros_like(u, donate)))
 
 
 # -- combinators ------------------------------------------------------------------------------
@@ -784,11 +768,6 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _can_branch(counter: torch.Tensor) -> bool:
-    """Whether Python may read ``counter``: free on CPU, a device sync or graph break otherwise."""
-    return counter.is_cpu and not torch.compiler.is_compiling()
-
-
 def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransformation:
     """Gradient accumulation: one ``inner`` update every ``every_k`` calls (``optax.MultiSteps``).
 
@@ -811,9 +790,9 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
     where = "multi_steps"
 
     def init(params: Params) -> MultiStepsState:
-        count = _count(params)
+        count = C.count(params, where)
         return MultiStepsState(
-            mini_step=count, gradient_step=count.clone(), inner_state=inner.init(params), acc_grads=_zeros_tree(params, where)
+            mini_step=count, gradient_step=count.clone(), inner_state=inner.init(params), acc_grads=C.zeros_tree(params, where)
         )
 
     def update(updates: Updates, state: MultiStepsState, params: Params | None = None, *, donate: bool = False):
@@ -823,7 +802,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         (mean,) = F.grouped(lambda _, a: (list(torch._foreach_div(a, float(every_k))),), [acc], (None,))
         mean = _tree.unflatten(spec, mean)
 
-        if _can_branch(state.mini_step):
+        if C.can_branch(state.mini_step):
             if int(state.mini_step) + 1 < every_k:
                 zeros = [torch.zeros_like(a) for a in acc]
                 new_state = MultiStepsState(state.mini_step + 1, state.gradient_step, state.inner_state, _tree.unflatten(spec, acc))
