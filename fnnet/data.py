@@ -24,7 +24,7 @@ import urllib.request
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .device import DeviceLike, place, resolve_device
 
 __all__ = [
     "ArrayLoader",
+    "split_batch",
     "batch_size_of",
     "num_batches",
     "set_epoch",
@@ -209,6 +210,26 @@ class ArrayLoader:
 # --------------------------------------------------------------------------------------
 # What fnnet asks of any loader
 # --------------------------------------------------------------------------------------
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a supervised batch: ``(x, y)``, ``[x, y]`` or ``{"x": ..., "y": ...}``.
+
+    A batch of inputs alone (a tensor, a 1-tuple, a dict without ``"y"``) gives ``targets=None``.
+    Anything else is a ``ValueError`` saying which forms are accepted.
+    """
+    if isinstance(batch, Mapping):
+        if "x" not in batch:
+            raise ValueError(f"a dict batch needs keys 'x' (and 'y' for training), got {sorted(batch)}")
+        return batch["x"], batch.get("y")
+    if isinstance(batch, (tuple, list)):
+        if len(batch) in (1, 2):
+            return batch[0], (batch[1] if len(batch) == 2 else None)
+        raise ValueError(f"a batch is (inputs, targets), (inputs,) or {{'x': ..., 'y': ...}}; got a {type(batch).__name__} "
+                         f"of length {len(batch)}")
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    raise ValueError(f"a batch is (inputs, targets), (inputs,), a tensor or {{'x': ..., 'y': ...}}; got {type(batch).__name__}")
+
+
 def batch_size_of(batch: Any) -> int:
     """The number of samples in ``batch``: the first dimension of its first leaf."""
     leaves = _tree.leaves(batch)  # paths are built only for the error message (this runs every step)

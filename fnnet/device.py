@@ -6,7 +6,9 @@ tensors, parameter dicts, optimizer states and whole batches alike.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any, Union
 
 import torch
@@ -18,7 +20,10 @@ __all__ = [
     "devices",
     "device_count",
     "default_device",
+    "existing_devices",
     "resolve_device",
+    "parse_devices",
+    "tree_device",
     "place",
     "empty_cache",
     "memory_stats",
@@ -96,6 +101,78 @@ def resolve_device(device: DeviceLike | None) -> torch.device:
     raise ValueError(f"device type {dev.type!r} ({device!r}) is not supported by fnnet; devices here: {existing_devices()}")
 
 
+def parse_devices(devices: Any) -> list[torch.device]:
+    """The devices a ``Trainer(devices=...)`` request names (the chapter's Lightning ``gpus=`` meanings).
+
+    * ``"auto"`` (a GPU when there is one, else the CPU), ``"cpu"``, ``"cuda"`` / ``"gpu"`` /
+      ``"cuda:N"``, a ``torch.device``: that one device;
+    * an int is a *count*: ``0`` = the CPU, ``n`` = the first ``n`` GPUs, ``-1`` = every GPU;
+    * a list: GPU indices (``[0, 1]``) and/or device names (``["cuda:0", "cuda:1"]``,
+      ``["cpu", "cpu"]``), in the order given.
+
+    A GPU index listed twice (``[0, 0]``) is an error; an explicit device *name* may repeat
+    (``["cpu", "cpu"]``, ``["cuda:0", "cuda:0"]``): several shards on one device, which is how
+    the data-parallel path runs (and is tested) on a machine with one device. A request this
+    machine cannot satisfy raises ``ValueError`` listing the devices that exist.
+    """
+    if isinstance(devices, bool):
+        raise TypeError(f"devices must be 'auto', 'cpu', 'cuda', an int or a list, not {devices!r}")
+    if devices is None or isinstance(devices, (str, torch.device)):
+        if isinstance(devices, str) and devices.strip().lower() in ("gpu", "gpus"):
+            devices = "cuda"
+        try:
+            return [resolve_device(devices)]
+        except ValueError as exc:
+            raise ValueError(f"devices={devices!r}: {exc}") from None
+    n = device_count()
+    if isinstance(devices, int):
+        if devices == 0:
+            return [torch.device("cpu")]
+        if devices == -1:
+            if n == 0:
+                raise ValueError(f"devices=-1 asks for every GPU, but this machine has none; devices here: {existing_devices()}")
+            return [torch.device("cuda", i) for i in range(n)]
+        if devices < -1:
+            raise ValueError(f"devices={devices} is not valid: use 0 (CPU), a GPU count >= 1, or -1 (all GPUs)")
+        if devices > n:
+            raise ValueError(f"devices={devices} asks for {devices} GPU(s) but this machine has {n}; "
+                             f"devices here: {existing_devices()}")
+        return [torch.device("cuda", i) for i in range(devices)]
+    if isinstance(devices, (list, tuple)):
+        if not devices:
+            raise ValueError("devices=[] names no device; use 0 or 'cpu' for the CPU")
+        out, indices = [], []
+        for entry in devices:
+            if isinstance(entry, bool) or not isinstance(entry, (int, str, torch.device)):
+                raise TypeError(f"devices={list(devices)}: entries are GPU indices or device names, got {entry!r}")
+            if isinstance(entry, int):
+                if not 0 <= entry < n:
+                    raise ValueError(f"devices={list(devices)}: GPU {entry} does not exist; devices here: {existing_devices()}")
+                indices.append(entry)
+                out.append(torch.device("cuda", entry))
+            else:
+                try:
+                    out.append(resolve_device(entry))
+                except ValueError as exc:
+                    raise ValueError(f"devices={list(devices)}: {exc}") from None
+        twice = sorted({i for i in indices if indices.count(i) > 1})
+        if twice:
+            raise ValueError(
+                f"devices={list(devices)} names GPU {twice[0]} twice; to put several shards on one device on "
+                f"purpose, name it explicitly (devices=['cuda:{twice[0]}', 'cuda:{twice[0]}'])"
+            )
+        return out
+    raise TypeError(f"devices must be 'auto', 'cpu', 'cuda', an int or a list, not {type(devices).__name__}")
+
+
+def tree_device(tree: Any) -> torch.device:
+    """The device of the first tensor leaf of ``tree`` (where its counters live); CPU if it has none."""
+    for leaf in _tree.leaves(tree):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+
 # The tensor rank each layout applies to (None: no relayout).
 _LAYOUT_RANKS = {torch.channels_last: 4, torch.channels_last_3d: 5, torch.contiguous_format: 4, torch.preserve_format: None}
 
@@ -123,6 +200,13 @@ def place(tree: Any, device: DeviceLike | None, *, non_blocking: bool = False,
 
     def move(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
+            if _holds_tensors(x):
+                path = next(p for p, leaf in _tree.leaves_with_path(tree) if leaf is x)
+                raise TypeError(
+                    f"place: the leaf at '{path}' is a {type(x).__name__} holding tensors, which fnnet.tree does not "
+                    "see into, so they would not be moved; register the class (fnnet.tree.register_dataclass) "
+                    "or pass a dict, list or tuple"
+                )
             return x
         if rank is not None and x.ndim == rank:
             return x.to(dev, non_blocking=non_blocking, memory_format=memory_format)
@@ -131,6 +215,23 @@ def place(tree: Any, device: DeviceLike | None, *, non_blocking: bool = False,
         return x
 
     return _tree.map(move, tree)
+
+
+def _holds_tensors(x: Any, depth: int = 0) -> bool:
+    """Whether a leaf that is not a tensor is a container (a mapping, a dataclass, a sequence) holding some."""
+    if isinstance(x, torch.Tensor):
+        return True
+    if depth > 3 or isinstance(x, (str, bytes, int, float, bool)) or x is None:
+        return False
+    if isinstance(x, Mapping):
+        children: Any = x.values()
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        children = (getattr(x, f.name, None) for f in dataclasses.fields(x))
+    elif isinstance(x, (list, tuple, set, frozenset)):
+        children = x
+    else:
+        return False
+    return any(_holds_tensors(c, depth + 1) for c in children)
 
 
 def synchronize(device: DeviceLike | None = None) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "randint",
     "permutation",
     "bernoulli",
+    "seed_everything",
 ]
 
 _MASK = (1 << 64) - 1
@@ -201,3 +202,21 @@ def permutation(k: Key, n: int, *, device=None) -> torch.Tensor:
 def bernoulli(k: Key, p: float, shape: Sequence[int], *, device=None) -> torch.Tensor:
     """Booleans that are True with probability ``p`` under ``k``."""
     return uniform(k, shape, device=device) < p
+
+
+def seed_everything(seed: int) -> int:
+    """Seed Python's, NumPy's and torch's global RNGs (Lightning's ``seed_everything``); returns ``seed``.
+
+    fnnet itself never draws from global RNGs (it uses explicit keys); this is for the rest
+    of a script: module constructors, torch ``DataLoader(shuffle=True)``, numpy code.
+    """
+    import random
+
+    import numpy as np
+
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed

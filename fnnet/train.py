@@ -1,7 +1,14 @@
-"""The functional training core: ``TrainState`` and the pure step ``(state, batch) -> (state, metrics)``.
+"""The functional training core: the pure step ``(state, batch) -> (state, metrics)`` and its two halves.
 
-Everything that trains in fnnet (a user's own loop, the ``Trainer``, data parallelism)
-drives a step built here::
+Everything that trains in fnnet (a user's own loop, the ``Trainer``, data parallelism,
+multi-process training) is built from two public pieces::
+
+    grad_fn = fnnet.make_grad_fn(loss_fn, precision="32")
+    grads, loss, aux, buffers = grad_fn(state.params, batch, state.buffers, key)   # 1. gradients
+    state = state.apply_gradients(grads, optimizer, buffers=buffers)              # 2. the update
+
+:func:`make_train_step` is their composition (plus the key split and, with ``jit=True``,
+``torch.compile`` over both)::
 
     state = fnnet.TrainState.create(model.params, optimizer, key=fnnet.random.key(0))
     step = fnnet.make_train_step(loss_fn, optimizer)
@@ -17,7 +24,8 @@ are keyword arguments the function *declares* (fnnet inspects its signature):
 * ``buffers=`` -- the state's buffers (BatchNorm running stats). A loss function that takes
   buffers returns ``(loss, aux, new_buffers)`` (``aux`` may be ``None``).
 * ``key=`` -- a fresh :class:`fnnet.random.Key` for this step (dropout), split from
-  ``state.key`` (``None`` when the state has no key).
+  ``state.key`` (``None`` when the state has no key). Randomness drawn from torch's global
+  RNG inside the loss is seeded from this key (and the caller's RNG state is restored).
 * ``train=`` -- ``True`` in the train step, ``False`` in the eval step.
 
 A state that holds buffers needs a loss function that declares ``buffers``; anything else
@@ -28,26 +36,25 @@ is a ``TypeError`` naming what is missing. :func:`supervised_loss` builds the us
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
-import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
 from . import compiler as _compiler
 from . import random as _random
 from . import tree as _tree
-from .functional import Model
-from .optim._foreach import tree_device
+from .data import split_batch
+from ._functional import Model
+from .state import DynamicScale, TrainState, all_finite, loss_scale_for, update
 
 __all__ = [
-    "TrainState",
-    "DynamicScale",
+    "GradResult",
+    "make_grad_fn",
     "make_train_step",
     "make_eval_step",
+    "make_predict_step",
     "supervised_loss",
-    "split_batch",
     "PRECISIONS",
 ]
 
@@ -59,101 +66,6 @@ PRECISIONS = {
     "16-mixed": torch.float16,
     "16": torch.float16,
 }
-
-
-@_tree.register_dataclass(static=("period", "factor", "min_scale"))
-@dataclasses.dataclass(frozen=True)
-class DynamicScale:
-    """Dynamic loss scaling for float16 training, as explicit state (JAX's ``jmp.DynamicLossScale``).
-
-    The loss is multiplied by ``scale`` before the backward pass and the gradients divided by
-    it. When any gradient is non-finite the update is skipped and ``scale`` is divided by
-    ``factor`` (not below ``min_scale``); after ``period`` consecutive finite steps it is
-    multiplied by ``factor``. ``scale`` and ``good_steps`` are tensors on the params' device,
-    so none of this waits for the device.
-    """
-
-    scale: torch.Tensor
-    good_steps: torch.Tensor
-    period: int = 2000
-    factor: float = 2.0
-    min_scale: float = 1.0
-
-    @classmethod
-    def create(cls, device: torch.device | str = "cpu", *, initial_scale: float = 2.0**15, period: int = 2000,
-               factor: float = 2.0, min_scale: float = 1.0) -> "DynamicScale":
-        if not (initial_scale > 0 and math.isfinite(initial_scale)):
-            raise ValueError(f"initial_scale must be a positive finite number, got {initial_scale}")
-        if period < 1 or factor <= 1.0:
-            raise ValueError(f"need period >= 1 and factor > 1, got period={period}, factor={factor}")
-        dev = torch.device(device)
-        return cls(
-            torch.tensor(float(initial_scale), dtype=torch.float32, device=dev),
-            torch.zeros((), dtype=torch.int64, device=dev),
-            period,
-            factor,
-            min_scale,
-        )
-
-    def adjust(self, finite: torch.Tensor) -> "DynamicScale":
-        """The next scale after a step whose gradients were all finite (``finite``) or not."""
-        good = torch.where(finite, self.good_steps + 1, torch.zeros_like(self.good_steps))
-        grow = good >= self.period
-        scale = torch.where(
-            finite,
-            torch.where(grow, self.scale * self.factor, self.scale),
-            torch.clamp(self.scale / self.factor, min=self.min_scale),
-        )
-        good = torch.where(grow, torch.zeros_like(good), good)
-        return dataclasses.replace(self, scale=scale, good_steps=good)
-
-
-@_tree.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """Everything a training run changes, as one pytree (``flax.training.train_state.TrainState``).
-
-    Attributes:
-        params: the parameters (a dict of tensors, or any pytree).
-        opt_state: the optimizer's state (``optimizer.init(params)``).
-        step: how many times the training step ran (a Python int, so reading it never syncs;
-            float16 steps skipped for overflow count too, the optimizer's own count does not).
-        buffers: non-trainable model state (BatchNorm running stats) or ``None``.
-        key: an :class:`fnnet.random.Key` split once per step for dropout, or ``None``.
-        loss_scale: a :class:`DynamicScale` for float16 training, or ``None``.
-
-    States are immutable: ``state.replace(params=...)`` returns a new one.
-    """
-
-    params: Any
-    opt_state: Any
-    step: int = 0
-    buffers: Any = None
-    key: Any = None
-    loss_scale: Any = None
-
-    @classmethod
-    def create(cls, params: Any, optimizer: Any, *, buffers: Any = None, key: _random.Key | None = None,
-               loss_scale: DynamicScale | None = None) -> "TrainState":
-        """A fresh state: ``opt_state = optimizer.init(params)``, ``step = 0``.
-
-        Args:
-            params: parameters (e.g. ``model.params``), already on the device to train on.
-            optimizer: an ``fnnet.optim`` ``GradientTransformation``.
-            buffers: model buffers (e.g. ``model.buffers``) when the model has any that train.
-            key: a random key when the loss uses dropout or other randomness.
-            loss_scale: a :class:`DynamicScale` for ``precision="16-mixed"`` (the step makes one
-                itself if this is ``None``).
-        """
-        if not hasattr(optimizer, "init") or not hasattr(optimizer, "update"):
-            raise TypeError(f"optimizer must be an fnnet.optim GradientTransformation, got {type(optimizer).__name__}")
-        if key is not None and not isinstance(key, _random.Key):
-            raise TypeError(f"key must be an fnnet.random.Key (fnnet.random.key(seed)), got {type(key).__name__}")
-        return cls(params, optimizer.init(params), 0, buffers, key, loss_scale)
-
-    def replace(self, **changes: Any) -> "TrainState":
-        """A copy with some fields replaced (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
 
 
 # -- the loss function's calling convention ---------------------------------------------------
@@ -194,13 +106,13 @@ def _normalise(out: Any, with_buffers: bool) -> tuple[torch.Tensor, dict[str, An
         aux = {}
     elif not isinstance(aux, Mapping):
         aux = {"aux": aux}
-    if "loss" in aux:
-        raise ValueError("loss_fn's aux dict must not use the key 'loss' (the step reports the loss itself)")
+    for reserved in ("loss", "finite"):
+        if reserved in aux:
+            raise ValueError(f"loss_fn's aux dict must not use the key {reserved!r} (the step reports it itself)")
     return loss, dict(aux), new_buffers
 
 
-def _call_loss(loss_fn: Callable, declared: frozenset[str], params: Any, batch: Any, buffers: Any,
-               key: Any, train: bool) -> tuple[torch.Tensor, dict[str, Any], Any]:
+def _call(fn: Callable, declared: frozenset[str], params: Any, batch: Any, buffers: Any, key: Any, train: bool) -> Any:
     extras: dict[str, Any] = {}
     if "buffers" in declared:
         extras["buffers"] = buffers
@@ -208,23 +120,36 @@ def _call_loss(loss_fn: Callable, declared: frozenset[str], params: Any, batch: 
         extras["key"] = key
     if "train" in declared:
         extras["train"] = train
-    return _normalise(loss_fn(params, batch, **extras), "buffers" in declared)
+    return fn(params, batch, **extras)
 
 
-def _check_signature(declared: frozenset[str], state: TrainState, loss_fn: Callable) -> None:
-    if state.buffers is not None and "buffers" not in declared:
-        name = getattr(loss_fn, "__name__", repr(loss_fn))
+def _check_buffers_declared(declared: frozenset[str], buffers: Any, fn: Callable) -> None:
+    if buffers is not None and "buffers" not in declared:
+        name = getattr(fn, "__name__", repr(fn))
         raise TypeError(
             f"the state holds buffers but {name}(params, batch, ...) does not declare a `buffers` keyword; "
             "declare it and return (loss, aux, new_buffers), or create the state without buffers"
         )
 
 
-def _autocast(precision: str, params: Any):
+# -- precision --------------------------------------------------------------------------------
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+
+
+def autocast(precision: str, params: Any) -> contextlib.AbstractContextManager:
+    """The autocast context a step of ``precision`` runs its forward in, on the params' device type.
+
+    ``"32"``: full precision; a caller's active autocast is switched off (one context, which
+    ``torch.compile`` traces), and nothing is entered otherwise. ``"bf16"``/``"16-mixed"``:
+    ``torch.autocast`` to bfloat16/float16.
+    """
+    _check_precision(precision)
     dtype = PRECISIONS[precision]
     if dtype is None:
-        # Full precision: switch a caller's autocast off if one is active, else enter nothing
-        # (a single context either way, which torch.compile traces).
         active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         if not active:
             return contextlib.nullcontext()
@@ -242,71 +167,108 @@ def _both_autocasts_off():
         yield
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-
-
-def _all_finite(grads: Any) -> torch.Tensor:
-    leaves = [g for g in _tree.leaves(grads) if isinstance(g, torch.Tensor)]
-    if not leaves:
-        return torch.tensor(True)
-    return torch.stack([torch.isfinite(g).all() for g in leaves]).all()
-
-
-def _select(pred: torch.Tensor, new: Any, old: Any) -> Any:
-    return _tree.map(lambda a, b: torch.where(pred, a, b) if isinstance(a, torch.Tensor) else a, new, old)
-
-
 def _detached(x: Any) -> Any:
     if isinstance(x, dict) and not x:
         return {}
     return _tree.map(lambda t: t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t), x)
 
 
-def _grad_fn(loss_fn: Callable, declared: frozenset[str], precision: str, scaled: bool, jit: bool) -> Callable:
-    """``(params, batch, buffers, key, scale) -> (grads, (loss, aux, new_buffers))``.
+def _cuda_devices(params: Any) -> list[torch.device]:
+    return sorted({x.device for x in _tree.leaves(params) if isinstance(x, torch.Tensor) and x.device.type == "cuda"},
+                  key=str)
 
-    Compiled steps use ``torch.func.grad``, which (unlike ``torch.autograd.grad``) traces into
-    ``torch.compile`` without a graph break; its aux output must hold tensors only, so ``None``
-    entries are left out and Python numbers in ``aux`` become tensors. Eager steps run the same
-    objective through ``torch.autograd.grad`` on detached aliases of the parameters: the same
-    math with less per-call Python than functorch's wrappers, which matters for small models.
+
+def _rng_scope(declared: frozenset[str], key: Any, params: Any) -> contextlib.AbstractContextManager:
+    """Seed torch's global RNG from ``key`` around a loss that takes one (eager mode; real keys only)."""
+    if "key" not in declared or not isinstance(key, _random.Key) or isinstance(key, _random._TracingKey):
+        return contextlib.nullcontext()
+    return _random.rng_scope(key, _cuda_devices(params))
+
+
+# -- 1. the gradient function -------------------------------------------------------------------
+
+
+class GradResult(NamedTuple):
+    """What a gradient function returns: ``(grads, loss, aux, buffers)``.
+
+    Attributes:
+        grads: the gradients, with the params' structure (unscaled, float32 master dtype).
+        loss: the loss, a detached 0-dim float32 tensor on the device.
+        aux: the loss function's aux dict (detached tensors).
+        buffers: the buffers after the forward, or ``None`` when the loss takes none.
     """
 
-    def objective(params, batch, buffers, key, scale):
-        with _autocast(precision, params):
-            loss, aux, new_buffers = _call_loss(loss_fn, declared, params, batch, buffers, key, True)
+    grads: Any
+    loss: torch.Tensor
+    aux: dict[str, Any]
+    buffers: Any
+
+
+def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., GradResult]:
+    """Build ``grad_fn(params, batch, buffers=None, key=None, *, loss_scale=None) -> GradResult``.
+
+    The first half of every training step (``jax.value_and_grad`` with fnnet's loss
+    convention): the loss and its gradient with respect to ``params``, in the step's
+    precision. The second half is :meth:`fnnet.TrainState.apply_gradients`.
+
+    Args:
+        loss_fn: see the module docstring for the calling convention.
+        precision: ``"32"``, ``"bf16"`` (autocast to bfloat16) or ``"16-mixed"`` (float16
+            autocast; pass ``loss_scale``). Gradients come back in the params' dtype.
+
+    The returned function takes ``loss_scale=``, a :class:`DynamicScale`: the loss is
+    multiplied by its scale before the backward pass and the gradients divided by it, so
+    ``grads`` are always the true gradients (non-finite where float16 overflowed). Eager
+    calls differentiate with ``torch.autograd.grad`` on detached aliases of the params;
+    inside ``torch.compile`` with ``torch.func.grad``, which traces without a graph break.
+    Parameters the loss does not use get zero gradients. Nothing passed in is modified.
+    """
+    _check_precision(precision)
+    declared = _declared(loss_fn)
+
+    def objective(params: Any, batch: Any, buffers: Any, key: Any, scale: Any) -> tuple[torch.Tensor, dict]:
+        with autocast(precision, params):
+            loss, aux, new_buffers = _normalise(_call(loss_fn, declared, params, batch, buffers, key, True),
+                                                "buffers" in declared)
         loss = loss.float()
         payload = {"loss": loss.detach(), "aux": _detached(aux)}
         if new_buffers is not None:
             payload["buffers"] = _detached(new_buffers)
-        return (loss * scale if scaled else loss), payload
+        return (loss * scale if scale is not None else loss), payload
 
-    if jit:
-        grad = torch.func.grad(objective, has_aux=True)
-    else:
+    def eager_grad(params: Any, batch: Any, buffers: Any, key: Any, scale: Any) -> tuple[Any, dict]:
+        leaves, spec = _tree.flatten(params)
+        trainable = [isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) for x in leaves]
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_(True) if t else x for x, t in zip(leaves, trainable)]
+            target, payload = objective(_tree.unflatten(spec, inputs), batch, buffers, key, scale)
+            wrt = [x for x, t in zip(inputs, trainable) if t]
+            found = iter(torch.autograd.grad(target, wrt, allow_unused=True) if wrt else ())
+        grads = []
+        for x, t in zip(leaves, trainable):
+            g = next(found) if t else None
+            grads.append(torch.zeros_like(x) if g is None else g)  # unused or frozen params: zero gradient
+        return _tree.unflatten(spec, grads), payload
 
-        def grad(params, batch, buffers, key, scale):
-            leaves, spec = _tree.flatten(params)
-            trainable = [isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) for x in leaves]
-            with torch.enable_grad():
-                inputs = [x.detach().requires_grad_(True) if t else x for x, t in zip(leaves, trainable)]
-                target, payload = objective(_tree.unflatten(spec, inputs), batch, buffers, key, scale)
-                wrt = [x for x, t in zip(inputs, trainable) if t]
-                found = torch.autograd.grad(target, wrt, allow_unused=True) if wrt else ()
-            found = iter(found)
-            grads = []
-            for x, t in zip(leaves, trainable):
-                g = next(found) if t else None
-                grads.append(torch.zeros_like(x) if g is None else g)  # unused params: zero gradient
-            return _tree.unflatten(spec, grads), payload
+    def grad_fn(params: Any, batch: Any, buffers: Any = None, key: Any = None, *,
+                loss_scale: DynamicScale | None = None) -> GradResult:
+        _check_buffers_declared(declared, buffers, loss_fn)
+        scale = loss_scale.scale if loss_scale is not None else None
+        if torch.compiler.is_compiling():
+            grads, payload = torch.func.grad(objective, has_aux=True)(params, batch, buffers, key, scale)
+        else:
+            with _rng_scope(declared, key, params):
+                grads, payload = eager_grad(params, batch, buffers, key, scale)
+        if scale is not None:
+            grads = _tree.map(lambda g: g / scale.to(g.dtype), grads)
+        return GradResult(grads, payload["loss"], payload["aux"], payload.get("buffers"))
 
-    def run(params, batch, buffers, key, scale):
-        grads, payload = grad(params, batch, buffers, key, scale)
-        return grads, (payload["loss"], payload["aux"], payload.get("buffers"))
+    grad_fn.declared = declared  # type: ignore[attr-defined]
+    grad_fn.loss_fn = loss_fn  # type: ignore[attr-defined]
+    return grad_fn
 
-    return run
+
+# -- 2. the step: gradients, then the update ------------------------------------------------------
 
 
 def make_train_step(
@@ -317,14 +279,16 @@ def make_train_step(
     donate: bool = False,
     precision: str = "32",
     compile_options: Mapping[str, Any] | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
     """Build the pure training step ``step(state, batch) -> (new_state, metrics)``.
 
-    One call computes the loss and its gradient (``torch.func.grad`` over ``loss_fn``), runs
-    the optimizer's ``update`` and applies it, splits the state's key and counts the step.
+    One call splits the state's key, computes the loss and its gradient
+    (:func:`make_grad_fn`) and applies the update (:meth:`TrainState.apply_gradients`).
     ``metrics`` holds ``"loss"`` (a 0-dim float32 tensor on the device, never synced to the
-    host: a non-finite loss shows up there, and stopping on it is the caller's call) and the
-    loss function's aux dict.
+    host: a non-finite loss shows up there, and stopping on it is the caller's call), the
+    loss function's aux dict and, when the step checks gradients (``skip_nonfinite`` or
+    float16), ``"finite"``: a 0-dim bool tensor, False for a skipped update.
 
     Args:
         loss_fn: see the module docstring for the calling convention.
@@ -348,56 +312,49 @@ def make_train_step(
         compile_options: extra keyword arguments for ``torch.compile`` when ``jit=True``
             (``mode="reduce-overhead"`` for CUDA graphs, ``fullgraph=True``, inductor
             ``options``, ...; see :func:`fnnet.compiler.compile`).
+        skip_nonfinite: check that every gradient is finite and skip the update when one is
+            not (params, optimizer state and buffers stay as they were, donated or not), with
+            no host sync (see :meth:`TrainState.apply_gradients`); reported as
+            ``metrics["finite"]``. The ``Trainer`` turns this on.
     """
     _check_precision(precision)
     if compile_options and not jit:
         raise ValueError("compile_options only apply with jit=True")
-    declared = _declared(loss_fn)
+    grad_fn = make_grad_fn(loss_fn, precision=precision)
+    declared = grad_fn.declared
     scaled = PRECISIONS[precision] is torch.float16
-    grad_fn = _grad_fn(loss_fn, declared, precision, scaled, jit)
-    # A loss-scaled step may have to be undone: it cannot update its inputs in place.
-    donate_update = donate and not scaled
+    checks = skip_nonfinite or scaled
 
     def inner(params, opt_state, buffers, loss_scale, batch, key):
-        scale = loss_scale.scale if scaled else None
-        grads, (loss, aux, new_buffers) = grad_fn(params, batch, buffers, key, scale)
-        if scaled:
-            grads = _tree.map(lambda g: g / scale.to(g.dtype), grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params, donate=donate_update)
-        new_params = _apply(params, updates, donate_update)
-        if scaled:
-            finite = _all_finite(grads)
-            new_params = _select(finite, new_params, params)
-            new_opt_state = _select(finite, new_opt_state, opt_state)
+        grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
+        finite = all_finite(grads) if checks else None
+        params, opt_state, new_buffers, _ = update(optimizer, grads, params, opt_state, finite=finite, donate=donate,
+                                                   buffers=buffers, new_buffers=new_buffers)
+        if loss_scale is not None:
             loss_scale = loss_scale.adjust(finite)
-        if new_buffers is None:
-            new_buffers = buffers
-        return new_params, new_opt_state, new_buffers, loss_scale, {"loss": loss, **aux}
+        metrics = {"loss": loss, **aux}
+        if finite is not None:
+            metrics["finite"] = finite
+        return params, opt_state, new_buffers, loss_scale, metrics
 
-    compiled = _compile_step(inner, compile_options) if jit else inner
+    compiled = _compile(inner, compile_options) if jit else inner
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         if not isinstance(state, TrainState):
             raise TypeError(f"step expects a TrainState as its first argument, got {type(state).__name__}")
-        _check_signature(declared, state, loss_fn)
-        loss_scale = state.loss_scale
-        if scaled and loss_scale is None:
-            loss_scale = DynamicScale.create(tree_device(state.params))
-        if state.key is not None:
-            next_key, step_key = _random.split(state.key)
+        _check_buffers_declared(declared, state.buffers, loss_fn)
+        next_key, step_key = split_step_key(state.key)
+        loss_scale = loss_scale_for(state, scaled)
+        if jit:
+            # Inside torch.compile randomness comes from torch's RNG ops, seeded here from the key.
+            with _rng_scope(declared, step_key, state.params):
+                inner_key = _random.TRACING_KEY if step_key is not None else None
+                out = compiled(state.params, state.opt_state, state.buffers, loss_scale, batch, inner_key)
         else:
-            next_key, step_key = None, None
-        inner_key = _random.TRACING_KEY if (jit and step_key is not None) else step_key
-        # Randomness inside the step (dropout) is seeded from the step's key; a loss that takes
-        # no key draws none, and then torch's RNG is not touched at all.
-        scope_key = step_key if "key" in declared else None
-        with _random.rng_scope(scope_key, _cuda_devices(state.params) if scope_key is not None else ()):
-            params, opt_state, buffers, loss_scale, metrics = compiled(
-                state.params, state.opt_state, state.buffers, loss_scale, batch, inner_key
-            )
-        new_state = TrainState(params, opt_state, state.step + 1, buffers, next_key,
-                               loss_scale if scaled else state.loss_scale)
-        return new_state, metrics
+            out = inner(state.params, state.opt_state, state.buffers, loss_scale, batch, step_key)
+        params, opt_state, buffers, loss_scale, metrics = out
+        return TrainState(params, opt_state, state.step + 1, buffers, next_key,
+                          loss_scale if scaled else state.loss_scale), metrics
 
     step.jit = jit  # type: ignore[attr-defined]
     step.donate = donate  # type: ignore[attr-defined]
@@ -405,20 +362,37 @@ def make_train_step(
     return step
 
 
-def _compile_step(fn: Callable, compile_options: Mapping[str, Any] | None) -> Callable:
+def split_step_key(key: _random.Key | None) -> tuple[_random.Key | None, _random.Key | None]:
+    """``(next state key, this step's key)``: one ``split`` per step, ``(None, None)`` without a key."""
+    if key is None:
+        return None, None
+    return _random.split(key)
+
+
+def _compile(fn: Callable, compile_options: Mapping[str, Any] | None) -> Callable:
     """``fn`` through :func:`fnnet.compiler.compile`, shapes specialised unless the options say otherwise."""
     return _compiler.compile(fn, **{"dynamic": False, **dict(compile_options or {})})
 
 
-def _apply(params: Any, updates: Any, donate: bool) -> Any:
-    from .optim import apply_updates
+def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: str,
+                  compile_options: Mapping[str, Any] | None) -> Callable[[TrainState, Any], Any]:
+    """``step(state, batch) -> fn(params, batch, buffers)`` under ``no_grad`` and the precision's autocast."""
+    _check_precision(precision)
+    if compile_options and not jit:
+        raise ValueError("compile_options only apply with jit=True")
 
-    return apply_updates(params, updates, donate=donate)
+    def inner(params, buffers, batch):
+        with torch.no_grad(), autocast(precision, params):
+            return fn(params, batch, buffers)
 
+    compiled = _compile(inner, compile_options) if jit else inner
 
-def _cuda_devices(params: Any) -> list[torch.device]:
-    dev = tree_device(params)
-    return [dev] if dev.type == "cuda" else []
+    def step(state: TrainState, batch: Any) -> Any:
+        if not isinstance(state, TrainState):
+            raise TypeError(f"{what} expects a TrainState as its first argument, got {type(state).__name__}")
+        return compiled(state.params, state.buffers, batch)
+
+    return step
 
 
 def make_eval_step(
@@ -428,46 +402,40 @@ def make_eval_step(
 
     ``loss_fn`` is called with ``train=False`` (if it declares ``train``), the state's
     buffers (if it declares ``buffers``; any new buffers it returns are ignored) and
-    ``key=None``. Runs under ``torch.no_grad``.
+    ``key=None``. Runs under ``torch.no_grad`` in the step's precision.
     """
-    _check_precision(precision)
-    if compile_options and not jit:
-        raise ValueError("compile_options only apply with jit=True")
     declared = _declared(loss_fn)
 
-    def inner(params, buffers, batch):
-        with torch.no_grad(), _autocast(precision, params):
-            loss, aux, _ = _call_loss(loss_fn, declared, params, batch, buffers, None, False)
+    def evaluate(params: Any, batch: Any, buffers: Any) -> dict[str, torch.Tensor]:
+        _check_buffers_declared(declared, buffers, loss_fn)
+        loss, aux, _ = _normalise(_call(loss_fn, declared, params, batch, buffers, None, False), "buffers" in declared)
         return {"loss": loss.float(), **aux}
 
-    compiled = _compile_step(inner, compile_options) if jit else inner
-
-    def eval_step(state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
-        if not isinstance(state, TrainState):
-            raise TypeError(f"eval_step expects a TrainState as its first argument, got {type(state).__name__}")
-        _check_signature(declared, state, loss_fn)
-        return compiled(state.params, state.buffers, batch)
-
-    return eval_step
+    return _no_grad_step(evaluate, "eval_step", jit=jit, precision=precision, compile_options=compile_options)
 
 
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a supervised batch: ``(x, y)``, ``[x, y]`` or ``{"x": ..., "y": ...}``.
+def make_predict_step(
+    predict_fn: Callable, *, jit: bool = False, precision: str = "32", compile_options: Mapping[str, Any] | None = None
+) -> Callable[[TrainState, Any], Any]:
+    """Build ``predict_step(state, batch) -> outputs``: ``predict_fn(params, batch, [buffers=])`` in eval mode.
 
-    A batch of inputs alone (a tensor, a 1-tuple, a dict without ``"y"``) gives ``targets=None``.
-    Anything else is a ``ValueError`` saying which forms are accepted.
+    Runs under ``torch.no_grad`` in the step's precision; floating-point outputs computed in
+    a lower precision come back as float32. ``predict_fn`` receives ``buffers=`` when it
+    declares it (as a loss function does). :func:`supervised_loss`'s companion for a
+    :class:`fnnet.Model` is ``lambda params, batch, buffers=None: model.apply(params,
+    inputs_of(batch), buffers=buffers)``, which is what ``Trainer.predict`` runs.
     """
-    if isinstance(batch, Mapping):
-        if "x" not in batch:
-            raise ValueError(f"a dict batch needs keys 'x' (and 'y' for training), got {sorted(batch)}")
-        return batch["x"], batch.get("y")
-    if isinstance(batch, (tuple, list)):
-        if len(batch) in (1, 2):
-            return batch[0], (batch[1] if len(batch) == 2 else None)
-        raise ValueError(f"a batch is (inputs, targets), (inputs,) or {{'x': ..., 'y': ...}}; got a {type(batch).__name__} of length {len(batch)}")
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    raise ValueError(f"a batch is (inputs, targets), (inputs,), a tensor or {{'x': ..., 'y': ...}}; got {type(batch).__name__}")
+    declared = _declared(predict_fn)
+
+    def predict(params: Any, batch: Any, buffers: Any) -> Any:
+        out = _call(predict_fn, declared, params, batch, buffers, None, False)
+        return _tree.map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+                         else t, out)
+
+    return _no_grad_step(predict, "predict_step", jit=jit, precision=precision, compile_options=compile_options)
+
+
+# -- the usual loss -----------------------------------------------------------------------------
 
 
 def supervised_loss(model: Model, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
@@ -476,8 +444,9 @@ def supervised_loss(model: Model, loss: Callable[[torch.Tensor, torch.Tensor], t
 
     Returns ``loss_fn(params, batch, *, buffers=None, key=None, train=True)`` that runs
     ``model.apply`` in train or eval mode and, with ``return_outputs``, reports the (detached)
-    outputs as ``aux["outputs"]`` so a caller can update metrics. ``with_buffers`` (default:
-    whether the model has buffers) makes it take and return buffers (BatchNorm).
+    outputs and the targets as ``aux["outputs"]`` and ``aux["targets"]``, so a caller updates
+    its metrics from what the step returns. ``with_buffers`` (default: whether the model has
+    buffers) makes it take and return buffers (BatchNorm).
     """
     if not isinstance(model, Model):
         raise TypeError(f"supervised_loss expects an fnnet.Model (fnnet.functional(module)), got {type(model).__name__}")
@@ -489,13 +458,15 @@ def supervised_loss(model: Model, loss: Callable[[torch.Tensor, torch.Tensor], t
             raise ValueError("supervised_loss needs batches with targets: (inputs, targets) or {'x': ..., 'y': ...}")
         return x, y
 
+    def report(out: Any, y: Any) -> dict[str, Any] | None:
+        return {"outputs": out, "targets": y} if return_outputs else None
+
     if uses_buffers:
 
         def loss_fn(params, batch, *, buffers=None, key=None, train=True):
             x, y = _supervised(batch)
             out, new_buffers = model.apply(params, x, buffers=buffers, train=train, key=key, return_buffers=True)
-            value = loss(out, y)
-            return value, ({"outputs": out} if return_outputs else None), new_buffers
+            return loss(out, y), report(out, y), new_buffers
 
     else:
 
@@ -503,7 +474,7 @@ def supervised_loss(model: Model, loss: Callable[[torch.Tensor, torch.Tensor], t
             x, y = _supervised(batch)
             out = model.apply(params, x, train=train, key=key)
             value = loss(out, y)
-            return (value, {"outputs": out}) if return_outputs else value
+            return (value, report(out, y)) if return_outputs else value
 
     loss_fn.__name__ = f"supervised_loss[{model.module_type}]"
     return loss_fn

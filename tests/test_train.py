@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fnnet
-from fnnet import optim
+from fnnet import optim, recipes
 from conftest import requires_cuda
 from models import bn_net, chapter_cnn
 
@@ -241,7 +241,7 @@ def test_jit_matches_eager_and_compiles_once_per_shape():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])])
 def test_chapter_linear_regression_recovers_w_and_b(device):
-    result = fnnet.recipes.train_linreg(n=1_000_000, steps=500, device=device, verbose=0)
+    result = recipes.train_linreg(n=1_000_000, steps=500, device=device, verbose=0)
     assert abs(result["w"][0] - 2.0) < 0.05 and abs(result["w"][1] + 3.0) < 0.05
     assert abs(result["b"] - 10.0) < 0.05
     assert abs(result["loss"] - 4.0) < 0.05
@@ -309,3 +309,98 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     resumed = fnnet.load(ckpt + ".second")
     assert full.step == resumed.step == 12
     assert fnnet.tree.all_equal(full, resumed)
+
+
+# -- the seam: the gradient function and the update ------------------------------------------------
+
+
+def test_grad_fn_then_apply_gradients_is_the_train_step():
+    model, loss_fn, batch = mlp_setup()
+    opt = optim.adam(0.05)
+    grad_fn = fnnet.make_grad_fn(loss_fn)
+    by_hand = fnnet.TrainState.create(model.params, opt)
+    state = fnnet.TrainState.create(model.params, opt)
+    step = fnnet.make_train_step(loss_fn, opt)
+    for _ in range(5):
+        grads, loss, aux, buffers = grad_fn(by_hand.params, batch)
+        by_hand = by_hand.apply_gradients(grads, opt, buffers=buffers)
+        state, metrics = step(state, batch)
+        assert torch.equal(loss, metrics["loss"]) and aux == {} and buffers is None
+    assert fnnet.tree.all_equal(by_hand, state)  # bit for bit: the step is exactly the composition
+    # the gradients are torch's
+    out = grad_fn(state.params, batch)
+    assert isinstance(out, fnnet.GradResult)
+    params = {k: v.clone().requires_grad_(True) for k, v in state.params.items()}
+    expected = torch.autograd.grad(loss_fn(params, batch), list(params.values()))
+    for g, e in zip(out.grads.values(), expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_grad_fn_returns_unscaled_gradients_under_a_loss_scale():
+    model, loss_fn, batch = mlp_setup()
+    grad_fn = fnnet.make_grad_fn(loss_fn)
+    plain = grad_fn(model.params, batch).grads
+    scaled = grad_fn(model.params, batch, loss_scale=fnnet.DynamicScale.create(initial_scale=1024.0)).grads
+    for k in plain:
+        torch.testing.assert_close(scaled[k], plain[k], rtol=1e-6, atol=1e-7)
+
+
+def test_apply_gradients_skips_a_nonfinite_update_and_still_counts_the_step():
+    model, loss_fn, batch = mlp_setup()
+    opt = optim.adam(0.05)
+    for donate in (False, True):
+        state = fnnet.TrainState.create(clone_tree(model.params), opt)
+        state, _ = fnnet.make_train_step(loss_fn, opt)(state, batch)
+        before = clone_tree(state)
+        grads = fnnet.tree.map(lambda p: torch.full_like(p, float("nan")), state.params)
+        finite = fnnet.all_finite(grads)
+        assert finite.dtype == torch.bool and not bool(finite)
+        new = state.apply_gradients(grads, opt, finite=finite, donate=donate)
+        assert new.step == before.step + 1
+        assert fnnet.tree.all_equal(new.params, before.params) and fnnet.tree.all_equal(new.opt_state, before.opt_state)
+        good = fnnet.tree.map(torch.ones_like, state.params)
+        moved = new.apply_gradients(good, opt, finite=fnnet.all_finite(good), donate=donate)
+        assert not fnnet.tree.all_equal(moved.params, before.params)
+
+
+@pytest.mark.slow
+def test_compiled_step_skips_nonfinite_updates_on_the_device_with_donation():
+    """Inside torch.compile the skip is a select on the device (the path accelerators take)."""
+    model, _, (x, y) = mlp_setup()
+
+    def loss_fn(params, batch):
+        xb, yb, poison = batch
+        # finite loss; with poison = 0 the weight's gradient is 0 * inf = nan (d sqrt(x) at 0), as in the issue
+        return F.mse_loss(model.apply(params, xb), yb) + 0.0 * torch.sqrt((params["0.weight"] * poison).abs()).sum()
+
+    opt = optim.adam(0.05)
+    compiled = fnnet.make_train_step(loss_fn, opt, jit=True, donate=True, skip_nonfinite=True)
+    eager = fnnet.make_train_step(loss_fn, opt, donate=True, skip_nonfinite=True)
+    states = [fnnet.TrainState.create(clone_tree(model.params), opt) for _ in range(2)]
+    ok, bad = torch.ones(1), torch.zeros(1)
+    for poison in (ok, bad, ok, bad, bad, ok):
+        ptrs = {k: v.data_ptr() for k, v in states[0].params.items()}
+        states[0], m0 = compiled(states[0], (x, y, poison))
+        states[1], m1 = eager(states[1], (x, y, poison))
+        assert bool(m0["finite"]) == bool(m1["finite"]) == (poison is ok)
+        assert {k: v.data_ptr() for k, v in states[0].params.items()} == ptrs  # donated: in place
+        assert bool(fnnet.all_finite(states[0])) and bool(fnnet.all_finite(states[1]))
+    for k in states[0].params:
+        torch.testing.assert_close(states[0].params[k], states[1].params[k], rtol=1e-5, atol=1e-6)
+    assert int(states[0].opt_state[0].count) == int(states[1].opt_state[0].count) == 3  # three real updates
+
+
+def test_predict_step_runs_in_eval_mode_and_precision():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    model = fnnet.functional(net)
+    state = fnnet.TrainState.create(model.params, optim.sgd(0.1), buffers=model.buffers)
+    x = torch.randn(8, 3)
+    predict = fnnet.make_predict_step(lambda p, b, buffers=None: model.apply(p, b, buffers=buffers))
+    torch.testing.assert_close(predict(state, x), net.eval()(x))
+    bf16 = fnnet.make_predict_step(lambda p, b, buffers=None: model.apply(p, b, buffers=buffers), precision="bf16")
+    out = bf16(state, x)
+    assert out.dtype == torch.float32  # computed in bfloat16, returned as float32
+    torch.testing.assert_close(out, net(x), rtol=2e-2, atol=2e-2)
+    with pytest.raises(TypeError, match="TrainState"):
+        predict(state.params, x)

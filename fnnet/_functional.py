@@ -109,20 +109,30 @@ class Model:
     """A pure function over parameters, made from an ``nn.Module`` by :func:`functional`.
 
     Attributes:
-        params: ``dict[str, Tensor]`` of detached parameter copies, keyed like ``state_dict()``
+        params: ``dict[str, Tensor]`` of detached parameters, keyed like ``state_dict()``
             (a weight tied to several modules appears once, under the first name
-            ``named_parameters()`` gives it; ``to_module`` restores the tie).
-        buffers: ``dict[str, Tensor]`` of buffer copies (BatchNorm running stats, ...).
+            ``named_parameters()`` gives it; ``to_module`` restores the tie). Copies of the
+            module's tensors, or the module's own storage with ``functional(module, copy=False)``.
+        buffers: ``dict[str, Tensor]`` of buffers (BatchNorm running stats, ...), likewise.
+        trainable: ``dict[str, bool]`` keyed like ``params``: ``False`` for the parameters
+            that had ``requires_grad=False`` (frozen). ``apply`` detaches frozen parameters,
+            so they get zero gradients and cost no backward work; use it as an optimizer mask
+            (``optim.masked(opt, model.trainable)``) so that nothing, weight decay included,
+            moves them (the ``Trainer`` does this).
         stochastic: whether the module holds dropout layers (then ``train=True`` needs a key).
 
     ``apply`` is the forward; ``init`` draws fresh parameters from a key.
     """
 
-    def __init__(self, module: nn.Module, init_fn: Callable[[_random.Key, Params], Params] | None = None):
+    def __init__(self, module: nn.Module, init_fn: Callable[[_random.Key, Params], Params] | None = None, *,
+                 copy: bool = True):
         if not isinstance(module, nn.Module):
             raise TypeError(f"fnnet.functional expects a torch.nn.Module, got {type(module).__name__}")
-        self.params: Params = {k: v.detach().clone() for k, v in module.named_parameters()}
-        self.buffers: Params = {k: v.detach().clone() for k, v in module.named_buffers()}
+        take = (lambda v: v.detach().clone()) if copy else (lambda v: v.detach())
+        self.params: Params = {k: take(v) for k, v in module.named_parameters()}
+        self.buffers: Params = {k: take(v) for k, v in module.named_buffers()}
+        self.trainable: dict[str, bool] = {k: v.requires_grad for k, v in module.named_parameters()}
+        self._frozen = [k for k, t in self.trainable.items() if not t]
         self._train_template = _meta_copy(module, True)
         self._eval_template = _meta_copy(module, False)
         # Plain attributes (not keyed by id) so deepcopy and pickle carry them with the templates.
@@ -135,10 +145,12 @@ class Model:
         self.module_type = type(module).__name__
 
     # -- the forward ---------------------------------------------------------------------
-    def _check_params(self, params: Mapping[str, torch.Tensor]) -> None:
+    def check_params(self, params: Any) -> None:
+        """Raise ``TypeError``/``ValueError`` unless ``params`` is a dict with this model's keys and shapes."""
         _check_tensor_dict("params", self.module_type, params, self._shapes)
 
-    def _check_buffers(self, buffers: Any) -> None:
+    def check_buffers(self, buffers: Any) -> None:
+        """Raise ``TypeError``/``ValueError`` unless ``buffers`` has this model's buffer keys and shapes."""
         _check_tensor_dict("buffers", self.module_type, buffers, self._buffer_shapes)
 
     def apply(
@@ -159,43 +171,84 @@ class Model:
             buffers: buffer values; defaults to ``model.buffers``.
             train: training mode (dropout active, BatchNorm uses and updates batch statistics).
                 Eval mode by default, unlike ``nn.Module``: randomness is never implicit.
-            key: an :class:`fnnet.random.Key` for dropout; required when ``train=True`` and the
-                module has dropout layers.
+            key: an :class:`fnnet.random.Key`. With ``train=True`` the forward runs under it
+                (:func:`fnnet.random.rng_scope`): every draw from torch's global RNG (dropout
+                layers, ``F.dropout``, ``nn.RReLU``, ``torch.rand``) comes from the key, and the
+                caller's RNG state is restored afterwards.
             return_buffers: also return the buffers after the forward, as
-                ``(outputs, new_buffers)``. In train mode BatchNorm updates its running stats in
-                the returned dict; ``buffers`` itself is never modified.
+                ``(outputs, new_buffers)``. BatchNorm's running stats (and anything else the
+                forward writes into a buffer) come back in the returned dict.
 
         Returns:
             The module's outputs, or ``(outputs, new_buffers)`` with ``return_buffers=True``.
+
+        Raises:
+            ValueError: ``train=True`` without a key for a module that draws randomness (a
+                dropout layer, or, found after the forward, any draw from torch's global RNG;
+                the global state is then restored); or a forward that wrote in place into a
+                tensor passed in (params, or buffers outside train mode and without
+                ``return_buffers``), found through the tensors' version counters, naming the
+                key. fnnet models never change the tensors they are given: buffers that
+                change go through ``return_buffers=True``.
         """
-        self._check_params(params)
+        self.check_params(params)
         if train and self.stochastic and key is None:
-            raise ValueError(
-                f"{self.module_type} has dropout layers: apply(..., train=True) needs key=fnnet.random.key(...) "
-                "(fnnet never draws from torch's global RNG implicitly)"
-            )
+            raise ValueError(self._needs_key("has dropout layers"))
         bufs = self.buffers if buffers is None else buffers
         if buffers is not None:
-            self._check_buffers(buffers)
-        if train:
-            # BatchNorm updates buffers in place: give it copies so the caller's stay untouched.
+            self.check_buffers(buffers)
+        if train or return_buffers:
+            # The forward may write into buffers (BatchNorm's running stats): give it copies, so
+            # the caller's stay untouched and the new values come back with return_buffers.
             bufs = {k: v.clone() for k, v in bufs.items()}
+        if self._frozen:
+            params = {k: (v.detach() if not self.trainable[k] else v) for k, v in params.items()}
         template, slots = (self._train_template, self._train_slots) if train else (self._eval_template, self._eval_slots)
         tensors = {**params, **bufs}
         if torch.compiler.is_compiling():  # dynamo traces torch.func.functional_call natively
             out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=True)
-        elif key is not None and self.stochastic:
-            # Only dropout layers draw from the RNG; without them the key changes nothing.
-            devices = {t.device for t in params.values() if t.device.type == "cuda"}
-            with _random.rng_scope(key, sorted(devices, key=str)):
-                out = _swapped_call(template, slots, tensors, args, kwargs)
         else:
-            out = _swapped_call(template, slots, tensors, args, kwargs)
+            watched = {**params, **({} if (train or return_buffers) else bufs)}
+            versions = [t._version for t in watched.values()]
+            if train and key is not None:
+                devices = sorted({t.device for t in params.values() if t.device.type == "cuda"}, key=str)
+                with _random.rng_scope(key, devices):
+                    out = _swapped_call(template, slots, tensors, args, kwargs)
+            elif train:
+                out = self._call_checking_rng(template, slots, tensors, args, kwargs)
+            else:
+                out = _swapped_call(template, slots, tensors, args, kwargs)
+            for (name, t), before in zip(watched.items(), versions):
+                if t._version != before:
+                    kind = "params" if name in params else "buffers"
+                    raise ValueError(
+                        f"{self.module_type}'s forward wrote in place into {kind}['{name}'] (the tensor passed to "
+                        "Model.apply has been changed). fnnet models are pure functions of their inputs: compute "
+                        "new values out of place (w = w.clamp(...) instead of w.clamp_(...)), and keep state that "
+                        "the forward updates in a buffer, read back with apply(..., return_buffers=True)"
+                    )
         if return_buffers:
             return out, dict(bufs)
         return out
 
     __call__ = apply
+
+    def _needs_key(self, why: str) -> str:
+        return (f"{self.module_type} {why}: apply(..., train=True) needs key=fnnet.random.key(...) "
+                "(fnnet never draws from torch's global RNG implicitly)")
+
+    def _call_checking_rng(self, template: nn.Module, slots: Any, tensors: Mapping[str, torch.Tensor],
+                           args: tuple, kwargs: dict) -> Any:
+        """The train-mode forward without a key: an error if it drew from torch's global RNG."""
+        devices = sorted({t.device for t in tensors.values() if t.device.type == "cuda"}, key=str)
+        before = _rng_states(devices)
+        out = _swapped_call(template, slots, tensors, args, kwargs)
+        after = _rng_states(devices)
+        if any(not torch.equal(a, b) for a, b in zip(before, after)):
+            _restore_rng_states(devices, before)
+            raise ValueError(self._needs_key("drew random numbers from torch's global RNG in its forward "
+                                             "(F.dropout, nn.RReLU, torch.rand, ...)"))
+        return out
 
     # -- initialisation ------------------------------------------------------------------
     def init(self, key: _random.Key, *, device: torch.device | str | None = None) -> Params:
@@ -226,8 +279,8 @@ class Model:
         """A real ``nn.Module`` holding ``params`` (default ``model.params``): the way back to torch."""
         params = self.params if params is None else params
         buffers = self.buffers if buffers is None else buffers
-        self._check_params(params)
-        self._check_buffers(buffers)
+        self.check_params(params)
+        self.check_buffers(buffers)
         dev = next((p.device for p in params.values()), torch.device("cpu"))
         return _materialize(self._eval_template, dev, params, buffers)
 
@@ -236,15 +289,30 @@ class Model:
         return f"fnnet.Model({self.module_type}, {len(self.params)} params tensors, {n} parameters)"
 
 
-def functional(module: nn.Module, *, init_fn: Callable[[_random.Key, Params], Params] | None = None) -> Model:
+def _rng_states(devices: list[torch.device]) -> list[torch.Tensor]:
+    """The global RNG states of the CPU and of ``devices`` (CUDA)."""
+    return [torch.random.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _restore_rng_states(devices: list[torch.device], states: list[torch.Tensor]) -> None:
+    torch.random.set_rng_state(states[0])
+    for d, st in zip(devices, states[1:]):
+        torch.cuda.set_rng_state(st, d)
+
+
+def functional(module: nn.Module, *, init_fn: Callable[[_random.Key, Params], Params] | None = None,
+               copy: bool = True) -> Model:
     """Turn any ``nn.Module`` into a pure :class:`Model` (``model.params``, ``model.apply``).
 
-    ``init_fn(key, params) -> params``, if given, is what :meth:`Model.init` runs.
-    A :class:`Model` passed in is returned as is.
+    ``init_fn(key, params) -> params``, if given, is what :meth:`Model.init` runs. With
+    ``copy=True`` (default) ``model.params`` and ``model.buffers`` are copies: nothing done
+    with the model touches the module. ``copy=False`` makes them detached aliases of the
+    module's own tensors (no second copy of the weights): then a donated step that updates
+    them in place trains the module too. A :class:`Model` passed in is returned as is.
     """
     if isinstance(module, Model):
         return module
-    return Model(module, init_fn=init_fn)
+    return Model(module, init_fn=init_fn, copy=copy)
 
 
 # -- transforms, JAX spelling -------------------------------------------------------------

@@ -1,0 +1,239 @@
+"""Training state as data: :class:`TrainState`, :class:`DynamicScale`, and the update that moves them.
+
+``TrainState`` is everything a training run changes, as one pytree (flax's
+``train_state.TrainState``). :meth:`TrainState.apply_gradients` is the second half of every
+training step: the optimizer update, ``apply_updates``, the skipped-step logic (float16
+overflow, non-finite gradients) and the step count. The first half, the gradients, is
+:func:`fnnet.make_grad_fn`; :func:`fnnet.make_train_step` composes the two, and the
+data-parallel and distributed steps are "gradients per shard, a weighted reduction, then
+``apply_gradients`` once".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from . import random as _random
+from . import tree as _tree
+from .device import tree_device
+
+__all__ = ["TrainState", "DynamicScale", "all_finite"]
+
+
+@_tree.register_dataclass(static=("period", "factor", "min_scale"))
+@dataclasses.dataclass(frozen=True)
+class DynamicScale:
+    """Dynamic loss scaling for float16 training, as explicit state (JAX's ``jmp.DynamicLossScale``).
+
+    The loss is multiplied by ``scale`` before the backward pass and the gradients divided by
+    it. When any gradient is non-finite the update is skipped and ``scale`` is divided by
+    ``factor`` (not below ``min_scale``); after ``period`` consecutive finite steps it is
+    multiplied by ``factor``. ``scale`` and ``good_steps`` are tensors on the params' device,
+    so none of this waits for the device.
+    """
+
+    scale: torch.Tensor
+    good_steps: torch.Tensor
+    period: int = 2000
+    factor: float = 2.0
+    min_scale: float = 1.0
+
+    @classmethod
+    def create(cls, device: torch.device | str = "cpu", *, initial_scale: float = 2.0**15, period: int = 2000,
+               factor: float = 2.0, min_scale: float = 1.0) -> "DynamicScale":
+        if not (initial_scale > 0 and math.isfinite(initial_scale)):
+            raise ValueError(f"initial_scale must be a positive finite number, got {initial_scale}")
+        if period < 1 or factor <= 1.0:
+            raise ValueError(f"need period >= 1 and factor > 1, got period={period}, factor={factor}")
+        dev = torch.device(device)
+        return cls(
+            torch.tensor(float(initial_scale), dtype=torch.float32, device=dev),
+            torch.zeros((), dtype=torch.int64, device=dev),
+            period,
+            factor,
+            min_scale,
+        )
+
+    def adjust(self, finite: torch.Tensor) -> "DynamicScale":
+        """The next scale after a step whose gradients were all finite (``finite``) or not."""
+        good = torch.where(finite, self.good_steps + 1, torch.zeros_like(self.good_steps))
+        grow = good >= self.period
+        scale = torch.where(
+            finite,
+            torch.where(grow, self.scale * self.factor, self.scale),
+            torch.clamp(self.scale / self.factor, min=self.min_scale),
+        )
+        good = torch.where(grow, torch.zeros_like(good), good)
+        return dataclasses.replace(self, scale=scale, good_steps=good)
+
+
+def all_finite(tree: Any) -> torch.Tensor:
+    """A 0-dim bool tensor: whether every floating-point tensor leaf of ``tree`` is finite.
+
+    Computed on the leaves' device with no host sync (one multi-tensor check per device and
+    dtype, the op ``torch.amp.GradScaler`` uses; a reduction per leaf under ``torch.compile``
+    or for tensors that require grad). On several devices the flag lands on the first one.
+    """
+    leaves = [x for x in _tree.leaves(tree) if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())]
+    device = leaves[0].device if leaves else torch.device("cpu")
+    if not leaves:
+        return torch.ones((), dtype=torch.bool, device=device)
+    if torch.compiler.is_compiling() or any(x.requires_grad for x in leaves):
+        return torch.stack([torch.isfinite(x).all().to(device) for x in leaves]).all()
+    from .optim._foreach import index_groups
+
+    found = torch.zeros(1, dtype=torch.float32, device=device)
+    for idx in index_groups([leaves]):
+        group = [leaves[i] for i in idx]
+        dev = group[0].device
+        here = found if dev == device else torch.zeros(1, dtype=torch.float32, device=dev)
+        # Multiplies by 1.0 in place (bit-identical values) and sets `here` when anything is inf/nan.
+        torch._amp_foreach_non_finite_check_and_unscale_(group, here, torch.ones(1, dtype=torch.float32, device=dev))
+        if here is not found:
+            found = found + here.to(device)
+    return found[0] == 0
+
+
+def _select(pred: torch.Tensor, new: Any, old: Any) -> Any:
+    return _tree.map(lambda a, b: torch.where(pred, a, b) if isinstance(a, torch.Tensor) else a, new, old)
+
+
+def _copy_into(old: Any, new: Any) -> Any:
+    """Write ``new``'s values into ``old``'s tensors (a donated state keeps its buffers); returns ``old``."""
+    olds = [x for x in _tree.leaves(old) if isinstance(x, torch.Tensor)]
+    news = [x for x in _tree.leaves(new) if isinstance(x, torch.Tensor)]
+    with torch.no_grad():
+        for o, n in zip(olds, news):
+            o.copy_(n)
+    return old
+
+
+def update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, finite: torch.Tensor | None = None,
+           donate: bool = False, buffers: Any = None, new_buffers: Any = None) -> tuple[Any, Any, Any, bool | None]:
+    """The field-level update behind :meth:`TrainState.apply_gradients`.
+
+    Returns ``(params, opt_state, buffers, applied)``: ``applied`` is ``None`` without a
+    ``finite`` flag, a Python bool where the flag was read in Python (CPU, eager), and
+    ``None`` where the choice was made on the device.
+    """
+    new_buffers = buffers if new_buffers is None else new_buffers
+    if finite is None:
+        updates, opt_state = optimizer.update(grads, opt_state, params, donate=donate)
+        return _apply_updates(params, updates, donate), opt_state, new_buffers, None
+    if finite.is_cpu and not torch.compiler.is_compiling():
+        # Reading a CPU flag costs nothing: skip in Python, so a donated update never starts.
+        if not bool(finite):
+            return params, opt_state, buffers, False
+        updates, opt_state = optimizer.update(grads, opt_state, params, donate=donate)
+        return _apply_updates(params, updates, donate), opt_state, new_buffers, True
+    # On an accelerator (or inside torch.compile) the choice is made on the device: compute the
+    # update out of place, keep it where `finite`. Compiled, inductor fuses the select into the
+    # update's kernels; in eager mode this costs one state-sized temporary.
+    updates, new_opt = optimizer.update(grads, opt_state, params, donate=False)
+    new_params = _apply_updates(params, updates, False)
+    chosen = _select(finite, (new_params, new_opt, new_buffers), (params, opt_state, buffers))
+    if donate:
+        chosen = _copy_into((params, opt_state, buffers), chosen)
+    return (*chosen, None)
+
+
+def _apply_updates(params: Any, updates: Any, donate: bool) -> Any:
+    from .optim import apply_updates
+
+    return apply_updates(params, updates, donate=donate)
+
+
+@_tree.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a training run changes, as one pytree (``flax.training.train_state.TrainState``).
+
+    Attributes:
+        params: the parameters (a dict of tensors, or any pytree).
+        opt_state: the optimizer's state (``optimizer.init(params)``).
+        step: how many times the training step ran (a Python int, so reading it never syncs;
+            skipped steps count too, the optimizer's own count does not).
+        buffers: non-trainable model state (BatchNorm running stats) or ``None``.
+        key: an :class:`fnnet.random.Key` split once per step for dropout, or ``None``.
+        loss_scale: a :class:`DynamicScale` for float16 training, or ``None``.
+
+    States are immutable: ``state.replace(params=...)`` returns a new one.
+    """
+
+    params: Any
+    opt_state: Any
+    step: int = 0
+    buffers: Any = None
+    key: Any = None
+    loss_scale: Any = None
+
+    @classmethod
+    def create(cls, params: Any, optimizer: Any, *, buffers: Any = None, key: _random.Key | None = None,
+               loss_scale: DynamicScale | None = None) -> "TrainState":
+        """A fresh state: ``opt_state = optimizer.init(params)``, ``step = 0``.
+
+        Args:
+            params: parameters (e.g. ``model.params``), already on the device to train on.
+            optimizer: an ``fnnet.optim`` ``GradientTransformation``.
+            buffers: model buffers (e.g. ``model.buffers``) when the model has any that train.
+            key: a random key when the loss uses dropout or other randomness.
+            loss_scale: a :class:`DynamicScale` for ``precision="16-mixed"`` (the step makes one
+                itself if this is ``None``).
+        """
+        _check_optimizer(optimizer)
+        if key is not None and not isinstance(key, _random.Key):
+            raise TypeError(f"key must be an fnnet.random.Key (fnnet.random.key(seed)), got {type(key).__name__}")
+        return cls(params, optimizer.init(params), 0, buffers, key, loss_scale)
+
+    def replace(self, **changes: Any) -> "TrainState":
+        """A copy with some fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def apply_gradients(self, grads: Any, optimizer: Any, *, buffers: Any = None, finite: torch.Tensor | None = None,
+                        donate: bool = False) -> "TrainState":
+        """The state after one optimizer update with ``grads`` (flax's ``TrainState.apply_gradients``).
+
+        ``optimizer.update`` turns the gradients into updates, :func:`fnnet.optim.apply_updates`
+        adds them, ``step`` counts one more.
+
+        Args:
+            grads: gradients with the params' structure (already unscaled when a loss scale
+                was used: :func:`fnnet.make_grad_fn` does it).
+            optimizer: the ``GradientTransformation`` the state was created with.
+            buffers: the buffers after the forward (``None``: keep the state's).
+            finite: a 0-dim bool tensor (:func:`all_finite` of the gradients): when it is
+                False the update is skipped -- params, optimizer state and buffers stay as they
+                are -- and ``step`` still counts. With a ``loss_scale`` it also drives the scale
+                (computed here when not given). On CPU outside ``torch.compile`` the flag is read
+                in Python (free there); elsewhere the choice is made on the device, with no host
+                sync.
+            donate: update the state's tensors in place (the caller drops this state).
+
+        Returns:
+            The new :class:`TrainState`.
+        """
+        if self.loss_scale is not None and finite is None:
+            finite = all_finite(grads)
+        params, opt_state, new_buffers, _ = update(optimizer, grads, self.params, self.opt_state, finite=finite,
+                                                   donate=donate, buffers=self.buffers, new_buffers=buffers)
+        loss_scale = self.loss_scale.adjust(finite) if self.loss_scale is not None else None
+        return TrainState(params, opt_state, self.step + 1, new_buffers, self.key, loss_scale)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise TypeError(
+            f"optimizer must be an fnnet.optim GradientTransformation (e.g. fnnet.optim.adam(1e-3)), "
+            f"got {type(optimizer).__name__}"
+        )
+
+
+def loss_scale_for(state: TrainState, scaled: bool) -> DynamicScale | None:
+    """The state's loss scale, or a fresh one on the params' device for a float16 step."""
+    if scaled and state.loss_scale is None:
+        return DynamicScale.create(tree_device(state.params))
+    return state.loss_scale if scaled else None
