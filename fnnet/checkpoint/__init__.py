@@ -1,0 +1,268 @@
+"""Checkpoints: any pytree of tensors as one safetensors file, written atomically and checksummed.
+
+``save(path, tree)`` writes every tensor leaf under its dotted key path (``"params.layers.0.weight"``)
+and the tree's structure, as JSON, in the file's metadata; ``load(path)`` rebuilds the tree, and
+``load(path, like=tree)`` restores into ``like``'s structure after checking every key path,
+shape and dtype (``orbax``'s ``restore(item=...)``, ``flax.serialization.from_bytes(target, ...)``,
+equinox's ``tree_deserialise_leaves(path, like)``).
+
+What a checkpoint can hold
+--------------------------
+Containers: ``dict`` and ``OrderedDict`` (keys: str, int, float, bool or None), ``list``,
+``tuple``, ``None``, ``NamedTuple``\\ s and classes registered with
+:func:`fnnet.tree.register_dataclass` / :func:`fnnet.tree.register`. Leaves: tensors (any dense
+dtype safetensors knows, ``bfloat16`` and ``bool`` included), ``int``, ``float`` (``nan``/``inf``
+too), ``bool``, ``str`` and :class:`fnnet.random.Key`. Tensors are saved from the CPU,
+contiguous and unshared: a view or a tensor that shares storage with another is copied
+first, so tied weights come back as two equal tensors.
+
+Safety
+------
+Loading never unpickles and never imports anything but fnnet's own modules. Without
+``like=``, only plain containers and fnnet's own classes (``TrainState``, ``DynamicScale``,
+keys, optimizer and metric states) are rebuilt; a file naming any other class is an error
+asking for ``like=``, which takes every container from ``like`` and only tensors and plain
+values from the file. Every read checks the file's checksums (see ``_file.py``): a changed
+byte anywhere, or a truncated file, is an error naming the file, never silently wrong
+weights. A plain safetensors file (no fnnet metadata, e.g. written from JAX) loads as a flat
+``{name: tensor}`` dict.
+
+Interop with ``torch.nn.Module``
+--------------------------------
+``fnnet.Model.params`` is already keyed like ``state_dict()``, so
+``module.load_state_dict(load(path).params, strict=False)`` works for a saved ``TrainState``
+(``strict=False`` when the module has buffers, which fnnet keeps apart in ``state.buffers``).
+:func:`to_state_dict` flattens nested param trees to such a dict; :func:`load_state_dict`
+reads a ``torch.save``\\ d ``state_dict`` (with ``weights_only=True``) or a safetensors file as
+a flat dict of tensors, and strips the ``module.`` prefix that ``nn.DataParallel`` and DDP
+put on every key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from typing import Any, Mapping, Union
+
+import torch
+
+from .. import tree as _tree
+from ..device import DeviceLike, place, resolve_device
+from . import _codec, _file
+
+__all__ = ["save", "load", "load_state_dict", "to_state_dict"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def save(path: PathLike, tree: Any) -> None:
+    """Write ``tree`` (any pytree of tensors and plain values) to ``path`` as one safetensors file.
+
+    Tensors are keyed by their dotted key path (``fnnet.tree.paths``) and the structure goes
+    into the metadata, so :func:`load` rebuilds the same tree (tensors on the CPU). The write
+    is atomic: the file is written to a temporary name in the same folder, flushed, fsynced
+    and renamed over ``path`` (then the folder is fsynced); if anything fails, the temporary
+    file is removed and an existing checkpoint at ``path`` is left as it was. Missing parent
+    folders are created. The suffix ``.safetensors`` is conventional but not required.
+
+    Raises:
+        TypeError: a leaf that cannot be saved, naming its key path.
+        ValueError: two leaves with the same dotted key path, or a tree that contains itself.
+        IsADirectoryError, NotADirectoryError, PermissionError: ``path`` is a folder, its
+            parent is a file, or it is a read-only file (its permissions are respected).
+    """
+    path = os.fspath(path)
+    encoder = _codec.Encoder()
+    structure = encoder.node(tree)
+    _file.write(path, encoder.tensors, structure)
+
+
+def load(path: PathLike, like: Any = None, device: DeviceLike | None = None) -> Any:
+    """Read a checkpoint written by :func:`save`.
+
+    Without ``like`` the saved tree is rebuilt as it was (plain containers and fnnet's own
+    types; see the module docstring); its tensors are on the CPU, or on ``device``. A plain
+    safetensors file without fnnet metadata loads as ``{name: tensor}``.
+
+    With ``like`` (e.g. a freshly created ``TrainState``), the result has ``like``'s structure
+    and the file's leaves, matched by dotted key path; every tensor must have ``like``'s shape
+    and dtype and every other leaf ``like``'s type. All problems -- missing, unexpected,
+    shape-, dtype- and type-mismatched key paths -- are listed in one ``ValueError``. Each
+    tensor goes to ``device`` if given, else to the device of the matching tensor in ``like``
+    (so ``load(path, like=state)`` resumes on the devices the state lives on).
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, PermissionError: no readable file at ``path``.
+        ValueError: a truncated or corrupted file (naming it), a mismatch with ``like``, or a
+            class that cannot be rebuilt without ``like``.
+    """
+    path = os.fspath(path)
+    _file.check_exists(path, "checkpoint")
+    dev = resolve_device(device) if device is not None else None
+    tensors, metadata = _file.read(path)
+    try:
+        structure = json.loads(metadata[_file.META_TREE]) if _file.META_TREE in metadata else None
+        if structure is not None and not isinstance(structure, dict):
+            raise _codec.CorruptStructure("not a JSON object")
+        if like is None:
+            if structure is None:
+                return place(dict(tensors), dev) if dev is not None else dict(tensors)
+            result = _codec.decode(structure, tensors)
+            _check_all_used(path, structure, tensors)
+            return result if dev is None else place(result, dev)
+        saved = dict(tensors) if structure is None else _codec.flatten_saved(structure, tensors)
+    except ValueError as exc:
+        if isinstance(exc, _codec.CorruptStructure) or isinstance(exc, json.JSONDecodeError):
+            raise ValueError(f"'{path}': the tree structure metadata is corrupted ({exc})") from None
+        raise ValueError(f"'{path}': {exc}") from None
+    except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+        raise ValueError(f"'{path}': the tree structure metadata is corrupted ({type(exc).__name__}: {exc})") from None
+    return _restore_like(path, saved, like, dev)
+
+
+def _check_all_used(path: str, structure: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    leaves = _codec.flatten_saved(structure, tensors)
+    used = {k for k, v in leaves.items() if isinstance(v, torch.Tensor)}
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise _codec.CorruptStructure(f"tensors {extra} are not part of the saved tree structure")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor {str(x.dtype).replace('torch.', '')}{list(x.shape)}"
+    return type(x).__name__
+
+
+def _restore_like(file: str, saved: Mapping[str, Any], like: Any, device: torch.device | None) -> Any:
+    like_leaves, spec = _tree.flatten_with_path(like)
+    missing, shape_bad, dtype_bad, kind_bad = [], [], [], []
+    out = []
+    for p, ref in like_leaves:
+        if p not in saved:
+            missing.append(p)
+            out.append(None)
+            continue
+        got = saved[p]
+        if isinstance(ref, torch.Tensor) != isinstance(got, torch.Tensor) or (
+            not isinstance(ref, torch.Tensor) and type(ref) is not type(got)
+        ):
+            kind_bad.append(f"{p}: file has {_describe(got)}, like has {_describe(ref)}")
+        elif isinstance(ref, torch.Tensor):
+            if got.shape != ref.shape:
+                shape_bad.append(f"{p}: file {tuple(got.shape)}, like {tuple(ref.shape)}")
+            if got.dtype != ref.dtype:
+                dtype_bad.append(f"{p}: file {got.dtype}, like {ref.dtype}")
+            target = device if device is not None else (ref.device if ref.device.type != "meta" else None)
+            if target is not None and got.device != target:
+                got = got.to(target)
+        out.append(got)
+    known = {p for p, _ in like_leaves}
+    unexpected = [p for p in saved if p not in known]
+    if missing or unexpected or shape_bad or dtype_bad or kind_bad:
+        lines = [f"checkpoint '{file}' does not match `like`:"]
+        if missing:
+            lines.append("  missing (in like, not in the file): " + ", ".join(missing))
+        if unexpected:
+            lines.append("  unexpected (in the file, not in like): " + ", ".join(unexpected))
+        for title, items in (("shape mismatch", shape_bad), ("dtype mismatch", dtype_bad), ("type mismatch", kind_bad)):
+            lines += [f"  {title}: {item}" for item in items]
+        raise ValueError("\n".join(lines))
+    return _tree.unflatten(spec, out)
+
+
+# -- torch state_dict interop ---------------------------------------------------------------------
+
+
+def to_state_dict(tree: Any) -> dict[str, torch.Tensor]:
+    """A flat ``{dotted key path: tensor}`` dict of ``tree``, for ``nn.Module.load_state_dict``.
+
+    ``fnnet.Model.params`` is already flat (``{"layers.0.weight": ...}``) and comes back as is;
+    a nested tree ``{"layers": [{"weight": w}]}`` becomes ``{"layers.0.weight": w}``. The reverse,
+    a ``module.state_dict()`` into fnnet params, needs no conversion: the flat dict *is* the
+    params format (split off the buffers: ``{k: sd[k] for k in model.params}``).
+    """
+    out: dict[str, torch.Tensor] = {}
+    bad = []
+    for p, leaf in _tree.leaves_with_path(tree):
+        if not isinstance(leaf, torch.Tensor):
+            bad.append(f"{p} ({type(leaf).__name__})")
+        elif p in out:
+            raise ValueError(f"to_state_dict: two tensors have the key path '{p}'")
+        else:
+            out[p] = leaf
+    if bad:
+        raise TypeError(f"to_state_dict: a state_dict holds tensors only; these leaves are not: {', '.join(bad)}")
+    return out
+
+
+def _is_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + n <= os.path.getsize(path)
+
+
+_WRAPPER_PREFIX = "module."
+
+
+def load_state_dict(path: PathLike, *, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` dict (on the CPU) from a ``torch.save`` file or a safetensors file.
+
+    ``torch.save(module.state_dict(), path)`` files are read with
+    ``torch.load(path, map_location="cpu", weights_only=True)`` -- never with unrestricted
+    pickle -- and nested dicts are flattened to dotted names. A safetensors file (an fnnet
+    checkpoint included) gives its tensors by name. A state dict saved from a model wrapped
+    in ``nn.DataParallel`` or ``DistributedDataParallel`` (the chapter's
+    ``net.module.state_dict()`` forgotten: every key starts with ``module.``) comes back with
+    the prefix stripped, with a warning saying so. ``prefix`` keeps only the names that start
+    with it, with the prefix removed: ``load_state_dict("ckpt.safetensors", prefix="params.")``
+    is the params part of a saved ``TrainState``, ready for ``module.load_state_dict``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is damaged, is not a dict of tensors, needs unrestricted pickle,
+            or no name starts with ``prefix``.
+    """
+    path = os.fspath(path)
+    _file.check_exists(path, "state_dict file")
+    if _is_safetensors(path):
+        flat = _file.read(path)[0]
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"'{path}' needs more than weights_only=True unpickling, which fnnet refuses: save "
+                f"module.state_dict() (not the module) with torch.save. ({str(exc).splitlines()[0]})"
+            ) from None
+        except PermissionError:
+            raise PermissionError(f"cannot read '{path}': permission denied") from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+            raise ValueError(
+                f"'{path}' ({os.path.getsize(path)} bytes) is neither a safetensors file nor a readable "
+                f"torch.save file: truncated or corrupted? ({type(exc).__name__}: {exc})"
+            ) from None
+        if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
+            raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state_dict (a dict of tensors)")
+        try:
+            flat = to_state_dict(obj)
+        except TypeError as exc:
+            raise ValueError(f"'{path}': {exc}") from None
+    if flat and all(k.startswith(_WRAPPER_PREFIX) for k in flat):
+        warnings.warn(
+            f"load_state_dict('{path}'): every key starts with 'module.' (saved from an nn.DataParallel or "
+            "DistributedDataParallel wrapper); the prefix was stripped", stacklevel=2)
+        flat = {k[len(_WRAPPER_PREFIX):]: v for k, v in flat.items()}
+    if prefix:
+        found = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        if not found:
+            tops = sorted({k.split(".", 1)[0] + "." for k in flat})
+            raise ValueError(f"'{path}': no tensor name starts with {prefix!r}; names start with {tops}")
+        return found
+    return flat
