@@ -1,17 +1,20 @@
 """Trainer callbacks: checkpoints, early stopping, learning-rate schedules, CSV logs.
 
-The protocol (every method optional; subclass :class:`Callback` and override what you need)::
+The protocol: a callback is any object with some of these methods (duck typing; subclassing
+:class:`Callback`, whose hooks do nothing, is optional)::
 
     on_fit_start(trainer)                          # before the first epoch
     on_epoch_start(trainer, epoch)                 # epoch counts from 0 across fit() calls
     on_train_batch_start(trainer, step)            # step = trainer.state.step before the update
     on_train_batch_end(trainer, step, metrics)     # metrics: device tensors, not synced
+    on_validation_batch_start(trainer, index)      # index: the batch's position in val_data
+    on_validation_batch_end(trainer, index, metrics)
     on_epoch_end(trainer, epoch, logs)             # logs: this epoch's floats (loss, val_loss, lr...)
+    on_fit_end(trainer)                            # always runs: after the last epoch, on a
+                                                   # non-finite loss, and on KeyboardInterrupt
 
 ``epoch`` in the hooks is an index counted from 0; what users see (History, the console,
 CSV rows, checkpoint file names) counts epochs from 1.
-    on_fit_end(trainer)                            # always runs: after the last epoch, on a
-                                                   # non-finite loss, and on KeyboardInterrupt
 
 A callback changes training only through the trainer: ``trainer.stop_training = True``
 ends ``fit`` after the current epoch; ``trainer.state = trainer.state.replace(...)``
@@ -23,13 +26,18 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from typing import Any, Callable
 
 import torch
 
 from . import tree as _tree
+from .state import all_finite
 
-__all__ = ["Callback", "ModelCheckpoint", "EarlyStopping", "LearningRateSchedule", "CSVLogger"]
+__all__ = ["Callback", "CallbackList", "HOOKS", "ModelCheckpoint", "EarlyStopping", "LearningRateSchedule", "CSVLogger"]
+
+HOOKS = ("on_fit_start", "on_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_validation_batch_start",
+         "on_validation_batch_end", "on_epoch_end", "on_fit_end")
 
 
 class Callback:
@@ -43,9 +51,36 @@ class Callback:
 
     def on_train_batch_end(self, trainer: Any, step: int, metrics: dict) -> None: ...
 
+    def on_validation_batch_start(self, trainer: Any, index: int) -> None: ...
+
+    def on_validation_batch_end(self, trainer: Any, index: int, metrics: dict) -> None: ...
+
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None: ...
 
     def on_fit_end(self, trainer: Any) -> None: ...
+
+
+class CallbackList:
+    """Calls one hook on every callback that has it, in order (what the ``Trainer`` holds).
+
+    Any object with at least one of :data:`HOOKS` is a callback; anything else is a
+    ``TypeError`` naming the hooks.
+    """
+
+    def __init__(self, callbacks: Any = ()):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if isinstance(cb, type) or not any(callable(getattr(cb, h, None)) for h in HOOKS):
+                raise TypeError(f"a callback is an object with some of the methods {', '.join(HOOKS)}; "
+                                f"got {cb!r}" + (" (a class: instantiate it)" if isinstance(cb, type) else ""))
+        self._bound = {h: [getattr(cb, h) for cb in self.callbacks if callable(getattr(cb, h, None))] for h in HOOKS}
+
+    def __call__(self, hook: str, *args: Any) -> None:
+        for fn in self._bound[hook]:
+            fn(*args)
+
+    def has(self, hook: str) -> bool:
+        return bool(self._bound[hook])
 
 
 def _check_mode(mode: str) -> None:
@@ -112,6 +147,10 @@ class ModelCheckpoint(Callback):
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
         os.makedirs(self.dirpath, exist_ok=True)
         score = _monitored(logs, self.monitor, "ModelCheckpoint")
+        if not bool(all_finite(trainer.state)):
+            warnings.warn(f"ModelCheckpoint: epoch {epoch + 1}'s state holds non-finite values; not saved "
+                          "(the last good checkpoint is kept)", stacklevel=2)
+            return
         if self.save_top_k != 0 and not math.isnan(score):
             worst = self.best_k[-1][0] if self.best_k else None
             full = self.save_top_k != -1 and len(self.best_k) >= self.save_top_k

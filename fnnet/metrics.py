@@ -74,6 +74,7 @@ __all__ = [
     "mean_metric",
     "as_metric",
     "merge",
+    "batch_size",
 ]
 
 Tensor = torch.Tensor
@@ -159,7 +160,9 @@ def mean_metric() -> Metric:
     return Metric(_mean_init, _mean_update, _mean_compute)
 
 
-def _batch_size(outputs: Any, targets: Any) -> int:
+def batch_size(outputs: Any, targets: Any) -> int:
+    """The number of samples a batch's ``(outputs, targets)`` hold: the leading dimension of the
+    first tensor with one, in ``targets`` first (the weight of a per-batch mean)."""
     for tree in (targets, outputs):
         for leaf in _tree.leaves(tree):
             if isinstance(leaf, Tensor) and leaf.ndim > 0:
@@ -192,7 +195,7 @@ def mean_of(fn: Callable[[Any, Any], Any]) -> Metric:
         value = fn(outputs, targets)
         if isinstance(value, Tensor) and value.ndim > 0:
             return _mean_update(state, value, 1)
-        return _mean_update(state, value, _batch_size(outputs, targets))
+        return _mean_update(state, value, batch_size(outputs, targets))
 
     return Metric(_mean_init, update, _mean_compute)
 

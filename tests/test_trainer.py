@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fnnet
-from fnnet import optim
+from fnnet import optim, recipes
 from fnnet.callbacks import Callback, CSVLogger, EarlyStopping, LearningRateSchedule, ModelCheckpoint
 from conftest import requires_cuda
 
@@ -210,15 +210,17 @@ def test_parse_devices_invalid_lists_what_exists():
         fnnet.parse_devices([])
     with pytest.raises(TypeError):
         fnnet.parse_devices(1.5)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="unknown device '0'"):
         fnnet.parse_devices(["0"])
+    with pytest.raises(TypeError, match="GPU indices or device names"):
+        fnnet.parse_devices([0.5])
 
 
 def test_multi_device_is_validated_then_not_implemented(monkeypatch):
     # Pretend to have two GPUs: parsing is what is tested; nothing touches a device.
-    import fnnet.device, fnnet.trainer
+    import fnnet.device
 
-    monkeypatch.setattr(fnnet.trainer, "device_count", lambda: 2)
+    monkeypatch.setattr(fnnet.device, "device_count", lambda: 2)
     assert [str(d) for d in fnnet.parse_devices(-1)] == ["cuda:0", "cuda:1"]
     assert [str(d) for d in fnnet.parse_devices([1, 0])] == ["cuda:1", "cuda:0"]
     with pytest.raises(ValueError, match="twice"):
@@ -252,7 +254,7 @@ def test_seed_everything():
 
 
 def test_digits_reach_90_percent_in_10_epochs():
-    trainer, result = fnnet.recipes.train_digits(epochs=10, device="cpu", verbose=0, lr=0.01, batch_size=128)
+    trainer, result = recipes.train_digits(epochs=10, device="cpu", verbose=0, lr=0.01, batch_size=128)
     assert result["final"]["val_accuracy"] >= 0.90, result["final"]
     assert max(result["history"]["val_accuracy"]) >= 0.90
 
@@ -282,7 +284,7 @@ def test_cli_usage_errors():
 @pytest.mark.cuda
 @requires_cuda
 def test_trainer_on_cuda_digits():
-    trainer, result = fnnet.recipes.train_digits(epochs=10, device="cuda", verbose=0)
+    trainer, result = recipes.train_digits(epochs=10, device="cuda", verbose=0)
     assert trainer.device.type == "cuda"
     assert result["final"]["val_accuracy"] >= 0.90
 
