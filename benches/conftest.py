@@ -16,9 +16,8 @@ The pattern every benchmark here follows::
 * ``device`` is parametrised over ``cpu`` and ``cuda``; the CUDA case carries the ``cuda``
   mark and skips with the reason when this machine has no CUDA device, so one run on a GPU
   machine puts CPU and CUDA side by side.
-* ``build_case`` calls the shared workload definitions in ``fnnet._workloads`` (also behind
-  ``fnnet bench``) and turns "cannot run here" (a CUDA-only variant on CPU, an fnnet module
-  that has not landed) into a skip with the reason.
+* ``build_case`` calls the shared workload definitions in ``fnnet.bench.workloads`` (also behind
+  ``fnnet bench``) and turns "cannot run here" (a CUDA-only variant on CPU) into a skip with the reason.
 * ``run_case`` times ``case.run`` with ``benchmark.pedantic`` after ``warmup_rounds``
   untimed rounds. ``case.run`` is built with :func:`timed`, which synchronises CUDA *inside*
   the timed function, so the clock stops after the GPU has finished. It records workload,
@@ -41,9 +40,9 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from fnnet import _workloads as W
-from fnnet.bench import Result, _add_ratios, format_table, sort_results
-from fnnet._workloads import timed  # noqa: F401  (the timing pattern; re-exported for benchmarks)
+from fnnet.bench import Result, add_ratios, format_table, sort_results
+from fnnet.bench import workloads as W
+from fnnet.bench.workloads import timed  # noqa: F401  (the timing pattern; re-exported for benchmarks)
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -136,7 +135,7 @@ def run_case() -> Callable[..., None]:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not _RESULTS:
         return
-    _add_ratios(_RESULTS)
+    add_ratios(_RESULTS)
     terminalreporter.write_sep("-", "fnnet: ratios to the chapter's way (time/chapter < 1 is faster)")
     terminalreporter.write_line(format_table(sort_results(_RESULTS)))
     if SCALE != 1:

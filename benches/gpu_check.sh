@@ -6,12 +6,12 @@
 #
 # It installs nothing from the network: fnnet runs from this checkout through PYTHONPATH, and
 # wheels carried in .whl/ (optree, which the GPU image lacks) are installed offline into
-# /tmp/site. Then `python -m fnnet.bench --gpu-check` runs, within one time budget,
+# /tmp/site. Then `python benches/gpu_check.py` runs, within one time budget,
 #   1. pytest -m cuda tests                      (skipped, with a message, without CUDA)
 #   2. pytest benches --benchmark-only           (CPU and CUDA parameters side by side)
 #   3. fnnet bench --device all --no-compile     (the table a newcomer sees)
 # and writes gpu-check-<date>-<gpu>.{json,md,log} plus the raw JSONs into $OUT when set,
-# else benches/results/. Extra arguments go to fnnet.bench (e.g. --scale, --budget).
+# else benches/results/. Extra arguments go to benches/gpu_check.py (e.g. --scale, --budget).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
@@ -42,7 +42,7 @@ PY
 
 # 8 minutes in all: the steps share --budget (440 s by default) and the summary is written
 # even when a step runs out of time; `timeout` is the backstop.
-timeout -k 10 "${GPU_CHECK_TIMEOUT:-470}" "$PY" -m fnnet.bench --gpu-check --budget "${GPU_CHECK_BUDGET:-440}" "$@"
+timeout -k 10 "${GPU_CHECK_TIMEOUT:-470}" "$PY" benches/gpu_check.py --budget "${GPU_CHECK_BUDGET:-440}" "$@"
 rc=$?
 [ $rc -eq 124 ] && echo "[gpu-check] error: the check ran past ${GPU_CHECK_TIMEOUT:-470} s and was stopped" >&2
 exit $rc

@@ -18,7 +18,7 @@ chapter-workers4 in samples/s; on an H100/H200 a 60,000-sample epoch in <= 1.0 s
 
 import pytest
 
-from fnnet import _workloads as W
+from fnnet.bench import workloads as W
 
 
 @pytest.mark.parametrize("variant", W.CNN_VARIANTS)

@@ -16,7 +16,7 @@ GPU jit <= 0.3x the chapter's eager GPU loop.
 
 import pytest
 
-from fnnet import _workloads as W
+from fnnet.bench import workloads as W
 
 
 @pytest.mark.parametrize("variant", W.LINREG_VARIANTS)

@@ -8,7 +8,7 @@ and ``bf16`` (bfloat16 inputs). ``extra_info["throughput"]`` is GFLOP/s (2 m^2 k
 
 import pytest
 
-from fnnet import _workloads as W
+from fnnet.bench import workloads as W
 
 
 @pytest.mark.parametrize("variant", W.MATMUL_VARIANTS)

@@ -3,28 +3,68 @@
 Models are pure functions over parameter dicts (``fnnet.functional``), optimizers are
 explicit state transforms (``fnnet.optim``), device placement is one function
 (``fnnet.place``), and training is ``state, metrics = train_step(state, batch)``.
+
+The public names below are imported on first use (PEP 562), so ``import fnnet`` is cheap and
+the ``fnnet`` command answers ``--help`` without importing torch.
 """
 
-from . import callbacks, compiler, data, metrics, models, optim, random, tree
-from .checkpoint import load, load_state_dict, save, to_state_dict
-from .data import ArrayLoader, load_digits, load_mnist
-from .device import (
-    default_device,
-    device_count,
-    device_info,
-    devices,
-    empty_cache,
-    memory_stats,
-    place,
-    resolve_device,
-    synchronize,
-)
-from .functional import Model, functional, grad, jit, value_and_grad, vmap
-from .plot import plot_history, plot_samples
-from .summary import summary
-from .train import DynamicScale, TrainState, make_eval_step, make_train_step, supervised_loss
-from .trainer import History, Trainer, parse_devices, seed_everything
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from . import recipes  # noqa: E402  (the chapter's jobs, built on everything above)
+__version__ = "0.2.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "checkpoint": ("load", "load_state_dict", "save", "to_state_dict"),
+    "data": ("ArrayLoader", "load_digits", "load_mnist", "split_batch"),
+    "device": ("default_device", "device_count", "device_info", "devices", "empty_cache", "memory_stats",
+               "parse_devices", "place", "resolve_device", "synchronize", "tree_device"),
+    "_functional": ("Model", "functional", "grad", "jit", "value_and_grad", "vmap"),
+    "plot": ("plot_history", "plot_samples"),
+    "random": ("seed_everything",),
+    "state": ("DynamicScale", "TrainState", "all_finite"),
+    "_summary": ("SummaryRow", "SummaryTable", "summary"),
+    "train": ("GradResult", "make_eval_step", "make_grad_fn", "make_predict_step", "make_train_step",
+              "supervised_loss"),
+    "trainer": ("History", "Trainer"),
+}
+# ``fnnet.functional`` and ``fnnet.summary`` are functions; their modules are ``_functional``, ``_summary``.
+_MODULES = ("callbacks", "checkpoint", "compiler", "data", "device", "layout", "metrics", "models", "optim", "plot",
+            "random", "state", "train", "trainer", "tree")
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted([*_WHERE, *_MODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'fnnet' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from . import (callbacks, checkpoint, compiler, data, device, layout, metrics, models, optim, plot, random,
+                   state, train, trainer, tree)
+    from ._functional import Model, functional, grad, jit, value_and_grad, vmap
+    from ._summary import SummaryRow, SummaryTable, summary
+    from .checkpoint import load, load_state_dict, save, to_state_dict
+    from .data import ArrayLoader, load_digits, load_mnist, split_batch
+    from .device import (default_device, device_count, device_info, devices, empty_cache, memory_stats,
+                         parse_devices, place, resolve_device, synchronize, tree_device)
+    from .plot import plot_history, plot_samples
+    from .random import seed_everything
+    from .state import DynamicScale, TrainState, all_finite
+    from .train import (GradResult, make_eval_step, make_grad_fn, make_predict_step, make_train_step,
+                        supervised_loss)
+    from .trainer import History, Trainer

@@ -1,11 +1,20 @@
-"""The ``fnnet`` command line: ``fnnet info``, ``fnnet train``, ``fnnet bench``."""
+"""The ``fnnet`` command line: ``fnnet info``, ``fnnet train``, ``fnnet bench``.
+
+Argument parsing imports nothing heavy (``fnnet --help`` answers without importing torch);
+each command imports what it runs. Every argument is checked before any work starts, and a
+bad one is a one-line usage error (exit 2), never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, Sequence
+
+WORKLOADS = ("matmul", "linreg", "cnn")  # fnnet.bench.WORKLOADS, spelled here to keep --help free of torch
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 14, 256  # the chapter's CNN needs 14x14; beyond 256 the digits are just blurred
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -23,7 +32,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_arg(text: str):
+def _device_arg(text: str) -> Any:
     """``--device`` takes what ``Trainer(devices=...)`` takes: auto, cpu, cuda, cuda:N, N, or 0,1."""
     if "," in text:
         try:
@@ -36,17 +45,46 @@ def _device_arg(text: str):
         return text
 
 
+def _check_out(parser: argparse.ArgumentParser, out: str | None) -> None:
+    """``--out`` must be a folder that exists and is writable, or one that can be created."""
+    if out is None:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"argument --out: {out!r} is a file; give a folder for the checkpoint and history")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        parser.error(f"argument --out: cannot create {out!r}: {probe!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        parser.error(f"argument --out: {probe!r} is not writable")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    parser = args.parser
+    _check_out(parser, args.out)
+    if args.task == "digits" and not MIN_IMAGE_SIZE <= args.size <= MAX_IMAGE_SIZE:
+        parser.error(f"argument --size: {args.size} is out of range: the chapter's CNN needs images of at least "
+                     f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, and above {MAX_IMAGE_SIZE} the 8x8 digits only get blurrier "
+                     f"(use {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}; the chapter's MNIST size is 28)")
+    if args.task == "mnist":
+        if args.data_dir is None:
+            parser.error("fnnet train mnist needs --data-dir DIR holding the MNIST IDX files "
+                         "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
+                         "t10k-labels-idx1-ubyte[.gz]); download them from an MNIST mirror into DIR")
+        if not os.path.isdir(args.data_dir):
+            parser.error(f"--data-dir {args.data_dir!r} is not a folder; put the four MNIST IDX files "
+                         "(train-images-idx3-ubyte[.gz] ...) there, e.g. from an MNIST mirror")
     from . import recipes
-    from .trainer import parse_devices
+    from .device import parse_devices
 
     try:
         devices = parse_devices(args.device)
     except (ValueError, TypeError) as exc:
-        args.parser.error(f"argument --device: {exc}")
+        parser.error(f"argument --device: {exc}")
     if len(devices) > 1:
-        args.parser.error(f"argument --device: {args.device!r} names {len(devices)} devices; "
-                          "multi-device data parallelism is not in this release (use one device)")
+        parser.error(f"argument --device: {args.device!r} names {len(devices)} devices; "
+                     "multi-device data parallelism is not in this release (use one device)")
     if args.task == "linreg":
         recipes.train_linreg(n=args.n, steps=args.steps, lr=args.lr if args.lr is not None else 0.1,
                              device=devices[0], jit=args.jit, seed=args.seed)
@@ -55,20 +93,72 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   lr=args.lr if args.lr is not None else 0.01, jit=args.jit, precision=args.precision, seed=args.seed)
     if args.task == "digits":
         recipes.train_digits(size=args.size, **common)
-    else:
-        if args.data_dir is None:
-            args.parser.error("fnnet train mnist needs --data-dir DIR holding the MNIST IDX files "
-                              "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
-                              "t10k-labels-idx1-ubyte[.gz]); download them from an MNIST mirror into DIR")
-        if not os.path.isdir(args.data_dir):
-            args.parser.error(f"--data-dir {args.data_dir!r} is not a folder; put the four MNIST IDX files "
-                              "(train-images-idx3-ubyte[.gz] ...) there, e.g. from an MNIST mirror")
-        try:
-            recipes.train_mnist(args.data_dir, **common)
-        except (FileNotFoundError, ValueError) as exc:  # missing or corrupt IDX files: say which
-            print(f"fnnet train mnist: {exc}", file=sys.stderr)
-            return 2
+        return 0
+    try:
+        recipes.train_mnist(args.data_dir, **common)
+    except (FileNotFoundError, ValueError) as exc:  # missing or corrupt IDX files: say which
+        print(f"fnnet train mnist: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import command
+
+    return command(args)
+
+
+def _positive(kind: type) -> Any:
+    """An argparse type: a positive, finite ``kind`` (int or float), with a usage error otherwise."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not (0 < value < math.inf):
+            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _positive(int)
+_positive_float = _positive(float)
+
+
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fnnet bench`` options."""
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="where to run: cpu, cuda, or all (CPU plus CUDA when present; default)")
+    parser.add_argument("--scale", type=_positive_float, default=None,
+                        help="problem size as a fraction of the chapter's (default 0.05; 1 = full size)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated subset of matmul,linreg,cnn (default: all)")
+    parser.add_argument("--repeats", type=_int_at_least(1), default=3,
+                        help="timed runs per variant; the median is reported (default 3)")
+    parser.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed runs before timing (default 1)")
+    parser.add_argument("--steps", type=_int_at_least(1), default=20,
+                        help="linear-regression steps per timed run (default 20)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile variants (each compiles for tens of seconds on a CPU)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE", help="also draw the ratios (needs matplotlib)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,39 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--jit", action="store_true", help="compile the training step with torch.compile")
     p_train.add_argument("--precision", choices=["32", "bf16", "16-mixed"], default="32")
     p_train.add_argument("--seed", type=int, default=0, help="the key everything random derives from")
-    p_train.add_argument("--size", type=_positive_int, default=28, help="digits: image side after resizing (default 28)")
+    p_train.add_argument("--size", type=_positive_int, default=28,
+                         help=f"digits: image side after resizing, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default 28)")
     p_train.add_argument("--data-dir", default=None, help="mnist: folder with the MNIST IDX files")
     p_train.add_argument("--n", type=_positive_int, default=1_000_000, help="linreg: samples (default 1,000,000)")
     p_train.add_argument("--steps", type=_positive_int, default=500, help="linreg: full-batch steps (default 500)")
     p_train.set_defaults(func=_cmd_train, parser=p_train)
 
-    try:
-        from .bench import register as _register_bench
-    except ImportError:  # pragma: no cover
-        _register_bench = None
-    if _register_bench is not None:
-        _register_bench(sub)
+    p_bench = sub.add_parser("bench", help="time the chapter's workloads on CPU and GPU, fnnet vs plain PyTorch",
+                             description="How much a GPU helps, and what fnnet costs over plain PyTorch, on this machine.")
+    add_bench_arguments(p_bench)
+    p_bench.set_defaults(func=_cmd_bench, parser=p_bench)
     return parser
-
-
-def _positive(kind: type) -> Any:
-    """An argparse type: a positive, finite ``kind`` (int or float), with a usage error otherwise."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not (0 < value < float("inf")):
-            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-_positive_int = _positive(int)
-_positive_float = _positive(float)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,9 +20,9 @@ from . import random as _random
 from .callbacks import CSVLogger, ModelCheckpoint
 from .data import ArrayLoader, load_digits, load_mnist
 from .device import place, resolve_device, synchronize
-from .functional import functional
+from ._functional import functional
 from .models import CnnModel, LinearRegression, linreg_data
-from .summary import summary
+from ._summary import summary
 from .train import TrainState, make_train_step
 from .trainer import Trainer
 

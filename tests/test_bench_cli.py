@@ -1,16 +1,18 @@
-"""``fnnet bench`` at a tiny scale: the table, the JSON, the options and their errors."""
+"""``fnnet bench`` at the smallest scale: the table, the JSON, the plot, the options and their errors."""
 
-import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fnnet import _workloads as W
-from fnnet import bench
+from fnnet.bench import workloads as W
+from fnnet import bench, cli
 
-TINY = ["--device", "cpu", "--scale", "0.002", "--repeats", "2", "--warmup", "0", "--steps", "2", "--no-compile"]
+TINY = ["--device", "cpu", "--scale", "0.01", "--repeats", "2", "--warmup", "0", "--steps", "2", "--no-compile"]
 
 
 def test_bench_main_prints_table_and_writes_json(tmp_path, capsys):
@@ -23,7 +25,7 @@ def test_bench_main_prints_table_and_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["schema"] == "fnnet-bench/1"
     assert data["environment"]["torch"] == torch.__version__
-    assert data["settings"]["scale"] == 0.002
+    assert data["settings"]["scale"] == 0.01
     rows = {(r["workload"], r["variant"]): r for r in data["results"]}
     # Every CPU variant is reported, measured or skipped with a reason; no CUDA-only rows on CPU.
     expected = {(w, v) for w in bench.WORKLOADS for v in W.variants(w) if v not in W.CUDA_ONLY}
@@ -39,7 +41,7 @@ def test_bench_main_prints_table_and_writes_json(tmp_path, capsys):
     for workload in bench.WORKLOADS:
         base = rows[(workload, W.BASELINE[workload])]
         assert base["skipped"] is None and base["ratio"] == pytest.approx(1.0)
-    assert rows[("linreg", "chapter")]["size"] == {"n": 2000, "steps": 2}
+    assert rows[("linreg", "chapter")]["size"] == {"n": 10000, "steps": 2}
     assert rows[("cnn", "chapter-workers0")]["size"]["samples"] == 256
 
 
@@ -61,25 +63,56 @@ def test_cuda_only_variants_and_missing_cuda_are_unavailable():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_device_cuda_without_cuda_is_a_clear_error(capsys):
-    assert bench.main(["--device", "cuda", "--scale", "0.002"]) == 2
+    assert bench.main(["--device", "cuda", "--scale", "0.01"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["--scale", "0"], ["--workloads", "matmul,resnet"]])
-def test_bad_arguments_exit_2(args, capsys):
-    assert bench.main(["--device", "cpu"] + args) == 2
-    assert "error" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["--scale", "0"], "--scale"), (["--scale", "inf"], "--scale"), (["--scale", "0.002"], "below 0.01"),
+    (["--workloads", "matmul,resnet"], "--workloads"), (["--repeats", "0"], "--repeats"),
+    (["--warmup", "-1"], "--warmup"), (["--steps", "0"], "--steps"),
+    (["--json", "/no/such/folder/out.json"], "does not exist"), (["--plot", "/no/such/folder/out.png"], "does not exist"),
+])
+def test_bad_arguments_exit_2_before_anything_runs(args, message, capsys):
+    try:
+        code = bench.main(["--device", "cpu", *args])
+    except SystemExit as exit:  # argparse's own usage errors
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "setting up" not in err  # nothing was measured
 
 
-def test_register_adds_the_bench_subcommand():
-    parser = argparse.ArgumentParser(prog="fnnet")
-    sub = parser.add_subparsers(dest="command")
-    bench.register(sub)
-    args = parser.parse_args(["bench", "--device", "cpu", "--scale", "0.1", "--json", "x.json"])
-    assert args.command == "bench" and args.func is bench._cmd
+def test_a_failing_variant_makes_the_exit_status_nonzero(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(W, "matmul_case", broken)
+    assert bench.main(TINY + ["--workloads", "matmul"]) == 1
+    captured = capsys.readouterr()
+    assert "failed: RuntimeError: boom" in captured.out and "1 variant(s) failed" in captured.err
+
+
+def test_cli_help_answers_without_importing_torch():
+    code = "import sys, fnnet.cli; fnnet.cli.build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    help_text = subprocess.run([sys.executable, "-m", "fnnet", "--help"], capture_output=True, text=True, check=True)
+    assert "bench" in help_text.stdout and "train" in help_text.stdout
+
+
+def test_import_fnnet_does_not_import_the_recipes_or_the_trainer():
+    code = "import sys, fnnet; fnnet.TrainState; print(sorted(m for m in sys.modules if m.startswith('fnnet.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "fnnet.recipes" not in out and "fnnet.trainer" not in out and "fnnet.state" in out
+
+
+def test_bench_parser_takes_the_documented_options():
+    args = cli.build_parser().parse_args(["bench", "--device", "cpu", "--scale", "0.1", "--json", "x.json"])
+    assert args.command == "bench"
     assert (args.device, args.scale, args.json, args.compile) == ("cpu", 0.1, "x.json", True)
     with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "--device", "tpu"])
+        cli.build_parser().parse_args(["bench", "--device", "tpu"])
 
 
 def _result(workload, device, variant, seconds, work):
@@ -90,7 +123,7 @@ def test_ratios_are_to_the_chapters_way_on_the_same_device():
     rows = [_result("linreg", "cpu", "chapter", 2.0, 20), _result("linreg", "cpu", "fnnet-eager", 1.0, 20),
             _result("linreg", "cuda:0", "chapter", 0.5, 20), _result("linreg", "cuda:0", "fnnet-jit-donate", 0.1, 20),
             bench.Result("linreg", "cpu", "fnnet-jit-donate", skipped="compiled variants off (--no-compile)")]
-    bench._add_ratios(rows)
+    bench.add_ratios(rows)
     assert [r.ratio for r in rows[:4]] == [1.0, 0.5, 1.0, pytest.approx(0.2)]
     assert rows[0].vs_cpu is None and rows[2].vs_cpu == 4.0 and rows[3].vs_cpu == pytest.approx(20.0)
     table = bench.format_table(rows)
@@ -98,20 +131,33 @@ def test_ratios_are_to_the_chapters_way_on_the_same_device():
     assert bench.format_markdown(rows).count("\n") == len(rows) + 1
 
 
-def test_results_from_pytest_benchmark_json():
-    entry = {"name": "test_linreg[cpu-chapter]", "stats": {"median": 2.0},
-             "extra_info": {"workload": "linreg", "variant": "chapter", "device": "cpu", "work": 20.0,
-                            "unit": "steps/s", "size": {"n": 10}, "first_call_s": 0.1}}
-    other = {**entry, "extra_info": {**entry["extra_info"], "variant": "fnnet-eager"}, "stats": {"median": 1.0}}
-    rows = bench.results_from_pytest_benchmark({"benchmarks": [other, entry, {"name": "x", "stats": {"median": 1}}]})
-    assert [r.variant for r in rows] == ["chapter", "fnnet-eager"]
-    assert rows[1].ratio == 0.5 and rows[1].throughput == 20.0
-
-
-def test_plot_writes_a_png(tmp_path):
+def test_plot_draws_each_ratio_as_a_point_on_a_linear_axis_with_1_marked(tmp_path):
     pytest.importorskip("matplotlib")
-    path = tmp_path / "bench.png"
-    bench.plot([_result("linreg", "cpu", "chapter", 2.0, 20), _result("cnn", "cpu", "chapter-workers4", 1.0, 256)], path)
+    import matplotlib.pyplot as plt
+
+    rows = [_result("linreg", "cpu", "chapter", 2.0, 20), _result("linreg", "cpu", "fnnet-eager", 1.0, 20),
+            _result("cnn", "cpu", "chapter-workers4", 1.0, 256)]
+    bench.add_ratios(rows)
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        path = tmp_path / "bench.png"
+        bench.plot(rows, path)
+    finally:
+        plt.Figure.savefig = real_savefig
     assert path.stat().st_size > 0
+    linreg, cnn = drawn[0].axes
+    assert linreg.get_xscale() == "linear"
+    points = linreg.collections[0].get_offsets()
+    assert sorted(points[:, 0].tolist()) == [0.5, 1.0]  # the two ratios, where they are
+    assert any(list(line.get_xdata()) == [1.0, 1.0] for line in linreg.lines)  # 1.0 marked
+    assert [t.get_text() for t in linreg.get_yticklabels()] == ["chapter (cpu)", "fnnet-eager (cpu)"][::-1] or \
+        {t.get_text() for t in linreg.get_yticklabels()} == {"chapter (cpu)", "fnnet-eager (cpu)"}
     with pytest.raises(RuntimeError, match="nothing to plot"):
         bench.plot([bench.Result("linreg", "cpu", "chapter", skipped="x")], tmp_path / "none.png")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fnnet
-from fnnet.summary import SummaryRow, SummaryTable, summary
+from fnnet import SummaryRow, SummaryTable, summary
 
 
 class CnnModel(nn.Module):

@@ -1,4 +1,4 @@
-"""The chapter's benchmark workloads, defined once for ``benches/`` and ``fnnet bench``.
+"""The chapter's benchmark workloads: what ``fnnet bench`` times (``benches/`` times them too).
 
 Each ``*_case`` builder sets one variant up (data, model, optimizer; for compiled variants
 the first, compiling call) and returns a :class:`Case` whose ``run()`` does one unit of work
@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import CnnModel, LinearRegression, linreg_data
+from .. import optim
+from .._functional import functional
+from ..data import ArrayLoader
+from ..device import place
+from ..models import CnnModel, LinearRegression, linreg_data
+from ..random import key
+from ..state import TrainState
+from ..train import make_train_step
+from ..trainer import Trainer
 
 __all__ = [
     "Case",
@@ -58,7 +66,7 @@ COMPILED = frozenset({"fnnet-jit-donate", "fnnet-jit-cudagraphs", "fnnet-trainer
 
 
 class Unavailable(RuntimeError):
-    """This variant cannot run here (no CUDA, or an fnnet module it needs has not landed)."""
+    """This variant cannot run here (no CUDA, or a CUDA-only variant on the CPU)."""
 
 
 @dataclasses.dataclass
@@ -138,20 +146,6 @@ def reset_compiler() -> None:
     torch._dynamo.reset()
 
 
-def _need(module: str, *names: str) -> Any:
-    """``module``, or :class:`Unavailable` while it (or one of ``names`` in it) has not landed."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise Unavailable(f"{module} is not available ({e})") from None
-    missing = [n for n in names if not hasattr(mod, n)]
-    if missing:
-        raise Unavailable(f"{module} has no {', '.join(missing)} yet")
-    return mod
-
-
 def _seeded(seed: int, build: Callable[[], Any]) -> Any:
     # The chapter's modules initialise from torch's global RNG; keep the caller's RNG intact.
     with torch.random.fork_rng(devices=[]):
@@ -217,10 +211,7 @@ def linreg_case(variant: str, device: torch.device | str, *, n: int = 1_000_000,
             return loss
 
     else:
-        fnnet = _need("fnnet", "functional", "place")
-        optim = _need("fnnet.optim", "adam")
-        train_mod = _need("fnnet.train", "make_train_step", "TrainState")
-        model = fnnet.functional(_seeded(seed, LinearRegression))
+        model = functional(_seeded(seed, LinearRegression))
 
         def loss_fn(params, batch):
             x, y = batch
@@ -228,10 +219,10 @@ def linreg_case(variant: str, device: torch.device | str, *, n: int = 1_000_000,
 
         optimizer = optim.adam(lr)
         options = {"mode": "reduce-overhead"} if variant == "fnnet-jit-cudagraphs" else None
-        step = train_mod.make_train_step(
+        step = make_train_step(
             loss_fn, optimizer, jit=variant in COMPILED, donate=variant != "fnnet-eager", compile_options=options
         )
-        holder = [train_mod.TrainState.create(fnnet.place(model.params, dev), optimizer)]
+        holder = [TrainState.create(place(model.params, dev), optimizer)]
         batch = (X, Y)
 
         def train(k: int) -> torch.Tensor:
@@ -300,14 +291,9 @@ def cnn_case(variant: str, device: torch.device | str, *, samples: int = 12_800,
             return loss
 
     else:
-        fnnet = _need("fnnet", "functional", "random")
-        optim = _need("fnnet.optim", "adam")
-        data = _need("fnnet.data", "ArrayLoader")
-        trainer_mod = _need("fnnet.trainer", "Trainer")
-        model = fnnet.functional(_seeded(seed, CnnModel))
-        trainer = trainer_mod.Trainer(model, F.cross_entropy, optim.adam(lr), devices=dev,
-                                      jit=variant in COMPILED, key=fnnet.random.key(seed))
-        loader = data.ArrayLoader((X, Y), batch_size, shuffle=True, key=fnnet.random.key(seed + 1), device=dev)
+        trainer = Trainer(_seeded(seed, CnnModel), F.cross_entropy, optim.adam(lr), devices=dev,
+                          jit=variant in COMPILED, key=key(seed))
+        loader = ArrayLoader((X, Y), batch_size, shuffle=True, key=key(seed + 1), device=dev)
 
         def epoch() -> Any:
             return trainer.fit(loader, epochs=1, verbose=0)

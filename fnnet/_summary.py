@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import tree as _tree
-from .functional import Model
+from ._functional import Model
 
 __all__ = ["summary", "SummaryTable", "SummaryRow"]
 
