@@ -24,7 +24,7 @@ _EXPORTS = {
     "_functional": ("Model", "functional", "grad", "jit", "value_and_grad", "vmap"),
     "plot": ("plot_history", "plot_samples"),
     "random": ("seed_everything",),
-    "state": ("DynamicScale", "TrainState", "all_finite"),
+    "state": ("DynamicScale", "TrainState", "all_finite", "grads_finite"),
     "_summary": ("SummaryRow", "SummaryTable", "summary"),
     "train": ("GradResult", "make_eval_step", "make_grad_fn", "make_predict_step", "make_train_step",
               "supervised_loss"),
@@ -64,7 +64,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
                          parse_devices, place, resolve_device, synchronize, tree_device)
     from .plot import plot_history, plot_samples
     from .random import seed_everything
-    from .state import DynamicScale, TrainState, all_finite
+    from .state import DynamicScale, TrainState, all_finite, grads_finite
     from .train import (GradResult, make_eval_step, make_grad_fn, make_predict_step, make_train_step,
                         supervised_loss)
     from .trainer import History, Trainer

@@ -21,7 +21,7 @@ from . import random as _random
 from . import tree as _tree
 from .device import tree_device
 
-__all__ = ["TrainState", "DynamicScale", "all_finite"]
+__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite"]
 
 
 @_tree.register_dataclass(static=("period", "factor", "min_scale"))
@@ -71,27 +71,43 @@ class DynamicScale:
         return dataclasses.replace(self, scale=scale, good_steps=good)
 
 
+def _float_leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in _tree.leaves(tree) if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())]
+
+
 def all_finite(tree: Any) -> torch.Tensor:
     """A 0-dim bool tensor: whether every floating-point tensor leaf of ``tree`` is finite.
 
-    Computed on the leaves' device with no host sync (one multi-tensor check per device and
-    dtype, the op ``torch.amp.GradScaler`` uses; a reduction per leaf under ``torch.compile``
-    or for tensors that require grad). On several devices the flag lands on the first one.
+    Computed on the leaves' device (on the first leaf's when there are several), with no host
+    sync; nothing is modified. For fresh gradients :func:`grads_finite` is the faster check.
     """
-    leaves = [x for x in _tree.leaves(tree) if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())]
+    leaves = _float_leaves(tree)
     device = leaves[0].device if leaves else torch.device("cpu")
     if not leaves:
         return torch.ones((), dtype=torch.bool, device=device)
-    if torch.compiler.is_compiling() or any(x.requires_grad for x in leaves):
-        return torch.stack([torch.isfinite(x).all().to(device) for x in leaves]).all()
-    from .optim._foreach import index_groups
+    return torch.stack([torch.isfinite(x).all().to(device) for x in leaves]).all()
 
+
+def grads_finite(grads: Any) -> torch.Tensor:
+    """:func:`all_finite` for gradients the caller owns (what the training steps check).
+
+    One multi-tensor check per device and dtype, the op ``torch.amp.GradScaler`` uses
+    (several times faster than a reduction per leaf on CPU). It multiplies the tensors by 1.0
+    in place, so values stay bit for bit but version counters move: use it on fresh
+    gradients, not on tensors an autograd graph still needs. Under ``torch.compile``, and for
+    tensors that require grad, it is :func:`all_finite`.
+    """
+    leaves = _float_leaves(grads)
+    if not leaves or torch.compiler.is_compiling() or any(x.requires_grad for x in leaves):
+        return all_finite(grads)
+    device = leaves[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for x in leaves:
+        groups.setdefault((x.device, x.dtype), []).append(x)
     found = torch.zeros(1, dtype=torch.float32, device=device)
-    for idx in index_groups([leaves]):
-        group = [leaves[i] for i in idx]
-        dev = group[0].device
+    for (dev, _), group in groups.items():
         here = found if dev == device else torch.zeros(1, dtype=torch.float32, device=dev)
-        # Multiplies by 1.0 in place (bit-identical values) and sets `here` when anything is inf/nan.
+        # Sets `here` when anything is inf/nan (and multiplies by 1.0: values unchanged).
         torch._amp_foreach_non_finite_check_and_unscale_(group, here, torch.ones(1, dtype=torch.float32, device=dev))
         if here is not found:
             found = found + here.to(device)
@@ -205,7 +221,7 @@ class TrainState:
                 was used: :func:`fnnet.make_grad_fn` does it).
             optimizer: the ``GradientTransformation`` the state was created with.
             buffers: the buffers after the forward (``None``: keep the state's).
-            finite: a 0-dim bool tensor (:func:`all_finite` of the gradients): when it is
+            finite: a 0-dim bool tensor (:func:`grads_finite` of the gradients): when it is
                 False the update is skipped -- params, optimizer state and buffers stay as they
                 are -- and ``step`` still counts. With a ``loss_scale`` it also drives the scale
                 (computed here when not given). On CPU outside ``torch.compile`` the flag is read
@@ -217,7 +233,7 @@ class TrainState:
             The new :class:`TrainState`.
         """
         if self.loss_scale is not None and finite is None:
-            finite = all_finite(grads)
+            finite = grads_finite(grads)
         params, opt_state, new_buffers, _ = update(optimizer, grads, self.params, self.opt_state, finite=finite,
                                                    donate=donate, buffers=self.buffers, new_buffers=buffers)
         loss_scale = self.loss_scale.adjust(finite) if self.loss_scale is not None else None

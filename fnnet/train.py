@@ -46,7 +46,7 @@ from . import random as _random
 from . import tree as _tree
 from .data import split_batch
 from ._functional import Model
-from .state import DynamicScale, TrainState, all_finite, loss_scale_for, update
+from .state import DynamicScale, TrainState, grads_finite, loss_scale_for, update
 
 __all__ = [
     "GradResult",
@@ -180,7 +180,7 @@ def _cuda_devices(params: Any) -> list[torch.device]:
 
 def _rng_scope(declared: frozenset[str], key: Any, params: Any) -> contextlib.AbstractContextManager:
     """Seed torch's global RNG from ``key`` around a loss that takes one (eager mode; real keys only)."""
-    if "key" not in declared or not isinstance(key, _random.Key) or isinstance(key, _random._TracingKey):
+    if "key" not in declared or not isinstance(key, _random.Key) or key is _random.TRACING_KEY:
         return contextlib.nullcontext()
     return _random.rng_scope(key, _cuda_devices(params))
 
@@ -327,7 +327,7 @@ def make_train_step(
 
     def inner(params, opt_state, buffers, loss_scale, batch, key):
         grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
-        finite = all_finite(grads) if checks else None
+        finite = grads_finite(grads) if checks else None
         params, opt_state, new_buffers, _ = update(optimizer, grads, params, opt_state, finite=finite, donate=donate,
                                                    buffers=buffers, new_buffers=new_buffers)
         if loss_scale is not None:

@@ -488,3 +488,52 @@ def test_auto_layout_falls_back_to_nchw_with_a_warning_for_view_models():
     strict = fnnet.Trainer(_ViewNet(), F.cross_entropy, optim.sgd(0.1), devices="cpu", memory_format="channels_last")
     with pytest.raises(ValueError, match="memory_format='contiguous'"):
         strict.fit(fnnet.ArrayLoader(data, 8), epochs=1, verbose=0)
+
+
+def test_layout_is_chosen_outside_the_trainer():
+    from fnnet import layout
+    from models import chapter_cnn
+
+    cnn = fnnet.functional(chapter_cnn())
+    assert layout.choose_memory_format("auto", cnn.params, torch.device("cpu")) is torch.channels_last
+    assert layout.choose_memory_format("auto", {"w": torch.zeros(2, 3)}, torch.device("cpu")) is None
+    assert layout.choose_memory_format("contiguous", cnn.params, torch.device("cpu")) is torch.contiguous_format
+    assert layout.choose_memory_format(torch.preserve_format, cnn.params, torch.device("cpu")) is None
+    batch = (torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.int64))
+    fmt = layout.verify_memory_format("auto", torch.channels_last, cnn, cnn.params, None, batch, torch.device("cpu"))
+    assert fmt is torch.channels_last
+    view = fnnet.functional(_ViewNet())
+    small = (torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64))
+    with pytest.warns(UserWarning, match="reshape"):
+        assert layout.verify_memory_format("auto", torch.channels_last, view, view.params, None, small,
+                                           torch.device("cpu")) is torch.contiguous_format
+    with pytest.raises(ValueError, match="memory_format='contiguous'"):
+        layout.verify_memory_format("channels_last", torch.channels_last, view, view.params, None, small,
+                                    torch.device("cpu"))
+
+
+def test_callbacks_are_duck_typed_and_see_validation_batches():
+    class Recorder:  # not a subclass of fnnet.callbacks.Callback
+        def __init__(self):
+            self.calls = []
+
+        def on_train_batch_end(self, trainer, step, metrics):
+            self.calls.append(("train", step, float(metrics["loss"])))
+
+        def on_validation_batch_start(self, trainer, index):
+            self.calls.append(("val start", index))
+
+        def on_validation_batch_end(self, trainer, index, metrics):
+            self.calls.append(("val end", index, tuple(metrics["outputs"].shape)))
+
+    rec = Recorder()
+    x, y = torch.randn(12, 2), torch.randint(0, 3, (12,))
+    make_trainer().fit(fnnet.ArrayLoader((x, y), 4), fnnet.ArrayLoader((x[:6], y[:6]), 4), epochs=1, verbose=0,
+                       callbacks=[rec])
+    assert [c[:2] for c in rec.calls if c[0] == "train"] == [("train", 1), ("train", 2), ("train", 3)]
+    assert [c for c in rec.calls if c[0] != "train"] == [("val start", 0), ("val end", 0, (4, 3)),
+                                                         ("val start", 1), ("val end", 1, (2, 3))]
+    with pytest.raises(TypeError, match="on_fit_start"):
+        make_trainer().fit([(x, y)], callbacks=[object()], verbose=0)
+    with pytest.raises(TypeError, match="instantiate"):
+        make_trainer().fit([(x, y)], callbacks=[Recorder], verbose=0)
