@@ -402,7 +402,8 @@ def load_mnist(
 
     Raises:
         FileNotFoundError: a file is missing, naming every path searched and where to get it.
-        ValueError: a corrupt or truncated file, naming it with the expected and found values.
+        ValueError: a corrupt or truncated file, or a label outside 0-9, naming the file with the
+            expected and found values.
         ConnectionError: ``download=True`` and the mirror cannot be reached.
     """
     root = Path(root)
@@ -435,4 +436,8 @@ def load_mnist(
         raise ValueError(f"{found[0]} holds {n} images but {found[1]} holds {n_labels} labels; they must agree")
     x = np.frombuffer(images, dtype=np.uint8, offset=img_header).reshape(n, 1, rows, cols)
     y = np.frombuffer(labels, dtype=np.uint8, offset=lab_header)
+    if n and int(y.max()) > 9:
+        bad = int(np.argmax(y > 9))
+        raise ValueError(f"{found[1]}: label {int(y[bad])} at index {bad} is not a digit; MNIST labels are 0-9 "
+                         "(the file is corrupted, or it is not an MNIST labels file)")
     return torch.from_numpy(x.astype(np.float32) / np.float32(255.0)), torch.from_numpy(y.astype(np.int64))

@@ -118,10 +118,9 @@ def parse_devices(devices: Any) -> list[torch.device]:
     if isinstance(devices, bool):
         raise TypeError(f"devices must be 'auto', 'cpu', 'cuda', an int or a list, not {devices!r}")
     if devices is None or isinstance(devices, (str, torch.device)):
-        if isinstance(devices, str) and devices.strip().lower() in ("gpu", "gpus"):
-            devices = "cuda"
+        spelled = "cuda" if isinstance(devices, str) and devices.strip().lower() in ("gpu", "gpus") else devices
         try:
-            return [resolve_device(devices)]
+            return [resolve_device(spelled)]
         except ValueError as exc:
             raise ValueError(f"devices={devices!r}: {exc}") from None
     n = device_count()

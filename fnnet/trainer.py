@@ -472,6 +472,7 @@ _HINTS = (
     ("out of bounds", "the targets must be class indices in [0, number of classes)"),
     ("expected scalar type Long", "class-index targets must be int64: pass y.long()"),
     ("Expected floating point type for target", "class-index targets must be int64: pass y.long()"),
+    ("expected target dtype to be Long", "class-index targets must be int64: pass y.long()"),
     ("shapes cannot be multiplied", "the inputs' feature size does not match the model's first layer"),
     ("to match target batch_size", "the inputs and the targets hold different numbers of samples"),
 )

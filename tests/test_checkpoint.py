@@ -495,3 +495,188 @@ def test_to_state_dict_flattens_nested_params():
     assert all(torch.equal(dst.state_dict()[k], src.state_dict()[k]) for k in sd)
     with pytest.raises(TypeError, match=r"layers\.0\.scale \(int\)"):
         checkpoint.to_state_dict({"layers": [{"scale": 3}]})
+
+
+# -- abuse: corrupted metadata, crafted headers, faults ------------------------------------------------
+
+
+def _saved(tmp_path, tree_=None):
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, tree_ if tree_ is not None else {"state": fnnet.TrainState({"w": torch.arange(4.0)}, None, step=2),
+                                                          "epoch": 2})
+    return path
+
+
+def test_the_checksum_covers_the_metadata_too(tmp_path):
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    header = data[:header_end].decode()
+    # the issue's case: one digit of the epoch in the structure JSON
+    at = header.index('\\"epoch\\"')
+    digit = header.index('\\"value\\":2', at) + len('\\"value\\":')
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[:digit] + b"3" + data[digit + 1:])
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*metadata.*fails its checksum"):
+        checkpoint.load(bad)
+    # a deleted or malformed checksum entry is an error, not an unchecked load
+    import safetensors.torch as st
+
+    tensors = st.load_file(path)
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    for name, value in (("deleted", None), ("malformed", "not a digest"), ("wrong type", "0" * 63 + "z")):
+        changed = {k: v for k, v in meta.items() if k != "fnnet.checksum"}
+        if value is not None:
+            changed["fnnet.checksum"] = value
+        st.save_file(tensors, str(bad), metadata=changed)
+        with pytest.raises(ValueError, match=r"bad\.safetensors.*checksum entry is missing or malformed"):
+            checkpoint.load(bad)
+
+
+def _craft(path, tensors, structure, **metadata_changes):
+    """A file whose checksums are right for crafted contents (what an attacker can do)."""
+    from fnnet.checkpoint import _file
+
+    tree_json = structure if isinstance(structure, str) else json.dumps(structure)
+    meta = {"format": "pt", _file.META_FORMAT: _file.FORMAT_VERSION, _file.META_TREE: tree_json,
+            _file.META_CRC: json.dumps({k: _file.crc32(v) for k, v in tensors.items()}), **metadata_changes}
+    meta[_file.META_DIGEST] = _file._digest(meta, tensors)
+    safetensors.torch.save_file(tensors, str(path), metadata=meta)
+
+
+def test_crafted_headers_are_clear_errors_naming_the_file(tmp_path):
+    path = tmp_path / "crafted.safetensors"
+    for depth in (150, 100_000):  # deeper than fnnet reads; deeper than Python's JSON parser can go
+        deep = '{"kind":"list","children":[' * depth + '{"kind":"none"}' + "]}" * depth
+        _craft(path, {"x": torch.zeros(1)}, deep)
+        with pytest.raises(ValueError, match=r"crafted\.safetensors.*(nested|corrupted)"):
+            checkpoint.load(path)
+    good = {"kind": "dict", "keys": ["x"], "children": [{"kind": "tensor", "name": "x"}]}
+    _craft(path, {"x": torch.zeros(1)}, good, **{"fnnet.crc32": json.dumps([1, 2])})
+    with pytest.raises(ValueError, match=r"crafted\.safetensors.*per-tensor checksums"):
+        checkpoint.load(path)
+    _craft(path, {"x": torch.zeros(1)}, {"kind": "dict", "keys": ["x", "y"], "children": [{"kind": "tensor", "name": "x"}]})
+    with pytest.raises(ValueError, match=r"crafted\.safetensors.*corrupted"):
+        checkpoint.load(path)
+    _craft(path, {"x": torch.zeros(1)}, {"kind": "namedtuple", "class": "os:system", "fields": [], "children": []})
+    with pytest.raises(ValueError, match=r"crafted\.safetensors.*system from os.*like="):
+        checkpoint.load(path)
+
+
+def test_unreadable_file_is_a_permission_error(tmp_path, monkeypatch):
+    path = _saved(tmp_path)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == str(path) else real_access(p, mode))
+    with pytest.raises(PermissionError, match=r"cannot read '.*c\.safetensors': permission denied"):
+        checkpoint.load(path)
+
+
+def test_bad_save_targets_are_clear_errors(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        checkpoint.save(tmp_path, {"x": torch.zeros(1)})
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile.*is a file, not a folder"):
+        checkpoint.save(tmp_path / "afile" / "sub" / "c.safetensors", {"x": torch.zeros(1)})
+    loop = [torch.zeros(1)]
+    loop.append(loop)
+    with pytest.raises(ValueError, match=r"contains itself at '1'"):
+        checkpoint.save(tmp_path / "loop.safetensors", loop)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # nothing was left behind
+
+
+def test_a_read_only_checkpoint_is_not_replaced_and_modes_are_kept(tmp_path):
+    path = _saved(tmp_path)
+    os.chmod(path, 0o640)
+    checkpoint.save(path, {"x": torch.ones(1)})
+    assert path.stat().st_mode & 0o777 == 0o640  # a writable file keeps its mode
+    os.chmod(path, 0o444)
+    before = path.read_bytes()
+    if os.geteuid() != 0:
+        with pytest.raises(PermissionError, match="read-only"):
+            checkpoint.save(path, {"x": torch.zeros(1)})
+    else:  # root may write anything: the check is on the permission bits, as for everyone
+        real_access = os.access
+        try:
+            os.access = lambda p, mode: False if mode == os.W_OK and os.fspath(p) == str(path) else real_access(p, mode)
+            with pytest.raises(PermissionError, match="read-only"):
+                checkpoint.save(path, {"x": torch.zeros(1)})
+        finally:
+            os.access = real_access
+    assert path.read_bytes() == before and path.stat().st_mode & 0o777 == 0o444
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+
+    from fnnet.checkpoint import _file
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname().replace(".", "_")
+        stale = tmp_path / f".c.safetensors.{host}.{dead.pid}.abc123.tmp"
+        busy = tmp_path / f".c.safetensors.{host}.{live.pid}.def456.tmp"
+        remote = tmp_path / f".c.safetensors.otherhost.{dead.pid}.fed789.tmp"
+        other_name = tmp_path / f".d.safetensors.{host}.{dead.pid}.abc123.tmp"
+        for p in (stale, busy, remote, other_name):
+            p.write_bytes(b"x" * 1000)
+        assert _file._HOST == host
+        checkpoint.save(tmp_path / "c.safetensors", {"x": torch.zeros(1)})
+        left = set(os.listdir(tmp_path))
+        assert stale.name not in left  # its writer is gone
+        assert {busy.name, remote.name, other_name.name, "c.safetensors"} <= left
+    finally:
+        live.kill()
+        live.wait()
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_changed_byte_or_truncation_is_refused(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("corrupt")
+    path = folder / "c.safetensors"
+    state = fnnet.TrainState.create({"layers.0.weight": torch.randn(3, 4), "b": torch.zeros(3)}, fnnet.optim.adam(0.1),
+                                    key=fr.key(3))
+    checkpoint.save(path, {"state": state, "epoch": 4, "note": "ok"})
+    raw = path.read_bytes()
+    header_len = 8 + int.from_bytes(raw[:8], "little")
+    region = data.draw(st.sampled_from(["length", "header", "data"]), label="region")
+    lo, hi = {"length": (0, 8), "header": (8, header_len), "data": (header_len, len(raw))}[region]
+    bad = folder / "bad.safetensors"
+    if data.draw(st.booleans(), label="truncate"):
+        cut = data.draw(st.integers(0, len(raw) - 1), label="cut")
+        bad.write_bytes(raw[:cut])
+    else:
+        at = data.draw(st.integers(lo, hi - 1), label="offset")
+        value = data.draw(st.integers(0, 255).filter(lambda v: v != raw[at]), label="byte")
+        bad.write_bytes(raw[:at] + bytes([value]) + raw[at + 1:])
+    with pytest.raises(ValueError, match=r"bad\.safetensors"):
+        checkpoint.load(bad)
+
+
+def test_every_single_byte_of_the_header_is_covered(tmp_path):
+    """Deterministic sweep: each byte of the length and the header (metadata included) flipped, and
+    every truncation point, is refused."""
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, {"state": fnnet.TrainState.create({"w": torch.randn(2, 3)}, fnnet.optim.sgd(0.1, momentum=0.9),
+                                                            key=fr.key(1)), "epoch": 3})
+    raw = path.read_bytes()
+    header_len = 8 + int.from_bytes(raw[:8], "little")
+    bad = tmp_path / "bad.safetensors"
+    accepted = []
+    for at in range(header_len):
+        for flip in (0x01, 0x20):
+            bad.write_bytes(raw[:at] + bytes([raw[at] ^ flip]) + raw[at + 1:])
+            try:
+                checkpoint.load(bad)
+                accepted.append((at, flip))
+            except ValueError:
+                pass
+    assert accepted == []
+    for cut in range(0, len(raw), 7):
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(ValueError):
+            checkpoint.load(bad)

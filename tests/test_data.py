@@ -279,6 +279,7 @@ def test_load_mnist_corruption_errors(tmp_path, gz):
         ("short header", images[:10], labels, r"images-idx3-ubyte.*10 bytes.*header"),
         ("tiny", images[:2], labels, r"images-idx3-ubyte.*2 bytes.*too short"),
         ("count mismatch", images, idx_bytes(2049, (3,), b"\x01\x02\x03"), r"2 images.*3 labels"),
+        ("label out of range", images, idx_bytes(2049, (2,), b"\x01\x0c"), r"labels-idx1-ubyte.*label 12 at index 1.*0-9"),
     ]
     for what, img_payload, lab_payload, pattern in cases:
         for p in tmp_path.iterdir():

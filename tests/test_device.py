@@ -135,3 +135,18 @@ def test_place_on_cuda_channels_last():
     g = fnnet.place({"w": w, "b": torch.randn(8)}, "cuda", memory_format=torch.channels_last)
     assert g["w"].is_cuda and g["w"].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(g["w"].cpu(), w) and g["b"].is_cuda
+
+
+def test_place_refuses_containers_it_cannot_see_into():
+    import collections
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Unregistered:
+        w: torch.Tensor
+
+    for hidden in (Unregistered(torch.zeros(2)), collections.UserDict({"w": torch.zeros(2)})):
+        with pytest.raises(TypeError, match=r"leaf at 'a\.1' is a (Unregistered|UserDict) holding tensors.*register"):
+            fnnet.place({"a": [torch.zeros(1), hidden]}, "cpu")
+    key = fnnet.random.key(0)  # a dataclass without tensors is an ordinary leaf
+    assert fnnet.place({"k": key, "s": "text", "n": None}, "cpu")["k"] == key

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import fnnet
 from conftest import requires_cuda
@@ -275,3 +276,110 @@ def test_non_tensor_buffer_is_a_type_error():
     model = fnnet.functional(nn.BatchNorm1d(3))
     with pytest.raises(TypeError, match=r"buffers\['running_mean'\] must be a tensor, got int"):
         model.apply(model.params, torch.randn(4, 3), buffers={**model.buffers, "running_mean": 0})
+
+
+# -- purity under abuse: in-place writes, hidden randomness, frozen parameters -----------------------
+
+
+class _CountsCalls(nn.Module):
+    """Writes into a buffer in every forward, even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        self.n += 1
+        return self.lin(x)
+
+
+class _ClampsWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.clamp_(-0.1, 0.1)
+        return self.lin(x)
+
+
+def test_an_in_place_write_into_the_callers_tensors_is_an_error_naming_it():
+    x = torch.randn(4, 3)
+    counts = fnnet.functional(_CountsCalls())
+    with pytest.raises(ValueError, match=r"_CountsCalls's forward wrote in place into buffers\['n'\]"):
+        counts.apply(counts.params, x)
+    # with return_buffers the forward works on copies and the new value comes back as data
+    before = counts.buffers["n"].clone()
+    _, new = counts.apply(counts.params, x, return_buffers=True)
+    assert float(new["n"]) == float(before) + 1 and torch.equal(counts.buffers["n"], before)
+
+    clamps = fnnet.functional(_ClampsWeights())
+    params = {k: v * 10 for k, v in clamps.params.items()}
+    with pytest.raises(ValueError, match=r"wrote in place into params\['lin.weight'\].*out of place"):
+        clamps.apply(params, x)
+    # the same check guards the input state of a pure training step and the Trainer's evaluate
+    step = fnnet.make_train_step(lambda p, b: clamps.apply(p, b).sum(), fnnet.optim.sgd(0.1))
+    with pytest.raises(ValueError, match="wrote in place"):
+        step(fnnet.TrainState.create({k: v * 10 for k, v in clamps.params.items()}, fnnet.optim.sgd(0.1)), x)
+    trainer = fnnet.Trainer(fnnet.functional(_ClampsWeights()), lambda out, y: out.sum(), fnnet.optim.sgd(0.1),
+                            devices="cpu")
+    with pytest.raises(ValueError, match="wrote in place"):
+        trainer.evaluate([(x, torch.zeros(4))])
+
+
+def test_batchnorm_writes_go_to_copies_and_raise_nothing():
+    model = fnnet.functional(bn_net())
+    buffers = {k: v.clone() for k, v in model.buffers.items()}
+    _, new = model.apply(model.params, torch.randn(8, 4), buffers=buffers, train=True, return_buffers=True)
+    assert fnnet.tree.all_equal(buffers, model.buffers) and not torch.equal(new["1.running_mean"], buffers["1.running_mean"])
+
+
+class _FunctionalDropout(nn.Module):
+    """Draws randomness through torch.nn.functional, not an nn.Dropout layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.act = nn.RReLU()
+
+    def forward(self, x):
+        return self.act(nn.functional.dropout(self.lin(x), 0.5, training=self.training))
+
+
+def test_randomness_drawn_through_torch_functional_is_keyed_or_an_error():
+    model = fnnet.functional(_FunctionalDropout())
+    assert not model.stochastic  # no dropout layer to see: only the forward tells
+    x = torch.randn(16, 8)
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match="drew random numbers from torch's global RNG.*needs key="):
+        model.apply(model.params, x, train=True)
+    assert torch.equal(torch.random.get_rng_state(), state)  # restored
+    a = model.apply(model.params, x, train=True, key=fnnet.random.key(1))
+    b = model.apply(model.params, x, train=True, key=fnnet.random.key(1))
+    c = model.apply(model.params, x, train=True, key=fnnet.random.key(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG never moved
+    torch.testing.assert_close(model.apply(model.params, x), model.to_module()(x))  # eval: deterministic
+
+
+def test_frozen_parameters_stay_frozen():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    net[0].weight.requires_grad_(False)
+    model = fnnet.functional(net)
+    assert model.trainable == {"0.weight": False, "0.bias": True, "2.weight": True, "2.bias": True}
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    grads = fnnet.make_grad_fn(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]))(model.params, (x, y)).grads
+    assert torch.count_nonzero(grads["0.weight"]) == 0 and torch.count_nonzero(grads["2.weight"]) > 0
+    # the Trainer masks them out of the optimizer: weight decay (adamw) does not move them either
+    frozen, trained = net[0].weight.detach().clone(), net[2].weight.detach().clone()
+    trainer = fnnet.Trainer(net, F.mse_loss, fnnet.optim.adamw(0.1, weight_decay=0.5), devices="cpu")
+    trainer.fit([(x, y)] * 4, epochs=2, verbose=0)
+    assert torch.equal(trainer.state.params["0.weight"], frozen) and torch.equal(net[0].weight, frozen)
+    assert not torch.equal(net[2].weight, trained)  # the rest trained (the module itself, in place)
+    # unfreezing: a new trainer (a new optimizer state) for the module with requires_grad back on
+    net[0].weight.requires_grad_(True)
+    fnnet.Trainer(net, F.mse_loss, fnnet.optim.adam(0.1), devices="cpu").fit([(x, y)], verbose=0)
+    assert not torch.equal(net[0].weight, frozen)

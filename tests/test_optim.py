@@ -848,3 +848,37 @@ def test_a_learning_rate_that_requires_grad_keeps_its_gradient():
     updates, _ = opt.update({"w": torch.tensor([0.5, -1.0], dtype=torch.float64)}, opt.init(params), params)
     (g,) = torch.autograd.grad(updates["w"].sum(), lr)
     assert g.item() == pytest.approx(0.5)  # d/dlr of -lr * (0.5 - 1.0)
+
+
+# -- bad inputs are refused when the optimizer is built or initialised --------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: O.sgd(0.01), lambda: O.adam(0.1, weight_decay=0.1), lambda: O.adamw(0.1),
+                                  lambda: O.rmsprop(0.1, momentum=0.5), lambda: O.adagrad(0.1),
+                                  lambda: O.sgd(0.01, momentum=0.9, weight_decay=0.1)])
+def test_integer_and_bool_parameters_are_refused_at_init(make):
+    for bad in (torch.tensor([1, 5, 100]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match=r"params leaf at 'counts' is torch\.(int64|bool).*floating-point"):
+            make().init({"w": torch.zeros(2), "counts": bad})
+    with pytest.raises(TypeError, match=r"apply_updates: the params leaf at 'n' is torch.int64"):
+        O.apply_updates({"n": torch.tensor([1, 5, 100])}, {"n": torch.tensor([0.5, 0.5, 0.5])})
+
+
+@pytest.mark.parametrize("bad, error", [("0.1", TypeError), (True, TypeError), ([0.1], TypeError), (None, TypeError),
+                                        (-0.1, ValueError), (float("nan"), ValueError),
+                                        (torch.tensor(1), TypeError), (torch.ones(2), ValueError)])
+@pytest.mark.parametrize("alias", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
+def test_learning_rates_are_type_checked_when_the_optimizer_is_built(alias, bad, error):
+    with pytest.raises(error, match=rf"^{alias}: the learning rate"):
+        getattr(O, alias)(bad)
+
+
+def test_clip_by_global_norm_refuses_a_zero_max_norm_and_keeps_zero_gradients_zero():
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="clip_by_global_norm: max_norm must be"):
+            O.clip_by_global_norm(bad)
+    for max_norm in (1e-12, 1.0, 1e12):
+        clip = O.clip_by_global_norm(max_norm)
+        zeros = {"a": torch.zeros(3), "b": torch.zeros(2, 2)}
+        out, _ = clip.update(zeros, clip.init(zeros))
+        assert all(torch.equal(v, torch.zeros_like(v)) for v in out.values())

@@ -537,3 +537,105 @@ def test_callbacks_are_duck_typed_and_see_validation_batches():
         make_trainer().fit([(x, y)], callbacks=[object()], verbose=0)
     with pytest.raises(TypeError, match="instantiate"):
         make_trainer().fit([(x, y)], callbacks=[Recorder], verbose=0)
+
+
+class _SqrtNet(nn.Module):
+    """A finite loss whose gradients are NaN once a batch holds a zero in column 0: d sqrt(x) at 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.lin(x) + 0.0 * torch.sqrt(x[:, :1] * self.lin.weight[:1, :1])
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_a_nan_made_by_the_update_is_never_kept_and_never_saved(tmp_path, capsys, donate):
+    x, y = blobs(64)
+    x = x.abs() + 0.1  # positive: sqrt is fine
+    torch.manual_seed(0)
+    net = _SqrtNet()
+    with torch.no_grad():
+        net.lin.weight.abs_()
+    trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.01), devices="cpu", donate=donate)
+    ckpt = ModelCheckpoint(tmp_path, monitor="loss", save_last=True)
+    trainer.fit([(x, y)] * 3, epochs=2, callbacks=[ckpt], verbose=0)
+    good_file = (tmp_path / "last.safetensors").read_bytes()
+    good = fnnet.tree.map(torch.clone, trainer.state.params)
+    poisoned = x.clone()
+    poisoned[5, 0] = 0.0
+    batches = [(x, y), (poisoned, y), (x, y)]
+    history = trainer.fit(batches, epochs=3, callbacks=[ckpt], verbose=0, log_every=1)
+    assert history.stop_reason == "nonfinite" and len(history["epoch"]) == 2
+    err = capsys.readouterr().err
+    assert "1 update(s) with non-finite gradients were skipped in epoch 3" in err and "finite parameters" in err
+    assert bool(fnnet.all_finite(trainer.state)) and bool(fnnet.all_finite(trainer.module.state_dict()))
+    # the state is the one after the good first batch of epoch 3: the poisoned update never landed
+    assert not fnnet.tree.all_equal(trainer.state.params, good)
+    assert (tmp_path / "last.safetensors").read_bytes() == good_file  # the broken epoch wrote nothing
+
+
+def test_save_refuses_a_nonfinite_state(tmp_path):
+    trainer = make_trainer()
+    trainer.state = trainer.state.replace(params={**trainer.state.params, "0.bias": torch.full((16,), float("nan"))})
+    with pytest.raises(ValueError, match=r"non-finite values at \['params.0.bias'\]"):
+        trainer.save(tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
+    with pytest.warns(UserWarning, match="not saved"):
+        ModelCheckpoint(tmp_path, monitor="loss").on_epoch_end(trainer, 0, {"loss": 1.0})
+    assert os.listdir(tmp_path) == []
+
+
+def test_errors_from_the_users_data_say_where_and_what_to_do():
+    x, y = blobs(32)
+    cases = [
+        ([(x, y + 5)], r"(?s)out of bounds.*batch 0 \(0: float32\[32, 2\], 1: int64\[32\]\).*class indices"),
+        ([(torch.randn(32, 5), y)], r"(?s)batch 0.*float32\[32, 5\].*feature size"),
+        ([(x, y[:31])], r"(?s)to match target batch_size.*different numbers of samples"),
+        ([(x, y.float())], r"(?s)batch 0.*float32\[32\].*y\.long\(\)"),
+    ]
+    for data, pattern in cases:
+        with pytest.raises((RuntimeError, ValueError, IndexError), match=pattern):
+            make_trainer().fit(data, verbose=0)
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"(?s)epoch 1 at batch 1 .*\[1, 2\].*drop_last=True"):
+        fnnet.Trainer(bn, F.cross_entropy, optim.sgd(0.1), devices="cpu").fit(
+            fnnet.ArrayLoader((x[:5], y[:5]), 4), verbose=0)
+
+
+def test_a_one_shot_iterator_is_refused_before_training_for_several_epochs():
+    x, y = blobs(32)
+    gen = ((x, y) for _ in range(2))
+    trainer = make_trainer()
+    with pytest.raises(TypeError, match="one-shot iterator.*cannot be iterated again.*ArrayLoader"):
+        trainer.fit(gen, epochs=2, verbose=0)
+    assert trainer.state.step == 0  # refused before anything trained
+    trainer.fit(((x, y) for _ in range(2)), epochs=1, verbose=0)  # one epoch of a generator is fine
+    assert trainer.state.step == 2
+
+
+def test_cli_refuses_bad_sizes_and_output_folders_before_training(tmp_path, capsys, monkeypatch):
+    from fnnet import cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["--size", "1"], "--size: 1 is out of range"), (["--size", "8"], "at least 14x14"),
+        (["--size", "100000"], "--size: 100000 is out of range"),
+        (["--out", str(afile)], "is a file"), (["--out", str(afile / "run")], "is a file"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "gpu"], "devices='gpu'"))
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as info:
+            cli.main(["train", "digits", "--epochs", "1", *extra])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and "Traceback" not in err, (extra, err)
+    # an unwritable folder is refused before the first epoch (the check reads the permission bits)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == str(tmp_path) else real_access(p, mode))
+    with pytest.raises(SystemExit):
+        cli.main(["train", "digits", "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert "is not writable" in capsys.readouterr().err

@@ -193,7 +193,7 @@ def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"corrupted or another format ({type(exc).__name__}: {exc})"
         ) from None
     version = metadata.get(META_FORMAT)
-    if version is None:
+    if version is None and not any(k.startswith("fnnet.") for k in metadata):
         return tensors, metadata  # a plain safetensors file (from JAX, from safetensors.torch...)
     if version != FORMAT_VERSION:
         raise ValueError(
