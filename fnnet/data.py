@@ -81,8 +81,14 @@ class ArrayLoader:
             same whatever the device. torch's global RNG is never used.
         drop_last: drop the last batch when it is smaller than ``batch_size``.
         key: an :class:`fnnet.random.Key`; required when ``shuffle=True``, unused otherwise.
-        device: where the dataset lives. The whole tree is placed there once (``fnnet.place``),
-            so every batch is a view or a gather on that device. ``None`` keeps it where it is.
+        device: where batches are delivered. Without ``stream`` the whole tree is placed there
+            once (``fnnet.place``), so every batch is a view or a gather on that device (the
+            fastest way, when the dataset fits). ``None`` keeps it where it is.
+        stream: keep the dataset in host memory and copy each batch to ``device`` one batch
+            ahead of use: for datasets larger than the device. On CUDA the data is pinned once
+            and every batch is gathered into one of two pinned staging buffers and copied on a
+            side stream: the step waits for its batch's copy on the device (an event), the host
+            never waits for the step. Elsewhere the same code runs without a stream.
 
     Iterating yields batches with the structure of ``arrays``. Each ``iter(loader)`` runs the
     next epoch: the first gives epoch 0, the second epoch 1, and so on; :attr:`epoch` is the
@@ -106,6 +112,7 @@ class ArrayLoader:
         drop_last: bool = False,
         key: _random.Key | None = None,
         device: DeviceLike | None = None,
+        stream: bool = False,
     ) -> None:
         self.batch_size = _check_batch_size(batch_size)
         if shuffle and key is None:
@@ -134,7 +141,16 @@ class ArrayLoader:
                 f"use batch_size <= {n} or drop_last=False"
             )
         self.device = resolve_device(device) if device is not None else None
-        self.arrays = place(arrays, self.device) if self.device is not None else arrays
+        self.stream = bool(stream)
+        if self.stream:
+            if self.device is None:
+                raise ValueError("ArrayLoader(stream=True) streams batches to a device: give device=...")
+            arrays = _tree.map(lambda x: x.cpu(), arrays)
+            if self.device.type == "cuda":
+                arrays = _tree.map(lambda x: x if x.is_pinned() else x.pin_memory(), arrays)
+            self.arrays = arrays
+        else:
+            self.arrays = place(arrays, self.device) if self.device is not None else arrays
         self.num_samples = n
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -180,6 +196,10 @@ class ArrayLoader:
         return self._iterate(order, int(start), count)
 
     def _iterate(self, order: torch.Tensor, start: int, count: int) -> Iterator[Any]:
+        if self.stream:
+            yield from _Streamer(self.arrays, self.device, self.batch_size).batches(
+                None if not self.shuffle else order, start, count, self.num_samples)
+            return
         b, n = self.batch_size, self.num_samples
         if not self.shuffle:
             for i in range(start, count):
@@ -203,8 +223,67 @@ class ArrayLoader:
     def __repr__(self) -> str:
         return (
             f"ArrayLoader(num_samples={self.num_samples}, batch_size={self.batch_size}, batches={len(self)}, "
-            f"shuffle={self.shuffle}, drop_last={self.drop_last}, device={self.device}, epoch={self._epoch})"
+            f"shuffle={self.shuffle}, drop_last={self.drop_last}, device={self.device}, stream={self.stream}, "
+            f"epoch={self._epoch})"
         )
+
+
+class _Streamer:
+    """Host-resident data to a device, one batch ahead, double-buffered (``ArrayLoader(stream=True)``).
+
+    Batch ``i + 1`` is gathered into a staging buffer and its copy to the device is issued
+    (on a side CUDA stream, from pinned memory) before batch ``i`` is handed out, so the copy
+    overlaps the step that consumes batch ``i``. The consumer's stream waits for the copy on
+    the device (an event), never on the host. A staging buffer is reused two batches later,
+    after the copy that read it has finished.
+    """
+
+    def __init__(self, arrays: Any, device: torch.device, batch_size: int):
+        self.arrays, self.device = arrays, device
+        self.cuda = device.type == "cuda"
+        self.leaves, self.spec = _tree.flatten(arrays)
+        self.staging = [[torch.empty((batch_size, *x.shape[1:]), dtype=x.dtype, pin_memory=self.cuda)
+                         for x in self.leaves] for _ in range(2)]
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.copied: list[Any] = [None, None]  # the event of the last copy out of each staging buffer
+
+    def _issue(self, slot: int, index: torch.Tensor | None, lo: int, hi: int) -> tuple[Any, Any]:
+        """Gather rows ``lo:hi`` (of ``index``, or in order) into staging ``slot`` and start the copy."""
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # the copy two batches ago has read this buffer
+        staged = []
+        for x, buf in zip(self.leaves, self.staging[slot]):
+            part = buf[: hi - lo]
+            if index is None:
+                part.copy_(x[lo:hi])
+            else:
+                torch.index_select(x, 0, index[lo:hi], out=part)
+            staged.append(part)
+        if not self.cuda:
+            return _tree.unflatten(self.spec, [t.to(self.device, copy=True) for t in staged]), None
+        with torch.cuda.stream(self.copy_stream):
+            out = [t.to(self.device, non_blocking=True) for t in staged]
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        self.copied[slot] = event
+        return _tree.unflatten(self.spec, out), event
+
+    def batches(self, order: torch.Tensor | None, start: int, count: int, n: int) -> Iterator[Any]:
+        b = self.staging[0][0].shape[0]
+        bounds = [(i * b, min((i + 1) * b, n)) for i in range(start, count)]
+        if not bounds:
+            return
+        ahead = self._issue(0, order, *bounds[0])
+        for i in range(len(bounds)):
+            current, event = ahead
+            if i + 1 < len(bounds):
+                ahead = self._issue((i + 1) % 2, order, *bounds[i + 1])
+            if event is not None:
+                consumer = torch.cuda.current_stream(self.device)
+                consumer.wait_event(event)
+                for t in _tree.leaves(current):  # allocated on the copy stream, used on the consumer's
+                    t.record_stream(consumer)
+            yield current
 
 
 # --------------------------------------------------------------------------------------

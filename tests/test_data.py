@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import fnnet
 from fnnet import data, random as fr, tree
 from fnnet.data import ArrayLoader
 from conftest import requires_cuda
@@ -335,3 +336,37 @@ def test_load_mnist_download_failures_leave_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz.*magic number"):
         data.load_mnist(root, download=True, mirror=empty.as_uri() + "/")
     assert os.listdir(root) == []
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 40), batch_size=st.integers(1, 9), shuffle=st.booleans(), drop_last=st.booleans(),
+       seed=st.integers(0, 100))
+def test_streamed_batches_equal_device_resident_ones(n, batch_size, shuffle, drop_last, seed):
+    if drop_last and n < batch_size:
+        return
+    g = torch.Generator().manual_seed(seed)
+    arrays = {"x": torch.randn(n, 3, generator=g), "y": torch.randint(0, 5, (n,), generator=g)}
+    kw = dict(shuffle=shuffle, drop_last=drop_last, key=fnnet.random.key(seed) if shuffle else None, device="cpu")
+    resident, streamed = ArrayLoader(arrays, batch_size, **kw), ArrayLoader(arrays, batch_size, stream=True, **kw)
+    for epoch in range(2):
+        a, b = list(resident), list(streamed)
+        assert len(a) == len(b) == len(resident)
+        for x, y in zip(a, b):
+            assert fnnet.tree.all_equal(x, y)
+    # each streamed batch is its own tensor: a later batch never overwrites an earlier one
+    kept = list(streamed.batches(0))
+    assert fnnet.tree.all_equal(kept, list(resident.batches(0)))
+    with pytest.raises(ValueError, match="stream=True.*device="):
+        ArrayLoader(arrays, batch_size, stream=True)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_streamed_batches_reach_the_gpu_from_pinned_memory_and_train_alike():
+    g = torch.Generator().manual_seed(0)
+    arrays = (torch.randn(300, 4, generator=g), torch.randint(0, 3, (300,), generator=g))
+    streamed = ArrayLoader(arrays, 64, shuffle=True, key=fnnet.random.key(1), device="cuda", stream=True)
+    resident = ArrayLoader(arrays, 64, shuffle=True, key=fnnet.random.key(1), device="cuda")
+    assert all(t.is_pinned() and t.device.type == "cpu" for t in fnnet.tree.leaves(streamed.arrays))
+    for a, b in zip(streamed, resident):
+        assert a[0].is_cuda and fnnet.tree.all_equal(a, b)

@@ -639,3 +639,45 @@ def test_cli_refuses_bad_sizes_and_output_folders_before_training(tmp_path, caps
     with pytest.raises(SystemExit):
         cli.main(["train", "digits", "--epochs", "1", "--out", str(tmp_path / "run")])
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_the_trainer_trains_the_given_module_in_place_with_one_copy_of_the_weights():
+    net = mlp()
+    trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), devices="cpu")
+    assert trainer.donate  # the default
+    for name, p in net.named_parameters():  # the state's params are the module's own tensors
+        assert p.data_ptr() == trainer.state.params[name].data_ptr()
+    x, y = blobs(64)
+    before = net(x).detach()
+    trainer.fit([(x, y)] * 3, epochs=2, verbose=0)
+    for name, p in net.named_parameters():
+        assert p.data_ptr() == trainer.state.params[name].data_ptr()  # still one copy after donated steps
+    torch.testing.assert_close(net(x), trainer.predict(x))  # the module itself is trained
+    assert not torch.allclose(net(x), before)
+    # pure steps (donate=False) bring the module up to date at the end of fit, and after load
+    pure = fnnet.Trainer(mlp(), F.cross_entropy, optim.adam(0.05), devices="cpu", donate=False)
+    pure.fit([(x, y)] * 3, epochs=1, verbose=0)
+    torch.testing.assert_close(pure.module(x), pure.predict(x))
+
+
+def test_params_given_to_the_trainer_are_copied_and_never_written():
+    net = mlp()
+    given = {k: v.detach().clone() for k, v in net.named_parameters()}
+    kept = {k: v.clone() for k, v in given.items()}
+    module_before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), devices="cpu", params=given)
+    x, y = blobs(64)
+    trainer.fit([(x, y)] * 2, verbose=0)
+    assert fnnet.tree.all_equal(given, kept)  # the caller's tensors: untouched
+    # the module still ends trained (it takes the trainer's state at the end of fit)
+    assert not all(torch.equal(p, module_before[k]) for k, p in net.named_parameters())
+    torch.testing.assert_close(net(x), trainer.predict(x))
+
+
+def test_a_loaded_checkpoint_reaches_the_module(tmp_path):
+    x, y = blobs(64)
+    a = fnnet.Trainer(mlp(), F.cross_entropy, optim.adam(0.05), devices="cpu")
+    a.fit([(x, y)] * 3, verbose=0)
+    a.save(tmp_path / "a.safetensors")
+    b = fnnet.Trainer(mlp(), F.cross_entropy, optim.adam(0.05), devices="cpu").load(tmp_path / "a.safetensors")
+    torch.testing.assert_close(b.module(x), a.module(x))
