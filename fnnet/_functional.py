@@ -12,6 +12,7 @@ for the call, as ``torch.func.functional_call`` does (which fnnet calls under
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any, Callable, Mapping
 
 import torch
@@ -138,6 +139,8 @@ class Model:
         # Plain attributes (not keyed by id) so deepcopy and pickle carry them with the templates.
         self._train_slots = _slots(self._train_template)
         self._eval_slots = _slots(self._eval_template)
+        self._thread_templates: dict[int, tuple] = {}  # per-thread copies: the forward swaps slots
+        self._owner = threading.get_ident()
         self._shapes = {k: v.shape for k, v in self.params.items()}
         self._buffer_shapes = {k: v.shape for k, v in self.buffers.items()}
         self._init_fn = init_fn
@@ -203,11 +206,12 @@ class Model:
             bufs = {k: v.clone() for k, v in bufs.items()}
         if self._frozen:
             params = {k: (v.detach() if not self.trainable[k] else v) for k, v in params.items()}
-        template, slots = (self._train_template, self._train_slots) if train else (self._eval_template, self._eval_slots)
         tensors = {**params, **bufs}
         if torch.compiler.is_compiling():  # dynamo traces torch.func.functional_call natively
+            template = self._train_template if train else self._eval_template
             out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=True)
         else:
+            template, slots = self._template(train)
             watched = {**params, **({} if (train or return_buffers) else bufs)}
             versions = [t._version for t in watched.values()]
             if train and key is not None:
@@ -232,6 +236,31 @@ class Model:
         return out
 
     __call__ = apply
+
+    def _template(self, train: bool) -> tuple[nn.Module, list]:
+        """The meta template (and its slots) this thread swaps tensors into.
+
+        A forward swaps the given tensors into the template's slots for the duration of the
+        call, so two threads must never share a template: every thread but the one that made
+        the model gets its own copy (meta tensors, no weights), made on its first call.
+        """
+        ident = threading.get_ident()
+        if ident == self._owner:
+            return (self._train_template, self._train_slots) if train else (self._eval_template, self._eval_slots)
+        mine = self._thread_templates.get(ident)
+        if mine is None:
+            train_t, eval_t = copy.deepcopy(self._train_template), copy.deepcopy(self._eval_template)
+            mine = self._thread_templates[ident] = (train_t, _slots(train_t), eval_t, _slots(eval_t))
+        return (mine[0], mine[1]) if train else (mine[2], mine[3])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_thread_templates"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._owner = threading.get_ident()
 
     def _needs_key(self, why: str) -> str:
         return (f"{self.module_type} {why}: apply(..., train=True) needs key=fnnet.random.key(...) "

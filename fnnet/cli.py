@@ -82,14 +82,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         devices = parse_devices(args.device)
     except (ValueError, TypeError) as exc:
         parser.error(f"argument --device: {exc}")
-    if len(devices) > 1:
-        parser.error(f"argument --device: {args.device!r} names {len(devices)} devices; "
-                     "multi-device data parallelism is not in this release (use one device)")
     if args.task == "linreg":
+        if len(devices) > 1:
+            parser.error(f"argument --device: linreg trains on one device; {args.device!r} names {len(devices)}")
         recipes.train_linreg(n=args.n, steps=args.steps, lr=args.lr if args.lr is not None else 0.1,
                              device=devices[0], jit=args.jit, seed=args.seed)
         return 0
-    common = dict(epochs=args.epochs, device=devices[0], out=args.out, batch_size=args.batch_size,
+    common = dict(epochs=args.epochs, device=devices if len(devices) > 1 else devices[0], out=args.out, batch_size=args.batch_size,
                   lr=args.lr if args.lr is not None else 0.01, jit=args.jit, precision=args.precision, seed=args.seed)
     if args.task == "digits":
         recipes.train_digits(size=args.size, **common)
@@ -173,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("task", choices=["digits", "mnist", "linreg"], help="what to train")
     p_train.add_argument("--epochs", type=_positive_int, default=10, help="epochs (digits, mnist; default 10)")
     p_train.add_argument("--device", type=_device_arg, default="auto",
-                         help="auto (default), cpu, cuda, cuda:N, a GPU count (0 = CPU, -1 = all) or a list 0,1")
+                         help="auto (default), cpu, cuda, cuda:N, a GPU count (0 = CPU, -1 = all) or a list 0,1 "
+                              "(several devices: data parallel)")
     p_train.add_argument("--out", default=None, help="folder for the best checkpoint, history.csv and history.png")
     p_train.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (default 128)")
     p_train.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default 0.01; linreg 0.1)")

@@ -21,7 +21,7 @@ from . import random as _random
 from . import tree as _tree
 from .device import tree_device
 
-__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite"]
+__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite", "update", "loss_scale_for"]
 
 
 @_tree.register_dataclass(static=("period", "factor", "min_scale"))

@@ -55,6 +55,8 @@ __all__ = [
     "make_eval_step",
     "make_predict_step",
     "supervised_loss",
+    "split_step_key",
+    "autocast",
     "PRECISIONS",
 ]
 
@@ -280,6 +282,7 @@ def make_train_step(
     precision: str = "32",
     compile_options: Mapping[str, Any] | None = None,
     skip_nonfinite: bool = False,
+    devices: Any = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
     """Build the pure training step ``step(state, batch) -> (new_state, metrics)``.
 
@@ -316,7 +319,15 @@ def make_train_step(
             not (params, optimizer state and buffers stay as they were, donated or not), with
             no host sync (see :meth:`TrainState.apply_gradients`); reported as
             ``metrics["finite"]``. The ``Trainer`` turns this on.
+        devices: a list of devices (``["cuda:0", "cuda:1"]``; repeats allowed) for data
+            parallelism: :func:`fnnet.parallel.make_train_step`, the same step over shards of
+            each batch. ``None``: one device, the state's.
     """
+    if devices is not None:
+        from .parallel import make_train_step as parallel_step
+
+        return parallel_step(loss_fn, optimizer, devices, jit=jit, donate=donate, precision=precision,
+                             compile_options=compile_options, skip_nonfinite=skip_nonfinite)
     _check_precision(precision)
     if compile_options and not jit:
         raise ValueError("compile_options only apply with jit=True")
@@ -396,14 +407,20 @@ def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: str,
 
 
 def make_eval_step(
-    loss_fn: Callable, *, jit: bool = False, precision: str = "32", compile_options: Mapping[str, Any] | None = None
+    loss_fn: Callable, *, jit: bool = False, precision: str = "32", compile_options: Mapping[str, Any] | None = None,
+    devices: Any = None,
 ) -> Callable[[TrainState, Any], dict[str, torch.Tensor]]:
     """Build ``eval_step(state, batch) -> metrics``: the loss (and aux) with no update.
 
     ``loss_fn`` is called with ``train=False`` (if it declares ``train``), the state's
     buffers (if it declares ``buffers``; any new buffers it returns are ignored) and
-    ``key=None``. Runs under ``torch.no_grad`` in the step's precision.
+    ``key=None``. Runs under ``torch.no_grad`` in the step's precision. With ``devices``, over
+    shards of each batch (:func:`fnnet.parallel.make_eval_step`).
     """
+    if devices is not None:
+        from .parallel import make_eval_step as parallel_step
+
+        return parallel_step(loss_fn, devices, jit=jit, precision=precision, compile_options=compile_options)
     declared = _declared(loss_fn)
 
     def evaluate(params: Any, batch: Any, buffers: Any) -> dict[str, torch.Tensor]:
@@ -415,7 +432,8 @@ def make_eval_step(
 
 
 def make_predict_step(
-    predict_fn: Callable, *, jit: bool = False, precision: str = "32", compile_options: Mapping[str, Any] | None = None
+    predict_fn: Callable, *, jit: bool = False, precision: str = "32", compile_options: Mapping[str, Any] | None = None,
+    devices: Any = None,
 ) -> Callable[[TrainState, Any], Any]:
     """Build ``predict_step(state, batch) -> outputs``: ``predict_fn(params, batch, [buffers=])`` in eval mode.
 
@@ -423,8 +441,14 @@ def make_predict_step(
     a lower precision come back as float32. ``predict_fn`` receives ``buffers=`` when it
     declares it (as a loss function does). :func:`supervised_loss`'s companion for a
     :class:`fnnet.Model` is ``lambda params, batch, buffers=None: model.apply(params,
-    inputs_of(batch), buffers=buffers)``, which is what ``Trainer.predict`` runs.
+    inputs_of(batch), buffers=buffers)``, which is what ``Trainer.predict`` runs. With
+    ``devices``, over shards of each batch, gathered in batch order
+    (:func:`fnnet.parallel.make_predict_step`).
     """
+    if devices is not None:
+        from .parallel import make_predict_step as parallel_step
+
+        return parallel_step(predict_fn, devices, jit=jit, precision=precision, compile_options=compile_options)
     declared = _declared(predict_fn)
 
     def predict(params: Any, batch: Any, buffers: Any) -> Any:

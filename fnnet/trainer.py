@@ -86,8 +86,11 @@ class Trainer:
             moves them.
         metrics: ``{"accuracy": fnnet.metrics.accuracy, ...}``; values are ``fnnet.metrics.Metric``
             (exact over an epoch) or plain ``fn(outputs, targets)`` (averaged per sample).
-        devices: see :func:`fnnet.parse_devices`. More than one device needs data parallelism,
-            which is not in this release: a valid multi-device request raises ``NotImplementedError``.
+        devices: see :func:`fnnet.parse_devices`. Several devices train data-parallel
+            (:mod:`fnnet.parallel`): every batch is split into one shard per device, the
+            gradients are averaged by shard size, and the update runs once on the first device,
+            where the state, callbacks and checkpoints live (a checkpoint loads into a run on
+            any number of devices). ``["cpu", "cpu"]`` runs two shards on the CPU.
         jit: compile the train, eval and predict steps with ``torch.compile``.
         key: an ``fnnet.random.Key`` or int seed for dropout (default ``key(0)``).
         precision: ``"32"``, ``"bf16"`` or ``"16-mixed"`` (see ``make_train_step``).
@@ -120,13 +123,7 @@ class Trainer:
         if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
             raise TypeError(f"optimizer must be an fnnet.optim transform (e.g. fnnet.optim.adam(1e-3)), got {type(optimizer).__name__}")
         self.devices = parse_devices(devices)
-        if len(self.devices) > 1:
-            raise NotImplementedError(
-                f"devices={devices!r} asks for {len(self.devices)} devices ({', '.join(map(str, self.devices))}); "
-                "multi-device data parallelism is not in this release of fnnet. Use one device "
-                "(devices=1 or 'cuda:0') for now."
-            )
-        self.device = self.devices[0]
+        self.device = self.devices[0]  # where the state lives; with several devices, the first
         self.module = model if isinstance(model, nn.Module) else None
         if self.module is not None and params is None:
             self.module.to(self.device)  # train the module's own storage, on the device (Lightning's way)
@@ -145,7 +142,8 @@ class Trainer:
             optimizer = masked(optimizer, self.model.trainable)
         self.optimizer = optimizer
         loss_fn = supervised_loss(self.model, loss)
-        steps = dict(jit=jit, precision=precision, compile_options=compile_options)
+        steps = dict(jit=jit, precision=precision, compile_options=compile_options,
+                     devices=self.devices if len(self.devices) > 1 else None)
         self.train_step = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True, **steps)
         self.eval_step = make_eval_step(loss_fn, **steps)
         self.predict_step = make_predict_step(

@@ -42,7 +42,8 @@ CELLS = [
 
     * **No hidden state.** A model is a pure function of a parameter dict; training state
       (`fnnet.TrainState`: params, optimizer state, step, key) is data that each step returns anew.
-      Nothing is moved "in place" with `module.to(device)`.
+      Nothing is moved "in place" with `module.to(device)` (the one exception is deliberate: a
+      `Trainer` given a plain `nn.Module` trains that module, as Keras and Lightning do).
     * **Explicit random keys.** Initialisation, shuffling and dropout take an `fnnet.random.key(seed)`;
       nothing draws from torch's global RNG behind your back, so a run is reproducible from its keys
       (on a GPU, up to the nondeterministic kernels cuDNN may pick for convolutions).
@@ -58,12 +59,16 @@ CELLS = [
     import torch.nn.functional as F
     from torch import nn
 
+    import tempfile
+    from pathlib import Path
+
     import fnnet
     from fnnet import optim
 
     DEVICE = fnnet.default_device()  # cuda:0 when there is a GPU, else cpu
     ON_GPU = DEVICE.type == "cuda"
-    print(f"fnnet {fnnet.__version__}, torch {torch.__version__}; computing on {DEVICE}")
+    WORK = Path(tempfile.mkdtemp(prefix="fnnet-chapter-"))  # files this notebook writes go here
+    print(f"fnnet {fnnet.__version__}, torch {torch.__version__}; computing on {DEVICE}; files in {WORK}")
     """),
     md("""
     ## 0. View GPU information
@@ -168,29 +173,31 @@ CELLS = [
     There is no `.module` to remember, because fnnet never wraps the model.
     """),
     code("""
-    fnnet.save("data/model_parameter.safetensors", params)
+    fnnet.save(WORK / "model_parameter.safetensors", params)
 
     linear = nn.Linear(2, 1)
-    linear.load_state_dict(fnnet.load("data/model_parameter.safetensors"))
+    linear.load_state_dict(fnnet.load(WORK / "model_parameter.safetensors"))
     print("loaded into nn.Linear:", torch.equal(linear.weight, params["weight"].cpu()))
 
     # and back: a module's state_dict is a params dict for model.apply
     print(model.apply(linear.state_dict(), torch.ones(1, 2)), linear(torch.ones(1, 2)))
     """),
     md("""
-    ## 3. Multiple GPUs
+    ## 3. Multiple GPUs: data parallelism by hand
 
-    The chapter wraps the model in `nn.DataParallel`, which copies it to every GPU and splits each
-    batch between them. **fnnet has no data parallelism yet**: it will come, in a later release, as
-    another way to *build* the training step `step(state, batch) -> (state, metrics)` (replicate the
-    params, scatter the batch, average the gradients), not as a different model wrapper or trainer.
-    Until then, fnnet trains on one device, and a request for several valid devices
-    (`fnnet.Trainer(..., devices=2)`) raises `NotImplementedError` rather than quietly using one.
+    The chapter wraps the model in `nn.DataParallel`, which copies the module to every GPU at each
+    call, splits each batch between them, piles the outputs and the loss onto GPU 0 and prefixes
+    every saved key with `module.`. fnnet does the same job in the open, as another way to *build*
+    the step `step(state, batch) -> (state, metrics)`: `fnnet.parallel.scatter` splits the batch into
+    contiguous shards (sizes differ by at most one), the gradient function runs on every shard
+    against the params' copy on that device, the gradients are averaged **weighted by shard size**
+    on the first device, and the update runs there once. For a mean-reduced loss that is exactly
+    the single-device step on the whole batch.
 
-    What exists today is the parsing of the chapter's Lightning `gpus=` forms, `fnnet.parse_devices`,
-    which the `Trainer`'s `devices=` argument uses: `0` is the CPU, `n` the first `n` GPUs, `-1` all
-    of them, `[0, 1]` those indices, `"auto"` a GPU if there is one. A request this machine cannot
-    satisfy is a `ValueError` listing what exists.
+    The devices are the chapter's Lightning `gpus=` forms (`fnnet.parse_devices`: `0` is the CPU, `n`
+    the first `n` GPUs, `-1` all, `[0, 1]` those indices) or explicit names, which may repeat: on a
+    machine with one GPU (or none) the cell below runs two shards on one device, which exercises
+    everything but the copies between devices.
     """),
     code("""
     missing = [fnnet.device_count()]  # a GPU index one past the last: never exists
@@ -201,13 +208,35 @@ CELLS = [
             print(f"devices={request!r:<8} -> ValueError: {exc}")
     """),
     code("""
-    if fnnet.device_count() >= 2:
-        try:
-            fnnet.Trainer(fnnet.models.CnnModel(), F.cross_entropy, optim.adam(0.01), devices=2)
-        except NotImplementedError as exc:
-            print("NotImplementedError:", exc)
-    else:
-        print(f"{fnnet.device_count()} GPU(s) here: nothing to parallelise over")
+    shard_devices = ([f"cuda:{i}" for i in range(fnnet.device_count())] if fnnet.device_count() >= 2
+                     else [str(DEVICE)] * 2)
+    print("data parallel over", shard_devices)
+    print("a batch of 7 splits as", fnnet.parallel.shard_sizes(7, len(shard_devices)))
+
+    dp_net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    dp_model = fnnet.functional(dp_net)
+    dp_loss = lambda params, batch: F.mse_loss(dp_model.apply(params, batch[0]), batch[1])
+    dp_opt = optim.adam(0.05)
+    gen = torch.Generator().manual_seed(0)
+    dp_batches = [fnnet.place((torch.randn(n, 2, generator=gen, dtype=torch.float64),
+                               torch.randn(n, 1, generator=gen, dtype=torch.float64)), shard_devices[0])
+                  for n in (7, 32, 15)]  # uneven batches on purpose
+
+    start = fnnet.place(dp_model.params, shard_devices[0])
+    one, many = fnnet.TrainState.create(start, dp_opt), fnnet.TrainState.create(start, dp_opt)
+    one_step = fnnet.make_train_step(dp_loss, dp_opt)
+    many_step = fnnet.make_train_step(dp_loss, dp_opt, devices=shard_devices)
+    for batch in dp_batches * 3:
+        one, _ = one_step(one, batch)
+        many, _ = many_step(many, batch)
+    gap = max(float((one.params[k] - many.params[k]).abs().max()) for k in one.params)
+    print(f"largest difference from single-device training after {one.step} steps: {gap:.1e}")
+    """),
+    md("""
+    The `Trainer` takes the same lists: `fnnet.Trainer(..., devices=-1)` trains on every GPU, and its
+    checkpoints are ordinary ones (no `module.` prefix), which load into a run on any number of
+    devices. A `state_dict` saved by the chapter's `nn.DataParallel` model loads too:
+    `fnnet.load_state_dict` strips the `module.` prefix, with a warning.
     """),
     md("""
     ## 4. Clear the CUDA cache
@@ -428,7 +457,7 @@ CELLS = [
     trainer = fnnet.Trainer(cnn, F.cross_entropy, optim.adam(0.01),
                             metrics={"accuracy": fnnet.metrics.accuracy},
                             devices="auto", key=fnnet.random.key(3), params=cnn_params)
-    checkpoint = fnnet.callbacks.ModelCheckpoint("runs/cnn", monitor="val_loss")
+    checkpoint = fnnet.callbacks.ModelCheckpoint(WORK / "cnn", monitor="val_loss")
     history = trainer.fit(train_loader, val_loader, epochs=3, callbacks=[checkpoint])
     """),
     md("""
@@ -493,7 +522,7 @@ CELLS = [
     | `torch.cuda.is_available()`, `device_count()` | `fnnet.device_info()`, `devices()`, `default_device()` |
     | `x.to("cuda:0")`, `x.cuda()`, guarded by `if torch.cuda.is_available()` | `fnnet.place(tree, "auto")`, for tensors, params and batches alike |
     | `net.to(device)` moves weights in place | `params = fnnet.place(model.params, device)`; the module is untouched |
-    | `nn.DataParallel`, `model.module.state_dict()` | one device for now (data parallelism is a later release); params are always a plain state dict |
+    | `nn.DataParallel`, `model.module.state_dict()` | `make_train_step(..., devices=[...])`, `Trainer(devices=-1)`: shards weighted exactly; params are always a plain state dict |
     | `torch.cuda.empty_cache()` | `fnnet.empty_cache()`, `fnnet.memory_stats()`, no-ops on CPU |
     | `time.time()` around one asynchronous call | warm-up, `fnnet.synchronize`, repeats, median |
     | `optimizer.zero_grad(); loss.backward(); optimizer.step()` | `state, metrics = train_step(state, batch)` |

@@ -90,8 +90,13 @@ def test_chapter_runs_on_any_machine(executed):
     _find(nb, r"-> ValueError: .*devices here: cpu")
     # 2: fnnet.save'd params load into a plain nn.Linear
     _find(nb, r"loaded into nn.Linear: True")
+    # 3: data parallel over two shards equals single-device training
+    gap = float(_find(nb, r"largest difference from single-device training after 9 steps: (\S+)").group(1))
+    assert gap < 1e-10
     # 5: a synchronised, median timing on the CPU
     _find(nb, r"cpu : median +\d+\.\d+ ms")
+    # nothing is written into the working folder (the source tree, for a learner): only the temp folder
+    assert sorted(p.name for p in workdir.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -114,6 +119,7 @@ def test_cnn_trains_checkpoints_and_reloads(executed):
     assert reloaded == pytest.approx(best, abs=1e-5)
     accuracy = float(_find(nb, rf"plain nn.Module with the best checkpoint's params: accuracy {NUMBER}").group(1))
     assert accuracy > 0.5  # 10 classes: chance is 0.1
-    assert list((workdir / "runs" / "cnn").glob("*.safetensors")), "ModelCheckpoint wrote no file"
+    work = Path(_find(nb, r"files in (\S+)").group(1))
+    assert list((work / "cnn").glob("*.safetensors")), "ModelCheckpoint wrote no file"
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # plot_samples twice, plot_history twice

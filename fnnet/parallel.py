@@ -1,0 +1,342 @@
+"""Data parallelism across the devices of one machine, by hand: scatter, replicate, per-shard
+gradients, a weighted reduction, one update.
+
+The chapter wraps its model in ``nn.DataParallel``. fnnet does the same job in the open, the
+way ``jax.pmap`` users think about it::
+
+    shards  = scatter(batch, devices)                    # contiguous chunks, sizes differ by <= 1
+    params  = replicate(state.params, devices)           # one copy per device (none where it lives)
+    grads_i = grad_fn(params_i, shard_i, ...)            # per shard, one thread per device
+    grads   = reduce_mean(grads_i, sizes, devices[0])    # weighted by shard size: exact
+    state   = state.apply_gradients(grads, optimizer)    # once, on the first device
+
+:func:`make_train_step` builds exactly that, with the ``step(state, batch) -> (state,
+metrics)`` contract of :func:`fnnet.make_train_step`. Unlike ``nn.DataParallel`` nothing but the
+update (and the reduction) happens on the first device, saved state has no ``module.``
+prefix, and no module is replicated per call; unlike ``pmap``, shards need not be equal:
+an uneven batch is split as evenly as possible and every shard weighs by its size, so for a
+mean-reduced loss the step equals the single-device step on the whole batch.
+
+What is not the same as one device: a layer that mixes samples (BatchNorm in training)
+sees one shard at a time, as under ``nn.DataParallel`` and DDP without ``SyncBatchNorm``.
+Its running mean still comes out as the whole batch's (the shards' means, weighted); its
+running variance is the weighted mean of the shards' variances.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from . import compiler as _compiler
+from . import random as _random
+from . import tree as _tree
+from .device import DeviceLike, place, resolve_device
+from .state import TrainState, grads_finite, loss_scale_for, update
+from .train import PRECISIONS, GradResult, make_grad_fn, split_step_key
+from .train import make_eval_step as _eval_step
+from .train import make_predict_step as _predict_step
+
+__all__ = ["shard_sizes", "scatter", "replicate", "gather", "reduce_mean", "make_train_step", "make_eval_step",
+           "make_predict_step"]
+
+
+def shard_sizes(n: int, k: int) -> list[int]:
+    """How ``n`` samples split over ``k`` devices: ``min(k, n)`` sizes that differ by at most one."""
+    if n < 1:
+        raise ValueError(f"cannot split a batch of {n} samples")
+    k = min(k, n)
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def _batch_length(batch: Any) -> int:
+    sizes = {p: x.shape[0] for p, x in _tree.leaves_with_path(batch) if isinstance(x, torch.Tensor) and x.ndim > 0}
+    if not sizes:
+        raise ValueError("scatter: the batch holds no tensor with a first (sample) dimension; nothing to split")
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"'{p}': {n}" for p, n in sizes.items())
+        raise ValueError(f"scatter: every tensor in a batch needs the same first dimension (samples), got {listed}")
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError("scatter: the batch is empty (first dimension 0)")
+    return n
+
+
+def scatter(batch: Any, devices: Sequence[DeviceLike], *, non_blocking: bool = False) -> list[Any]:
+    """Split ``batch`` along dim 0 into one shard per device, each placed on its device.
+
+    Shards are contiguous chunks whose sizes differ by at most one (:func:`shard_sizes`); a
+    batch smaller than the number of devices uses fewer devices (shards are never empty).
+    Tensors without a first dimension and other leaves go to every shard as they are.
+
+    Raises:
+        ValueError: tensors whose first dimensions disagree (naming every key path and
+            size), or an empty batch.
+    """
+    devs = [resolve_device(d) for d in devices]
+    if not devs:
+        raise ValueError("scatter: no devices given")
+    n = _batch_length(batch)
+    shards, start = [], 0
+    for dev, size in zip(devs, shard_sizes(n, len(devs))):
+        lo, hi = start, start + size
+        shards.append(_tree.map(lambda x: x[lo:hi] if isinstance(x, torch.Tensor) and x.ndim > 0 else x, batch))
+        shards[-1] = place(shards[-1], dev, non_blocking=non_blocking)
+        start = hi
+    return shards
+
+
+def replicate(tree: Any, devices: Sequence[DeviceLike]) -> list[Any]:
+    """One copy of ``tree`` per device; a device that already holds a leaf gets that leaf (no copy)."""
+    return [place(tree, d) for d in devices]
+
+
+def gather(trees: Sequence[Any], device: DeviceLike) -> Any:
+    """Concatenate per-shard trees (outputs) along dim 0 on ``device``, in shard order."""
+    dev = resolve_device(device)
+    if not trees:
+        raise ValueError("gather: no trees given")
+    return _tree.map(lambda *xs: torch.cat([x.to(dev) for x in xs]), *trees)
+
+
+def reduce_mean(trees: Sequence[Any], weights: Sequence[float], device: DeviceLike, *, donate: bool = False) -> Any:
+    """The weighted mean ``sum_i w_i * tree_i / sum_i w_i`` of trees (gradients) on ``device``.
+
+    Floating-point leaves are averaged (computed in each leaf's dtype on ``device``); any
+    other leaf (an integer counter) comes from the first tree. With ``donate=True`` the first
+    tree's tensors that are already on ``device`` hold the result (no new tree: the training
+    step donates its own per-shard gradients); otherwise no input is modified.
+    """
+    dev = resolve_device(device)
+    if len(trees) != len(weights) or not trees:
+        raise ValueError(f"reduce_mean: {len(trees)} trees and {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"reduce_mean: the weights must add up to a positive number, got {list(weights)}")
+    fractions = [float(w) / total for w in weights]
+
+    def mean(*xs: Any) -> Any:
+        first = xs[0]
+        if not (isinstance(first, torch.Tensor) and (first.is_floating_point() or first.is_complex())):
+            return first.to(dev) if isinstance(first, torch.Tensor) else first
+        acc = first.to(dev)
+        acc = acc.mul_(fractions[0]) if donate and acc is first else acc * fractions[0]
+        for f, x in zip(fractions[1:], xs[1:]):
+            acc.add_(x.to(dev, non_blocking=True), alpha=f)
+        return acc
+
+    return _tree.map(mean, *trees)
+
+
+# -- the steps ---------------------------------------------------------------------------------------
+
+
+def _devices(devices: Sequence[DeviceLike]) -> list[torch.device]:
+    if isinstance(devices, (str, torch.device, int)) or not devices:
+        raise ValueError(f"devices must be a non-empty list of devices (e.g. ['cuda:0', 'cuda:1']), got {devices!r}")
+    return [resolve_device(d) for d in devices]
+
+
+class _Replicas:
+    """Copies of the params (and buffers) on every device, refreshed only when the state changed.
+
+    The copy on a device is kept between steps and written in place (``copy_``) after every
+    update; a device equal to the state's own uses the state's tensors. Before a step, the
+    state's tensors are compared (identity and version counter) with the ones the copies were
+    made from, so a state changed elsewhere is never paired with stale copies.
+    """
+
+    def __init__(self, devices: list[torch.device]):
+        self.devices = devices
+        self.copies: dict[torch.device, Any] = {}
+        self.signature: tuple | None = None
+
+    @staticmethod
+    def _signature(tree: Any) -> tuple:
+        return tuple((id(x), x._version) if isinstance(x, torch.Tensor) else x for x in _tree.leaves(tree))
+
+    def get(self, tree: Any, devices: list[torch.device]) -> list[Any]:
+        primary = _tree_device(tree)
+        if self.signature != self._signature(tree) or any(d not in self.copies for d in devices if d != primary):
+            self.refresh(tree)
+        return [tree if d == primary else self.copies[d] for d in devices]
+
+    def refresh(self, tree: Any) -> None:
+        primary = _tree_device(tree)
+        for d in dict.fromkeys(self.devices):
+            if d == primary:
+                continue
+            old = self.copies.get(d)
+            if old is not None and _tree.structure(old) == _tree.structure(tree):
+                with torch.no_grad():
+                    _tree.map(lambda o, n: o.copy_(n, non_blocking=True) if isinstance(o, torch.Tensor) else o, old, tree)
+            else:
+                self.copies[d] = _tree.map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x,
+                                           place(tree, d))
+        self.signature = self._signature(tree)
+
+
+def _tree_device(tree: Any) -> torch.device:
+    for x in _tree.leaves(tree):
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def _reduce_aux(auxes: Sequence[Mapping[str, Any]], sizes: Sequence[int], device: torch.device) -> dict[str, Any]:
+    """Per-sample aux leaves (first dimension = the shard's size: outputs, targets) are gathered in
+    batch order; everything else (per-batch means) is averaged with the shard weights."""
+    per_sample = _tree.map(lambda *xs: all(isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == n
+                                           for x, n in zip(xs, sizes)), *auxes)
+    flags = _tree.leaves(per_sample)
+    leaves = [_tree.leaves(a) for a in auxes]
+    spec = _tree.structure(auxes[0])
+    out = []
+    for i, gathered in enumerate(flags):
+        column = [ls[i] for ls in leaves]
+        out.append(torch.cat([x.to(device) for x in column]) if gathered else reduce_mean(column, sizes, device))
+    return _tree.unflatten(spec, out)
+
+
+class _Runner:
+    """Runs one function per shard, in one thread per device, or in order when it must."""
+
+    def __init__(self, n: int):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="fnnet-shard") if n > 1 else None
+
+    def map(self, fn: Callable[..., Any], jobs: list[tuple], concurrent_ok: bool) -> list[Any]:
+        if self.pool is None or not concurrent_ok or len(jobs) == 1:
+            return [fn(*job) for job in jobs]
+        futures = [self.pool.submit(fn, *job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceLike], *, jit: bool = False,
+                    donate: bool = False, precision: str = "32", compile_options: Mapping[str, Any] | None = None,
+                    skip_nonfinite: bool = False) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
+    """The data-parallel training step ``step(state, batch) -> (state, metrics)`` over ``devices``.
+
+    The same contract and arguments as :func:`fnnet.make_train_step`; ``state`` lives on
+    ``devices[0]``. Each call scatters the batch (:func:`scatter`), runs the gradient function
+    (:func:`fnnet.make_grad_fn`) on every shard with the params' copy on that shard's device,
+    brings the gradients to ``devices[0]`` and averages them weighted by shard size
+    (:func:`reduce_mean`), and applies the update there once
+    (:meth:`fnnet.TrainState.apply_gradients`). The loss, the aux metrics and the buffers
+    (BatchNorm) are combined the same way: per-sample aux values (outputs, targets) are
+    gathered in batch order, per-batch values averaged. Dropout keys differ per shard
+    (``fold_in(step key, shard index)``); the same key gives the same run.
+
+    Shards run in one thread per device, so GPUs overlap (on CPU the replicas share the
+    cores). A loss that draws randomness (it declares ``key``) or a compiled step (``jit``)
+    runs its shards one after the other instead, in the calling thread: torch's global RNG
+    state and torch.compile's caches are shared by all threads. On GPUs the shards still
+    overlap: kernel launches are asynchronous.
+
+    Devices may repeat (``["cpu", "cpu"]``, ``["cuda:0", "cuda:0"]``): several shards on one
+    device, which shares the params instead of copying them.
+    """
+    devs = _devices(devices)
+    if compile_options and not jit:
+        raise ValueError("compile_options only apply with jit=True")
+    grad_fn = make_grad_fn(loss_fn, precision=precision)
+    declared = grad_fn.declared  # type: ignore[attr-defined]
+    scaled = PRECISIONS[precision] is torch.float16
+    checks = skip_nonfinite or scaled
+    shard_grad = _compiler.compile(grad_fn, **{"dynamic": False, **dict(compile_options or {})}) if jit else grad_fn
+    params_copies, buffer_copies = _Replicas(devs), _Replicas(devs)
+    runner = _Runner(len(devs))
+    concurrent_ok = not jit and "key" not in declared
+
+    def one_shard(params: Any, shard: Any, buffers: Any, key: Any, loss_scale: Any, device: torch.device) -> GradResult:
+        with _on(device):
+            if jit and key is not None:
+                with _random.rng_scope(key, [device] if device.type == "cuda" else []):
+                    return shard_grad(params, shard, buffers, _random.TRACING_KEY, loss_scale=loss_scale)
+            return shard_grad(params, shard, buffers, key, loss_scale=loss_scale)
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+        if not isinstance(state, TrainState):
+            raise TypeError(f"step expects a TrainState as its first argument, got {type(state).__name__}")
+        shards = scatter(batch, devs, non_blocking=True)
+        used = devs[:len(shards)]
+        sizes = [_batch_length(s) for s in shards]
+        primary = _tree_device(state.params)
+        next_key, step_key = split_step_key(state.key)
+        loss_scale = loss_scale_for(state, scaled)
+        params = params_copies.get(state.params, used)
+        buffers = buffer_copies.get(state.buffers, used) if state.buffers is not None else [None] * len(used)
+        scales = [place(loss_scale, d) if loss_scale is not None else None for d in used]
+        keys = [_random.fold_in(step_key, i) if step_key is not None else None for i in range(len(used))]
+        results = runner.map(one_shard, list(zip(params, shards, buffers, keys, scales, used)), concurrent_ok)
+        grads = reduce_mean([r.grads for r in results], sizes, primary, donate=True)  # the shards' own gradients
+        loss = reduce_mean([r.loss for r in results], sizes, primary)
+        aux = _reduce_aux([r.aux for r in results], sizes, primary)
+        new_buffers = reduce_mean([r.buffers for r in results], sizes, primary) if results[0].buffers is not None else None
+        finite = grads_finite(grads) if checks else None
+        new_params, opt_state, new_buffers, _ = update(optimizer, grads, state.params, state.opt_state, finite=finite,
+                                                       donate=donate, buffers=state.buffers, new_buffers=new_buffers)
+        if loss_scale is not None:
+            loss_scale = loss_scale.adjust(finite)
+        params_copies.refresh(new_params)  # after the update: the copies are ready for the next step
+        if new_buffers is not None:
+            buffer_copies.refresh(new_buffers)
+        metrics = {"loss": loss, **aux}
+        if finite is not None:
+            metrics["finite"] = finite
+        return TrainState(new_params, opt_state, state.step + 1, new_buffers, next_key,
+                          loss_scale if scaled else state.loss_scale), metrics
+
+    step.jit, step.donate, step.precision, step.devices = jit, donate, precision, devs  # type: ignore[attr-defined]
+    return step
+
+
+def _per_shard(single_step: Callable[[TrainState, Any], Any], devices: Sequence[DeviceLike], combine: Callable,
+               concurrent_ok: bool, what: str) -> Callable[[TrainState, Any], Any]:
+    """``single_step`` (an eval or predict step) on every shard, with the state's copy on its device."""
+    devs = _devices(devices)
+    params_copies, buffer_copies = _Replicas(devs), _Replicas(devs)
+    runner = _Runner(len(devs))
+
+    def one_shard(params: Any, buffers: Any, shard: Any, device: torch.device) -> Any:
+        with _on(device):
+            return single_step(TrainState(params, None, 0, buffers), shard)
+
+    def step(state: TrainState, batch: Any) -> Any:
+        if not isinstance(state, TrainState):
+            raise TypeError(f"{what} expects a TrainState as its first argument, got {type(state).__name__}")
+        shards = scatter(batch, devs, non_blocking=True)
+        used = devs[:len(shards)]
+        sizes = [_batch_length(s) for s in shards]
+        params = params_copies.get(state.params, used)
+        buffers = buffer_copies.get(state.buffers, used) if state.buffers is not None else [None] * len(used)
+        outs = runner.map(one_shard, list(zip(params, buffers, shards, used)), concurrent_ok)
+        return combine(outs, sizes, _tree_device(state.params))
+
+    return step
+
+
+def make_eval_step(loss_fn: Callable, devices: Sequence[DeviceLike], *, jit: bool = False, precision: str = "32",
+                   compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], dict[str, Any]]:
+    """:func:`fnnet.make_eval_step` on every shard; the loss is averaged with the shard weights,
+    per-sample aux values (outputs, targets) are gathered in batch order."""
+    single = _eval_step(loss_fn, jit=jit, precision=precision, compile_options=compile_options)
+
+    def combine(outs: list[dict[str, Any]], sizes: list[int], device: torch.device) -> dict[str, Any]:
+        loss = reduce_mean([o["loss"] for o in outs], sizes, device)
+        return {"loss": loss, **_reduce_aux([{k: v for k, v in o.items() if k != "loss"} for o in outs], sizes, device)}
+
+    return _per_shard(single, devices, combine, not jit, "eval_step")
+
+
+def make_predict_step(predict_fn: Callable, devices: Sequence[DeviceLike], *, jit: bool = False, precision: str = "32",
+                      compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], Any]:
+    """:func:`fnnet.make_predict_step` on every shard; the outputs gathered in batch order."""
+    single = _predict_step(predict_fn, jit=jit, precision=precision, compile_options=compile_options)
+    return _per_shard(single, devices, lambda outs, sizes, device: gather(outs, device), not jit, "predict_step")
