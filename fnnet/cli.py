@@ -85,10 +85,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.task == "linreg":
         if len(devices) > 1:
             parser.error(f"argument --device: linreg trains on one device; {args.device!r} names {len(devices)}")
-        recipes.train_linreg(n=args.n, steps=args.steps, lr=args.lr if args.lr is not None else 0.1,
-                             device=devices[0], jit=args.jit, seed=args.seed)
+        recipes.train_linreg(n=args.n, epochs=args.epochs or 500, lr=args.lr if args.lr is not None else 0.1,
+                             device=devices[0], out=args.out, jit=args.jit, seed=args.seed)
         return 0
-    common = dict(epochs=args.epochs, device=devices if len(devices) > 1 else devices[0], out=args.out, batch_size=args.batch_size,
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: one device per process, chosen by rank
+        devices = ["auto"]
+    common = dict(epochs=args.epochs or 10, device=devices if len(devices) > 1 else devices[0], out=args.out, batch_size=args.batch_size,
                   lr=args.lr if args.lr is not None else 0.01, jit=args.jit, precision=args.precision, seed=args.seed)
     if args.task == "digits":
         recipes.train_digits(size=args.size, **common)
@@ -168,13 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_cmd_info)
 
     p_train = sub.add_parser("train", help="train the chapter's models: digits (embedded data), mnist, linreg",
-                             description="Train the chapter's CNN on the embedded digits or on MNIST, or run its linear regression.")
+                             description="Train the chapter's CNN on the embedded digits or on MNIST, or run its linear "
+                                         "regression. Under torchrun (torchrun --nproc-per-node N -m fnnet train digits) "
+                                         "digits and mnist train on N processes, rank 0 printing and writing.")
     p_train.add_argument("task", choices=["digits", "mnist", "linreg"], help="what to train")
-    p_train.add_argument("--epochs", type=_positive_int, default=10, help="epochs (digits, mnist; default 10)")
+    p_train.add_argument("--epochs", type=_positive_int, default=None,
+                         help="epochs (default 10; linreg 500: one full-batch step per epoch, as the chapter)")
     p_train.add_argument("--device", type=_device_arg, default="auto",
                          help="auto (default), cpu, cuda, cuda:N, a GPU count (0 = CPU, -1 = all) or a list 0,1 "
                               "(several devices: data parallel)")
-    p_train.add_argument("--out", default=None, help="folder for the best checkpoint, history.csv and history.png")
+    p_train.add_argument("--out", default=None,
+                         help="folder for the checkpoint (the best, for digits/mnist), history.csv and history.png")
     p_train.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (default 128)")
     p_train.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default 0.01; linreg 0.1)")
     p_train.add_argument("--jit", action="store_true", help="compile the training step with torch.compile")
@@ -184,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"digits: image side after resizing, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default 28)")
     p_train.add_argument("--data-dir", default=None, help="mnist: folder with the MNIST IDX files")
     p_train.add_argument("--n", type=_positive_int, default=1_000_000, help="linreg: samples (default 1,000,000)")
-    p_train.add_argument("--steps", type=_positive_int, default=500, help="linreg: full-batch steps (default 500)")
     p_train.set_defaults(func=_cmd_train, parser=p_train)
 
     p_bench = sub.add_parser("bench", help="time the chapter's workloads on CPU and GPU, fnnet vs plain PyTorch",

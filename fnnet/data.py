@@ -49,6 +49,20 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # ArrayLoader
 # --------------------------------------------------------------------------------------
+def _check_shard(shard: Any, n: int) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if (not isinstance(shard, tuple) or len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in shard)):
+        raise TypeError(f"ArrayLoader: shard must be (rank, world_size) ints (fnnet.distributed.shard()), got {shard!r}")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"ArrayLoader: shard=({rank}, {world}): the rank must be in [0, {world})")
+    if n < world:
+        raise ValueError(f"ArrayLoader: {n} samples cannot give each of {world} ranks a sample")
+    return (rank, world)
+
+
 def _check_batch_size(batch_size: Any) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -89,6 +103,13 @@ class ArrayLoader:
             and every batch is gathered into one of two pinned staging buffers and copied on a
             side stream: the step waits for its batch's copy on the device (an event), the host
             never waits for the step. Elsewhere the same code runs without a stream.
+        shard: ``(rank, world_size)`` in a multi-process run (``fnnet.distributed.shard()``):
+            this rank's part of every batch. Every rank draws the same epoch order (the same
+            key); each global batch of ``batch_size * world_size`` samples is split into
+            ``world_size`` contiguous parts whose sizes differ by at most one, and this rank
+            gets part ``rank``. The parts are disjoint and cover the data, every rank gets the
+            same number of batches, and no part is empty (a last global batch smaller than
+            ``world_size`` joins the one before it).
 
     Iterating yields batches with the structure of ``arrays``. Each ``iter(loader)`` runs the
     next epoch: the first gives epoch 0, the second epoch 1, and so on; :attr:`epoch` is the
@@ -113,6 +134,7 @@ class ArrayLoader:
         key: _random.Key | None = None,
         device: DeviceLike | None = None,
         stream: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.batch_size = _check_batch_size(batch_size)
         if shuffle and key is None:
@@ -151,6 +173,7 @@ class ArrayLoader:
             self.arrays = arrays
         else:
             self.arrays = place(arrays, self.device) if self.device is not None else arrays
+        self.shard = _check_shard(shard, n)
         self.num_samples = n
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -169,11 +192,18 @@ class ArrayLoader:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         self._epoch = int(epoch)
 
+    def _global_batch(self) -> int:
+        return self.batch_size * (self.shard[1] if self.shard else 1)
+
     def __len__(self) -> int:
-        """The number of batches per epoch."""
+        """The number of batches per epoch (per rank, with ``shard``)."""
+        b = self._global_batch()
         if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
+            return self.num_samples // b
+        count = math.ceil(self.num_samples / b)
+        if self.shard and count > 1 and self.num_samples - (count - 1) * b < self.shard[1]:
+            count -= 1  # a last global batch too small to give every rank a sample joins the previous one
+        return count
 
     def indices(self, epoch: int) -> torch.Tensor:
         """The sample order of ``epoch``: an int64 CPU tensor, ``arange(n)`` when not shuffling."""
@@ -195,15 +225,26 @@ class ArrayLoader:
             raise ValueError(f"start must be an int in [0, {count}] (the batches per epoch), got {start!r}")
         return self._iterate(order, int(start), count)
 
+    def _bounds(self, i: int, count: int) -> tuple[int, int]:
+        """The sample range (in the epoch's order) of batch ``i``: this rank's part with ``shard``."""
+        b, n = self._global_batch(), self.num_samples
+        lo, hi = i * b, (n if (i == count - 1 and not self.drop_last) else min((i + 1) * b, n))
+        if self.shard:
+            rank, world = self.shard
+            sizes = [(hi - lo) // world + (1 if r < (hi - lo) % world else 0) for r in range(world)]
+            lo += sum(sizes[:rank])
+            hi = lo + sizes[rank]
+        return lo, hi
+
     def _iterate(self, order: torch.Tensor, start: int, count: int) -> Iterator[Any]:
         if self.stream:
-            yield from _Streamer(self.arrays, self.device, self.batch_size).batches(
-                None if not self.shuffle else order, start, count, self.num_samples)
+            bounds = [self._bounds(i, count) for i in range(start, count)]
+            yield from _Streamer(self.arrays, self.device, max((hi - lo for lo, hi in bounds), default=1)).batches(
+                None if not self.shuffle else order, bounds)
             return
-        b, n = self.batch_size, self.num_samples
         if not self.shuffle:
             for i in range(start, count):
-                lo, hi = i * b, min((i + 1) * b, n)
+                lo, hi = self._bounds(i, count)
                 yield _tree.map(lambda x: x[lo:hi], self.arrays)
             return
         # one host-to-device copy of the order per epoch and device, then gathers on the device
@@ -212,7 +253,7 @@ class ArrayLoader:
             if x.device not in on_device:
                 on_device[x.device] = order.to(x.device)
         for i in range(start, count):
-            lo, hi = i * b, min((i + 1) * b, n)
+            lo, hi = self._bounds(i, count)
             yield _tree.map(lambda x: x.index_select(0, on_device[x.device][lo:hi]), self.arrays)
 
     def __iter__(self) -> Iterator[Any]:
@@ -268,9 +309,7 @@ class _Streamer:
         self.copied[slot] = event
         return _tree.unflatten(self.spec, out), event
 
-    def batches(self, order: torch.Tensor | None, start: int, count: int, n: int) -> Iterator[Any]:
-        b = self.staging[0][0].shape[0]
-        bounds = [(i * b, min((i + 1) * b, n)) for i in range(start, count)]
+    def batches(self, order: torch.Tensor | None, bounds: list[tuple[int, int]]) -> Iterator[Any]:
         if not bounds:
             return
         ahead = self._issue(0, order, *bounds[0])

@@ -89,6 +89,9 @@ def plot_history(history: Mapping[str, Any], metric: str = "loss", *, ax: Any = 
         ax.plot(xs, ys, style, label=("train_" if key == train_key else "") + key)
     ax.set_title(f"Training and validation {metric}")
     ax.set_xlabel("Epochs")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
     ax.set_ylabel(metric)
     ax.legend()
     return fig

@@ -3,30 +3,77 @@
 Each is a short, readable script over the public API, meant to be copied: data ->
 ``ArrayLoader`` on the device -> ``Trainer.fit`` (or a hand-written ``make_train_step`` loop
 for the linear regression) -> checkpoint, history and plots in an output folder.
+
+Started by ``torchrun`` (``torchrun --nproc-per-node 2 -m fnnet train digits``), the
+classifier jobs join the process group, give each rank its part of the data and let rank 0
+alone print and write files.
 """
 
 from __future__ import annotations
 
+import atexit
+import csv
 import os
+import sys
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from . import distributed as _dist
 from . import metrics as _metrics
 from . import optim
 from . import random as _random
+from ._functional import functional
+from ._summary import summary
 from .callbacks import CSVLogger, ModelCheckpoint
+from .checkpoint import save
 from .data import ArrayLoader, load_digits, load_mnist
 from .device import place, resolve_device, synchronize
-from ._functional import functional
 from .models import CnnModel, LinearRegression, linreg_data
-from ._summary import summary
-from .train import TrainState, make_train_step
+from .state import TrainState
+from .train import make_train_step
 from .trainer import Trainer
 
-__all__ = ["train_classifier", "train_digits", "train_mnist", "train_linreg"]
+__all__ = ["train_classifier", "train_digits", "train_mnist", "train_linreg", "write_history_plot"]
+
+
+def write_history_plot(history: Mapping[str, Any], path: str | os.PathLike, metrics: list[str]) -> bool:
+    """One panel per curve (the loss, then each metric), train and validation, whole epochs on x.
+
+    Returns whether the file was written; without matplotlib, says why and how to get it.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"not writing {path}: the plot needs matplotlib (pip install matplotlib, or fnnet[plot])",
+              file=sys.stderr)
+        return False
+    from .plot import plot_history
+
+    names = ["loss"] + [m for m in metrics if m in history or f"val_{m}" in history]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        plot_history(history, name, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _join_launched_group() -> None:
+    """Under torchrun (several ranks in the environment), join the process group once.
+
+    The group is left at exit: a process that exits with gloo's threads still running is
+    aborted by the C++ runtime.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _dist.is_initialized():
+        _dist.init()
+        atexit.register(_dist.shutdown)
 
 
 def train_classifier(
@@ -46,49 +93,41 @@ def train_classifier(
     """Train the chapter's CNN with Adam on ``(X, y)`` pairs; validate on ``test`` each epoch.
 
     Writes into ``out`` (when given): the best checkpoint by ``val_loss``
-    (``epoch=...-val_loss=....safetensors``), ``history.csv`` and, when matplotlib is there,
-    ``history.png``. Returns the trainer (holding the best state) and the final evaluation.
+    (``epoch=...-val_loss=....safetensors``), ``history.csv`` and ``history.png`` (the loss
+    and the accuracy per epoch). Returns the trainer (holding the best state) and the final
+    evaluation. Under ``torchrun`` every rank trains on its part of each batch (the batch
+    size is per rank) and rank 0 prints and writes.
     """
+    _join_launched_group()
+    main = _dist.is_main()
+    verbose = verbose if main else 0
     init_key, data_key, dropout_key = _random.split(_random.key(seed), 3)
     model = functional(CnnModel())
-    trainer = Trainer(
-        model,
-        F.cross_entropy,
-        optim.adam(lr),
-        metrics={"accuracy": _metrics.accuracy},
-        devices=device,
-        jit=jit,
-        key=dropout_key,
-        precision=precision,
-        params=model.init(init_key),
-    )
-    size = tuple(train[0].shape[1:])
+    trainer = Trainer(model, F.cross_entropy, optim.adam(lr), metrics={"accuracy": _metrics.accuracy},
+                      devices=device, jit=jit, key=dropout_key, precision=precision, params=model.init(init_key))
     if verbose:
-        summary(model, size)
-    train_loader = ArrayLoader(train, batch_size, shuffle=True, key=data_key, device=trainer.device)
-    test_loader = ArrayLoader(test, batch_size, device=trainer.device)
-    callbacks = []
+        summary(model, tuple(train[0].shape[1:]))
+    shard = _dist.shard()
+    train_loader = ArrayLoader(train, batch_size, shuffle=True, key=data_key, device=trainer.device, shard=shard)
+    test_loader = ArrayLoader(test, batch_size, device=trainer.device, shard=shard)
+    callbacks: list[Any] = []
     checkpoint = None
     if out is not None:
         os.makedirs(out, exist_ok=True)
         checkpoint = ModelCheckpoint(out, monitor="val_loss", mode="min", save_top_k=1)
-        callbacks = [checkpoint, CSVLogger(os.path.join(out, "history.csv"))]
+        callbacks = [checkpoint, CSVLogger(os.path.join(out, "history.csv"))]  # rank 0 writes
     history = trainer.fit(train_loader, test_loader, epochs=epochs, callbacks=callbacks, verbose=verbose)
     if checkpoint is not None and checkpoint.best_model_path:
+        _dist.barrier()  # rank 0 wrote it
         trainer.load(checkpoint.best_model_path)
     final = trainer.evaluate(test_loader)
     result: dict[str, Any] = {"final": final, "history": history}
     if checkpoint is not None:
         result["best_model_path"] = checkpoint.best_model_path
-    if out is not None and history.get("epoch"):
-        try:
-            from .plot import plot_history
-
-            fig = plot_history(history, "loss")
-            fig.savefig(os.path.join(out, "history.png"), dpi=100)
-            result["plot"] = os.path.join(out, "history.png")
-        except ImportError:
-            pass  # matplotlib is optional
+    if out is not None and main and history.get("epoch"):
+        plot = os.path.join(out, "history.png")
+        if write_history_plot(history, plot, ["accuracy"]):
+            result["plot"] = plot
     if verbose:
         shown = "  ".join(f"{k}={v:.4f}" for k, v in final.items())
         print(f"final evaluation (best checkpoint): {shown}")
@@ -114,9 +153,10 @@ def train_mnist(data_dir: str | os.PathLike, **kwargs: Any) -> tuple[Trainer, di
 def train_linreg(
     *,
     n: int = 1_000_000,
-    steps: int = 500,
+    epochs: int = 500,
     lr: float = 0.1,
     device: Any = "auto",
+    out: str | os.PathLike | None = None,
     jit: bool = False,
     seed: int = 0,
     log_every: int = 50,
@@ -125,11 +165,13 @@ def train_linreg(
     """The chapter's linear regression with a hand-written ``make_train_step`` loop.
 
     ``n`` samples ``x ~ U[-5, 5)^2``, ``y = 2 x0 - 3 x1 + 10 + N(0, 2)``; full-batch Adam, ``lr``
-    0.1, ``steps`` steps. Returns the learned ``w``, ``b``, the final loss and the time.
+    0.1, for ``epochs`` epochs: one step over the whole data each, as the chapter's loop.
+    With ``out``: the final state (``linreg.safetensors``), the loss per epoch
+    (``history.csv``) and its plot (``history.png``). Returns the learned ``w``, ``b``, the
+    final loss and the time.
     """
     dev = resolve_device(device)
     X, Y = place(linreg_data(n, seed=seed), dev)
-
     model = functional(LinearRegression())
 
     def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
@@ -140,20 +182,34 @@ def train_linreg(
     state = TrainState.create(place(model.init(_random.key(seed)), dev), optimizer)
     step = make_train_step(loss_fn, optimizer, jit=jit, donate=True)
     if verbose:
-        print(f"linear regression: n={n}, {steps} full-batch Adam steps (lr {lr}) on {dev}, jit {'on' if jit else 'off'}")
+        print(f"linear regression: n={n}, {epochs} full-batch Adam steps (lr {lr}) on {dev}, jit {'on' if jit else 'off'}")
     synchronize(dev)
     start = time.perf_counter()
-    metrics: dict = {}
-    for i in range(steps):
+    losses = []
+    for epoch in range(epochs):
         state, metrics = step(state, (X, Y))
-        if verbose and log_every and i % log_every == 0:
-            print({"step": i, "loss": round(float(metrics["loss"]), 6)})  # the only syncs
+        losses.append(metrics["loss"])  # a device tensor: read once, after the loop
+        if verbose and log_every and epoch % log_every == 0:
+            print({"epoch": epoch + 1, "loss": round(float(metrics["loss"]), 6)})  # the only syncs
     synchronize(dev)
     elapsed = time.perf_counter() - start
+    history = {"epoch": list(range(1, epochs + 1)), "loss": [float(v) for v in torch.stack(losses).cpu()]}
     w = state.params["w"].detach().cpu().flatten().tolist()
     b = float(state.params["b"])
-    result = {"w": w, "b": b, "loss": float(metrics["loss"]), "time_s": elapsed, "device": str(dev), "steps": steps}
+    result = {"w": w, "b": b, "loss": history["loss"][-1], "time_s": elapsed, "device": str(dev), "epochs": epochs,
+              "history": history}
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        save(os.path.join(out, "linreg.safetensors"), state)
+        with open(os.path.join(out, "history.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["epoch", "loss"])
+            writer.writerows(zip(history["epoch"], history["loss"]))
+        wrote = write_history_plot(history, os.path.join(out, "history.png"), [])
+        result["out"] = os.fspath(out)
     if verbose:
         print(f"w = [{w[0]:.4f}, {w[1]:.4f}] (true [2, -3]), b = {b:.4f} (true 10), "
               f"loss = {result['loss']:.4f} (noise variance 4), time {elapsed:.2f}s")
+        if out is not None:
+            print(f"wrote {out}: linreg.safetensors, history.csv" + (", history.png" if wrote else ""))
     return result

@@ -220,7 +220,11 @@ def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., G
 
     The returned function takes ``loss_scale=``, a :class:`DynamicScale`: the loss is
     multiplied by its scale before the backward pass and the gradients divided by it, so
-    ``grads`` are always the true gradients (non-finite where float16 overflowed). Eager
+    ``grads`` are always the true gradients (non-finite where float16 overflowed). And
+    ``grad_hook=``, a function ``(leaf index, gradient) -> None`` called during the backward
+    pass as each parameter's gradient becomes ready (eager mode; the index is the leaf's in
+    ``fnnet.tree.leaves(params)`` order, the gradient still scaled by the loss scale): how the
+    distributed step starts its all-reduces while the backward pass goes on. Eager
     calls differentiate with ``torch.autograd.grad`` on detached aliases of the params;
     inside ``torch.compile`` with ``torch.func.grad``, which traces without a graph break.
     Parameters the loss does not use get zero gradients. Nothing passed in is modified.
@@ -238,11 +242,15 @@ def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., G
             payload["buffers"] = _detached(new_buffers)
         return (loss * scale if scale is not None else loss), payload
 
-    def eager_grad(params: Any, batch: Any, buffers: Any, key: Any, scale: Any) -> tuple[Any, dict]:
+    def eager_grad(params: Any, batch: Any, buffers: Any, key: Any, scale: Any, hook: Any) -> tuple[Any, dict]:
         leaves, spec = _tree.flatten(params)
         trainable = [isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) for x in leaves]
         with torch.enable_grad():
             inputs = [x.detach().requires_grad_(True) if t else x for x, t in zip(leaves, trainable)]
+            if hook is not None:
+                for i, (x, t) in enumerate(zip(inputs, trainable)):
+                    if t:
+                        x.register_hook(lambda g, i=i: hook(i, g))
             target, payload = objective(_tree.unflatten(spec, inputs), batch, buffers, key, scale)
             wrt = [x for x, t in zip(inputs, trainable) if t]
             found = iter(torch.autograd.grad(target, wrt, allow_unused=True) if wrt else ())
@@ -253,14 +261,15 @@ def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., G
         return _tree.unflatten(spec, grads), payload
 
     def grad_fn(params: Any, batch: Any, buffers: Any = None, key: Any = None, *,
-                loss_scale: DynamicScale | None = None) -> GradResult:
+                loss_scale: DynamicScale | None = None, grad_hook: Callable[[int, torch.Tensor], None] | None = None
+                ) -> GradResult:
         _check_buffers_declared(declared, buffers, loss_fn)
         scale = loss_scale.scale if loss_scale is not None else None
         if torch.compiler.is_compiling():
             grads, payload = torch.func.grad(objective, has_aux=True)(params, batch, buffers, key, scale)
         else:
             with _rng_scope(declared, key, params):
-                grads, payload = eager_grad(params, batch, buffers, key, scale)
+                grads, payload = eager_grad(params, batch, buffers, key, scale, grad_hook)
         if scale is not None:
             grads = _tree.map(lambda g: g / scale.to(g.dtype), grads)
         return GradResult(grads, payload["loss"], payload["aux"], payload.get("buffers"))
@@ -283,6 +292,7 @@ def make_train_step(
     compile_options: Mapping[str, Any] | None = None,
     skip_nonfinite: bool = False,
     devices: Any = None,
+    distributed: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
     """Build the pure training step ``step(state, batch) -> (new_state, metrics)``.
 
@@ -322,7 +332,17 @@ def make_train_step(
         devices: a list of devices (``["cuda:0", "cuda:1"]``; repeats allowed) for data
             parallelism: :func:`fnnet.parallel.make_train_step`, the same step over shards of
             each batch. ``None``: one device, the state's.
+        distributed: the step of one rank of a ``torch.distributed`` run
+            (:func:`fnnet.distributed.make_train_step`): gradients are all-reduced across
+            processes, each rank passing its own part of the batch.
     """
+    if distributed:
+        if devices is not None:
+            raise ValueError("make_train_step: distributed=True runs one device per process; devices= does not apply")
+        from .distributed import make_train_step as distributed_step
+
+        return distributed_step(loss_fn, optimizer, jit=jit, donate=donate, precision=precision,
+                                compile_options=compile_options, skip_nonfinite=skip_nonfinite)
     if devices is not None:
         from .parallel import make_train_step as parallel_step
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from . import metrics as _metrics
 from . import random as _random
 from . import tree as _tree
@@ -80,10 +81,13 @@ class Trainer:
         model: a plain ``nn.Module`` (trained in place: see the module docstring) or an
             ``fnnet.functional(...)`` model (its tensors are never written).
         loss: ``loss(outputs, targets) -> scalar`` (e.g. ``torch.nn.functional.cross_entropy``).
-        optimizer: an ``fnnet.optim`` transform (``fnnet.optim.adam(0.01)``). Clipping and
-            schedules belong in it (``chain(clip_by_global_norm(1.0), adam(...))``). Frozen
-            parameters (``requires_grad=False`` in the module) are masked out of it: nothing
-            moves them.
+        optimizer: an ``fnnet.optim`` transform (``fnnet.optim.adam(0.01)``), or the chapter's
+            ``torch.optim.Adam(net.parameters(), lr=0.02)`` (``SGD``, ``AdamW``, ``RMSprop``,
+            ``Adagrad`` too), turned into the fnnet alias with the same numbers
+            (:func:`fnnet.optim.from_torch`, which says which, once). Clipping and schedules
+            belong in it (``chain(clip_by_global_norm(1.0), adam(...))``); a torch
+            ``lr_scheduler`` goes in ``fit(callbacks=[...])``. Frozen parameters
+            (``requires_grad=False`` in the module) are masked out of it: nothing moves them.
         metrics: ``{"accuracy": fnnet.metrics.accuracy, ...}``; values are ``fnnet.metrics.Metric``
             (exact over an epoch) or plain ``fn(outputs, targets)`` (averaged per sample).
         devices: see :func:`fnnet.parse_devices`. Several devices train data-parallel
@@ -99,6 +103,12 @@ class Trainer:
             state intact (then a module is brought up to date at the end of ``fit``).
         params: initial parameters (default: the model's), e.g. ``model.init(key)``; copied.
         compile_options: extra ``torch.compile`` arguments when ``jit=True``.
+        distributed: train as one rank of a ``torch.distributed`` run (:mod:`fnnet.distributed`):
+            ``None`` (default) does when a process group of several ranks exists
+            (``fnnet.distributed.init()`` under ``torchrun``). Each rank passes its own part of
+            the data (``ArrayLoader(..., shard=fnnet.distributed.shard())``); the gradients are
+            all-reduced, epoch metrics summed over ranks, and only rank 0 prints and writes
+            checkpoints. ``devices="auto"`` is then this rank's device.
         memory_format: the layout of 4-D parameters, optimizer state and image batches:
             ``"auto"`` (default: channels-last on CPU for conv models), ``"channels_last"``,
             ``"contiguous"`` (NCHW, bit-comparable with the chapter's loop) or
@@ -117,17 +127,32 @@ class Trainer:
                  metrics: Mapping[str, Any] | None = None, devices: Any = "auto", jit: bool = False,
                  key: _random.Key | int | None = None, precision: str = "32", donate: bool = True,
                  params: Any = None, compile_options: Mapping[str, Any] | None = None,
-                 memory_format: str | torch.memory_format = "auto"):
+                 memory_format: str | torch.memory_format = "auto", distributed: bool | None = None):
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(outputs, targets), got {type(loss).__name__}")
+        if isinstance(optimizer, torch.optim.Optimizer):  # the chapter's torch.optim.Adam(net.parameters(), lr=0.02)
+            from .optim import from_torch
+
+            optimizer = from_torch(optimizer, module=model if isinstance(model, nn.Module) else None)
         if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-            raise TypeError(f"optimizer must be an fnnet.optim transform (e.g. fnnet.optim.adam(1e-3)), got {type(optimizer).__name__}")
+            raise TypeError(f"optimizer must be an fnnet.optim transform (e.g. fnnet.optim.adam(1e-3)) or a torch.optim "
+                            f"optimizer, got {type(optimizer).__name__}")
+        self.distributed = _dist.is_initialized() and _dist.world_size() > 1 if distributed is None else distributed
+        if self.distributed and not _dist.is_initialized():
+            raise RuntimeError("Trainer(distributed=True) needs a process group: call fnnet.distributed.init() first")
+        if self.distributed and devices == "auto":
+            devices = _dist.device()  # one device per process: cuda:LOCAL_RANK under NCCL, else the CPU
         self.devices = parse_devices(devices)
+        if self.distributed and len(self.devices) > 1:
+            raise ValueError(f"Trainer(distributed=True) trains one device per process; devices={devices!r} names "
+                             f"{len(self.devices)}")
         self.device = self.devices[0]  # where the state lives; with several devices, the first
         self.module = model if isinstance(model, nn.Module) else None
         if self.module is not None and params is None:
             self.module.to(self.device)  # train the module's own storage, on the device (Lightning's way)
         self.model = functional(model, copy=False)
+        # torchmetrics objects sync across ranks in compute(): the progress bar (rank 0) shows the others
+        self._bar_metrics = [name for name, m in (metrics or {}).items() if not _metrics.is_torchmetrics(m)]
         self.metrics = {name: _metrics.as_metric(m) for name, m in (metrics or {}).items()}
         for name in self.metrics:
             if name == "loss" or name.startswith("val_"):
@@ -144,8 +169,9 @@ class Trainer:
         loss_fn = supervised_loss(self.model, loss)
         steps = dict(jit=jit, precision=precision, compile_options=compile_options,
                      devices=self.devices if len(self.devices) > 1 else None)
-        self.train_step = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True, **steps)
-        self.eval_step = make_eval_step(loss_fn, **steps)
+        self.train_step = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True,
+                                          distributed=self.distributed, **steps)
+        self.eval_step = make_eval_step(loss_fn, **steps)  # per rank: the metric states are summed at the end
         self.predict_step = make_predict_step(
             lambda p, batch, buffers=None: self.model.apply(p, split_batch(batch)[0], buffers=buffers), **steps)
         start = self.model.params if params is None else params
@@ -220,7 +246,7 @@ class Trainer:
                 finite = int(skipped) == 0 and math.isfinite(float(out["loss"]))  # one sync per `every` steps
                 if train and not finite:
                     return states, max(int(skipped), 1)
-                bar.update(every, self._logs(states) if bar.enabled else None)
+                bar.update(every, self._logs(states, all_ranks=False) if bar.enabled else None)  # this rank's view
             if interrupted():
                 raise KeyboardInterrupt
         if count == 0:
@@ -238,10 +264,13 @@ class Trainer:
             new[name] = m.update(states[name], outputs, targets)
         return new
 
-    def _logs(self, states: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    def _logs(self, states: Mapping[str, Any], prefix: str = "", *, all_ranks: bool = True) -> dict[str, float]:
+        if self.distributed and all_ranks:  # states hold sums: adding every rank's gives the exact global values
+            states = _dist.all_reduce_sum(states)
         logs = {f"{prefix}loss": float(_metrics.mean_metric().compute(states["loss"]))}
         for name, m in self.metrics.items():
-            logs[f"{prefix}{name}"] = float(m.compute(states[name]))
+            if all_ranks or name in self._bar_metrics:
+                logs[f"{prefix}{name}"] = float(m.compute(states[name]))
         return logs
 
     # -- fit ----------------------------------------------------------------------------------------
@@ -283,6 +312,7 @@ class Trainer:
                 raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}), which cannot be iterated again "
                                 f"for epoch 2; pass a list, an fnnet.ArrayLoader or a torch DataLoader")
         cbs = CallbackList(callbacks)
+        verbose = verbose if _dist.is_main() else 0  # one rank prints
         self._announce(verbose)
         self.stop_training = False
         self.history.stop_reason = ""
@@ -374,6 +404,8 @@ class Trainer:
         """
         from .checkpoint import save
 
+        if self.distributed and not _dist.is_main():
+            return  # every rank holds the same state: rank 0 writes it
         if not bool(all_finite(self.state)):
             bad = [p for p, x in _tree.leaves_with_path(self.state)
                    if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all())]

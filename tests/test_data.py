@@ -370,3 +370,39 @@ def test_streamed_batches_reach_the_gpu_from_pinned_memory_and_train_alike():
     assert all(t.is_pinned() and t.device.type == "cpu" for t in fnnet.tree.leaves(streamed.arrays))
     for a, b in zip(streamed, resident):
         assert a[0].is_cuda and fnnet.tree.all_equal(a, b)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 60), batch_size=st.integers(1, 9), world=st.integers(1, 4), shuffle=st.booleans(),
+       drop_last=st.booleans(), epoch=st.integers(0, 3))
+def test_shards_are_disjoint_cover_the_epoch_and_never_empty(n, batch_size, world, shuffle, drop_last, epoch):
+    if n < world or (drop_last and n < batch_size * world):
+        return
+    data = torch.arange(n)
+    kw = dict(shuffle=shuffle, drop_last=drop_last, key=fnnet.random.key(5) if shuffle else None)
+    loaders = [ArrayLoader(data, batch_size, shard=(r, world), **kw) for r in range(world)]
+    per_rank = [list(loader.batches(epoch)) for loader in loaders]
+    assert len({len(b) for b in per_rank}) == 1 == len({len(loader) for loader in loaders})  # same count everywhere
+    assert all(len(b) == len(loaders[0]) for b in per_rank)
+    seen = torch.cat([x for batches in per_rank for x in batches])
+    assert len(set(seen.tolist())) == len(seen)  # disjoint
+    assert all(len(x) >= 1 for batches in per_rank for x in batches)  # never empty
+    order = loaders[0].indices(epoch)
+    if not drop_last:
+        assert sorted(seen.tolist()) == list(range(n))  # covering
+    # each global batch, put back together rank by rank, is the single-process order
+    for i in range(len(loaders[0])):
+        glued = torch.cat([per_rank[r][i] for r in range(world)])
+        start = i * batch_size * world
+        assert torch.equal(glued, data[order[start:start + len(glued)]])
+    sizes = [len(per_rank[r][0]) for r in range(world)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_shard_argument_errors():
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
+        ArrayLoader(torch.arange(5), 2, shard=(2, 2))
+    with pytest.raises(TypeError, match="rank, world_size"):
+        ArrayLoader(torch.arange(5), 2, shard=[0, 2])
+    with pytest.raises(ValueError, match="3 samples cannot give each of 4 ranks"):
+        ArrayLoader(torch.arange(3), 2, shard=(0, 4))

@@ -240,11 +240,17 @@ def test_jit_matches_eager_and_compiles_once_per_shape():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])])
-def test_chapter_linear_regression_recovers_w_and_b(device):
-    result = recipes.train_linreg(n=1_000_000, steps=500, device=device, verbose=0)
+def test_chapter_linear_regression_recovers_w_and_b(device, tmp_path):
+    result = recipes.train_linreg(n=1_000_000, epochs=500, device=device, verbose=0, out=tmp_path)
     assert abs(result["w"][0] - 2.0) < 0.05 and abs(result["w"][1] + 3.0) < 0.05
     assert abs(result["b"] - 10.0) < 0.05
     assert abs(result["loss"] - 4.0) < 0.05
+    # --out is honoured: the final state, the loss per epoch and its plot
+    state = fnnet.load(tmp_path / "linreg.safetensors")
+    assert torch.equal(state.params["w"].flatten(), torch.tensor(result["w"]))
+    rows = (tmp_path / "history.csv").read_text().strip().splitlines()
+    assert rows[0] == "epoch,loss" and len(rows) == 501 and float(rows[-1].split(",")[1]) == pytest.approx(result["loss"])
+    assert (tmp_path / "history.png").stat().st_size > 0
 
 
 @pytest.mark.cuda

@@ -230,8 +230,13 @@ def test_multi_device_requests_are_validated(monkeypatch):
 
 
 def test_trainer_bad_arguments():
-    with pytest.raises(TypeError, match="fnnet.optim"):
+    with pytest.raises(ValueError, match="not parameters of the Sequential"):  # another module's parameters
         fnnet.Trainer(mlp(), F.cross_entropy, torch.optim.Adam(mlp().parameters()))
+    net = mlp()
+    with pytest.raises(TypeError, match="LBFGS"):
+        fnnet.Trainer(net, F.cross_entropy, torch.optim.LBFGS(net.parameters()))
+    with pytest.raises(TypeError, match="fnnet.optim"):
+        fnnet.Trainer(net, F.cross_entropy, "adam")
     with pytest.raises(TypeError, match="loss"):
         fnnet.Trainer(mlp(), "mse", optim.adam(0.01))
     with pytest.raises(ValueError, match="reserved"):
@@ -678,3 +683,30 @@ def test_a_loaded_checkpoint_reaches_the_module(tmp_path):
     a.save(tmp_path / "a.safetensors")
     b = fnnet.Trainer(mlp(), F.cross_entropy, optim.adam(0.05), devices="cpu").load(tmp_path / "a.safetensors")
     torch.testing.assert_close(b.module(x), a.module(x))
+
+
+def test_the_chapters_torch_optimizer_and_scheduler_train_exactly_like_torch():
+    """The chapter's code: torch.optim.Adam(lr=0.02) and StepLR(step_size=1, gamma=0.9) stepped per epoch."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 2, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,), generator=g)
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.02)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.9)
+    for _ in range(3):
+        for xb, yb in batches:
+            ref_opt.zero_grad()
+            F.cross_entropy(reference(xb), yb).backward()
+            ref_opt.step()
+        ref_sched.step()
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    with pytest.warns(UserWarning, match=r"torch.optim.Adam\(lr=0.02.*-> fnnet.optim.adam\(0.02"):
+        trainer = fnnet.Trainer(net, F.cross_entropy, opt, devices="cpu")
+    history = trainer.fit(batches, epochs=3, callbacks=[sched], verbose=0)
+    assert history["lr"] == pytest.approx([0.02, 0.018, 0.0162])
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)

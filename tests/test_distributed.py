@@ -1,0 +1,144 @@
+"""fnnet.distributed: two gloo processes on localhost against single-process training.
+
+Each test launches ``tests/_dist_worker.py`` with ``torch.distributed.run`` (torchrun) as a
+subprocess, on a free port, with a time limit, so a hang can never block the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fnnet
+from fnnet import distributed, optim
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 240
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _dist_worker as W  # noqa: E402  (the scenarios' data and models, for the single-process references)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, out: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(WORKER), scenario, str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+
+
+def single_process_step(jit: bool = False):
+    model = fnnet.functional(W.mlp())
+    opt = optim.adam(0.01)
+    step = fnnet.make_train_step(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]), opt, jit=jit)
+    state = fnnet.TrainState.create(model.params, opt)
+    losses = []
+    for i in range(W.STEPS):
+        state, metrics = step(state, W.data(i))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+@pytest.mark.parametrize("scenario", ["step", pytest.param("step-jit", marks=pytest.mark.slow)])
+def test_two_ranks_with_uneven_shards_equal_one_process_on_the_concatenated_batch(tmp_path, scenario):
+    proc = launch(scenario, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference, ref_losses = single_process_step()
+    for rank in (0, 1):
+        params = fnnet.load(tmp_path / f"rank{rank}.safetensors")
+        for k in reference.params:
+            torch.testing.assert_close(params[k], reference.params[k], rtol=1e-10, atol=1e-10)
+        losses = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert losses == pytest.approx(ref_losses, rel=1e-6)  # the global loss, float32, on every rank
+
+
+def test_trainer_under_torchrun_equals_one_process_and_writes_once(tmp_path):
+    proc = launch("trainer", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # only rank 0 printed its progress
+    assert proc.stdout.count("Epoch 2 (2/2)") == 1, proc.stdout
+    # the single-process run: global batches of 4 * 2 in the same order (the same key)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(45, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (45,), generator=g)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    one = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), metrics={"accuracy": fnnet.metrics.accuracy},
+                        devices="cpu")
+    # 45 samples in global batches of 8: the last one (5 samples) is split 3 / 2 between the ranks
+    history = one.fit(fnnet.ArrayLoader((x, y), 8, shuffle=True, key=fnnet.random.key(1)),
+                      fnnet.ArrayLoader((x[:21], y[:21]), 8), epochs=2, verbose=0)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"history{rank}.json").read_text())
+        assert got["epoch"] == [1, 2]
+        for k in ("accuracy", "val_accuracy"):
+            assert got[k] == history[k], k
+        for k in ("loss", "val_loss"):
+            assert got[k] == pytest.approx(history[k], rel=1e-6), k
+        params = fnnet.load(tmp_path / f"trainer{rank}.safetensors")
+        for k in one.state.params:
+            torch.testing.assert_close(params[k], one.state.params[k], rtol=1e-10, atol=1e-10)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "last.safetensors" in files and len([f for f in files if f.startswith("epoch=")]) == 1
+    assert not [f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".tmp")]
+
+
+def test_a_rank_that_raises_ends_the_run_with_its_error(tmp_path):
+    proc = launch("fail", tmp_path)
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose at step 3" in proc.stdout + proc.stderr
+
+
+def test_without_a_launcher_init_is_a_clear_error_or_a_world_of_one(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --nproc-per-node"):
+        distributed.init()
+    assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.shard() is None
+    distributed.init(world_of_one=True)
+    try:
+        assert distributed.is_initialized() and distributed.world_size() == 1 and distributed.is_main()
+        # a group of one trains exactly like one process
+        reference, _ = single_process_step()
+        model = fnnet.functional(W.mlp())
+        opt = optim.adam(0.01)
+        step = fnnet.make_train_step(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]), opt, distributed=True)
+        state = fnnet.TrainState.create(model.params, opt)
+        for i in range(W.STEPS):
+            state, _ = step(state, W.data(i))
+        for k in reference.params:
+            torch.testing.assert_close(state.params[k], reference.params[k], rtol=1e-10, atol=1e-10)
+    finally:
+        distributed.shutdown()
+    with pytest.raises(RuntimeError, match="process group"):
+        fnnet.make_train_step(lambda p, b: b.sum(), opt, distributed=True)
+
+
+def test_the_main_job_scales_out_with_torchrun(tmp_path):
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "fnnet", "train", "digits", "--epochs", "2", "--out",
+           str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("Total params: 53,994") == 1 and proc.stdout.count("final evaluation") == 1
+    names = sorted(os.listdir(tmp_path / "run"))
+    assert "history.csv" in names and "history.png" in names
+    assert len([n for n in names if n.endswith(".safetensors")]) == 1
+    rows = (tmp_path / "run" / "history.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # a header and one row per epoch: written once, by rank 0
