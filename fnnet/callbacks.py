@@ -1,4 +1,4 @@
-"""Trainer callbacks: checkpoints, early stopping, learning-rate schedules, CSV logs.
+"""Trainer callbacks: checkpoints, early stopping, learning-rate schedules, CSV and TensorBoard logs.
 
 The protocol: a callback is any object with some of these methods (duck typing; subclassing
 :class:`Callback`, whose hooks do nothing, is optional)::
@@ -19,11 +19,15 @@ CSV rows, checkpoint file names) counts epochs from 1.
 A callback changes training only through the trainer: ``trainer.stop_training = True``
 ends ``fit`` after the current epoch; ``trainer.state = trainer.state.replace(...)``
 replaces the state (a ``TrainState``: data, not hidden attributes).
+
+A ``torch.optim.lr_scheduler`` object in a callback list (Lightning's ``lr_scheduler``) is
+turned into its fnnet callback by :func:`from_torch_scheduler`.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import math
 import os
 import warnings
@@ -31,10 +35,12 @@ from typing import Any, Callable
 
 import torch
 
+from . import distributed as _dist
 from . import tree as _tree
 from .state import all_finite
 
-__all__ = ["Callback", "CallbackList", "HOOKS", "ModelCheckpoint", "EarlyStopping", "LearningRateSchedule", "CSVLogger"]
+__all__ = ["Callback", "CallbackList", "HOOKS", "ModelCheckpoint", "EarlyStopping", "LearningRateSchedule",
+           "ReduceLROnPlateau", "CSVLogger", "TensorBoardLogger", "from_torch_scheduler", "is_torch_scheduler"]
 
 HOOKS = ("on_fit_start", "on_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_validation_batch_start",
          "on_validation_batch_end", "on_epoch_end", "on_fit_end")
@@ -63,12 +69,13 @@ class Callback:
 class CallbackList:
     """Calls one hook on every callback that has it, in order (what the ``Trainer`` holds).
 
-    Any object with at least one of :data:`HOOKS` is a callback; anything else is a
+    Any object with at least one of :data:`HOOKS` is a callback; a ``torch.optim.lr_scheduler``
+    object becomes the callback :func:`from_torch_scheduler` makes of it; anything else is a
     ``TypeError`` naming the hooks.
     """
 
     def __init__(self, callbacks: Any = ()):
-        self.callbacks = list(callbacks)
+        self.callbacks = [from_torch_scheduler(cb) if is_torch_scheduler(cb) else cb for cb in callbacks]
         for cb in self.callbacks:
             if isinstance(cb, type) or not any(callable(getattr(cb, h, None)) for h in HOOKS):
                 raise TypeError(f"a callback is an object with some of the methods {', '.join(HOOKS)}; "
@@ -123,6 +130,11 @@ class ModelCheckpoint(Callback):
     whole ``TrainState`` and the epoch count): ``trainer.load(path)`` resumes from them, and
     ``fnnet.load(path)["state"].params`` loads into the ``nn.Module``. ``epoch`` in ``filename``
     counts from 1.
+
+    At the first ``on_fit_start`` that finds ``*.safetensors`` files in ``dirpath`` which this
+    callback did not write (another run's), it warns once (a ``UserWarning``, as Lightning's
+    "Checkpoint directory ... exists and is not empty"): they are left alone, but a file of
+    this run with the same name replaces one of them. Give each run its own folder.
     """
 
     def __init__(self, dirpath: str | os.PathLike, monitor: str = "val_loss", mode: str = "min",
@@ -135,6 +147,23 @@ class ModelCheckpoint(Callback):
         self.filename = filename
         self.best_k: list[tuple[float, str]] = []  # (score, path), best first
         self.last_model_path: str | None = None
+        self._warned_foreign = False
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if self._warned_foreign or not _dist.is_main():
+            return
+        own = {os.path.abspath(p) for _, p in self.best_k}
+        if self.last_model_path is not None:
+            own.add(os.path.abspath(self.last_model_path))
+        foreign = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(self.dirpath), "*.safetensors"))
+                         if os.path.abspath(f) not in own)
+        if foreign:
+            self._warned_foreign = True
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            warnings.warn(f"ModelCheckpoint: the folder '{self.dirpath}' already holds {len(foreign)} checkpoint(s) "
+                          f"this callback did not write ({shown}), from another run; they are kept, but a checkpoint "
+                          "of this run with the same name replaces its file. Use a new folder per run to keep them "
+                          "apart", UserWarning, stacklevel=2)
 
     @property
     def best_model_path(self) -> str | None:
@@ -145,7 +174,11 @@ class ModelCheckpoint(Callback):
         return self.best_k[0][0] if self.best_k else None
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
-        os.makedirs(self.dirpath, exist_ok=True)
+        # Every rank of a distributed run keeps the same book (the logs are global); rank 0
+        # alone touches files (trainer.save writes on rank 0 only).
+        main = _dist.is_main()
+        if main:
+            os.makedirs(self.dirpath, exist_ok=True)
         score = _monitored(logs, self.monitor, "ModelCheckpoint")
         if not bool(all_finite(trainer.state)):
             warnings.warn(f"ModelCheckpoint: epoch {epoch + 1}'s state holds non-finite values; not saved "
@@ -164,7 +197,7 @@ class ModelCheckpoint(Callback):
                     keep, drop = self.best_k[: self.save_top_k], self.best_k[self.save_top_k:]
                     kept = {p for _, p in keep}
                     for _, stale in drop:
-                        if stale not in kept and os.path.exists(stale):
+                        if main and stale not in kept and os.path.exists(stale):
                             os.remove(stale)
                     self.best_k = keep
         if self.save_last:
@@ -249,8 +282,100 @@ class LearningRateSchedule(Callback):
             self._set(trainer, step)
 
 
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` when ``monitor`` stops improving: torch's ``ReduceLROnPlateau``.
+
+    The rule, arguments and defaults of ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (Keras'
+    ``ReduceLROnPlateau`` is ``threshold_mode="abs"`` with ``threshold=min_delta``). At the end
+    of each epoch, the value ``logs[monitor]`` (torch: ``scheduler.step(val_loss)``):
+
+    * improves on the best so far when it is below ``best * (1 - threshold)`` (``"rel"``) or
+      ``best - threshold`` (``"abs"``) for ``mode="min"``, above ``best * (1 + threshold)`` or
+      ``best + threshold`` for ``"max"``; a NaN never improves;
+    * otherwise counts as a bad epoch, except during the ``cooldown`` epochs after a reduction;
+    * after more than ``patience`` bad epochs in a row, the learning rate becomes
+      ``max(lr * factor, min_lr)`` (left as it is when that changes it by ``eps`` or less),
+      and the cooldown starts.
+
+    The new value goes into the optimizer state with :func:`fnnet.optim.set_learning_rate`,
+    so the optimizer must hold a constant learning rate (``fnnet.optim.adam(0.01)``, or
+    ``fnnet.optim.from_torch(optimizer)``), not a schedule; this is checked at
+    ``on_fit_start``. The next epoch trains with it (History's ``lr`` shows it).
+
+    Attributes ``best``, ``num_bad_epochs`` and ``cooldown_counter`` are torch's. They are
+    reset at every ``on_fit_start`` (as Keras does, and as :class:`EarlyStopping` does), where
+    a torch scheduler object keeps its counters from one training loop to the next.
+    """
+
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, min_lr: float = 0,
+                 mode: str = "min", threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
+                 eps: float = 1e-8):
+        _check_mode(mode)
+        if threshold_mode not in ("rel", "abs"):
+            raise ValueError(f"ReduceLROnPlateau: threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 <= factor < 1:
+            raise ValueError(f"ReduceLROnPlateau: factor must be a number in [0, 1), got {factor!r}")
+        for name, value in (("patience", patience), ("cooldown", cooldown)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ReduceLROnPlateau: {name} must be an int >= 0, got {value!r}")
+        for name, value in (("min_lr", min_lr), ("threshold", threshold), ("eps", eps)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"ReduceLROnPlateau: {name} must be a finite number >= 0, got {value!r}")
+        self.monitor, self.factor, self.patience, self.min_lr = monitor, float(factor), patience, float(min_lr)
+        self.mode, self.threshold, self.threshold_mode = mode, float(threshold), threshold_mode
+        self.cooldown, self.eps = cooldown, float(eps)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.num_bad_epochs = 0
+        self.cooldown_counter = 0
+
+    def _is_better(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < (self.best * (1 - self.threshold) if self.threshold_mode == "rel" else self.best - self.threshold)
+        return value > (self.best * (1 + self.threshold) if self.threshold_mode == "rel" else self.best + self.threshold)
+
+    def on_fit_start(self, trainer: Any) -> None:
+        from .optim import get_learning_rate, set_learning_rate
+
+        self._reset()
+        lr = get_learning_rate(trainer.state.opt_state)
+        if lr is None:
+            raise ValueError("ReduceLROnPlateau: the optimizer state holds no learning rate; build the optimizer "
+                             "with an alias such as fnnet.optim.adam(0.01) or with scale_by_learning_rate")
+        try:
+            set_learning_rate(trainer.state.opt_state, lr)  # a check only (the state is not kept): a schedule raises
+        except ValueError as err:
+            raise ValueError(f"ReduceLROnPlateau needs a constant learning rate in the optimizer state: {err}") from None
+
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
+        value = _monitored(logs, self.monitor, "ReduceLROnPlateau")
+        if self._is_better(value):
+            self.best, self.num_bad_epochs = value, 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0  # bad epochs in cooldown do not count
+        if self.num_bad_epochs > self.patience:
+            self._reduce(trainer)
+            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
+
+    def _reduce(self, trainer: Any) -> None:
+        from .optim import get_learning_rate, set_learning_rate
+
+        old = float(get_learning_rate(trainer.state.opt_state))
+        new = max(old * self.factor, self.min_lr)
+        if old - new > self.eps:
+            trainer.state = trainer.state.replace(opt_state=set_learning_rate(trainer.state.opt_state, new))
+
+
 class CSVLogger(Callback):
-    """Append each epoch's logs as a row of a CSV file (the chapter's ``dfhistory``, on disk)."""
+    """Append each epoch's logs as a row of a CSV file (the chapter's ``dfhistory``, on disk).
+
+    In a distributed run only rank 0 writes (the logs are the same on every rank).
+    """
 
     def __init__(self, path: str | os.PathLike, append: bool = False):
         self.path = os.fspath(path)
@@ -258,10 +383,12 @@ class CSVLogger(Callback):
         self._fields: list[str] | None = None
 
     def on_fit_start(self, trainer: Any) -> None:
+        self._fields = None
+        if not _dist.is_main():
+            return
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        self._fields = None
         if os.path.exists(self.path):
             if not self.append:
                 os.remove(self.path)
@@ -270,6 +397,8 @@ class CSVLogger(Callback):
                     self._fields = next(csv.reader(f), None)
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
+        if not _dist.is_main():
+            return
         row = {"epoch": epoch + 1, **logs}
         rows: list[dict] = []
         if self._fields is None:
@@ -287,3 +416,134 @@ class CSVLogger(Callback):
                 writer.writeheader()
             writer.writerows(rows)
             writer.writerow(row)
+
+
+def _summary_writer() -> type:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard "
+                          "(or pip install fnnet[tensorboard])") from err
+    return SummaryWriter
+
+
+class TensorBoardLogger(Callback):
+    """Write the epoch logs as TensorBoard scalars (Keras' ``TensorBoard``, Lightning's ``TensorBoardLogger``).
+
+    Every key of each epoch's logs (``loss``, ``<metric>``, ``val_loss``, ``val_<metric>``,
+    ``lr``, ``time``) becomes a scalar of that name, at the epoch number counted from 1 (as in
+    ``History``); view them with ``tensorboard --logdir log_dir``. Each ``fit`` writes one event
+    file through ``torch.utils.tensorboard.SummaryWriter`` (TensorBoard shows the files of one
+    folder as one run) and closes it at ``on_fit_end``. In a ``torch.distributed`` run only
+    rank 0 writes.
+
+    Args:
+        log_dir: the folder for the event files (created if missing).
+        every_n_steps: also write the training loss of every ``n``-th step as ``loss_step``,
+            at the step count (``trainer.state.step``). Reading a step's loss waits for the
+            device, so this is one sync every ``n`` steps; ``None`` (default) writes epochs only.
+
+    Raises:
+        ImportError: tensorboard is not installed (the extra ``fnnet[tensorboard]``); checked
+            when the logger is built, not in the middle of training.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, *, every_n_steps: int | None = None):
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise ValueError(f"TensorBoardLogger: every_n_steps must be a positive int or None, got {every_n_steps!r}")
+        self._writer_class = _summary_writer()
+        self.log_dir = os.fspath(log_dir)
+        self.every_n_steps = every_n_steps
+        self.writer: Any = None
+
+    def _writer(self) -> Any:
+        if self.writer is None:
+            self.writer = self._writer_class(log_dir=self.log_dir)
+        return self.writer
+
+    @staticmethod
+    def _writes() -> bool:
+        # In a torch.distributed run every rank sees the same epoch logs: rank 0 writes them (Lightning's rank_zero_only).
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_rank() == 0
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if self._writes():
+            self._writer()
+
+    def on_train_batch_end(self, trainer: Any, step: int, metrics: dict) -> None:
+        if self.every_n_steps is not None and int(step) % self.every_n_steps == 0 and self._writes():
+            self._writer().add_scalar("loss_step", float(metrics["loss"]), int(step))
+
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
+        if not self._writes():
+            return
+        writer = self._writer()
+        for key, value in logs.items():
+            writer.add_scalar(key, float(value), epoch + 1)
+        writer.flush()
+
+    def on_fit_end(self, trainer: Any) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+# -- torch.optim.lr_scheduler objects as callbacks -----------------------------------------------------
+
+
+def is_torch_scheduler(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torch.optim.lr_scheduler`` object (an ``LRScheduler`` or ``ReduceLROnPlateau``)."""
+    from torch.optim import lr_scheduler
+
+    return isinstance(obj, (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau))
+
+
+def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval: str | None = None) -> Callback:
+    """The fnnet callback that does what a ``torch.optim.lr_scheduler`` object does in Lightning.
+
+    * ``ReduceLROnPlateau`` -> :class:`ReduceLROnPlateau` with its arguments, watching
+      ``monitor`` (Lightning's ``"monitor"`` key of the scheduler config).
+    * ``StepLR``, ``ExponentialLR``, ``MultiStepLR``, ``CosineAnnealingLR``, ``LambdaLR`` ->
+      :class:`LearningRateSchedule` of :func:`fnnet.optim.schedule_from_torch`, stepped once
+      per epoch: epoch ``e`` trains with the learning rate torch has after ``e`` calls of
+      ``scheduler.step()`` (the chapter's loop and Lightning's default ``interval="epoch"``).
+    * ``OneCycleLR`` -> the same, stepped before every update (torch steps it after every one).
+
+    ``interval`` (``"epoch"`` or ``"step"``) overrides that choice, as Lightning's
+    ``"interval"`` key does. The scheduler is read once and never stepped; learning rates go
+    into the optimizer state with :func:`fnnet.optim.set_learning_rate`, so the trainer's
+    optimizer must hold a constant learning rate: ``fnnet.optim.from_torch(optimizer)``
+    without ``scheduler=`` (the scheduler's optimizer). Epochs are the trainer's own count
+    (``trainer.epoch``), so a trainer resumed from a checkpoint continues the schedule.
+
+    This is what :class:`CallbackList` (hence ``Trainer.fit(callbacks=[...])``) does with a
+    torch scheduler it is given.
+
+    Raises:
+        TypeError: not a torch scheduler, or one with no conversion (see
+            :func:`fnnet.optim.schedule_from_torch`).
+        ValueError: from :func:`fnnet.optim.schedule_from_torch`; a ``ReduceLROnPlateau`` with
+            different ``min_lr`` per param group; a bad ``interval``.
+    """
+    from torch.optim import lr_scheduler
+
+    if interval not in (None, "epoch", "step"):
+        raise ValueError(f"from_torch_scheduler: interval must be None, 'epoch' or 'step', got {interval!r}")
+    if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+        if len(set(scheduler.min_lrs)) > 1:
+            raise ValueError(f"from_torch_scheduler: the ReduceLROnPlateau has a different min_lr per param group "
+                             f"({scheduler.min_lrs}); an fnnet optimizer has one learning rate: pass one min_lr")
+        return ReduceLROnPlateau(monitor, factor=scheduler.factor, patience=scheduler.patience,
+                                 min_lr=scheduler.min_lrs[0] if scheduler.min_lrs else 0, mode=scheduler.mode,
+                                 threshold=scheduler.threshold, threshold_mode=scheduler.threshold_mode,
+                                 cooldown=scheduler.cooldown, eps=scheduler.eps)
+    if not is_torch_scheduler(scheduler):
+        raise TypeError(f"from_torch_scheduler: expected a torch.optim.lr_scheduler object, got {type(scheduler).__name__}")
+    from .optim import schedule_from_torch
+
+    schedule = schedule_from_torch(scheduler)  # counted in scheduler.step() calls
+    if interval is None:
+        interval = "step" if isinstance(scheduler, lr_scheduler.OneCycleLR) else "epoch"
+    return LearningRateSchedule(schedule, interval)

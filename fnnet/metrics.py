@@ -18,7 +18,9 @@ state. Because states are sums, two states merge by adding them leaf by leaf
 
 Provided: :data:`accuracy`, :func:`top_k_accuracy`, :func:`binary_accuracy`,
 :func:`mean_of` (any per-batch-mean function as an exact epoch mean), :func:`mean_metric`
-(a weighted running mean, used for the loss), :func:`as_metric`, :func:`merge`.
+(a weighted running mean, used for the loss), :func:`as_metric`, :func:`merge`, and
+:func:`from_torchmetrics` (a ``torchmetrics.Metric`` object, exact over the epoch, but
+stateful: see there).
 
 Writing your own metric: return a ``Metric`` whose state is a NamedTuple (or tuple/dict) of
 tensors that are sums, and whose ``compute`` turns the sums into the value. For example an
@@ -73,6 +75,8 @@ __all__ = [
     "mean_of",
     "mean_metric",
     "as_metric",
+    "from_torchmetrics",
+    "is_torchmetrics",
     "merge",
     "batch_size",
 ]
@@ -306,13 +310,84 @@ def top_k_accuracy(k: int) -> Metric:
     return mean_of(correct)
 
 
-def as_metric(metric: Any) -> Metric:
-    """A :class:`Metric` as is; any other callable ``fn(outputs, targets)`` through :func:`mean_of`.
+# -- torchmetrics objects ---------------------------------------------------------------------------
+def _torchmetrics_classes(obj: Any) -> list[str]:
+    """The torchmetrics classes ``obj`` is an instance of, by module name: torchmetrics is never imported."""
+    return [f"{c.__module__}.{c.__qualname__}" for c in type(obj).__mro__
+            if c.__module__ == "torchmetrics" or c.__module__.startswith("torchmetrics.")]
 
-    Raises ``TypeError`` for anything else.
+
+def is_torchmetrics(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torchmetrics.Metric`` object (without importing torchmetrics)."""
+    return "torchmetrics.metric.Metric" in _torchmetrics_classes(obj)
+
+
+def from_torchmetrics(metric: Any) -> Metric:
+    """A ``torchmetrics.Metric`` object as an fnnet :class:`Metric`, exact over the epoch.
+
+    ``init(device)`` calls ``metric.reset()`` and moves the object to ``device``;
+    ``update(state, outputs, targets)`` calls ``metric.update(outputs, targets)`` (detached)
+    and returns the state, a 0-dim int64 count of the batches seen; ``compute(state)`` returns
+    ``metric.compute()``. So the epoch value is torchmetrics' own over every sample of the
+    epoch (macro-F1 from the epoch's confusion counts), never a mean of per-batch values,
+    which is what a torchmetrics object called as a function per batch gives.
+
+    Unlike fnnet's own metrics, this adapter is **stateful**: torchmetrics keeps its sums in
+    the object, not in the returned state, so ``compute`` reads whatever the object holds
+    since the last ``init``, whichever state it is given, and two states do not
+    :func:`merge`. A trainer that runs its epochs one after the other (train, then
+    validation, as ``fnnet.Trainer`` does) gets exact values; one object shared by two
+    trainers, or by two interleaved epochs, is not safe: give each its own object.
+
+    Raises:
+        TypeError: ``metric`` is not a ``torchmetrics.Metric``; when ``compute`` gives more
+            than one number (e.g. ``average=None``, one value per class), a ``ValueError``
+            says to pick an average.
+    """
+    if not is_torchmetrics(metric):
+        raise TypeError(f"from_torchmetrics expects a torchmetrics.Metric object, got {type(metric).__name__}")
+    name = type(metric).__name__
+
+    def init(device: torch.device | str | None = None) -> Tensor:
+        metric.reset()
+        device = torch.device("cpu") if device is None else torch.device(device)
+        metric.to(device)
+        return torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(state: Tensor, outputs: Any, targets: Any) -> Tensor:
+        detach = lambda x: x.detach() if isinstance(x, Tensor) else x  # noqa: E731
+        metric.update(_tree.map(detach, outputs), _tree.map(detach, targets))
+        return state + 1
+
+    def compute(state: Tensor) -> Tensor:
+        del state  # the values are in the torchmetrics object
+        value = metric.compute()
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name}.compute() returned {shape}, not one number; an fnnet metric logs one value per "
+                             "epoch: choose an average (e.g. average='macro' or 'micro')")
+        return value.reshape(())
+
+    return Metric(init, update, compute)
+
+
+def as_metric(metric: Any) -> Metric:
+    """A :class:`Metric` as is; a ``torchmetrics.Metric`` object through :func:`from_torchmetrics`;
+    any other callable ``fn(outputs, targets)`` through :func:`mean_of`.
+
+    torchmetrics is recognized by the module names of the object's classes, so it is never
+    imported (and need not be installed) for anything else. Raises ``TypeError`` for anything
+    else, including torchmetrics objects that are not a single ``Metric`` (a
+    ``MetricCollection``: pass its metrics one by one).
     """
     if isinstance(metric, Metric):
         return metric
+    classes = _torchmetrics_classes(metric)
+    if "torchmetrics.metric.Metric" in classes:
+        return from_torchmetrics(metric)
+    if classes:
+        raise TypeError(f"as_metric: {classes[0]} is a torchmetrics object but not a torchmetrics.Metric; pass each "
+                        "metric on its own: metrics={'f1': MulticlassF1Score(...), 'acc': MulticlassAccuracy(...)}")
     if callable(metric):
         return mean_of(metric)
     raise TypeError(

@@ -195,3 +195,141 @@ def test_docstring_f1_example_is_exact_over_batches():
     precision = (pred & true).sum() / pred.sum()
     recall = (pred & true).sum() / true.sum()
     assert got.item() == pytest.approx((2 * precision * recall / (precision + recall)).item())
+
+
+# -- torchmetrics objects -------------------------------------------------------------------------------
+
+
+class _FakeTorchmetricsMetric:
+    """Stands in for torchmetrics.Metric (same module name) so the adapter is tested without the package."""
+
+    def __init__(self):
+        self.device, self.total, self.count = None, None, None
+        self.reset()
+
+    def reset(self):
+        self.total, self.count = torch.tensor(0.0, dtype=torch.float64), 0
+
+    def to(self, device):
+        self.device = torch.device(device)
+        self.total = self.total.to(self.device)
+        return self
+
+    def update(self, outputs, targets):
+        assert not outputs.requires_grad  # the adapter detaches
+        self.total = self.total + (outputs.argmax(1) == targets).sum()
+        self.count += len(targets)
+
+    def compute(self):
+        return self.total / self.count
+
+
+_FakeTorchmetricsMetric.__module__ = "torchmetrics.metric"
+_FakeTorchmetricsMetric.__name__ = _FakeTorchmetricsMetric.__qualname__ = "Metric"
+
+
+class _FakeAccuracy(_FakeTorchmetricsMetric):
+    pass
+
+
+_FakeAccuracy.__module__ = "torchmetrics.classification.accuracy"
+
+
+def test_a_torchmetrics_object_is_recognized_by_module_name_and_is_exact():
+    obj = _FakeAccuracy()
+    metric = M.as_metric(obj)
+    assert isinstance(metric, M.Metric)
+    outputs = torch.randn(30, 4, requires_grad=True)
+    targets = torch.randint(0, 4, (30,))
+    state = metric.init("cpu")
+    assert obj.device == torch.device("cpu")
+    for o, t in split(outputs, targets, [17, 3, 10]):
+        state = metric.update(state, o, t)
+    assert state.item() == 3  # batches seen
+    assert torch.equal(metric.compute(state), run(M.accuracy, [(outputs.detach(), targets)]))
+    metric.init("cpu")  # init resets the object: the adapter is stateful
+    assert obj.count == 0
+
+
+def test_detecting_torchmetrics_never_imports_it():
+    code = ("import sys, torch, fnnet.metrics as M\n"
+            "M.as_metric(M.accuracy); M.as_metric(lambda o, t: 0.0); M.as_metric(torch.nn.Linear(2, 2))\n"
+            "assert 'torchmetrics' not in sys.modules, 'torchmetrics was imported'\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def _uneven(n_classes=5, sizes=(37, 5, 64, 1, 23, 50), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    targets = torch.randint(0, n_classes, (n,), generator=g)
+    # informative but noisy logits: an F1 around 0.7, with per-class differences
+    outputs = 1.2 * F.one_hot(targets, n_classes).float() + torch.randn(n, n_classes, generator=g)
+    return outputs, targets, split(outputs, targets, sizes)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torchmetrics_macro_f1_is_exact_over_uneven_batches(seed):
+    classification = pytest.importorskip("torchmetrics.classification")
+    from sklearn.metrics import f1_score
+
+    outputs, targets, batches = _uneven(seed=seed)
+    expected = f1_score(targets.numpy(), outputs.argmax(1).numpy(), average="macro")
+    metric = M.as_metric(classification.MulticlassF1Score(num_classes=5, average="macro"))
+    got = run(metric, batches)
+    assert got.ndim == 0
+    assert got.item() == pytest.approx(expected, rel=1e-6)  # torchmetrics sums in float32
+    # what a per-batch mean of the same object gives (the old behaviour) is measurably off
+    per_batch = run(M.mean_of(classification.MulticlassF1Score(num_classes=5, average="macro")), batches)
+    assert abs(per_batch.item() - expected) > 1e-3
+
+
+def test_torchmetrics_multiclass_accuracy_and_errors():
+    classification = pytest.importorskip("torchmetrics.classification")
+    import torchmetrics
+
+    outputs, targets, batches = _uneven(n_classes=4, sizes=(9, 30, 2, 14), seed=3)
+    micro = M.as_metric(classification.MulticlassAccuracy(num_classes=4, average="micro"))
+    assert run(micro, batches).item() == pytest.approx(run(M.accuracy, batches).item(), rel=1e-6)
+    from sklearn.metrics import balanced_accuracy_score
+
+    macro = M.as_metric(classification.MulticlassAccuracy(num_classes=4, average="macro"))  # mean per-class recall
+    assert run(macro, batches).item() == pytest.approx(
+        balanced_accuracy_score(targets.numpy(), outputs.argmax(1).numpy()), rel=1e-6)
+    per_class = M.as_metric(classification.MulticlassAccuracy(num_classes=4, average=None))
+    with pytest.raises(ValueError, match=r"MulticlassAccuracy.compute\(\) returned \(4,\).*average="):
+        run(per_class, batches)
+    with pytest.raises(TypeError, match="not a torchmetrics.Metric; pass each metric on its own"):
+        M.as_metric(torchmetrics.MetricCollection([classification.MulticlassAccuracy(num_classes=4)]))
+    with pytest.raises(TypeError, match="expects a torchmetrics.Metric"):
+        M.from_torchmetrics(M.accuracy)
+
+
+def test_torchmetrics_in_the_trainer_are_exact_for_train_and_validation():
+    classification = pytest.importorskip("torchmetrics.classification")
+    from sklearn.metrics import f1_score
+    import fnnet
+    from torch import nn
+
+    outputs, targets, _ = _uneven(n_classes=3, seed=4)
+    x = outputs[:, :3]  # features: the noisy one-hot logits of 3 classes
+    train = split(x[:120], targets[:120] % 3, [50, 50, 20])
+    val = split(x[120:], targets[120:] % 3, [27, 27, 6])
+    torch.manual_seed(0)
+    trainer = fnnet.Trainer(nn.Linear(3, 3), F.cross_entropy, fnnet.optim.sgd(0.1), devices="cpu",
+                            metrics={"f1": classification.MulticlassF1Score(num_classes=3, average="macro")})
+    seen = []
+
+    class Record:  # the predictions the train metric saw, batch by batch
+        def on_train_batch_end(self, trainer, step, metrics):
+            seen.append((metrics["outputs"].detach().argmax(1), metrics["targets"]))
+
+    history = trainer.fit(train, val, epochs=1, callbacks=[Record()], verbose=0)
+    pred, true = torch.cat([p for p, _ in seen]), torch.cat([t for _, t in seen])
+    assert history["f1"][0] == pytest.approx(f1_score(true.numpy(), pred.numpy(), average="macro"), rel=1e-6)
+    val_pred = trainer.predict(torch.cat([b[0] for b in val])).argmax(1)
+    val_true = torch.cat([b[1] for b in val])
+    assert history["val_f1"][0] == pytest.approx(f1_score(val_true.numpy(), val_pred.numpy(), average="macro"), rel=1e-6)

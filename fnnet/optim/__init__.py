@@ -15,11 +15,12 @@ Layout: ``base.py`` (the protocol, ``chain``, ``apply_updates``, the learning ra
 state), ``transforms.py`` (building blocks), ``aliases.py``, ``schedules.py``.
 """
 
-from . import aliases, base, schedules, transforms
+from . import aliases, base, schedules, torch_optim, transforms
 from .aliases import *  # noqa: F401,F403  (each module's __all__ is its public surface)
 from .base import *  # noqa: F401,F403
 from .schedules import *  # noqa: F401,F403
+from .torch_optim import *  # noqa: F401,F403
 from .transforms import *  # noqa: F401,F403
 
 # The package exports exactly what its modules export: one list per module, kept there.
-__all__ = [*base.__all__, *transforms.__all__, *aliases.__all__, *schedules.__all__]
+__all__ = [*base.__all__, *transforms.__all__, *aliases.__all__, *schedules.__all__, *torch_optim.__all__]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -152,3 +152,19 @@ def scalar_value(x: Any, device: torch.device) -> torch.Tensor:
 def can_branch(counter: torch.Tensor) -> bool:
     """Whether Python may read ``counter``: free on CPU, a device sync or a graph break otherwise."""
     return counter.is_cpu and not torch.compiler.is_compiling()
+
+
+def make_schedule(fn: Callable[[torch.Tensor], torch.Tensor], name: str) -> Callable[[Any], Any]:
+    """A schedule ``step -> value`` from ``fn``, tensor math on a 0-dim float step.
+
+    Given a 0-dim tensor (an optimizer's count) it returns a tensor on its device, with no
+    host sync; given a Python int, a Python float (to print or plot a schedule).
+    """
+
+    def schedule(step: Any) -> Any:
+        if isinstance(step, torch.Tensor):
+            return fn(step.to(scalar_dtype(step.device)))
+        return float(fn(torch.tensor(float(step), dtype=torch.float64)))
+
+    schedule.__name__ = schedule.__qualname__ = name
+    return schedule

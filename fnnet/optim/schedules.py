@@ -15,11 +15,11 @@ after every ``optimizer.step()``. For schedules counted in epochs, wrap them wit
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ._common import check_int, check_number, scalar_dtype
+from ._common import check_int, check_number, make_schedule, scalar_dtype
 from .base import Schedule
 
 __all__ = [
@@ -36,22 +36,10 @@ __all__ = [
 ]
 
 
-def _schedule(fn: Callable[[torch.Tensor], torch.Tensor], name: str) -> Schedule:
-    """Make a schedule from ``fn``, tensor math on a 0-dim float step."""
-
-    def schedule(step: Any) -> Any:
-        if isinstance(step, torch.Tensor):
-            return fn(step.to(scalar_dtype(step.device)))
-        return float(fn(torch.tensor(float(step), dtype=torch.float64)))
-
-    schedule.__name__ = schedule.__qualname__ = name
-    return schedule
-
-
 def constant_schedule(value: float) -> Schedule:
     """``step -> value`` (``optax.constant_schedule``; torch: no scheduler)."""
     check_number("constant_schedule", value=value)
-    return _schedule(lambda t: torch.full_like(t, value), f"constant_schedule({value})")
+    return make_schedule(lambda t: torch.full_like(t, value), f"constant_schedule({value})")
 
 
 def exponential_decay(
@@ -93,7 +81,7 @@ def exponential_decay(
             value = torch.clamp(value, min=end_value) if decay_rate < 1 else torch.clamp(value, max=end_value)
         return value
 
-    return _schedule(fn, f"exponential_decay({init_value}, {transition_steps}, {decay_rate})")
+    return make_schedule(fn, f"exponential_decay({init_value}, {transition_steps}, {decay_rate})")
 
 
 def step_lr(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
@@ -128,7 +116,7 @@ def piecewise_constant_schedule(init_value: float, boundaries_and_scales: Mappin
             value = torch.where(t >= boundary, value * s, value)
         return value
 
-    return _schedule(fn, f"piecewise_constant_schedule({init_value}, {dict(items)})")
+    return make_schedule(fn, f"piecewise_constant_schedule({init_value}, {dict(items)})")
 
 
 def polynomial_schedule(
@@ -150,7 +138,7 @@ def polynomial_schedule(
         k = torch.clamp(t - transition_begin, 0, transition_steps)
         return (init_value - end_value) * (1 - k / transition_steps) ** power + end_value
 
-    return _schedule(fn, f"polynomial_schedule({init_value}, {end_value}, {power}, {transition_steps})")
+    return make_schedule(fn, f"polynomial_schedule({init_value}, {end_value}, {power}, {transition_steps})")
 
 
 def linear_schedule(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
@@ -179,7 +167,7 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
         cosine = 0.5 * (1 + torch.cos(math.pi * k / decay_steps))
         return init_value * ((1 - alpha) * cosine**exponent + alpha)
 
-    return _schedule(fn, f"cosine_decay_schedule({init_value}, {decay_steps}, alpha={alpha})")
+    return make_schedule(fn, f"cosine_decay_schedule({init_value}, {decay_steps}, alpha={alpha})")
 
 
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
