@@ -9,6 +9,7 @@ the committed file is what this script writes).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
 from pathlib import Path
 from textwrap import dedent
@@ -20,6 +21,15 @@ HERE = Path(__file__).resolve().parent
 NOTEBOOK = HERE / "chapter_6_3_gpu_training.ipynb"
 
 
+def _jax_section() -> list:
+    """The "Coming from JAX" cells, kept in their own file (``_jax_section.py``)."""
+    spec = importlib.util.spec_from_file_location("_jax_section", HERE / "_jax_section.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [new_markdown_cell(text.strip("\n")) if kind == "md" else new_code_cell(text.strip("\n"))
+            for kind, text in module.CELLS]
+
+
 def md(text: str):
     return new_markdown_cell(dedent(text).strip("\n"))
 
@@ -27,6 +37,8 @@ def md(text: str):
 def code(text: str):
     return new_code_cell(dedent(text).strip("\n"))
 
+
+JAX_SECTION = _jax_section()
 
 CELLS = [
     md("""
@@ -514,6 +526,7 @@ CELLS = [
         accuracy = (net_clone(X_test).argmax(dim=1) == y_test).float().mean().item()
     print(f"plain nn.Module with the best checkpoint's params: accuracy {accuracy:.4f}")
     """),
+    *JAX_SECTION,
     md("""
     ## What changed from the chapter, in short
 

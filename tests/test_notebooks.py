@@ -110,6 +110,21 @@ def test_linear_regression_recovers_the_chapters_weights(executed):
 
 
 @pytest.mark.slow
+def test_flax_weights_serve_the_chapters_cnn_and_back(executed):
+    nb, _ = executed
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        _find(nb, r'needs JAX and flax: pip install "fnnet\[jax\]"')
+        return
+    assert float(_find(nb, r"flax -> torch: largest difference of the logits (\S+)").group(1)) < 1e-5
+    assert float(_find(nb, r"torch -> flax: largest difference of the logits (\S+)").group(1)) < 1e-5
+    same, total = map(int, _find(nb, r"test predictions agree on (\d+) of (\d+) images").groups())
+    assert same == total
+    _find(nb, r"round trip torch -> flax -> torch exact: True")
+
+
+@pytest.mark.slow
 def test_cnn_trains_checkpoints_and_reloads(executed):
     nb, workdir = executed
     for epoch in (1, 2, 3):
