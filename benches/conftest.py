@@ -134,11 +134,13 @@ def run_case() -> Callable[..., None]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    memory = sys.modules.get("test_bench_memory")
-    if memory is not None and memory._RESULTS:
-        terminalreporter.write_sep("-", "peak memory, 4 Adam steps, MLP of 25.2 M parameters (96 MB), batch 64")
-        for row in memory.summary_rows():
-            terminalreporter.write_line(row)
+    for module, title in (("test_bench_memory", "peak memory, 4 Adam steps, MLP of 25.2 M parameters (96 MB), batch 64"),
+                          ("test_bench_distributed", "distributed step vs DDP, gloo, batch 64 per rank (median s/step)")):
+        mod = sys.modules.get(module)
+        if mod is not None and mod._RESULTS:
+            terminalreporter.write_sep("-", title)
+            for row in mod.summary_rows():
+                terminalreporter.write_line(row)
     if not _RESULTS:
         return
     add_ratios(_RESULTS)

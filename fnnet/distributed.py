@@ -181,8 +181,9 @@ def all_reduce_sum(tree: Any) -> Any:
 class _Buckets:
     """Gradients gathered into flat buckets, each all-reduced (asynchronously) once complete.
 
-    Each rank multiplies its gradients by its batch size before the sum, so the reduced
-    bucket is ``sum_r n_r * g_r``; :meth:`finish` divides by ``sum_r n_r``. Buckets follow the
+    Each rank multiplies its gradients by its share of the samples, ``n_r / N`` (``N``, the sum
+    of the batch sizes, is all-reduced first), while flattening them into a bucket, so the
+    reduced bucket is the weighted mean itself. Buckets follow the
     order in which gradients became ready in the previous step (the backward pass's order),
     as DDP rebuilds its buckets after the first iteration.
     """
@@ -208,7 +209,7 @@ class _Buckets:
         self.works: list[Any] = [None] * len(self.buckets)
         self.ready: list[int] = []
         self.launched = 0  # buckets start in index order on every rank: collectives must match
-        self.weight: Any = 1.0  # n_r, over the loss scale: the hooks see gradients of the scaled loss
+        self.weight: Any = 1.0  # n_r / N, over the loss scale: the hooks see gradients of the scaled loss
         self.scale_back: Any = 1.0  # the loss scale, to put it back on gradients that were unscaled
 
     def hook(self, i: int, g: torch.Tensor) -> None:
@@ -223,15 +224,22 @@ class _Buckets:
 
     def _launch(self, b: int) -> None:
         idx = self.buckets[b]
-        parts = [(self.grads[i] if self.grads[i] is not None else torch.zeros_like(self.leaves[i])).reshape(-1)
-                 for i in idx]
-        flat = torch.cat(parts)
-        flat.mul_(self.weight)
+        first = self.leaves[idx[0]]
+        flat = torch.empty(sum(self.leaves[i].numel() for i in idx), dtype=first.dtype, device=first.device)
+        offset = 0
+        for i in idx:  # weighted and flattened in one pass: the bucket is the scaled gradients
+            n = self.leaves[i].numel()
+            g = self.grads[i]
+            if g is None:
+                flat[offset:offset + n].zero_()
+            else:
+                torch.mul(g.reshape(-1), self.weight, out=flat[offset:offset + n])
+            offset += n
         self.flat[b] = flat
         self.works[b] = dist.all_reduce(flat, async_op=True)
 
-    def finish(self, grads: list[torch.Tensor], total: float) -> list[torch.Tensor]:
-        """Launch what the hooks did not (unused params), wait, and return ``sum_r n_r g_r / total``."""
+    def finish(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Launch what the hooks did not (unused params), wait, and return ``sum_r (n_r / N) g_r``."""
         for i, g in enumerate(grads):
             if self.grads[i] is None and i in self.bucket_of:  # unused or frozen: no hook ran
                 self.grads[i] = g * self.scale_back
@@ -241,7 +249,7 @@ class _Buckets:
         out = list(grads)
         for b, idx in enumerate(self.buckets):
             self.works[b].wait()
-            flat = self.flat[b].div_(total)
+            flat = self.flat[b]
             offset = 0
             for i in idx:
                 n = self.leaves[i].numel()
@@ -295,15 +303,19 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     me = rank()
     order: list[int] = []  # the order gradients became ready last time: a performance cache only
 
-    def reduce_extras(n: int, loss: torch.Tensor, buffers: Any, dev: torch.device) -> tuple[torch.Tensor, Any, float]:
-        """One all-reduce for the sample count, the weighted loss and the float buffers."""
+    def count(n: int, dev: torch.device) -> float:
+        """``N``, the samples of this step over all ranks (a tiny all-reduce before the backward)."""
+        t = torch.tensor([float(n)], dtype=torch.float64, device=dev)
+        dist.all_reduce(t)
+        return float(t[0])
+
+    def reduce_extras(n: int, total: float, loss: torch.Tensor, buffers: Any) -> tuple[torch.Tensor, Any]:
+        """One all-reduce for the weighted loss and the float buffers (weights ``n / total``)."""
         buf_leaves, buf_spec = _tree.flatten(buffers) if buffers is not None else ([], None)
         floats = [i for i, b in enumerate(buf_leaves) if isinstance(b, torch.Tensor) and b.is_floating_point()]
-        head = torch.stack([torch.tensor(float(n), dtype=torch.float64, device=dev), loss.double() * n])
-        flat = torch.cat([head] + [buf_leaves[i].double().reshape(-1) * n for i in floats])
+        flat = torch.cat([loss.double().reshape(1) * n] + [buf_leaves[i].double().reshape(-1) * n for i in floats])
         dist.all_reduce(flat)
-        total = float(flat[0])
-        out, offset = list(buf_leaves), 2
+        out, offset = list(buf_leaves), 1
         for i in floats:
             k = buf_leaves[i].numel()
             out[i] = (flat[offset:offset + k] / total).view_as(buf_leaves[i]).to(buf_leaves[i].dtype)
@@ -313,7 +325,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
                 out[i] = b.clone()
                 dist.broadcast(out[i], src=0)
         new_buffers = _tree.unflatten(buf_spec, out) if buf_spec is not None else None
-        return (flat[1] / total).float(), new_buffers, total
+        return (flat[0] / total).float(), new_buffers
 
     def eager_grads(state: TrainState, batch: Any, key: Any, loss_scale: Any, n: int):
         leaves, spec = _tree.flatten(state.params)
@@ -321,7 +333,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         if first:
             order.extend(reversed(range(len(leaves))))
         buckets = _Buckets(leaves, list(order), limit)
-        buckets.weight = float(n) if loss_scale is None else float(n) / loss_scale.scale
+        total = count(n, leaves[0].device)
+        buckets.weight = n / total if loss_scale is None else n / total / loss_scale.scale
         buckets.scale_back = 1.0 if loss_scale is None else loss_scale.scale
         grads, loss, aux, new_buffers = grad_fn(state.params, batch, state.buffers, key, loss_scale=loss_scale,
                                                 grad_hook=buckets.hook)
@@ -329,8 +342,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
             box = [buckets.ready if len(buckets.ready) == len(leaves) else list(order)]
             dist.broadcast_object_list(box, src=0)
             order[:] = box[0]
-        loss, new_buffers, total = reduce_extras(n, loss, new_buffers, loss.device)
-        reduced = buckets.finish(_tree.leaves(grads), total)
+        loss, new_buffers = reduce_extras(n, total, loss, new_buffers)
+        reduced = buckets.finish(_tree.leaves(grads))
         return _tree.unflatten(spec, reduced), loss, aux, new_buffers
 
     def compiled_body(params, batch, buffers, key, loss_scale, n):
@@ -373,7 +386,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
                 grads, loss, aux, new_buffers = compiled(state.params, batch, state.buffers, inner_key, loss_scale,
                                                          torch.tensor(float(n), device=dev))
             if new_buffers is not None:
-                _, new_buffers, _ = reduce_extras(n, loss, new_buffers, loss.device)
+                _, new_buffers = reduce_extras(n, count(n, dev), loss, new_buffers)
         else:
             grads, loss, aux, new_buffers = eager_grads(state, batch, key, loss_scale, n)
         finite = grads_finite(grads) if checks else None
