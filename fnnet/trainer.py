@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +35,7 @@ from . import metrics as _metrics
 from . import random as _random
 from . import tree as _tree
 from .callbacks import CallbackList
-from .data import num_batches, set_epoch, split_batch
+from .data import ArrayLoader, num_batches, set_epoch, split_batch
 from .device import parse_devices, place
 from ._functional import Model, functional
 from .layout import choose_memory_format, verify_memory_format
@@ -274,15 +275,23 @@ class Trainer:
         return logs
 
     # -- fit ----------------------------------------------------------------------------------------
-    def fit(self, train_data: Iterable, val_data: Iterable | None = None, *, epochs: int = 1,
+    def fit(self, train_data: Iterable | tuple, val_data: Iterable | tuple | None = None, *, epochs: int = 1,
             callbacks: Sequence[Any] = (), log_every: int | None = None, verbose: int = 1,
-            on_nonfinite: str = "stop") -> History:
+            on_nonfinite: str = "stop", batch_size: int | None = None, validation_split: float = 0.0,
+            shuffle: bool = True) -> History:
         """Train for ``epochs`` epochs, validating on ``val_data`` after each; returns the history.
 
         Args:
             train_data: any re-iterable of ``(inputs, targets)`` batches: an ``fnnet.ArrayLoader``
-                (fastest: data already on the device), a torch ``DataLoader``, a list.
-            val_data: the same for validation (logged as ``val_loss``, ``val_<metric>``).
+                (fastest: data already on the device), a torch ``DataLoader``, a list. Or the data
+                itself, Keras' ``fit(x, y)``: ``(X, y)``, tensors or NumPy arrays, which become an
+                ``ArrayLoader`` on the trainer's device (``batch_size``, default 32; shuffled each
+                epoch under a key derived from the trainer's ``key`` with ``shuffle=True``; under
+                ``torch.distributed``, this rank's shard).
+            val_data: the same for validation (logged as ``val_loss``, ``val_<metric>``), as
+                batches or as ``(X_val, y_val)``.
+            validation_split: with ``(X, y)`` and no ``val_data``, the last fraction of the samples
+                (taken before any shuffling, as Keras does) validates instead of training.
             epochs: how many epochs to run in this call; calling ``fit`` again continues from the
                 current state (epochs keep counting, and so does a loaded checkpoint's).
             callbacks: objects with hook methods (see ``fnnet.callbacks``).
@@ -303,6 +312,7 @@ class Trainer:
         """
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+        train_data, val_data = self._from_arrays(train_data, val_data, batch_size, validation_split, shuffle)
         if on_nonfinite not in ("stop", "raise"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'raise', got {on_nonfinite!r}")
         if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
@@ -354,6 +364,39 @@ class Trainer:
             self._sync_module()
         return self.history
 
+    def _loader(self, arrays: tuple, batch_size: int, shuffle: bool, salt: int) -> ArrayLoader:
+        key = _random.fold_in(self.key, salt) if shuffle else None
+        return ArrayLoader(tuple(arrays), batch_size, shuffle=shuffle, key=key, device=self.device,
+                           shard=_dist.shard() if self.distributed else None)
+
+    def _from_arrays(self, train_data: Any, val_data: Any, batch_size: int | None, validation_split: float,
+                     shuffle: bool) -> tuple[Any, Any]:
+        """Keras' ``fit((X, y), ...)``: arrays become loaders; loaders pass through."""
+        arrays = _arrays(train_data)
+        if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
+            raise ValueError(f"validation_split must be a fraction in [0, 1), got {validation_split!r}")
+        if arrays is None:
+            if batch_size is not None or validation_split:
+                raise ValueError("batch_size and validation_split apply when fit gets the data itself, (X, y) as tensors "
+                                 "or NumPy arrays; a loader brings its own batches")
+            return train_data, val_data
+        if len(arrays) != 2:
+            raise ValueError(f"fit((X, y)) takes inputs and targets; got {len(arrays)} arrays")
+        size = 32 if batch_size is None else batch_size
+        if validation_split:
+            if val_data is not None:
+                raise ValueError("pass either val_data or validation_split, not both")
+            n = len(arrays[0])
+            cut = n - int(round(n * validation_split))
+            if not 0 < cut < n:
+                raise ValueError(f"validation_split={validation_split} leaves no samples to train or to validate on "
+                                 f"(of {n})")
+            val_data = tuple(a[cut:] for a in arrays)
+            arrays = tuple(a[:cut] for a in arrays)
+        train_loader = self._loader(arrays, size, shuffle, 0x7A1A)
+        val_arrays = _arrays(val_data)
+        return train_loader, (self._loader(val_arrays, size, False, 0) if val_arrays is not None else val_data)
+
     def _nonfinite(self, epoch: int, skipped: int, on_nonfinite: str) -> None:
         what = (f"{skipped} update(s) with non-finite gradients were skipped" if skipped
                 else "the training loss became non-finite")
@@ -366,8 +409,16 @@ class Trainer:
         print(message, file=sys.stderr)
 
     # -- evaluate / predict ----------------------------------------------------------------------------
-    def evaluate(self, data: Iterable, *, prefix: str = "val_", callbacks: Any = (), verbose: int = 0) -> dict[str, float]:
-        """Loss and metrics over ``data`` (exact over all samples): ``{"val_loss": ..., "val_accuracy": ...}``."""
+    def evaluate(self, data: Iterable | tuple, *, prefix: str = "val_", callbacks: Any = (), verbose: int = 0,
+                 batch_size: int = 256) -> dict[str, float]:
+        """Loss and metrics over ``data`` (exact over all samples): ``{"val_loss": ..., "val_accuracy": ...}``.
+
+        ``data``: batches, as for ``fit``, or ``(X, y)`` (tensors or NumPy arrays) in batches of
+        ``batch_size``.
+        """
+        arrays = _arrays(data)
+        if arrays is not None:
+            data = self._loader(arrays, batch_size, False, 0)
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         total = num_batches(data)
         with _Bar(total, "validation", bool(verbose)) as bar:
@@ -377,10 +428,12 @@ class Trainer:
     def predict(self, data: Iterable | torch.Tensor, *, device: Any = "cpu", batch_size: int = 256) -> torch.Tensor:
         """The model's outputs (eval mode, the trainer's precision) for every batch of ``data``, concatenated.
 
-        ``data``: a tensor of inputs (split into batches of ``batch_size``) or any iterable of
+        ``data``: a tensor or NumPy array of inputs (split into batches of ``batch_size``) or any iterable of
         batches (``(inputs, targets)``, ``(inputs,)`` or inputs alone). Returned on ``device``
         (CPU by default) in float32 when the trainer computes in a lower precision.
         """
+        if isinstance(data, np.ndarray):
+            data = torch.as_tensor(data)
         if isinstance(data, torch.Tensor):
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -471,6 +524,13 @@ class Trainer:
 
 
 # -- private helpers of the loop ------------------------------------------------------------------------
+
+
+def _arrays(data: Any) -> tuple | None:
+    """``data`` as a tuple of arrays when it is the data itself (tensors or NumPy arrays), else ``None``."""
+    if isinstance(data, (tuple, list)) and data and all(isinstance(a, (torch.Tensor, np.ndarray)) for a in data):
+        return tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in data)
+    return None
 
 
 def _as_key(key: Any) -> _random.Key:

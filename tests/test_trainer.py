@@ -710,3 +710,30 @@ def test_the_chapters_torch_optimizer_and_scheduler_train_exactly_like_torch():
     assert history["lr"] == pytest.approx([0.02, 0.018, 0.0162])
     for (name, p), q in zip(net.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fit_evaluate_predict_take_arrays_like_keras():
+    import numpy as np
+
+    x, y = blobs(200)
+    X_np, y_np = x.numpy(), y.numpy()
+    trainer = make_trainer()
+    history = trainer.fit((X_np, y_np), epochs=2, batch_size=32, validation_split=0.1, verbose=0)
+    assert history["epoch"] == [1, 2] and "val_loss" in history
+    # the validation part is the last 10 % of the samples, as in Keras
+    tail = trainer.evaluate((X_np[-20:], y_np[-20:]))
+    assert tail["val_loss"] == pytest.approx(history["val_loss"][-1], rel=1e-6)
+    assert tail["val_accuracy"] == history["val_accuracy"][-1]
+    # 180 training samples in batches of 32: 6 steps per epoch
+    assert trainer.state.step == 12
+    torch.testing.assert_close(trainer.predict(X_np[:5]), trainer.predict(torch.as_tensor(X_np[:5])))
+    # explicit validation arrays, and the same run twice (the shuffling key comes from the trainer's key)
+    runs = [make_trainer().fit((x, y), (x[:50], y[:50]), epochs=2, batch_size=16, verbose=0) for _ in range(2)]
+    assert runs[0]["loss"] == runs[1]["loss"] and runs[0]["val_loss"] == runs[1]["val_loss"]
+    with pytest.raises(ValueError, match="either val_data or validation_split"):
+        make_trainer().fit((x, y), (x, y), validation_split=0.2, verbose=0)
+    with pytest.raises(ValueError, match="a loader brings its own batches"):
+        make_trainer().fit([(x, y)], batch_size=8, verbose=0)
+    with pytest.raises(ValueError, match=r"validation_split must be a fraction"):
+        make_trainer().fit((x, y), validation_split=1.5, verbose=0)
+    assert isinstance(X_np, np.ndarray)
