@@ -267,8 +267,10 @@ def test_model_survives_deepcopy_and_pickle():
     want = model.apply(model.params, idx)
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.testing.assert_close(other.apply(other.params, idx), want, rtol=0, atol=0)
-        # the copy's slots point into its own template, not the original's
-        assert all(t.device.type == "meta" for t in model._eval_template.parameters())
+        # the copy's template is its own (not the original's), and it holds no weights
+        assert other._eval_template is not model._eval_template
+        assert all(t.device.type == "meta" for t in other._eval_template.parameters())
+        assert all(store is not orig for (_, store, _), (_, orig, _) in zip(other._eval_slots, model._eval_slots))
         torch.testing.assert_close(other.apply(model.params, idx, train=True), want, rtol=0, atol=0)
 
 

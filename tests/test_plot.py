@@ -43,7 +43,9 @@ def test_plot_history_draws_train_and_val_curves():
     ax = fig.axes[0]
     assert ax.get_ylabel() == "accuracy" and ax.get_xlabel() == "Epochs"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train_accuracy", "val_accuracy"]
-    assert plot_history(HISTORY)  # "loss" by default
+    assert lines_of(plot_history(HISTORY)) == {  # "loss" by default
+        "train_loss": ([1, 2, 3], HISTORY["loss"]), "val_loss": ([1, 2, 3], HISTORY["val_loss"])}
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # whole epochs on the x axis
     assert lines_of(plot_history(HISTORY, "val_loss")) == lines_of(plot_history(HISTORY, "loss"))
 
 

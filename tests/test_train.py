@@ -175,16 +175,29 @@ def test_eval_step_does_not_update():
     torch.testing.assert_close(metrics["loss"], loss_fn(model.params, batch))
 
 
-def test_bf16_precision_keeps_float32_master_params():
-    model, loss_fn, batch = mlp_setup()
+@pytest.mark.parametrize("precision, low", [("bf16", torch.bfloat16), ("16-mixed", torch.float16),
+                                             ("32", torch.float32)])
+def test_precision_autocasts_inside_the_step_and_keeps_float32_master_params(precision, low):
+    model, _, batch = mlp_setup()
+    seen = []
+
+    def loss_fn(params, b):
+        out = model.apply(params, b[0])
+        seen.append(out.dtype)  # the activation's dtype, inside the step
+        return F.mse_loss(out.float(), b[1])
+
     opt = optim.adam(0.05)
     state = fnnet.TrainState.create(model.params, opt)
-    step = fnnet.make_train_step(loss_fn, opt, precision="bf16")
+    step = fnnet.make_train_step(loss_fn, opt, precision=precision)
+    grads = fnnet.make_grad_fn(loss_fn, precision=precision)(state.params, batch).grads
     first = None
     for _ in range(30):
         state, m = step(state, batch)
         first = first if first is not None else float(m["loss"])
+    assert set(seen) == {low}  # autocast really ran the forward in the low precision
+    assert all(g.dtype == torch.float32 for g in grads.values())  # gradients reach the master dtype
     assert all(v.dtype == torch.float32 for v in state.params.values())
+    assert all(v.dtype == torch.float32 for v in fnnet.tree.leaves(state.opt_state[0].mu))
     assert m["loss"].dtype == torch.float32
     assert float(m["loss"]) < first
 

@@ -291,11 +291,21 @@ def test_trainer_on_cuda_digits():
     assert result["final"]["val_accuracy"] >= 0.90
 
 
-@pytest.mark.parametrize("precision", ["bf16", "16-mixed"])
-def test_mixed_precision_trains_with_float32_master_params(precision, tmp_path):
+@pytest.mark.parametrize("precision, low", [("bf16", torch.bfloat16), ("16-mixed", torch.float16)])
+def test_mixed_precision_trains_with_float32_master_params(precision, low, tmp_path):
     trainer = make_trainer(precision=precision)
     train, val = loaders()
-    history = trainer.fit(train, val, epochs=3, verbose=0)
+    seen = set()
+
+    class OutputDtypes:
+        def on_train_batch_end(self, trainer, step, metrics):
+            seen.add(metrics["outputs"].dtype)
+
+        def on_validation_batch_end(self, trainer, index, metrics):
+            seen.add(metrics["outputs"].dtype)
+
+    history = trainer.fit(train, val, epochs=3, verbose=0, callbacks=[OutputDtypes()])
+    assert seen == {low}  # the forward ran under autocast, in training and in validation
     assert history["val_accuracy"][-1] > 0.9
     assert all(v.dtype == torch.float32 for v in trainer.state.params.values())
     if precision == "16-mixed":
@@ -379,6 +389,10 @@ def test_predict_follows_precision_and_validates_batch_size():
     x, _ = blobs(10)
     out = trainer.predict(x, batch_size=4)
     assert out.dtype == torch.float32 and out.shape == (10, 3)
+    full = trainer.model.apply(trainer.state.params, x)  # float32 all the way
+    assert not torch.equal(out, full)  # computed in bfloat16: rounded
+    torch.testing.assert_close(out, full, rtol=3e-2, atol=3e-2)
+    assert torch.equal(out, out.to(torch.bfloat16).float())  # every value is a bfloat16 number
     with pytest.raises(ValueError, match="batch_size"):
         trainer.predict(x, batch_size=0)
 
