@@ -658,21 +658,26 @@ def test_any_changed_byte_or_truncation_is_refused(tmp_path_factory, data):
 
 
 def test_every_single_byte_of_the_header_is_covered(tmp_path):
-    """Deterministic sweep: each byte of the length and the header (metadata included) flipped, and
-    every truncation point, is refused."""
+    """Deterministic sweep: each byte of the length and the header (metadata included) flipped or
+    made whitespace, and every seventh truncation point, is refused."""
     path = tmp_path / "c.safetensors"
-    checkpoint.save(path, {"state": fnnet.TrainState.create({"w": torch.randn(2, 3)}, fnnet.optim.sgd(0.1, momentum=0.9),
-                                                            key=fr.key(1)), "epoch": 3})
-    raw = path.read_bytes()
-    header_len = 8 + int.from_bytes(raw[:8], "little")
+    state = fnnet.TrainState.create({"w": torch.randn(2, 3)}, fnnet.optim.sgd(0.1, momentum=0.9), key=fr.key(1))
+    for note in ("", "x", "xx", "xxx", "xxxx", "xxxxx", "xxxxxx", "xxxxxxx"):  # a header with padding spaces
+        checkpoint.save(path, {"state": state, "epoch": 3, "note": note})
+        raw = path.read_bytes()
+        header_len = 8 + int.from_bytes(raw[:8], "little")
+        if raw[header_len - 1] == ord(" "):
+            break
+    assert raw[header_len - 1] == ord(" ")
     bad = tmp_path / "bad.safetensors"
     accepted = []
     for at in range(header_len):
-        for flip in (0x01, 0x20):
-            bad.write_bytes(raw[:at] + bytes([raw[at] ^ flip]) + raw[at + 1:])
+        # Two bit flips, and whitespace a JSON parser would skip (in the padding, say).
+        for value in {raw[at] ^ 0x01, raw[at] ^ 0x20, ord("\t"), ord("\n")} - {raw[at]}:
+            bad.write_bytes(raw[:at] + bytes([value]) + raw[at + 1:])
             try:
                 checkpoint.load(bad)
-                accepted.append((at, flip))
+                accepted.append((at, value))
             except ValueError:
                 pass
     assert accepted == []

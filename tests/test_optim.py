@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,7 +14,6 @@ from fnnet import tree
 from fnnet.optim import transforms as T
 
 STEPS = 55
-FAST = settings(max_examples=8, deadline=None)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -87,82 +87,127 @@ def assert_trajectories(ours, theirs, dtype):
             raise AssertionError(f"step {step}: {e}") from None
 
 
-lrs = st.floats(1e-3, 0.1)
-decays = st.floats(0.0, 0.2)
-
-# -- parity with torch.optim ------------------------------------------------------------------
-
-
-@FAST
-@given(params=param_trees(), lr=lrs, momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(), wd=decays)
-def test_sgd_matches_torch(params, lr, momentum, nesterov, wd):
-    nesterov = nesterov and momentum > 0
-    dtype = tree.leaves(params)[0].dtype
-    ours, _ = fnnet_run(O.sgd(lr, momentum, nesterov, wd), params)
-    theirs = torch_run(
-        lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd, foreach=False),
-        params,
-    )
-    assert_trajectories(ours, theirs, dtype)
+# Every argument combination of every alias, deterministically: each numeric argument at a zero
+# and a nonzero value (where zero is allowed), each flag both ways, updated pure and donated.
+GRID_STEPS = 30
 
 
-@FAST
-@given(params=param_trees(), lr=lrs, b1=st.floats(0.5, 0.95), b2=st.floats(0.9, 0.9999), wd=st.sampled_from([0.0, 0.01, 0.1]))
-def test_adam_matches_torch(params, lr, b1, b2, wd):
-    dtype = tree.leaves(params)[0].dtype
-    ours, _ = fnnet_run(O.adam(lr, b1, b2, weight_decay=wd), params)
-    theirs = torch_run(lambda ps: torch.optim.Adam(ps, lr=lr, betas=(b1, b2), weight_decay=wd, foreach=False), params)
-    assert_trajectories(ours, theirs, dtype)
+def _grid(**axes):
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
 
 
-@FAST
-@given(params=param_trees(), lr=lrs, b1=st.floats(0.5, 0.95), b2=st.floats(0.9, 0.9999), wd=st.floats(0.0, 0.3))
-def test_adamw_matches_torch(params, lr, b1, b2, wd):
-    dtype = tree.leaves(params)[0].dtype
-    ours, _ = fnnet_run(O.adamw(lr, b1, b2, weight_decay=wd), params)
-    theirs = torch_run(lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(b1, b2), weight_decay=wd, foreach=False), params)
-    assert_trajectories(ours, theirs, dtype)
+def _case_id(kw):
+    return ",".join(f"{k}={v}" for k, v in kw.items())
 
 
-@FAST
-@given(
-    params=param_trees(),
-    lr=st.floats(1e-3, 0.02),
-    alpha=st.floats(0.8, 0.999),
-    momentum=st.sampled_from([0.0, 0.5]),
-    centered=st.booleans(),
-    wd=st.sampled_from([0.0, 0.05]),
+SGD_GRID = [kw for kw in _grid(momentum=[0.0, 0.9], nesterov=[False, True], weight_decay=[0.0, 0.05])
+            if not (kw["nesterov"] and kw["momentum"] == 0)]
+ADAM_GRID = _grid(b1=[0.0, 0.8], b2=[0.9, 0.999], eps=[1e-8, 1e-3], weight_decay=[0.0, 0.1])
+RMSPROP_GRID = _grid(alpha=[0.9, 0.99], eps=[1e-8, 1e-3], weight_decay=[0.0, 0.05], momentum=[0.0, 0.5],
+                     centered=[False, True])
+ADAGRAD_GRID = _grid(lr_decay=[0.0, 0.01], weight_decay=[0.0, 0.05], initial_accumulator_value=[0.0, 0.1],
+                     eps=[1e-10, 1e-3])
+
+GRID_CASES = (
+    [("sgd", kw) for kw in SGD_GRID] + [("adam", kw) for kw in ADAM_GRID] + [("adamw", kw) for kw in ADAM_GRID]
+    + [("rmsprop", kw) for kw in RMSPROP_GRID] + [("adagrad", kw) for kw in ADAGRAD_GRID]
 )
-def test_rmsprop_matches_torch(params, lr, alpha, momentum, centered, wd):
-    dtype = tree.leaves(params)[0].dtype
-    ours, _ = fnnet_run(O.rmsprop(lr, alpha, weight_decay=wd, momentum=momentum, centered=centered), params)
-    theirs = torch_run(
-        lambda ps: torch.optim.RMSprop(
-            ps, lr=lr, alpha=alpha, weight_decay=wd, momentum=momentum, centered=centered, foreach=False
-        ),
-        params,
-    )
-    assert_trajectories(ours, theirs, dtype)
 
 
-@FAST
-@given(
-    params=param_trees(),
-    lr=lrs,
-    lr_decay=st.sampled_from([0.0, 0.01]),
-    wd=st.sampled_from([0.0, 0.05]),
-    init_acc=st.sampled_from([0.0, 0.1]),
-)
-def test_adagrad_matches_torch(params, lr, lr_decay, wd, init_acc):
-    dtype = tree.leaves(params)[0].dtype
-    ours, _ = fnnet_run(O.adagrad(lr, lr_decay, wd, init_acc), params)
-    theirs = torch_run(
-        lambda ps: torch.optim.Adagrad(
-            ps, lr=lr, lr_decay=lr_decay, weight_decay=wd, initial_accumulator_value=init_acc, foreach=False
-        ),
-        params,
-    )
+def fnnet_alias(name, lr, kw):
+    """The fnnet alias with torch.optim's argument names (adam's betas are fnnet's b1, b2)."""
+    return getattr(O, name)(lr, **kw)
+
+
+def torch_alias(name, lr, kw):
+    """The torch.optim class with the same arguments, on the reference (for-loop) implementation."""
+    kw = dict(kw)
+    if name in ("adam", "adamw"):
+        kw["betas"] = (kw.pop("b1"), kw.pop("b2"))
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+           "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}[name]
+    return lambda ps: cls(ps, lr=lr, foreach=False, **kw)
+
+
+def _grid_params():
+    g = torch.Generator().manual_seed(7)
+    return {"w": torch.randn(4, 3, generator=g, dtype=torch.float64),
+            "b": [torch.randn(3, generator=g, dtype=torch.float64), torch.randn((), generator=g, dtype=torch.float64)],
+            "empty": torch.zeros(0, 2, dtype=torch.float64)}
+
+
+def test_the_grid_covers_every_combination():
+    assert len(SGD_GRID) == 6 and len(ADAM_GRID) == 16 and len(RMSPROP_GRID) == 32 and len(ADAGRAD_GRID) == 16
+    assert {(kw["momentum"], kw["centered"]) for kw in RMSPROP_GRID} == {(0.0, False), (0.0, True), (0.5, False),
+                                                                          (0.5, True)}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name,kw", GRID_CASES, ids=[f"{n}[{_case_id(kw)}]" for n, kw in GRID_CASES])
+def test_every_argument_combination_matches_torch(name, kw, donate):
+    lr = 0.01 if name in ("adam", "adamw", "rmsprop") else 0.05
+    params = _grid_params()
+    ours, _ = fnnet_run(fnnet_alias(name, lr, kw), params, steps=GRID_STEPS, donate=donate)
+    theirs = torch_run(torch_alias(name, lr, kw), params, steps=GRID_STEPS)
+    assert_trajectories(ours, theirs, torch.float64)
+
+
+# Property tests: random tree layouts (nested dicts, lists, tuples), shapes (scalars and
+# zero-size included), dtypes and hyperparameters, against torch.optim.
+PROPERTY = settings(max_examples=25, deadline=None)
+SHAPES_WITH_EMPTY = SHAPES + [(0,), (2, 0), (0, 3, 1)]
+
+
+@st.composite
+def layouts(draw, dtype):
+    """A random pytree of 1-5 tensors: leaves in dicts, lists and tuples, one to three levels deep."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def leaf():
+        return torch.randn(draw(st.sampled_from(SHAPES_WITH_EMPTY)), generator=g, dtype=torch.float64).to(dtype)
+
+    def node(depth):
+        if depth == 0 or draw(st.booleans()):
+            return leaf()
+        n = draw(st.integers(1, 2))
+        kind = draw(st.sampled_from(["dict", "list", "tuple"]))
+        children = [node(depth - 1) for _ in range(n)]
+        return {f"k{i}": c for i, c in enumerate(children)} if kind == "dict" else (
+            children if kind == "list" else tuple(children))
+
+    return {f"top{i}": node(2) for i in range(draw(st.integers(1, 3)))}
+
+
+def _random_kw(draw, name):
+    pick = lambda grid: draw(st.sampled_from(grid))  # noqa: E731
+    return dict(pick({"sgd": SGD_GRID, "adam": ADAM_GRID, "adamw": ADAM_GRID, "rmsprop": RMSPROP_GRID,
+                      "adagrad": ADAGRAD_GRID}[name]))
+
+
+@PROPERTY
+@given(name=st.sampled_from(["sgd", "adam", "adamw", "rmsprop", "adagrad"]), dtype=st.sampled_from(
+    [torch.float32, torch.float64]), lr=st.floats(1e-3, 0.05), data=st.data())
+def test_any_tree_layout_shape_and_dtype_matches_torch(name, dtype, lr, data):
+    params = data.draw(layouts(dtype), label="params")
+    kw = _random_kw(data.draw, name)
+    ours, state = fnnet_run(fnnet_alias(name, lr, kw), params, steps=12)
+    theirs = torch_run(torch_alias(name, lr, kw), params, steps=12)
     assert_trajectories(ours, theirs, dtype)
+    for (path, p), q in zip(tree.leaves_with_path(ours[-1]), tree.leaves(params)):
+        assert p.shape == q.shape and p.dtype == q.dtype, path
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("empty", [{}, [], (), {"a": {}, "b": []}], ids=["dict", "list", "tuple", "nested"])
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_empty_trees_are_fine(name, empty, donate):
+    opt = fnnet_alias(name, 0.1, {"momentum": 0.9} if name in ("sgd", "rmsprop") else {})
+    state = opt.init(empty)
+    for _ in range(2):
+        updates, state = opt.update(empty, state, empty, donate=donate)
+        assert tree.structure(updates) == tree.structure(empty)
+        assert O.apply_updates(empty, updates, donate=donate) == empty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
