@@ -45,12 +45,49 @@ def test_bench_main_prints_table_and_writes_json(tmp_path, capsys):
     assert rows[("cnn", "chapter-workers0")]["size"]["samples"] == 256
 
 
-def test_timed_case_synchronises_and_reports_work():
+def test_timed_case_reports_work():
     case = W.build("matmul", "fp32", "cpu", scale=0.01)
     assert case.work == pytest.approx(2 * 100 * 100 * 200 / 1e9)
     assert case.unit == "GFLOP/s" and case.first_call_s > 0
     times = bench.measure(case, repeats=3, warmup=1)
     assert len(times) == 3 and all(t > 0 for t in times)
+
+
+def test_timed_waits_for_the_cuda_device_after_the_work(monkeypatch):
+    # Recorded calls stand in for the GPU: the contract is "run the work, then wait for that
+    # device, inside the timed function", which holds or fails the same way without one.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", device)))
+    run = W.timed(lambda: calls.append(("work", None)) or 42, "cuda:1")
+    assert calls == []
+    assert run() == 42
+    assert calls == [("work", None), ("sync", torch.device("cuda", 1))]
+    cpu_fn = lambda: 1  # noqa: E731
+    assert W.timed(cpu_fn, "cpu") is cpu_fn  # nothing to wait for on the CPU
+
+
+def test_every_case_is_timed_through_timed(monkeypatch):
+    """Every workload's ``run`` (and its first, compiling call) is a function ``timed`` made."""
+    made = []
+    real = W.timed
+
+    def recording(fn, device):
+        wrapped = real(fn, device)
+
+        def run():
+            return wrapped()
+
+        made.append(run)
+        return run
+
+    monkeypatch.setattr(W, "timed", recording)
+    for workload in bench.WORKLOADS:
+        for variant in W.variants(workload):
+            try:
+                case = W.build(workload, variant, "cpu", scale=0.01)
+            except W.Unavailable:
+                continue
+            assert case.run in made, f"{workload}/{variant}: run is not wrapped by timed()"
 
 
 def test_cuda_only_variants_and_missing_cuda_are_unavailable():

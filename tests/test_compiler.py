@@ -1,6 +1,9 @@
 """fnnet.compiler: the skinny-matmul pass rewrites what it should, keeps the maths, and compile() routes options."""
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,8 +105,23 @@ def test_pass_only_touches_cpu_products():
     assert _matmuls(gm) == 1
 
 
-def test_pass_has_a_stable_cache_id():
-    assert compiler.SkinnyMatmulPass().uuid() == compiler.SkinnyMatmulPass().uuid() is not None
+def test_pass_cache_id_is_the_same_in_another_process_and_changes_with_the_pass(tmp_path, monkeypatch):
+    """Inductor's on-disk cache is shared across processes: the id must be a value of the pass's
+    code and thresholds (the same in a fresh interpreter), never of the process (an id() or a
+    random uuid), or every run would recompile, or a changed pass would reuse stale graphs."""
+    here = compiler.SkinnyMatmulPass().uuid()
+    assert here is not None
+    script = "from fnnet import compiler; print(repr(compiler.SkinnyMatmulPass().uuid()))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.strip()
+    assert out == repr(here)
+    monkeypatch.setattr(compiler, "LARGE_DIM", compiler.LARGE_DIM + 1)
+    assert compiler.SkinnyMatmulPass().uuid() != here
+    monkeypatch.undo()
+    edited = tmp_path / "compiler.py"
+    edited.write_text(open(compiler.__file__).read() + "\n# an edit\n")
+    monkeypatch.setattr(compiler, "__file__", str(edited))
+    assert compiler.SkinnyMatmulPass().uuid() != here
 
 
 def _linreg_step(jit, compile_options=None, donate=False):

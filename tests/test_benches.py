@@ -1,0 +1,73 @@
+"""The benchmarks compare like with like: every variant of a workload computes the same thing.
+
+A benchmark is only fair if its variants do the same work; these checks run with the tests
+(in CI), not with ``--benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+import fnnet.optim as O
+from fnnet import tree
+from fnnet.bench import workloads as W
+
+BENCHES = pathlib.Path(__file__).resolve().parent.parent / "benches"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_benches_{name}", BENCHES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_donated_loop_variant_computes_what_fnnet_computes():
+    bench = _load("test_bench_optim")
+    device = torch.device("cpu")
+    small = {k: v[:8] for k, v in list(bench.make_tree(device, 0).items())[::20]}
+    grads = {k: torch.cos(v) for k, v in small.items()}
+    opt = O.adam(bench.LR)
+    a_params, a_state = tree.map(torch.clone, small), opt.init(small)
+    b_params, b_state = tree.map(torch.clone, small), opt.init(small)
+    for _ in range(3):
+        updates, a_state = opt.update(tree.map(torch.clone, grads), a_state, a_params, donate=True)
+        a_params = O.apply_updates(a_params, updates, donate=True)
+        b_params, b_state = bench._loop_adam_donated(b_params, grads, b_state)
+    for k in small:
+        torch.testing.assert_close(a_params[k], b_params[k], rtol=1e-6, atol=1e-7)
+
+
+def test_every_optimizer_variant_takes_the_same_step():
+    """Each variant of the Adam micro-benchmark, run for four steps on the same gradients,
+    leaves the same parameters (the variants differ in how, never in what)."""
+    bench = _load("test_bench_optim")
+    device = torch.device("cpu")
+    finals = {}
+    for variant in bench.VARIANTS:
+        run, fresh_grads, current = bench.build(variant, device)
+        for scale in (1.0, 0.01, 2.0, 0.01):  # gradients that shrink and grow, as real ones do
+            (grads,), _ = fresh_grads()
+            run({k: g.mul_(scale) for k, g in grads.items()})
+        finals[variant] = current()
+    # Compare the distance moved (about 3e-3 here), not the parameters (about 1), so that a
+    # step that is off by a fraction of a percent shows above float32 rounding.
+    start = list(bench.make_tree(device, 0).values())
+    reference = [p - p0 for p, p0 in zip(finals["torch-loop"], start)]
+    for variant, params in finals.items():
+        for a, b, p0 in zip(params, reference, start):
+            torch.testing.assert_close(a - p0, b, rtol=1e-3, atol=3e-7, msg=lambda m: f"{variant}: {m}")
+
+
+@pytest.mark.parametrize("variant", [v for v in W.variants("linreg") if v not in W.CUDA_ONLY and v != "chapter"])
+def test_linreg_variants_train_what_the_chapter_trains(variant):
+    """Same data, same initial weights, same Adam: the loss after the same number of steps agrees."""
+    chapter = W.linreg_case("chapter", "cpu", n=2000, steps=5)
+    ours = W.linreg_case(variant, "cpu", n=2000, steps=5)
+    for _ in range(2):
+        expected, got = chapter.run(), ours.run()
+        torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-4, atol=1e-6)
