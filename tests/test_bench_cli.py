@@ -1,7 +1,6 @@
 """``fnnet bench`` at the smallest scale: the table, the JSON, the plot, the options and their errors."""
 
 import json
-import os
 import statistics
 import subprocess
 import sys

@@ -12,7 +12,7 @@ from torch import nn
 
 import fnnet
 from fnnet import optim, parallel
-from conftest import CUDA, requires_cuda
+from conftest import requires_cuda
 
 CPU3 = ["cpu", "cpu", "cpu"]
 
