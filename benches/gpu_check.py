@@ -2,28 +2,33 @@
 
 Run from a checkout (``bash benches/gpu_check.sh`` sets the paths up and calls this)::
 
-    python benches/gpu_check.py [--out DIR] [--budget SECONDS] [--scale 1] [--cuda-only]
+    python benches/gpu_check.py [--out DIR] [--budget SECONDS] [--scale 1]
 
 Steps, each a subprocess with its own time limit inside one budget, so that a slow step
-never takes the others' time:
+never takes the others' time (issue 16 lists what each one answers):
 
-1. ``pytest -m cuda tests``: every CUDA test (compiled steps on the GPU included). It always
-   runs, with at least ``MIN_TEST_SECONDS``, whatever the budget.
-2. ``pytest benches --benchmark-only``: CPU and CUDA cases side by side (``--cuda-only``:
-   the CUDA ones), each result appended to a JSON-lines file as soon as it is measured, so
-   a step stopped at its limit keeps what it measured.
-3. ``fnnet bench --device all --no-compile``: the newcomer's table.
+1. ``pytest -m cuda tests``: every CUDA test (compiled steps and the compiled Trainer checked
+   against eager on the GPU included). It always runs, with at least ``MIN_TEST_SECONDS``,
+   whatever the budget, and its complete output is saved.
+2. ``fnnet bench --workloads linreg --repeats 15``: the linear regression's variants timed
+   round-robin (interleaved), medians, at the chapter's size: eager and donated steps
+   against the chapter's loop, compiled and CUDA-graph steps.
+3. ``fnnet bench --workloads cnn,matmul --repeats 5``: one 60,000-sample epoch of the
+   chapter's CNN per run (chapter loops, eager and compiled Trainer, channels-last and bf16
+   as options), and the matmul in fp32/TF32/bf16 against the GPU's spec-sheet peak.
+4. ``pytest benches/test_bench_parallel.py benches/test_bench_memory.py
+   benches/test_bench_optim.py -m cuda --benchmark-only``: data parallel on the GPU (two
+   shards on one GPU, a mixed CUDA+CPU pair), peak memory, the optimizer step.
 
 It writes ``gpu-check-<date>-<gpu>.json`` (the summary), ``.md`` (tables) and ``.log`` (the
-real, complete output of every step) plus the raw JSON of steps 2 and 3 into ``--out``,
-``$OUT`` or ``benches/results/``. Without CUDA it is a dry run: step 1 is skipped with a
-message and the CPU cases run.
+real, complete output of every step) plus each step's raw JSON into ``--out``, ``$OUT`` or
+``benches/results/``. Without CUDA it is a dry run on the CPU (step 1 is skipped with a
+message): use it to check the script, never for numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -36,7 +41,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MIN_TEST_SECONDS = 90.0  # the CUDA tests always get this long, even from a small budget
-BENCH_ORDER = {"test_bench_matmul.py": 0, "test_bench_linreg.py": 1, "test_bench_optim.py": 2, "test_bench_cnn.py": 3}
+PYTEST_BENCHES = ("test_bench_parallel.py", "test_bench_memory.py", "test_bench_optim.py")
+# Dense spec-sheet peaks in TFLOP/s (NVIDIA's H100/H200 SXM data sheets; the sparse figures are twice these).
+PEAK_TFLOPS = {"H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}}
 
 
 def _slug(text: str) -> str:
@@ -63,24 +70,20 @@ def run_step(name: str, cmd: list[str], timeout: float, env: dict[str, str]) -> 
             "tail": tail, "output": output}
 
 
-def results_from_pytest_benchmark(data: dict[str, Any]) -> list[Any]:
-    """fnnet.bench rows from a ``pytest --benchmark-json`` file written by ``benches/`` (ratios recomputed)."""
-    from fnnet.bench import Result, add_ratios, sort_results
-
-    rows = []
-    for b in data.get("benchmarks", []):
-        x = b.get("extra_info", {})
-        if "workload" not in x:
-            continue  # not one of the chapter workloads (e.g. the optimizer's own benchmark)
-        median = b["stats"]["median"]
-        rows.append(Result(x["workload"], x["device"], x["variant"], median, [median], x.get("work"), x.get("unit", ""),
-                           x["work"] / median if x.get("work") else None, first_call_s=x.get("first_call_s"),
-                           size=x.get("size", {})))
-    add_ratios(rows)
-    return sort_results(rows)
+def matmul_peak(rows: list[dict[str, Any]], gpu: str) -> list[dict[str, Any]]:
+    """Each CUDA matmul variant's measured TFLOP/s and its share of the GPU's dense spec-sheet peak."""
+    peaks = next((p for name, p in PEAK_TFLOPS.items() if name in gpu), None)
+    out = []
+    for r in rows:
+        if r["workload"] == "matmul" and r["device"].startswith("cuda") and r.get("throughput"):
+            tflops = r["throughput"] / 1000  # GFLOP/s -> TFLOP/s
+            peak = peaks.get(r["variant"]) if peaks else None
+            out.append({"variant": r["variant"], "tflops": round(tflops, 1), "peak_tflops": peak,
+                        "of_peak": round(tflops / peak, 3) if peak else None})
+    return out
 
 
-def gpu_check(out_dir: str | None, *, budget_s: float, scale: float, cuda_only: bool) -> int:
+def gpu_check(out_dir: str | None, *, budget_s: float, scale: float) -> int:
     import torch
     from fnnet.bench import environment
 
@@ -100,7 +103,7 @@ def gpu_check(out_dir: str | None, *, budget_s: float, scale: float, cuda_only: 
 
     print(f"[gpu-check] device: {gpu}; torch {torch.__version__}; writing {out / stem}.*", flush=True)
     if cuda:
-        limit = max(MIN_TEST_SECONDS, 0.3 * left())
+        limit = max(MIN_TEST_SECONDS, 0.25 * left())
         steps.append(run_step("cuda tests", [py, "-m", "pytest", "-m", "cuda", "tests", "-q", "-rs", "-p",
                                              "no:cacheprovider"], limit, env))
     else:
@@ -108,32 +111,40 @@ def gpu_check(out_dir: str | None, *, budget_s: float, scale: float, cuda_only: 
         print(f"[gpu-check] {msg}", flush=True)
         steps.append({"name": "cuda tests", "status": "skipped", "reason": msg, "seconds": 0.0, "output": msg})
 
+    device = "cuda" if cuda else "cpu"
+    cli_steps = [("linreg interleaved", "linreg", 15), ("cnn and matmul", "cnn,matmul", 5)]
+    cli_files = []
+    for i, (name, workloads, repeats) in enumerate(cli_steps):
+        cli_json = out / f"{stem}-bench-{workloads.replace(',', '-')}.json"
+        cli_files.append(cli_json)
+        share = left() * (0.3 if i == 0 else 0.6)  # of what is left: the CNN step is the long one
+        steps.append(run_step(name, [py, "-m", "fnnet", "bench", "--device", device, "--workloads", workloads,
+                                     "--scale", str(scale), "--repeats", str(repeats), "--json", str(cli_json)],
+                              max(60.0, share), env))
+
     bench_json = out / f"{stem}-pytest-benchmark.json"
     partial = out / f"{stem}-partial.jsonl"
     partial.unlink(missing_ok=True)
     env["FNNET_BENCH_LOG"] = str(partial)
-    files = sorted((ROOT / "benches").glob("test_bench_*.py"), key=lambda f: (BENCH_ORDER.get(f.name, 50), f.name))
-    steps.append(run_step("pytest benches", [py, "-m", "pytest", *(str(f.relative_to(ROOT)) for f in files),
-                                             *(["-m", "cuda"] if cuda_only and cuda else []), "--benchmark-only", "-q",
-                                             "-rs", f"--benchmark-json={bench_json}", "-p", "no:cacheprovider"],
-                          max(60.0, left() - 60), env))
-    cli_json = out / f"{stem}-bench.json"
-    steps.append(run_step("fnnet bench", [py, "-m", "fnnet", "bench", "--device", "all", "--no-compile",
-                                          "--json", str(cli_json)], max(30.0, left()), env))
+    steps.append(run_step("pytest benches", [py, "-m", "pytest", *(f"benches/{f}" for f in PYTEST_BENCHES),
+                                             *(["-m", "cuda"] if cuda else []), "--benchmark-only", "-q", "-rs",
+                                             f"--benchmark-json={bench_json}", "-p", "no:cacheprovider"],
+                          max(60.0, left() - 10), env))
 
     raw = json.loads(bench_json.read_text()) if bench_json.exists() else {}
     if not raw and partial.exists():  # the step ran out of time: keep what it measured
         raw = {"benchmarks": [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]}
+    bench_rows = [r for f in cli_files if f.exists() for r in json.loads(f.read_text())["results"]]
     summary = {
-        "schema": "fnnet-gpu-check/2",
+        "schema": "fnnet-gpu-check/3",
         "environment": environment(),
         "cuda_available": cuda,
         "scale": scale,
         "steps": [{k: v for k, v in s.items() if k != "output"} for s in steps],
-        "benches": [dataclasses.asdict(r) for r in results_from_pytest_benchmark(raw)],
-        "other_benches": [{"name": b["name"], "median_s": b["stats"]["median"], "extra_info": b.get("extra_info", {})}
-                          for b in raw.get("benchmarks", []) if "workload" not in b.get("extra_info", {})],
-        "bench": json.loads(cli_json.read_text())["results"] if cli_json.exists() else [],
+        "bench": bench_rows,
+        "matmul_peak": matmul_peak(bench_rows, gpu),
+        "pytest_benches": [{"name": b["name"], "median_s": b["stats"]["median"], "extra_info": b.get("extra_info", {})}
+                           for b in raw.get("benchmarks", [])],
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
@@ -164,17 +175,19 @@ def markdown(summary: dict[str, Any]) -> str:
     for s in summary["steps"]:
         last = (s.get("tail") or s.get("reason") or "").strip().splitlines()[-1:] or [""]
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {last[0].replace('|', '/')} |")
-    lines += ["", f"## pytest benches (scale {summary['scale']} of the chapter's sizes; median of rounds)", ""]
-    rows = [Result(**r) for r in summary["benches"]]
-    lines.append(format_markdown(rows) if rows else "(no pytest-benchmark results)")
-    if summary["other_benches"]:
-        lines += ["", "Other benchmarks in `benches/` (median of rounds):", "", "| benchmark | median s | extra_info |",
-                  "|---|---|---|"]
-        for b in summary["other_benches"]:
-            lines.append(f"| {b['name']} | {b['median_s']:.6f} | {json.dumps(b['extra_info'])} |")
-    lines += ["", "## fnnet bench --device all --no-compile", ""]
+    lines += ["", f"## fnnet bench (scale {summary['scale']}: the chapter's sizes at 1; interleaved rounds, medians)", ""]
     rows = [Result(**r) for r in summary["bench"]]
     lines.append(format_markdown(rows) if rows else "(no results)")
+    if summary["matmul_peak"]:
+        lines += ["", "Matmul against the dense spec-sheet peak:", "", "| variant | TFLOP/s | peak | share |",
+                  "|---|---|---|---|"]
+        for m in summary["matmul_peak"]:
+            share = f"{m['of_peak']:.0%}" if m["of_peak"] is not None else "n/a"
+            lines.append(f"| {m['variant']} | {m['tflops']} | {m['peak_tflops'] or 'unknown GPU'} | {share} |")
+    lines += ["", "## pytest benches (data parallel, memory, optimizer; median of rounds)", "",
+              "| benchmark | median s | extra_info |", "|---|---|---|"]
+    for b in summary["pytest_benches"]:
+        lines.append(f"| {b['name']} | {b['median_s']:.6f} | {json.dumps(b['extra_info'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,9 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where the results go (default $OUT, else benches/results)")
     parser.add_argument("--budget", type=float, default=440.0, help="seconds for all steps together (default 440)")
     parser.add_argument("--scale", type=float, default=1.0, help="benchmark sizes as a fraction of the chapter's")
-    parser.add_argument("--cuda-only", action="store_true", help="time only the CUDA cases in the pytest step")
     args = parser.parse_args(argv)
-    return gpu_check(args.out, budget_s=args.budget, scale=args.scale, cuda_only=args.cuda_only)
+    return gpu_check(args.out, budget_s=args.budget, scale=args.scale)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
 # wheels carried in .whl/ (optree, which the GPU image lacks) are installed offline into
 # /tmp/site. Then `python benches/gpu_check.py` runs, within one time budget,
 #   1. pytest -m cuda tests                      (skipped, with a message, without CUDA)
-#   2. pytest benches --benchmark-only           (CPU and CUDA parameters side by side)
-#   3. fnnet bench --device all --no-compile     (the table a newcomer sees)
+#   2. fnnet bench --workloads linreg            (interleaved medians, the chapter's size)
+#   3. fnnet bench --workloads cnn,matmul        (60,000-sample epochs; matmul vs peak)
+#   4. pytest benches (parallel, memory, optim)  (the CUDA cases)
 # and writes gpu-check-<date>-<gpu>.{json,md,log} plus the raw JSONs into $OUT when set,
 # else benches/results/. Extra arguments go to benches/gpu_check.py (e.g. --scale, --budget).
 set -u

@@ -71,3 +71,48 @@ def test_linreg_variants_train_what_the_chapter_trains(variant):
     for _ in range(2):
         expected, got = chapter.run(), ours.run()
         torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [100.0, 300.0, 440.0])
+def test_gpu_check_always_runs_the_cuda_tests_and_keeps_every_steps_output(budget, tmp_path, monkeypatch):
+    """The GPU check's plan, with recorded steps standing in for the subprocesses: the CUDA
+    tests run first with at least MIN_TEST_SECONDS at any budget, every step follows, and the
+    .log file holds each step's complete output (not a summary written by hand)."""
+    import fnnet.bench
+
+    check = _load("gpu_check")
+    calls = []
+
+    def fake_step(name, cmd, timeout, env):
+        calls.append((name, cmd, timeout))
+        output = f"output of {name}\n" + "line\n" * 40
+        return {"name": name, "command": " ".join(cmd), "status": "passed", "returncode": 0, "seconds": 0.0,
+                "tail": "line", "output": output}
+
+    monkeypatch.setattr(check, "run_step", fake_step)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    monkeypatch.setattr(fnnet.bench, "environment", lambda: {"date": "d", "gpus": ["NVIDIA H200"], "cpu": "c",
+                                                             "cpu_count": 1, "torch_threads": 1, "torch": "t",
+                                                             "cuda": "12", "python": "3", "fnnet": "0"})
+    assert check.gpu_check(str(tmp_path), budget_s=budget, scale=1.0) == 0
+    names = [c[0] for c in calls]
+    assert names == ["cuda tests", "linreg interleaved", "cnn and matmul", "pytest benches"]
+    tests_cmd, tests_limit = calls[0][1], calls[0][2]
+    assert tests_cmd[1:5] == ["-m", "pytest", "-m", "cuda"] and tests_limit >= check.MIN_TEST_SECONDS
+    linreg_cmd = calls[1][1]
+    assert linreg_cmd[linreg_cmd.index("--workloads") + 1] == "linreg"
+    assert linreg_cmd[linreg_cmd.index("--repeats") + 1] == "15" and linreg_cmd[linreg_cmd.index("--device") + 1] == "cuda"
+    assert all(c[2] > 0 for c in calls)
+    log = next(tmp_path.glob("gpu-check-*-nvidia-h200.log")).read_text()
+    for name in names:
+        assert f"output of {name}\n" + "line\n" * 40 in log
+
+
+def test_gpu_check_reports_matmul_against_the_spec_sheet_peak():
+    check = _load("gpu_check")
+    rows = [{"workload": "matmul", "device": "cuda:0", "variant": "bf16", "throughput": 494_700.0},
+            {"workload": "matmul", "device": "cpu", "variant": "fp32", "throughput": 100.0}]
+    (row,) = check.matmul_peak(rows, "NVIDIA H200")
+    assert row == {"variant": "bf16", "tflops": 494.7, "peak_tflops": 989.4, "of_peak": 0.5}
+    assert check.matmul_peak(rows, "Some other GPU")[0]["of_peak"] is None

@@ -107,8 +107,10 @@ def run(
 ) -> list[Result]:
     """Measure every variant of ``workloads`` on ``devices``; returns one :class:`Result` each.
 
-    Variants that cannot run here (CUDA-only ones on CPU, fnnet modules not present, compiled
-    ones with ``compile=False``) come back with ``skipped`` set rather than raising.
+    CUDA-only variants are left out on a CPU; compiled ones with ``compile=False`` come back
+    with ``skipped`` set; a variant that raises comes back with ``skipped = "failed: ..."``
+    (so one broken variant does not hide the others' numbers), and ``fnnet bench`` then
+    exits with status 1.
     """
     for w in workloads:
         if w not in WORKLOADS:

@@ -59,9 +59,10 @@ __all__ = [
 # same device; CUDA_ONLY variants are skipped on CPU; COMPILED ones go through torch.compile.
 MATMUL_VARIANTS = ("fp32", "tf32", "bf16")
 LINREG_VARIANTS = ("chapter", "fnnet-eager", "fnnet-eager-donate", "fnnet-jit-donate", "fnnet-jit-cudagraphs")
-CNN_VARIANTS = ("chapter-workers4", "chapter-workers0", "fnnet-trainer", "fnnet-trainer-jit")
+CNN_VARIANTS = ("chapter-workers4", "chapter-workers0", "fnnet-trainer", "fnnet-trainer-jit", "fnnet-trainer-channels-last",
+                "fnnet-trainer-bf16")
 BASELINE = {"matmul": "fp32", "linreg": "chapter", "cnn": "chapter-workers4"}
-CUDA_ONLY = frozenset({"tf32", "bf16", "fnnet-jit-cudagraphs"})
+CUDA_ONLY = frozenset({"tf32", "bf16", "fnnet-jit-cudagraphs", "fnnet-trainer-channels-last", "fnnet-trainer-bf16"})
 COMPILED = frozenset({"fnnet-jit-donate", "fnnet-jit-cudagraphs", "fnnet-trainer-jit"})
 
 
@@ -260,8 +261,10 @@ def cnn_case(variant: str, device: torch.device | str, *, samples: int = 12_800,
     num_workers=4)``, batches moved with ``.to(device)``, nn.Module + torch.optim.Adam +
     nn.CrossEntropyLoss), ``chapter-workers0`` (the same loop, no worker processes),
     ``fnnet-trainer`` (``fnnet.Trainer.fit`` over an ``ArrayLoader`` whose data lives on the
-    device) and ``fnnet-trainer-jit`` (the same with ``jit=True``). Adam lr 0.02 as in the
-    chapter; one run = one epoch.
+    device) and ``fnnet-trainer-jit`` (the same with ``jit=True``); on CUDA also the eager
+    Trainer's options, measured as options: ``fnnet-trainer-channels-last``
+    (``memory_format="channels_last"``) and ``fnnet-trainer-bf16`` (``precision="bf16"``).
+    Adam lr 0.02 as in the chapter; one run = one epoch.
     """
     dev = _check_device(variant, device)
     X, Y = cnn_data(samples, seed=seed)
@@ -291,8 +294,10 @@ def cnn_case(variant: str, device: torch.device | str, *, samples: int = 12_800,
             return loss
 
     else:
+        options = {"fnnet-trainer-channels-last": {"memory_format": "channels_last"},
+                   "fnnet-trainer-bf16": {"precision": "bf16"}}.get(variant, {})
         trainer = Trainer(_seeded(seed, CnnModel), F.cross_entropy, optim.adam(lr), devices=dev,
-                          jit=variant in COMPILED, key=key(seed))
+                          jit=variant in COMPILED, key=key(seed), **options)
         loader = ArrayLoader((X, Y), batch_size, shuffle=True, key=key(seed + 1), device=dev)
 
         def epoch() -> Any:
