@@ -11,8 +11,9 @@ epoch; ``extra_info["throughput"]`` is samples/s. Variants:
   dataset lives on the device and batches are index gathers there.
 * ``fnnet-trainer-jit``: the same with ``Trainer(jit=True)``; the first epoch (which compiles)
   is ``extra_info["first_call_s"]``, not a round.
-* CUDA only, the eager Trainer's options measured as options: ``fnnet-trainer-channels-last``
-  (``memory_format="channels_last"``) and ``fnnet-trainer-bf16`` (``precision="bf16"``).
+* The eager Trainer's options, measured as options: on CPU ``fnnet-trainer-contiguous``
+  (``memory_format="contiguous"``: NCHW as the chapter, where the CPU default is channels-last);
+  on CUDA ``fnnet-trainer-channels-last`` and ``fnnet-trainer-bf16`` (``precision="bf16"``).
 
 Targets (issue 6): on CPU fnnet-trainer >= 1.0x chapter-workers0 and >= 1.2x
 chapter-workers4 in samples/s; on an H100/H200 a 60,000-sample epoch in <= 1.0 s.

@@ -107,7 +107,7 @@ def run(
 ) -> list[Result]:
     """Measure every variant of ``workloads`` on ``devices``; returns one :class:`Result` each.
 
-    CUDA-only variants are left out on a CPU; compiled ones with ``compile=False`` come back
+    Variants that do not exist on a device (``W.runs_on``) are left out; compiled ones with ``compile=False`` come back
     with ``skipped`` set; a variant that raises comes back with ``skipped = "failed: ..."``
     (so one broken variant does not hide the others' numbers), and ``fnnet bench`` then
     exits with status 1.
@@ -138,7 +138,7 @@ def _run_group(workload: str, dev: torch.device, *, scale: float, repeats: int, 
     cases: dict[str, W.Case] = {}
     W.reset_compiler()
     for variant in W.variants(workload):
-        if variant in W.CUDA_ONLY and dev.type != "cuda":
+        if not W.runs_on(variant, dev):
             continue  # not a result: the variant does not exist on this device
         row = Result(workload, str(dev), variant)
         rows.append(row)

@@ -49,6 +49,8 @@ __all__ = [
     "LINREG_VARIANTS",
     "CNN_VARIANTS",
     "CUDA_ONLY",
+    "CPU_ONLY",
+    "runs_on",
     "COMPILED",
     "BASELINE",
     "variants",
@@ -56,13 +58,15 @@ __all__ = [
 ]
 
 # Variants per workload, the chapter's way first. Ratios are taken against BASELINE on the
-# same device; CUDA_ONLY variants are skipped on CPU; COMPILED ones go through torch.compile.
+# same device; CUDA_ONLY variants are skipped on CPU, CPU_ONLY ones on CUDA; COMPILED ones go through torch.compile.
 MATMUL_VARIANTS = ("fp32", "tf32", "bf16")
 LINREG_VARIANTS = ("chapter", "fnnet-eager", "fnnet-eager-donate", "fnnet-jit-donate", "fnnet-jit-cudagraphs")
-CNN_VARIANTS = ("chapter-workers4", "chapter-workers0", "fnnet-trainer", "fnnet-trainer-jit", "fnnet-trainer-channels-last",
-                "fnnet-trainer-bf16")
+CNN_VARIANTS = ("chapter-workers4", "chapter-workers0", "fnnet-trainer", "fnnet-trainer-jit",
+                "fnnet-trainer-contiguous", "fnnet-trainer-channels-last", "fnnet-trainer-bf16")
 BASELINE = {"matmul": "fp32", "linreg": "chapter", "cnn": "chapter-workers4"}
 CUDA_ONLY = frozenset({"tf32", "bf16", "fnnet-jit-cudagraphs", "fnnet-trainer-channels-last", "fnnet-trainer-bf16"})
+# The Trainer's layout option on the device where it is not the default (channels-last is the CPU's).
+CPU_ONLY = frozenset({"fnnet-trainer-contiguous"})
 COMPILED = frozenset({"fnnet-jit-donate", "fnnet-jit-cudagraphs", "fnnet-trainer-jit"})
 
 
@@ -134,9 +138,15 @@ def _check_device(variant: str, device: torch.device | str) -> torch.device:
         raise Unavailable("CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    if variant in CUDA_ONLY and dev.type != "cuda":
-        raise Unavailable(f"{variant} is a CUDA-only variant")
+    if not runs_on(variant, dev):
+        raise Unavailable(f"{variant} is a {'CUDA' if variant in CUDA_ONLY else 'CPU'}-only variant")
     return dev
+
+
+def runs_on(variant: str, device: torch.device | str) -> bool:
+    """Whether ``variant`` exists on ``device``'s kind (``CUDA_ONLY`` and ``CPU_ONLY`` ones do not everywhere)."""
+    kind = torch.device(device).type
+    return not ((variant in CUDA_ONLY and kind != "cuda") or (variant in CPU_ONLY and kind != "cpu"))
 
 
 def reset_compiler() -> None:
@@ -261,9 +271,11 @@ def cnn_case(variant: str, device: torch.device | str, *, samples: int = 12_800,
     num_workers=4)``, batches moved with ``.to(device)``, nn.Module + torch.optim.Adam +
     nn.CrossEntropyLoss), ``chapter-workers0`` (the same loop, no worker processes),
     ``fnnet-trainer`` (``fnnet.Trainer.fit`` over an ``ArrayLoader`` whose data lives on the
-    device) and ``fnnet-trainer-jit`` (the same with ``jit=True``); on CUDA also the eager
-    Trainer's options, measured as options: ``fnnet-trainer-channels-last``
-    (``memory_format="channels_last"``) and ``fnnet-trainer-bf16`` (``precision="bf16"``).
+    device) and ``fnnet-trainer-jit`` (the same with ``jit=True``); and the eager Trainer's
+    options, measured as options: on CPU ``fnnet-trainer-contiguous``
+    (``memory_format="contiguous"``, NCHW as the chapter; channels-last is the CPU default),
+    on CUDA ``fnnet-trainer-channels-last`` (``memory_format="channels_last"``) and
+    ``fnnet-trainer-bf16`` (``precision="bf16"``).
     Adam lr 0.02 as in the chapter; one run = one epoch.
     """
     dev = _check_device(variant, device)
@@ -294,7 +306,8 @@ def cnn_case(variant: str, device: torch.device | str, *, samples: int = 12_800,
             return loss
 
     else:
-        options = {"fnnet-trainer-channels-last": {"memory_format": "channels_last"},
+        options = {"fnnet-trainer-contiguous": {"memory_format": "contiguous"},
+                   "fnnet-trainer-channels-last": {"memory_format": "channels_last"},
                    "fnnet-trainer-bf16": {"precision": "bf16"}}.get(variant, {})
         trainer = Trainer(_seeded(seed, CnnModel), F.cross_entropy, optim.adam(lr), devices=dev,
                           jit=variant in COMPILED, key=key(seed), **options)
