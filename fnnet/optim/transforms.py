@@ -362,16 +362,22 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
             mu = F.lerp(mu, g, 1.0 - b1, donate)
             nu = F.mul(nu, b2, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
+            # Eager on CPU, the output scale is folded into the denominator, u = mu / (d / s_out):
+            # one pass over memory fewer (reading s_out is free there). Elsewhere, or when the
+            # scale is 0 (a warm-up from lr 0), it is a last multiply.
+            fold = (eps_root == 0.0 and mu[0].device.type == "cpu" and not torch.compiler.is_compiling()
+                    and float(s_out) != 0.0)
             if eps_root == 0.0:
                 d = list(torch._foreach_sqrt(nu))
-                torch._foreach_mul_(d, s_inv_bc2)
+                torch._foreach_mul_(d, s_inv_bc2 / s_out if fold else s_inv_bc2)
             else:
                 d = list(torch._foreach_mul(nu, s_inv_bc2))
                 torch._foreach_add_(d, eps_root)
                 torch._foreach_sqrt_(d)
-            torch._foreach_add_(d, eps)
+            torch._foreach_add_(d, eps / s_out if fold else eps)
             u = _divide(mu, d, out=g if donate else None)
-            torch._foreach_mul_(u, s_out)
+            if not fold:
+                torch._foreach_mul_(u, s_out)
             return u, mu, nu
 
         u, mu, nu = F.grouped(math_, [g, mu, nu], (None, 1, 2), scalars=(inv_bc2, out_scale), chunked=True)
