@@ -7,6 +7,7 @@ A benchmark is only fair if its variants do the same work; these checks run with
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -116,3 +117,14 @@ def test_gpu_check_reports_matmul_against_the_spec_sheet_peak():
     (row,) = check.matmul_peak(rows, "NVIDIA H200")
     assert row == {"variant": "bf16", "tflops": 494.7, "peak_tflops": 989.4, "of_peak": 0.5}
     assert check.matmul_peak(rows, "Some other GPU")[0]["of_peak"] is None
+
+
+def test_optim_interleaved_reports_every_variant_against_torch(tmp_path, capsys):
+    script = _load("optim_interleaved")
+    out = tmp_path / "optim.json"
+    assert script.main(["--rounds", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    bench = _load("test_bench_optim")
+    assert set(data["median_s"]) == set(bench.VARIANTS) and all(t > 0 for t in data["median_s"].values())
+    assert data["ratio_to_torch_default"]["torch-default"] == 1.0
+    assert "fnnet-donated" in capsys.readouterr().out
