@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,29 @@ def test_progress_output(capsys):
     assert "training on cpu" in out and "Epoch 1 (1/1)" in out and "val_accuracy=" in out
     trainer.fit(train, val, epochs=1, verbose=0)
     assert capsys.readouterr().out == ""
+
+
+def test_progress_bars_show_the_running_loss_and_metrics_in_training_and_validation():
+    # tqdm reads TQDM_* overrides of its defaults when it is imported: in a fresh process, make
+    # it redraw on every update, so the test sees each frame.
+    script = ("import json, test_trainer as T\n"
+              "t = T.make_trainer(); train, val = T.loaders()\n"
+              "h = t.fit(train, val, epochs=1, verbose=1, log_every=1)\n"
+              "print('HISTORY', json.dumps(dict(h)))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(__file__), env={**os.environ, "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    out, _, tail = proc.stdout.rpartition("HISTORY ")
+    history = json.loads(tail)
+    frames = [f for f in out.replace("\r", "\n").splitlines() if f.strip()]
+    training = [f for f in frames if f.startswith("epoch 1:") and "loss=" in f]
+    validation = [f for f in frames if f.startswith("validation:") and "loss=" in f]
+    assert len(training) == 8 and len(validation) == 4  # one redraw per batch
+    assert all("accuracy=" in f for f in training + validation)
+    # the last training frame shows the epoch's running values, as the epoch line does
+    assert f"loss={history['loss'][-1]:.4g}" in training[-1]
+    assert f"accuracy={history['accuracy'][-1]:.4g}" in training[-1]
+    assert any(f.startswith("Epoch 1 (1/1)") for f in frames)
 
 
 def test_model_checkpoint_keeps_top_k_and_best_reloads(tmp_path):
