@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from . import random as _random
 from . import tree as _tree
-from .state import TrainState, grads_finite, loss_scale_for, update
+from .state import TrainState, loss_scale_for, step_update
 from .train import PRECISIONS, make_grad_fn, split_step_key
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
@@ -389,14 +389,9 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
                 _, new_buffers = reduce_extras(n, count(n, dev), loss, new_buffers)
         else:
             grads, loss, aux, new_buffers = eager_grads(state, batch, key, loss_scale, n)
-        finite = grads_finite(grads) if checks else None
-        params, opt_state, new_buffers, _ = update(optimizer, grads, state.params, state.opt_state, finite=finite,
-                                                   donate=donate, buffers=state.buffers, new_buffers=new_buffers)
-        if loss_scale is not None:
-            loss_scale = loss_scale.adjust(finite)
-        metrics = {"loss": loss, **aux}
-        if finite is not None:
-            metrics["finite"] = finite
+        params, opt_state, new_buffers, loss_scale, metrics = step_update(
+            optimizer, grads, loss, aux, state.params, state.opt_state, buffers=state.buffers, new_buffers=new_buffers,
+            loss_scale=loss_scale, check_finite=checks, donate=donate)
         return TrainState(params, opt_state, state.step + 1, new_buffers, next_key,
                           loss_scale if scaled else state.loss_scale), metrics
 

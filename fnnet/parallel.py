@@ -35,7 +35,7 @@ from . import compiler as _compiler
 from . import random as _random
 from . import tree as _tree
 from .device import DeviceLike, place, resolve_device
-from .state import TrainState, grads_finite, loss_scale_for, update
+from .state import TrainState, loss_scale_for, step_update
 from .train import PRECISIONS, GradResult, make_grad_fn, split_step_key
 from .train import make_eval_step as _eval_step
 from .train import make_predict_step as _predict_step
@@ -279,17 +279,12 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
         loss = reduce_mean([r.loss for r in results], sizes, primary)
         aux = _reduce_aux([r.aux for r in results], sizes, primary)
         new_buffers = reduce_mean([r.buffers for r in results], sizes, primary) if results[0].buffers is not None else None
-        finite = grads_finite(grads) if checks else None
-        new_params, opt_state, new_buffers, _ = update(optimizer, grads, state.params, state.opt_state, finite=finite,
-                                                       donate=donate, buffers=state.buffers, new_buffers=new_buffers)
-        if loss_scale is not None:
-            loss_scale = loss_scale.adjust(finite)
+        new_params, opt_state, new_buffers, loss_scale, metrics = step_update(
+            optimizer, grads, loss, aux, state.params, state.opt_state, buffers=state.buffers, new_buffers=new_buffers,
+            loss_scale=loss_scale, check_finite=checks, donate=donate)
         params_copies.refresh(new_params)  # after the update: the copies are ready for the next step
         if new_buffers is not None:
             buffer_copies.refresh(new_buffers)
-        metrics = {"loss": loss, **aux}
-        if finite is not None:
-            metrics["finite"] = finite
         return TrainState(new_params, opt_state, state.step + 1, new_buffers, next_key,
                           loss_scale if scaled else state.loss_scale), metrics
 

@@ -21,7 +21,7 @@ from . import random as _random
 from . import tree as _tree
 from .device import tree_device
 
-__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite", "update", "loss_scale_for"]
+__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite", "update", "step_update", "loss_scale_for"]
 
 
 @_tree.register_dataclass(static=("period", "factor", "min_scale"))
@@ -155,6 +155,27 @@ def update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, finite: t
     if donate:
         chosen = _copy_into((params, opt_state, buffers), chosen)
     return (*chosen, None)
+
+
+def step_update(optimizer: Any, grads: Any, loss: torch.Tensor, aux: dict, params: Any, opt_state: Any, *,
+                buffers: Any, new_buffers: Any, loss_scale: "DynamicScale | None", check_finite: bool,
+                donate: bool) -> tuple[Any, Any, Any, "DynamicScale | None", dict]:
+    """The update half that every training step shares (one device, several, several processes).
+
+    The optimizer update (skipped where the gradients are not finite, when ``check_finite``:
+    :func:`update`), the loss scale's adjustment, and the step's metrics (``loss``, the aux
+    values and, when checked, ``finite``). Returns ``(params, opt_state, buffers, loss_scale,
+    metrics)``.
+    """
+    finite = grads_finite(grads) if check_finite else None
+    params, opt_state, new_buffers, _ = update(optimizer, grads, params, opt_state, finite=finite, donate=donate,
+                                               buffers=buffers, new_buffers=new_buffers)
+    if loss_scale is not None:
+        loss_scale = loss_scale.adjust(finite)
+    metrics = {"loss": loss, **aux}
+    if finite is not None:
+        metrics["finite"] = finite
+    return params, opt_state, new_buffers, loss_scale, metrics
 
 
 def _apply_updates(params: Any, updates: Any, donate: bool) -> Any:

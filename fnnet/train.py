@@ -46,7 +46,7 @@ from . import random as _random
 from . import tree as _tree
 from .data import split_batch
 from ._functional import Model
-from .state import DynamicScale, TrainState, grads_finite, loss_scale_for, update
+from .state import DynamicScale, TrainState, loss_scale_for, step_update
 
 __all__ = [
     "GradResult",
@@ -358,15 +358,8 @@ def make_train_step(
 
     def inner(params, opt_state, buffers, loss_scale, batch, key):
         grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
-        finite = grads_finite(grads) if checks else None
-        params, opt_state, new_buffers, _ = update(optimizer, grads, params, opt_state, finite=finite, donate=donate,
-                                                   buffers=buffers, new_buffers=new_buffers)
-        if loss_scale is not None:
-            loss_scale = loss_scale.adjust(finite)
-        metrics = {"loss": loss, **aux}
-        if finite is not None:
-            metrics["finite"] = finite
-        return params, opt_state, new_buffers, loss_scale, metrics
+        return step_update(optimizer, grads, loss, aux, params, opt_state, buffers=buffers, new_buffers=new_buffers,
+                           loss_scale=loss_scale, check_finite=checks, donate=donate)
 
     compiled = _compile(inner, compile_options) if jit else inner
 
