@@ -39,6 +39,8 @@ __all__ = [
     "batch_size_of",
     "num_batches",
     "set_epoch",
+    "as_arrays",
+    "fit_loaders",
     "load_digits",
     "load_mnist",
     "DEFAULT_MIRROR",
@@ -362,6 +364,56 @@ def batch_size_of(batch: Any) -> int:
             "dimension; batches are trees of tensors with the samples along dimension 0"
         )
     return int(shape[0])
+
+
+def as_arrays(data: Any) -> tuple | None:
+    """``data`` as a tuple of tensors when it is the data itself (a tuple or list of tensors or
+    NumPy arrays), else ``None`` (a loader, or any other iterable of batches)."""
+    import numpy as np
+
+    if isinstance(data, (tuple, list)) and data and all(isinstance(a, (torch.Tensor, np.ndarray)) for a in data):
+        return tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in data)
+    return None
+
+
+def fit_loaders(train: Any, val: Any = None, *, batch_size: int | None = None, validation_split: float = 0.0,
+                shuffle: bool = True, key: Any = None, device: Any = "cpu",
+                shard: tuple[int, int] | None = None) -> tuple[Any, Any]:
+    """Keras' ``fit((X, y), validation_split=...)``: ``(train, val)`` as loaders.
+
+    ``(X, y)`` (tensors or NumPy arrays) becomes an :class:`ArrayLoader` of ``batch_size``
+    (default 32), shuffled each epoch under ``key``; with ``validation_split`` the last
+    fraction of the samples (before shuffling, as Keras) becomes the validation data. ``val``
+    given as ``(X_val, y_val)`` becomes a loader of the same batch size, in order. Loaders (and
+    any other iterable of batches) pass through unchanged; ``batch_size`` and
+    ``validation_split`` are then an error, since a loader brings its own batches.
+    """
+    if not (isinstance(validation_split, (int, float)) and not isinstance(validation_split, bool)
+            and 0 <= validation_split < 1):
+        raise ValueError(f"validation_split must be a fraction in [0, 1), got {validation_split!r}")
+    arrays = as_arrays(train)
+    if arrays is None:
+        if batch_size is not None or validation_split:
+            raise ValueError("batch_size and validation_split apply when fit gets the data itself, (X, y) as tensors "
+                             "or NumPy arrays; a loader brings its own batches")
+        return train, val
+    if len(arrays) != 2:
+        raise ValueError(f"fit((X, y)) takes inputs and targets; got {len(arrays)} arrays")
+    size = 32 if batch_size is None else batch_size
+    if validation_split:
+        if val is not None:
+            raise ValueError("pass either val_data or validation_split, not both")
+        n = len(arrays[0])
+        cut = n - int(round(n * validation_split))
+        if not 0 < cut < n:
+            raise ValueError(f"validation_split={validation_split} leaves no samples to train or to validate on (of {n})")
+        val = tuple(a[cut:] for a in arrays)
+        arrays = tuple(a[:cut] for a in arrays)
+    train_loader = ArrayLoader(arrays, size, shuffle=shuffle, key=key if shuffle else None, device=device, shard=shard)
+    val_arrays = as_arrays(val)
+    if val_arrays is not None:
+        val = ArrayLoader(val_arrays, size, device=device, shard=shard)
+    return train_loader, val
 
 
 def num_batches(loader: Iterable[Any]) -> int | None:

@@ -35,7 +35,7 @@ from . import metrics as _metrics
 from . import random as _random
 from . import tree as _tree
 from .callbacks import CallbackList
-from .data import ArrayLoader, num_batches, set_epoch, split_batch
+from .data import ArrayLoader, as_arrays, fit_loaders, num_batches, set_epoch, split_batch
 from .device import parse_devices, place
 from ._functional import Model, functional
 from .layout import choose_memory_format, verify_memory_format
@@ -312,7 +312,9 @@ class Trainer:
         """
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        train_data, val_data = self._from_arrays(train_data, val_data, batch_size, validation_split, shuffle)
+        train_data, val_data = fit_loaders(train_data, val_data, batch_size=batch_size, validation_split=validation_split,
+                                           shuffle=shuffle, key=_random.fold_in(self.key, 0x7A1A), device=self.device,
+                                           shard=_dist.shard() if self.distributed else None)
         if on_nonfinite not in ("stop", "raise"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'raise', got {on_nonfinite!r}")
         if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
@@ -364,39 +366,6 @@ class Trainer:
             self._sync_module()
         return self.history
 
-    def _loader(self, arrays: tuple, batch_size: int, shuffle: bool, salt: int) -> ArrayLoader:
-        key = _random.fold_in(self.key, salt) if shuffle else None
-        return ArrayLoader(tuple(arrays), batch_size, shuffle=shuffle, key=key, device=self.device,
-                           shard=_dist.shard() if self.distributed else None)
-
-    def _from_arrays(self, train_data: Any, val_data: Any, batch_size: int | None, validation_split: float,
-                     shuffle: bool) -> tuple[Any, Any]:
-        """Keras' ``fit((X, y), ...)``: arrays become loaders; loaders pass through."""
-        arrays = _arrays(train_data)
-        if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
-            raise ValueError(f"validation_split must be a fraction in [0, 1), got {validation_split!r}")
-        if arrays is None:
-            if batch_size is not None or validation_split:
-                raise ValueError("batch_size and validation_split apply when fit gets the data itself, (X, y) as tensors "
-                                 "or NumPy arrays; a loader brings its own batches")
-            return train_data, val_data
-        if len(arrays) != 2:
-            raise ValueError(f"fit((X, y)) takes inputs and targets; got {len(arrays)} arrays")
-        size = 32 if batch_size is None else batch_size
-        if validation_split:
-            if val_data is not None:
-                raise ValueError("pass either val_data or validation_split, not both")
-            n = len(arrays[0])
-            cut = n - int(round(n * validation_split))
-            if not 0 < cut < n:
-                raise ValueError(f"validation_split={validation_split} leaves no samples to train or to validate on "
-                                 f"(of {n})")
-            val_data = tuple(a[cut:] for a in arrays)
-            arrays = tuple(a[:cut] for a in arrays)
-        train_loader = self._loader(arrays, size, shuffle, 0x7A1A)
-        val_arrays = _arrays(val_data)
-        return train_loader, (self._loader(val_arrays, size, False, 0) if val_arrays is not None else val_data)
-
     def _nonfinite(self, epoch: int, skipped: int, on_nonfinite: str) -> None:
         what = (f"{skipped} update(s) with non-finite gradients were skipped" if skipped
                 else "the training loss became non-finite")
@@ -416,9 +385,9 @@ class Trainer:
         ``data``: batches, as for ``fit``, or ``(X, y)`` (tensors or NumPy arrays) in batches of
         ``batch_size``.
         """
-        arrays = _arrays(data)
+        arrays = as_arrays(data)
         if arrays is not None:
-            data = self._loader(arrays, batch_size, False, 0)
+            data = ArrayLoader(arrays, batch_size, device=self.device, shard=_dist.shard() if self.distributed else None)
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         total = num_batches(data)
         with _Bar(total, "validation", bool(verbose)) as bar:
@@ -524,13 +493,6 @@ class Trainer:
 
 
 # -- private helpers of the loop ------------------------------------------------------------------------
-
-
-def _arrays(data: Any) -> tuple | None:
-    """``data`` as a tuple of arrays when it is the data itself (tensors or NumPy arrays), else ``None``."""
-    if isinstance(data, (tuple, list)) and data and all(isinstance(a, (torch.Tensor, np.ndarray)) for a in data):
-        return tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in data)
-    return None
 
 
 def _as_key(key: Any) -> _random.Key:

@@ -406,3 +406,27 @@ def test_shard_argument_errors():
         ArrayLoader(torch.arange(5), 2, shard=[0, 2])
     with pytest.raises(ValueError, match="3 samples cannot give each of 4 ranks"):
         ArrayLoader(torch.arange(3), 2, shard=(0, 4))
+
+
+def test_fit_loaders_turns_arrays_into_loaders_and_passes_loaders_through():
+    import numpy as np
+
+    from fnnet.data import fit_loaders
+
+    X, y = np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(10)
+    train, val = fit_loaders((X, y), batch_size=4, validation_split=0.3, key=fnnet.random.key(0))
+    assert isinstance(train, fnnet.ArrayLoader) and isinstance(val, fnnet.ArrayLoader)
+    seen = torch.cat([b[1] for b in train])
+    assert sorted(seen.tolist()) == list(range(7))  # the first 70 %, shuffled
+    assert torch.cat([b[1] for b in val]).tolist() == [7, 8, 9]  # the last 30 %, in order
+    loader = fnnet.ArrayLoader((torch.zeros(4, 1), torch.zeros(4)), 2)
+    assert fit_loaders(loader, None) == (loader, None)
+    with pytest.raises(ValueError, match="a loader brings its own batches"):
+        fit_loaders(loader, batch_size=8)
+    with pytest.raises(ValueError, match="either val_data or validation_split"):
+        fit_loaders((X, y), (X, y), validation_split=0.2)
+    with pytest.raises(ValueError, match="leaves no samples"):
+        fit_loaders((X[:1], y[:1]), validation_split=0.5)
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="validation_split"):
+            fit_loaders((X, y), validation_split=bad)
