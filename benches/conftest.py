@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -122,10 +122,6 @@ def run_case() -> Callable[..., None]:
             return
         median = stats.stats.median
         benchmark.extra_info["throughput"] = case.throughput(median)
-        if LOG:  # one line per result as it is measured (the GPU check keeps them if stopped early)
-            with open(LOG, "a") as f:
-                f.write(json.dumps({"name": benchmark.name, "stats": {"median": median},
-                                    "extra_info": benchmark.extra_info}) + "\n")
         _RESULTS.append(Result(case.workload, str(case.device), case.variant, median, list(stats.stats.data),
                                case.work, case.unit, case.throughput(median), first_call_s=case.first_call_s,
                                size=case.size))
@@ -148,3 +144,20 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_line(format_table(sort_results(_RESULTS)))
     if SCALE != 1:
         terminalreporter.write_line(f"(FNNET_BENCH_SCALE={SCALE}: sizes are {SCALE} of the chapter's)")
+
+
+@pytest.fixture(autouse=True)
+def _log_each_result(request: pytest.FixtureRequest) -> Iterator[None]:
+    """With ``FNNET_BENCH_LOG`` set, append every benchmark's result to it as soon as it is
+    measured (one JSON line), so the GPU check keeps what a step measured if it is stopped."""
+    # Taken before the test runs, so this fixture is torn down before the benchmark fixture.
+    benchmark = request.getfixturevalue("benchmark") if LOG and "benchmark" in request.fixturenames else None
+    yield
+    if benchmark is None:
+        return
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable, or skipped
+        return
+    with open(LOG, "a") as f:
+        f.write(json.dumps({"name": benchmark.name, "stats": {"median": stats.stats.median},
+                            "extra_info": benchmark.extra_info}, default=str) + "\n")

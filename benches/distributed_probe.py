@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N benches/distributed_probe.py MODEL [--steps 20] [--warmup 5]
 
-MODEL is ``cnn`` (the chapter's CNN, batch 64 per rank) or ``mlp`` (an MLP with 20.5 M
+MODEL is ``cnn`` (the chapter's CNN, batch 64 per rank) or ``mlp`` (an MLP with 21.0 M
 parameters, batch 64 per rank: communication matters). Every rank builds both variants from
 the same weights and runs them in turns, step by step, so load from elsewhere hits both alike:
 

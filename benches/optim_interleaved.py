@@ -3,8 +3,9 @@
 pytest-benchmark times one variant's rounds after another's, so a slow drift of a shared
 machine (other tenants, frequency changes) lands on whichever variant ran then: two runs of
 the same torch code path (``torch-default`` and ``torch-loop`` on CPU) have come out 7 % apart.
-Here each round runs every variant once, in turn, on fresh gradients (untimed), so drift
-slows all of them alike and the ratios stay fair::
+Here each round runs every variant once, in an order shuffled per round (seeded), on fresh
+gradients (untimed), so drift slows all of them alike, no variant always follows the same
+one, and the ratios stay fair::
 
     python benches/optim_interleaved.py [--rounds 60] [--device cpu] [--json FILE]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import statistics
 import sys
 import time
@@ -37,20 +39,20 @@ def measure(device: torch.device, rounds: int, warmup: int = 5) -> dict[str, flo
     bench = _bench_module()
     built = {v: bench.build(v, device) for v in bench.VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in bench.VARIANTS}
-    saved = bench.F.CPU_CHUNK_BYTES
-    try:
-        for r in range(warmup + rounds):
-            for variant, (run, fresh_grads, _) in built.items():
-                (grads,), _ = fresh_grads()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                run(grads)  # synchronises on CUDA itself
-                elapsed = time.perf_counter() - t0
-                if r >= warmup:
-                    times[variant].append(elapsed)
-    finally:
-        bench.F.CPU_CHUNK_BYTES = saved
+    order = list(built)
+    shuffle = random.Random(0).shuffle
+    for r in range(warmup + rounds):
+        shuffle(order)
+        for variant in order:
+            run, fresh_grads, _ = built[variant]
+            (grads,), _ = fresh_grads()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            run(grads)  # synchronises on CUDA itself
+            elapsed = time.perf_counter() - t0
+            if r >= warmup:
+                times[variant].append(elapsed)
     return {v: statistics.median(t) for v, t in times.items()}
 
 

@@ -52,7 +52,8 @@ def make_tree(device: torch.device, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _loop_adam_donated(params, grads, state, b1=0.9, b2=0.999, eps=1e-8):
-    """fnnet's donated Adam (update with the learning rate folded in, then apply), one tensor at a time."""
+    """fnnet's donated Adam on CPU (update with the learning rate folded into the denominator,
+    then apply), one tensor at a time."""
     adam_state, lr_state = state
     count = adam_state.count + 1
     t = count.to(torch.float64)
@@ -62,8 +63,8 @@ def _loop_adam_donated(params, grads, state, b1=0.9, b2=0.999, eps=1e-8):
     for g, m, v in zip(tree.leaves(grads), tree.leaves(adam_state.mu), tree.leaves(adam_state.nu)):
         m.lerp_(g, 1.0 - b1)
         v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        d = v.sqrt().mul_(inv_sqrt_bc2).add_(eps)
-        updates.append(torch.div(m, d).mul_(out_scale))
+        d = v.sqrt().mul_(inv_sqrt_bc2 / out_scale).add_(eps / out_scale)
+        updates.append(torch.div(m, d, out=g))
     for p, u in zip(tree.leaves(params), updates):
         p.add_(u)
     return params, (adam_state._replace(count=count), lr_state._replace(count=lr_state.count + 1))
@@ -111,13 +112,22 @@ def build(variant: str, device: torch.device):
             box["params"], box["state"] = O.apply_updates(box["params"], updates), new_state
             _sync(device)
 
-    elif variant in ("fnnet-donated", "fnnet-donated-whole-lists"):
-        chunk_bytes = F.CPU_CHUNK_BYTES if variant == "fnnet-donated" else 1 << 62
+    elif variant == "fnnet-donated":
 
         def run(g):
-            F.CPU_CHUNK_BYTES = chunk_bytes
             updates, box["state"] = opt.update(g, box["state"], box["params"], donate=True)
             box["params"] = O.apply_updates(box["params"], updates, donate=True)
+            _sync(device)
+
+    elif variant == "fnnet-donated-whole-lists":
+
+        def run(g):
+            saved, F.CPU_CHUNK_BYTES = F.CPU_CHUNK_BYTES, 1 << 62  # for this variant only
+            try:
+                updates, box["state"] = opt.update(g, box["state"], box["params"], donate=True)
+                box["params"] = O.apply_updates(box["params"], updates, donate=True)
+            finally:
+                F.CPU_CHUNK_BYTES = saved
             _sync(device)
 
     else:

@@ -182,7 +182,8 @@ def _compiled_and_eager_linreg_agree(device, donate, options):
 @pytest.mark.parametrize("donate, options", [(False, None), (True, None), (True, {"mode": "reduce-overhead"})],
                          ids=["pure", "donated", "cudagraphs"])
 def test_compiled_linreg_step_matches_eager_on_cuda(donate, options):
-    # The compiler pass is on (fnnet.compiler.compile), and must leave CUDA products alone.
+    # Compiled through fnnet.compiler.compile, its CPU pass installed: the CUDA graph must still
+    # compute what eager computes (the pass's own test shows it leaves non-CPU products alone).
     _compiled_and_eager_linreg_agree("cuda", donate, options)
 
 

@@ -16,8 +16,8 @@ is optax's plain loop.
 Nothing here syncs with an accelerator or branches on a tensor's value in Python (step
 counts are 0-dim tensors and bias corrections are tensor math on them), so a whole training
 step, optimizer included, can be compiled by ``torch.compile``. (On CPU, outside
-``torch.compile``, counters are read as Python numbers, which is free there and is what
-torch.optim does.)
+``torch.compile``, counters and scales are read as Python numbers, which is free there and is
+what torch.optim does: Adam then folds its output scale into its denominator.)
 """
 
 from __future__ import annotations
@@ -354,19 +354,16 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         out_scale = 1.0 / (1.0 - b1**t)  # times a fused learning rate: torch's lr / bc1
         if factor is not None:
             out_scale = out_scale * factor
-        # The tensor-valued scalars only ever multiply: _foreach_mul_ takes a 0-dim tensor as
-        # is, while _foreach_add_(list, tensor) reads it on the host on some devices (a sync).
+        # The tensor-valued scalars only ever multiply, except where _can_fold allows (CPU,
+        # eager): _foreach_mul_ takes a 0-dim tensor as is, while _foreach_add_(list, tensor)
+        # reads it on the host on some devices (a sync).
 
         def math_(s, g, mu, nu):
             s_inv_bc2, s_out = s
             mu = F.lerp(mu, g, 1.0 - b1, donate)
             nu = F.mul(nu, b2, donate)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
-            # Eager on CPU, the output scale is folded into the denominator, u = mu / (d / s_out):
-            # one pass over memory fewer (reading s_out is free there). Elsewhere, or when the
-            # scale is 0 (a warm-up from lr 0), it is a last multiply.
-            fold = (eps_root == 0.0 and mu[0].device.type == "cpu" and not torch.compiler.is_compiling()
-                    and float(s_out) != 0.0)
+            fold = eps_root == 0.0 and _can_fold(s_out, mu[0])
             if eps_root == 0.0:
                 d = list(torch._foreach_sqrt(nu))
                 torch._foreach_mul_(d, s_inv_bc2 / s_out if fold else s_inv_bc2)
@@ -384,6 +381,23 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         return _tree.unflatten(spec, u), ScaleByAdamState(count, _tree.unflatten(spec, mu), _tree.unflatten(spec, nu))
 
     return _with_learning_rate(init, kernel, learning_rate, where)
+
+
+# Below this output scale (|lr / bc1|) the folded denominator could overflow float32.
+_FOLD_MIN_SCALE = 1e-12
+
+
+def _can_fold(scale: Any, like: torch.Tensor) -> bool:
+    """Whether Adam may fold its output ``scale`` into the denominator, ``u = mu / (d / scale)``:
+    one pass over memory fewer, at the cost of reading ``scale``. Only where that read is free
+    (CPU, eager), in float32/float64 (``d / scale`` would overflow float16 and lose bfloat16's
+    precision) and for a scale far from 0 (a warm-up from lr 0 multiplies instead)."""
+    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    value = float(scale.detach()) if isinstance(scale, torch.Tensor) else float(scale)
+    return math.isfinite(value) and abs(value) >= _FOLD_MIN_SCALE
 
 
 def _divide(x: list[torch.Tensor], d: list[torch.Tensor], out: list[torch.Tensor] | None) -> list[torch.Tensor]:
