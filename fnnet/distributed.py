@@ -34,7 +34,7 @@ import torch.distributed as dist
 from . import random as _random
 from . import tree as _tree
 from .state import TrainState, loss_scale_for, step_update
-from .train import PRECISIONS, make_grad_fn, split_step_key
+from .train import split_step_key, step_parts
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
            "shard", "broadcast", "all_reduce_sum", "make_train_step", "DEFAULT_TIMEOUT", "BUCKET_MB"]
@@ -293,12 +293,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     if not is_initialized():
         raise RuntimeError("the distributed step needs a process group: call fnnet.distributed.init() first "
                            "(in a process started by torchrun)")
-    if compile_options and not jit:
-        raise ValueError("compile_options only apply with jit=True")
-    grad_fn = make_grad_fn(loss_fn, precision=precision)
-    declared = grad_fn.declared  # type: ignore[attr-defined]
-    scaled = PRECISIONS[precision] is torch.float16
-    checks = skip_nonfinite or scaled
+    grad_fn, declared, scaled, checks = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite,
+                                                   jit=jit, compile_options=compile_options)
     limit = int(bucket_mb * 2**20)
     me = rank()
     order: list[int] = []  # the order gradients became ready last time: a performance cache only

@@ -36,7 +36,7 @@ from . import random as _random
 from . import tree as _tree
 from .device import DeviceLike, place, resolve_device
 from .state import TrainState, loss_scale_for, step_update
-from .train import PRECISIONS, GradResult, make_grad_fn, split_step_key
+from .train import GradResult, split_step_key, step_parts
 from .train import make_eval_step as _eval_step
 from .train import make_predict_step as _predict_step
 
@@ -243,12 +243,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
     device, which shares the params instead of copying them.
     """
     devs = _devices(devices)
-    if compile_options and not jit:
-        raise ValueError("compile_options only apply with jit=True")
-    grad_fn = make_grad_fn(loss_fn, precision=precision)
-    declared = grad_fn.declared  # type: ignore[attr-defined]
-    scaled = PRECISIONS[precision] is torch.float16
-    checks = skip_nonfinite or scaled
+    grad_fn, declared, scaled, checks = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite,
+                                                   jit=jit, compile_options=compile_options)
     shard_grad = _compiler.compile(grad_fn, **{"dynamic": False, **dict(compile_options or {})}) if jit else grad_fn
     params_copies, buffer_copies = _Replicas(devs), _Replicas(devs)
     runner = _Runner(len(devs))

@@ -56,6 +56,8 @@ __all__ = [
     "make_predict_step",
     "supervised_loss",
     "split_step_key",
+    "step_parts",
+    "StepParts",
     "autocast",
     "PRECISIONS",
 ]
@@ -348,13 +350,8 @@ def make_train_step(
 
         return parallel_step(loss_fn, optimizer, devices, jit=jit, donate=donate, precision=precision,
                              compile_options=compile_options, skip_nonfinite=skip_nonfinite)
-    _check_precision(precision)
-    if compile_options and not jit:
-        raise ValueError("compile_options only apply with jit=True")
-    grad_fn = make_grad_fn(loss_fn, precision=precision)
-    declared = grad_fn.declared
-    scaled = PRECISIONS[precision] is torch.float16
-    checks = skip_nonfinite or scaled
+    grad_fn, declared, scaled, checks = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite,
+                                                   jit=jit, compile_options=compile_options)
 
     def inner(params, opt_state, buffers, loss_scale, batch, key):
         grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
@@ -384,6 +381,26 @@ def make_train_step(
     step.donate = donate  # type: ignore[attr-defined]
     step.precision = precision  # type: ignore[attr-defined]
     return step
+
+
+class StepParts(NamedTuple):
+    """What every training-step builder (one device, several, several processes) starts from."""
+
+    grad_fn: Callable  # make_grad_fn(loss_fn, precision=precision)
+    declared: frozenset  # the keywords the loss takes (buffers, key, train)
+    scaled: bool  # float16: a dynamic loss scale
+    checks: bool  # the update is skipped where the gradients are not finite
+
+
+def step_parts(loss_fn: Callable, *, precision: str, skip_nonfinite: bool, jit: bool,
+               compile_options: Mapping[str, Any] | None) -> StepParts:
+    """The checked arguments and the gradient function a training step is built from."""
+    _check_precision(precision)
+    if compile_options and not jit:
+        raise ValueError("compile_options only apply with jit=True")
+    grad_fn = make_grad_fn(loss_fn, precision=precision)
+    scaled = PRECISIONS[precision] is torch.float16
+    return StepParts(grad_fn, grad_fn.declared, scaled, skip_nonfinite or scaled)  # type: ignore[attr-defined]
 
 
 def split_step_key(key: _random.Key | None) -> tuple[_random.Key | None, _random.Key | None]:
