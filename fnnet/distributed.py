@@ -34,7 +34,7 @@ import torch.distributed as dist
 from . import random as _random
 from . import tree as _tree
 from .state import TrainState, loss_scale_for, step_update
-from .train import split_step_key, step_parts
+from .train import compile_step, split_step_key, step_parts
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
            "shard", "broadcast", "all_reduce_sum", "make_train_step", "DEFAULT_TIMEOUT", "BUCKET_MB"]
@@ -358,9 +358,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         return _tree.unflatten(spec, out), flat[-1].float(), aux, new_buffers
 
     if jit:
-        from .compiler import compile as _compile
-
-        compiled = _compile(compiled_body, **{"dynamic": False, **dict(compile_options or {})})
+        compiled = compile_step(compiled_body, compile_options)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
         if not isinstance(state, TrainState):

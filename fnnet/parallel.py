@@ -31,12 +31,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import compiler as _compiler
 from . import random as _random
 from . import tree as _tree
 from .device import DeviceLike, place, resolve_device
 from .state import TrainState, loss_scale_for, step_update
-from .train import GradResult, split_step_key, step_parts
+from .train import GradResult, compile_step, split_step_key, step_parts
 from .train import make_eval_step as _eval_step
 from .train import make_predict_step as _predict_step
 
@@ -53,13 +52,14 @@ def shard_sizes(n: int, k: int) -> list[int]:
 
 
 def _batch_length(batch: Any) -> int:
-    sizes = {p: x.shape[0] for p, x in _tree.leaves_with_path(batch) if isinstance(x, torch.Tensor) and x.ndim > 0}
-    if not sizes:
+    lengths = {x.shape[0] for x in _tree.leaves(batch) if isinstance(x, torch.Tensor) and x.ndim > 0}
+    if not lengths:
         raise ValueError("scatter: the batch holds no tensor with a first (sample) dimension; nothing to split")
-    if len(set(sizes.values())) > 1:
+    if len(lengths) > 1:  # key paths are built for the message only (this runs every step)
+        sizes = {p: x.shape[0] for p, x in _tree.leaves_with_path(batch) if isinstance(x, torch.Tensor) and x.ndim > 0}
         listed = ", ".join(f"'{p}': {n}" for p, n in sizes.items())
         raise ValueError(f"scatter: every tensor in a batch needs the same first dimension (samples), got {listed}")
-    n = next(iter(sizes.values()))
+    (n,) = lengths
     if n == 0:
         raise ValueError("scatter: the batch is empty (first dimension 0)")
     return n
@@ -79,14 +79,19 @@ def scatter(batch: Any, devices: Sequence[DeviceLike], *, non_blocking: bool = F
     devs = [resolve_device(d) for d in devices]
     if not devs:
         raise ValueError("scatter: no devices given")
-    n = _batch_length(batch)
+    return _scatter(batch, devs, non_blocking)[0]
+
+
+def _scatter(batch: Any, devs: list[torch.device], non_blocking: bool) -> tuple[list[Any], list[int]]:
+    """:func:`scatter`, and the shard sizes (the steps' weights)."""
+    sizes = shard_sizes(_batch_length(batch), len(devs))
     shards, start = [], 0
-    for dev, size in zip(devs, shard_sizes(n, len(devs))):
+    for dev, size in zip(devs, sizes):
         lo, hi = start, start + size
         shards.append(_tree.map(lambda x: x[lo:hi] if isinstance(x, torch.Tensor) and x.ndim > 0 else x, batch))
         shards[-1] = place(shards[-1], dev, non_blocking=non_blocking)
         start = hi
-    return shards
+    return shards, sizes
 
 
 def replicate(tree: Any, devices: Sequence[DeviceLike]) -> list[Any]:
@@ -245,7 +250,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
     devs = _devices(devices)
     grad_fn, declared, scaled, checks = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite,
                                                    jit=jit, compile_options=compile_options)
-    shard_grad = _compiler.compile(grad_fn, **{"dynamic": False, **dict(compile_options or {})}) if jit else grad_fn
+    shard_grad = compile_step(grad_fn, compile_options) if jit else grad_fn
     params_copies, buffer_copies = _Replicas(devs), _Replicas(devs)
     runner = _Runner(len(devs))
     concurrent_ok = not jit and "key" not in declared
@@ -260,9 +265,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
         if not isinstance(state, TrainState):
             raise TypeError(f"step expects a TrainState as its first argument, got {type(state).__name__}")
-        shards = scatter(batch, devs, non_blocking=True)
+        shards, sizes = _scatter(batch, devs, True)
         used = devs[:len(shards)]
-        sizes = [_batch_length(s) for s in shards]
         primary = _tree_device(state.params)
         next_key, step_key = split_step_key(state.key)
         loss_scale = loss_scale_for(state, scaled)
@@ -302,9 +306,8 @@ def _per_shard(single_step: Callable[[TrainState, Any], Any], devices: Sequence[
     def step(state: TrainState, batch: Any) -> Any:
         if not isinstance(state, TrainState):
             raise TypeError(f"{what} expects a TrainState as its first argument, got {type(state).__name__}")
-        shards = scatter(batch, devs, non_blocking=True)
+        shards, sizes = _scatter(batch, devs, True)
         used = devs[:len(shards)]
-        sizes = [_batch_length(s) for s in shards]
         params = params_copies.get(state.params, used)
         buffers = buffer_copies.get(state.buffers, used) if state.buffers is not None else [None] * len(used)
         outs = runner.map(one_shard, list(zip(params, buffers, shards, used)), concurrent_ok)

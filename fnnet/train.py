@@ -58,6 +58,7 @@ __all__ = [
     "split_step_key",
     "step_parts",
     "StepParts",
+    "compile_step",
     "autocast",
     "PRECISIONS",
 ]
@@ -358,7 +359,7 @@ def make_train_step(
         return step_update(optimizer, grads, loss, aux, params, opt_state, buffers=buffers, new_buffers=new_buffers,
                            loss_scale=loss_scale, check_finite=checks, donate=donate)
 
-    compiled = _compile(inner, compile_options) if jit else inner
+    compiled = compile_step(inner, compile_options) if jit else inner
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         if not isinstance(state, TrainState):
@@ -395,12 +396,16 @@ class StepParts(NamedTuple):
 def step_parts(loss_fn: Callable, *, precision: str, skip_nonfinite: bool, jit: bool,
                compile_options: Mapping[str, Any] | None) -> StepParts:
     """The checked arguments and the gradient function a training step is built from."""
-    _check_precision(precision)
-    if compile_options and not jit:
-        raise ValueError("compile_options only apply with jit=True")
+    _check_step_options(precision, jit, compile_options)
     grad_fn = make_grad_fn(loss_fn, precision=precision)
     scaled = PRECISIONS[precision] is torch.float16
     return StepParts(grad_fn, grad_fn.declared, scaled, skip_nonfinite or scaled)  # type: ignore[attr-defined]
+
+
+def _check_step_options(precision: str, jit: bool, compile_options: Mapping[str, Any] | None) -> None:
+    _check_precision(precision)
+    if compile_options and not jit:
+        raise ValueError("compile_options only apply with jit=True")
 
 
 def split_step_key(key: _random.Key | None) -> tuple[_random.Key | None, _random.Key | None]:
@@ -410,23 +415,22 @@ def split_step_key(key: _random.Key | None) -> tuple[_random.Key | None, _random
     return _random.split(key)
 
 
-def _compile(fn: Callable, compile_options: Mapping[str, Any] | None) -> Callable:
-    """``fn`` through :func:`fnnet.compiler.compile`, shapes specialised unless the options say otherwise."""
+def compile_step(fn: Callable, compile_options: Mapping[str, Any] | None) -> Callable:
+    """``fn`` through :func:`fnnet.compiler.compile`, shapes specialised unless the options say otherwise
+    (how every ``jit=True`` step is compiled)."""
     return _compiler.compile(fn, **{"dynamic": False, **dict(compile_options or {})})
 
 
 def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: str,
                   compile_options: Mapping[str, Any] | None) -> Callable[[TrainState, Any], Any]:
     """``step(state, batch) -> fn(params, batch, buffers)`` under ``no_grad`` and the precision's autocast."""
-    _check_precision(precision)
-    if compile_options and not jit:
-        raise ValueError("compile_options only apply with jit=True")
+    _check_step_options(precision, jit, compile_options)
 
     def inner(params, buffers, batch):
         with torch.no_grad(), autocast(precision, params):
             return fn(params, batch, buffers)
 
-    compiled = _compile(inner, compile_options) if jit else inner
+    compiled = compile_step(inner, compile_options) if jit else inner
 
     def step(state: TrainState, batch: Any) -> Any:
         if not isinstance(state, TrainState):
