@@ -159,7 +159,9 @@ def gpu_check(out_dir: str | None, *, budget_s: float, scale: float) -> int:
 
     device = "cuda" if cuda else "cpu"
     cli_files = []
-    # matmul first: a step stopped at its limit writes no JSON, so the quick workload goes first
+    # In the second step matmul runs before the CNN: fnnet bench writes its JSON only at the end,
+    # but prints each variant's time as it finishes, and the .log keeps that output; the quick
+    # workload first is then kept even if the CNN epochs run past the step's limit.
     for name, workloads, repeats in [("linreg interleaved", "linreg", 15), ("matmul and cnn", "matmul,cnn", 5)]:
         cli_json = out / f"{stem}-bench-{workloads.replace(',', '-')}.json"
         cli_files.append(cli_json)

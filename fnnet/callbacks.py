@@ -465,8 +465,7 @@ class TensorBoardLogger(Callback):
     @staticmethod
     def _writes() -> bool:
         # In a torch.distributed run every rank sees the same epoch logs: rank 0 writes them (Lightning's rank_zero_only).
-        return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            or torch.distributed.get_rank() == 0
+        return _dist.is_main()
 
     def on_fit_start(self, trainer: Any) -> None:
         if self._writes():

@@ -151,10 +151,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="problem size as a fraction of the chapter's (default 0.05; 1 = full size)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help="comma-separated subset of matmul,linreg,cnn (default: all)")
-    parser.add_argument("--repeats", type=_int_at_least(1), default=3,
+    parser.add_argument("--repeats", type=_positive_int, default=3,
                         help="timed runs per variant; the median is reported (default 3)")
     parser.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed runs before timing (default 1)")
-    parser.add_argument("--steps", type=_int_at_least(1), default=20,
+    parser.add_argument("--steps", type=_positive_int, default=20,
                         help="linear-regression steps per timed run (default 20)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the torch.compile variants (each compiles for tens of seconds on a CPU)")

@@ -232,10 +232,10 @@ class ArrayLoader:
         b, n = self._global_batch(), self.num_samples
         lo, hi = i * b, (n if (i == count - 1 and not self.drop_last) else min((i + 1) * b, n))
         if self.shard:
-            rank, world = self.shard
-            sizes = [(hi - lo) // world + (1 if r < (hi - lo) % world else 0) for r in range(world)]
-            lo += sum(sizes[:rank])
-            hi = lo + sizes[rank]
+            rank, world = self.shard  # parts that differ by at most one, the larger ones first
+            q, r = divmod(hi - lo, world)
+            lo += rank * q + min(rank, r)
+            hi = lo + q + (1 if rank < r else 0)
         return lo, hi
 
     def _iterate(self, order: torch.Tensor, start: int, count: int) -> Iterator[Any]:
@@ -369,8 +369,6 @@ def batch_size_of(batch: Any) -> int:
 def as_arrays(data: Any) -> tuple | None:
     """``data`` as a tuple of tensors when it is the data itself (a tuple or list of tensors or
     NumPy arrays), else ``None`` (a loader, or any other iterable of batches)."""
-    import numpy as np
-
     if isinstance(data, (tuple, list)) and data and all(isinstance(a, (torch.Tensor, np.ndarray)) for a in data):
         return tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in data)
     return None

@@ -33,7 +33,7 @@ import torch
 
 from . import random as _random
 from . import tree as _tree
-from .device import DeviceLike, place, resolve_device
+from .device import DeviceLike, place, resolve_device, tree_device
 from .state import TrainState, loss_scale_for, step_update
 from .train import GradResult, compile_step, split_step_key, step_parts
 from .train import make_eval_step as _eval_step
@@ -164,13 +164,13 @@ class _Replicas:
         return tuple((id(x), x._version) if isinstance(x, torch.Tensor) else x for x in _tree.leaves(tree))
 
     def get(self, tree: Any, devices: list[torch.device]) -> list[Any]:
-        primary = _tree_device(tree)
+        primary = tree_device(tree)
         if self.signature != self._signature(tree) or any(d not in self.copies for d in devices if d != primary):
             self.refresh(tree)
         return [tree if d == primary else self.copies[d] for d in devices]
 
     def refresh(self, tree: Any) -> None:
-        primary = _tree_device(tree)
+        primary = tree_device(tree)
         for d in dict.fromkeys(self.devices):
             if d == primary:
                 continue
@@ -182,13 +182,6 @@ class _Replicas:
                 self.copies[d] = _tree.map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x,
                                            place(tree, d))
         self.signature = self._signature(tree)
-
-
-def _tree_device(tree: Any) -> torch.device:
-    for x in _tree.leaves(tree):
-        if isinstance(x, torch.Tensor):
-            return x.device
-    return torch.device("cpu")
 
 
 def _reduce_aux(auxes: Sequence[Mapping[str, Any]], sizes: Sequence[int], device: torch.device) -> dict[str, Any]:
@@ -267,7 +260,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
             raise TypeError(f"step expects a TrainState as its first argument, got {type(state).__name__}")
         shards, sizes = _scatter(batch, devs, True)
         used = devs[:len(shards)]
-        primary = _tree_device(state.params)
+        primary = tree_device(state.params)
         next_key, step_key = split_step_key(state.key)
         loss_scale = loss_scale_for(state, scaled)
         params = params_copies.get(state.params, used)
@@ -311,7 +304,7 @@ def _per_shard(single_step: Callable[[TrainState, Any], Any], devices: Sequence[
         params = params_copies.get(state.params, used)
         buffers = buffer_copies.get(state.buffers, used) if state.buffers is not None else [None] * len(used)
         outs = runner.map(one_shard, list(zip(params, buffers, shards, used)), concurrent_ok)
-        return combine(outs, sizes, _tree_device(state.params))
+        return combine(outs, sizes, tree_device(state.params))
 
     return step
 

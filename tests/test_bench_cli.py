@@ -202,3 +202,15 @@ def test_plot_draws_each_ratio_as_a_point_on_a_linear_axis_with_1_marked(tmp_pat
         {t.get_text() for t in linreg.get_yticklabels()} == {"chapter (cpu)", "fnnet-eager (cpu)"}
     with pytest.raises(RuntimeError, match="nothing to plot"):
         bench.plot([bench.Result("linreg", "cpu", "chapter", skipped="x")], tmp_path / "none.png")
+
+
+def test_a_plot_with_nothing_to_draw_is_reported_not_a_traceback(monkeypatch, capsys, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(W, "matmul_case", broken)
+    out = tmp_path / "plot.png"
+    assert bench.main(TINY + ["--workloads", "matmul", "--plot", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to plot" in err and "not written" in err and "Traceback" not in err
+    assert not out.exists()

@@ -113,6 +113,7 @@ def _check_target(path: str) -> str:
 
 def write(path: str, tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> None:
     """Write ``tensors`` and ``structure`` (a JSON node) to ``path`` atomically, with checksums."""
+    folder = _check_target(path)  # before the checksums: a bad target fails without a pass over the data
     metadata = {
         "format": "pt",
         META_FORMAT: FORMAT_VERSION,
@@ -120,7 +121,6 @@ def write(path: str, tensors: dict[str, torch.Tensor], structure: dict[str, Any]
         META_CRC: json.dumps({k: crc32(v) for k, v in tensors.items()}, separators=(",", ":")),
     }
     metadata[META_DIGEST] = _digest(metadata, tensors)
-    folder = _check_target(path)
     os.makedirs(folder, exist_ok=True)
     base = os.path.basename(path)
     _remove_stale_temporaries(folder, base)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import lr_scheduler as _lrs
 
-from ._common import check_int, make_schedule, scalar_dtype
+from ._common import check_int, make_schedule, scalar_value
 from .aliases import adagrad, adam, adamw, rmsprop, sgd
 from .base import GradientTransformation, Schedule, chain
 from .schedules import exponential_decay, per_epoch, piecewise_constant_schedule, step_lr
@@ -173,7 +173,7 @@ def _lambda(base: float, fn: Callable[[int], float], name: str) -> Schedule:
         # the host: free on CPU, a sync per evaluation on an accelerator, a graph break under compile.
         value = base * float(fn(int(step)))
         if isinstance(step, torch.Tensor):
-            return torch.full((), value, dtype=scalar_dtype(step.device), device=step.device)
+            return scalar_value(value, step.device)
         return value
 
     return _named(schedule, name)
@@ -206,10 +206,11 @@ def _one_cycle(scheduler: Any, name: str) -> Schedule:
             return end + (start - end) / 2.0 * (torch.cos(math.pi * pct) + 1)
         return (end - start) * pct + start
 
+    starts = [0.0] + [end for end, _, _ in phases[:-1]]
+
     def fn(t: torch.Tensor) -> torch.Tensor:
         # torch raises after total_steps scheduler steps; past that, keep the last value it defines.
         t = torch.clamp(t, max=total)
-        starts = [0.0] + [end for end, _, _ in phases[:-1]]
         value = anneal(phases[-1][1], phases[-1][2], (t - starts[-1]) / (phases[-1][0] - starts[-1]))
         for (end, lo, hi), start in zip(reversed(phases[:-1]), reversed(starts[:-1])):  # the first phase that holds t wins
             value = torch.where(t <= end, anneal(lo, hi, (t - start) / (end - start)), value)
