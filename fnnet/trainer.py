@@ -312,13 +312,13 @@ class Trainer:
         """
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        train_data, val_data = fit_loaders(train_data, val_data, batch_size=batch_size, validation_split=validation_split,
-                                           shuffle=shuffle, key=_random.fold_in(self.key, 0x7A1A), device=self.device,
-                                           shard=_dist.shard() if self.distributed else None)
         if on_nonfinite not in ("stop", "raise"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'raise', got {on_nonfinite!r}")
         if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
             raise ValueError(f"log_every must be a positive int or None, got {log_every!r}")
+        train_data, val_data = fit_loaders(train_data, val_data, batch_size=batch_size, validation_split=validation_split,
+                                           shuffle=shuffle, key=_random.fold_in(self.key, 0x7A1A), device=self.device,
+                                           shard=self._shard())
         for name, data in (("train_data", train_data), ("val_data", val_data)):
             if data is not None and epochs > 1 and iter(data) is data:
                 raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}), which cannot be iterated again "
@@ -366,6 +366,10 @@ class Trainer:
             self._sync_module()
         return self.history
 
+    def _shard(self) -> tuple[int, int] | None:
+        """This rank's part of arrays the trainer batches itself (``None`` outside a distributed run)."""
+        return _dist.shard() if self.distributed else None
+
     def _nonfinite(self, epoch: int, skipped: int, on_nonfinite: str) -> None:
         what = (f"{skipped} update(s) with non-finite gradients were skipped" if skipped
                 else "the training loss became non-finite")
@@ -387,7 +391,7 @@ class Trainer:
         """
         arrays = as_arrays(data)
         if arrays is not None:
-            data = ArrayLoader(arrays, batch_size, device=self.device, shard=_dist.shard() if self.distributed else None)
+            data = ArrayLoader(arrays, batch_size, device=self.device, shard=self._shard())
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         total = num_batches(data)
         with _Bar(total, "validation", bool(verbose)) as bar:

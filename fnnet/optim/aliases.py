@@ -40,6 +40,15 @@ def _check_lr(learning_rate: Any, where: str) -> None:
         check_learning_rate(learning_rate, where)
 
 
+def _momentum_step(momentum: float, nesterov: bool, learning_rate: ScalarOrSchedule) -> GradientTransformation:
+    """The last stage of sgd and rmsprop: with momentum, the trace and the learning rate in one
+    pass over memory (trace's ``learning_rate=``: the numbers of ``chain(trace(momentum,
+    nesterov), scale_by_learning_rate(lr))``); without, the learning rate alone."""
+    if momentum != 0:
+        return trace(momentum, nesterov, learning_rate=learning_rate)
+    return scale_by_learning_rate(learning_rate)
+
+
 def _l2(weight_decay: float) -> GradientTransformation | None:
     return add_decayed_weights(weight_decay) if weight_decay != 0 else None
 
@@ -63,13 +72,7 @@ def sgd(
     if nesterov and momentum <= 0:
         raise ValueError("sgd: nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
     _check_lr(learning_rate, "sgd")
-    if momentum != 0:
-        # Momentum and the learning rate in one pass over memory (trace's learning_rate=):
-        # the numbers of chain(trace(momentum, nesterov), scale_by_learning_rate(lr)).
-        step = trace(momentum, nesterov, learning_rate=learning_rate)
-    else:
-        step = scale_by_learning_rate(learning_rate)
-    return _chain(_l2(weight_decay), step)
+    return _chain(_l2(weight_decay), _momentum_step(momentum, nesterov, learning_rate))
 
 
 def adam(
@@ -162,11 +165,7 @@ def rmsprop(
     check_nonneg("rmsprop", eps=eps, weight_decay=weight_decay, momentum=momentum)
     _check_lr(learning_rate, "rmsprop")
     scaling = scale_by_stddev if centered else scale_by_rms
-    if momentum != 0:
-        step = trace(momentum, learning_rate=learning_rate)  # momentum and lr in one pass
-    else:
-        step = scale_by_learning_rate(learning_rate)
-    return _chain(_l2(weight_decay), scaling(alpha, eps, eps_in_sqrt=False), step)
+    return _chain(_l2(weight_decay), scaling(alpha, eps, eps_in_sqrt=False), _momentum_step(momentum, False, learning_rate))
 
 
 def _inverse_time_decay(learning_rate: ScalarOrSchedule, lr_decay: float) -> Any:
