@@ -382,10 +382,9 @@ class CSVLogger(Callback):
         self.append = append
         self._fields: list[str] | None = None
 
+    @_dist.rank_zero_only
     def on_fit_start(self, trainer: Any) -> None:
         self._fields = None
-        if not _dist.is_main():
-            return
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
@@ -396,9 +395,8 @@ class CSVLogger(Callback):
                 with open(self.path, newline="") as f:
                     self._fields = next(csv.reader(f), None)
 
+    @_dist.rank_zero_only
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
-        if not _dist.is_main():
-            return
         row = {"epoch": epoch + 1, **logs}
         rows: list[dict] = []
         if self._fields is None:
@@ -462,22 +460,18 @@ class TensorBoardLogger(Callback):
             self.writer = self._writer_class(log_dir=self.log_dir)
         return self.writer
 
-    @staticmethod
-    def _writes() -> bool:
-        # In a torch.distributed run every rank sees the same epoch logs: rank 0 writes them (Lightning's rank_zero_only).
-        return _dist.is_main()
-
+    # In a torch.distributed run every rank sees the same epoch logs: the writing rank writes them.
+    @_dist.rank_zero_only
     def on_fit_start(self, trainer: Any) -> None:
-        if self._writes():
-            self._writer()
+        self._writer()
 
+    @_dist.rank_zero_only
     def on_train_batch_end(self, trainer: Any, step: int, metrics: dict) -> None:
-        if self.every_n_steps is not None and int(step) % self.every_n_steps == 0 and self._writes():
+        if self.every_n_steps is not None and int(step) % self.every_n_steps == 0:
             self._writer().add_scalar("loss_step", float(metrics["loss"]), int(step))
 
+    @_dist.rank_zero_only
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
-        if not self._writes():
-            return
         writer = self._writer()
         for key, value in logs.items():
             writer.add_scalar(key, float(value), epoch + 1)

@@ -24,6 +24,7 @@ is part of the compiled graph.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 from typing import Any, Callable, Mapping
@@ -31,13 +32,17 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from . import comm as _comm
 from . import random as _random
 from . import tree as _tree
-from .state import TrainState, loss_scale_for, step_update
-from .train import compile_step, split_step_key, step_parts
+from .batch import batch_size_of
+from .grad import GradResult
+from .state import TrainState
+from .step import build_train_step, compile_step, step_parts
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
-           "shard", "broadcast", "all_reduce_sum", "make_train_step", "DEFAULT_TIMEOUT", "BUCKET_MB"]
+           "shard", "broadcast", "broadcast_state", "all_reduce_sum", "rank_zero_only", "make_train_step",
+           "DEFAULT_TIMEOUT", "BUCKET_MB"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 BUCKET_MB = 25.0
@@ -116,8 +121,25 @@ def local_rank() -> int:
 
 
 def is_main() -> bool:
-    """Whether this is rank 0: the process that prints and writes files."""
+    """Whether this process prints and writes files: rank 0 of the process group, or the only process.
+
+    fnnet's one policy for "which rank writes": the Trainer's progress bar and ``save``, and
+    every callback that touches a file (``ModelCheckpoint``, ``CSVLogger``,
+    ``TensorBoardLogger``) ask this (or use :func:`rank_zero_only`). Every rank holds the same
+    state and the same epoch logs, so nothing is lost by writing once.
+    """
     return rank() == 0
+
+
+def rank_zero_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run on the writing rank only (:func:`is_main`); elsewhere the call returns ``None``
+    (Lightning's ``rank_zero_only``)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if is_main() else None
+
+    return wrapped
 
 
 def barrier() -> None:
@@ -175,114 +197,124 @@ def all_reduce_sum(tree: Any) -> Any:
     return _tree.map(reduce, tree)
 
 
+def _signature(tree: Any) -> list[tuple[str, Any, Any]]:
+    """``(key path, shape, dtype)`` of every leaf (plain leaves: their type), for comparing ranks."""
+    return [(p, tuple(x.shape), str(x.dtype).removeprefix("torch.")) if isinstance(x, torch.Tensor)
+            else (p, None, type(x).__name__) for p, x in _tree.leaves_with_path(tree)]
+
+
+def _first_difference(mine: list, theirs: list) -> str | None:
+    for (p, shape, dtype), (q, shape2, dtype2) in zip(mine, theirs):
+        if p != q:
+            return f"leaf '{q}' where rank 0 has '{p}'"
+        if (shape, dtype) != (shape2, dtype2):
+            what = "shape" if shape != shape2 else "dtype"
+            return f"'{p}' has {what} {shape2 if what == 'shape' else dtype2}, rank 0's has {shape if what == 'shape' else dtype}"
+    if len(mine) != len(theirs):
+        extra = theirs[len(mine)] if len(theirs) > len(mine) else mine[len(theirs)]
+        return f"{len(theirs)} leaves where rank 0 has {len(mine)} (first unmatched: '{extra[0]}')"
+    return None
+
+
+def broadcast_state(state: Any, src: int = 0, *, donate: bool = False) -> Any:
+    """``state`` as rank ``src`` has it, on every rank, after checking that every rank's state has
+    the same structure: key paths, shapes and dtypes.
+
+    The distributed step calls this on a state's first step (``state.step == 0``, with
+    ``sync_state=True``, the default), so every rank starts from rank 0's parameters,
+    optimizer state, buffers and key; call it yourself to synchronise at another time (after
+    loading a checkpoint on one rank, say). It costs one small gather of each rank's
+    structure plus one broadcast per tensor.
+
+    Raises:
+        ValueError: on every rank, when some rank's state differs from ``src``'s, naming the
+            rank and the first difference (a leaf, a shape, a dtype), instead of a collective
+            that aborts the process or hangs.
+    """
+    if not is_initialized() or world_size() == 1:
+        return state
+    mine = _signature(state)
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, mine)
+    reference = everyone[src]
+    for r, theirs in enumerate(everyone):
+        problem = _first_difference(reference, theirs)
+        if problem is not None:
+            raise ValueError(f"fnnet.distributed.broadcast_state: rank {r}'s state differs from rank {src}'s: "
+                             f"{problem}. Every rank must build the same model and optimizer (same shapes, dtypes "
+                             "and parameter names) before training")
+    return broadcast(state, src, donate=donate)
+
+
 # -- the step -------------------------------------------------------------------------------------------
 
 
-class _Buckets:
-    """Gradients gathered into flat buckets, each all-reduced (asynchronously) once complete.
-
-    Each rank multiplies its gradients by its share of the samples, ``n_r / N`` (``N``, the sum
-    of the batch sizes, is all-reduced first), while flattening them into a bucket, so the
-    reduced bucket is the weighted mean itself. Buckets follow the
-    order in which gradients became ready in the previous step (the backward pass's order),
-    as DDP rebuilds its buckets after the first iteration.
-    """
-
-    def __init__(self, leaves: list[torch.Tensor], order: list[int], limit: int):
-        self.leaves = leaves
-        self.buckets: list[list[int]] = []
-        size, current, dtype = 0, [], None
-        for i in order:
-            x = leaves[i]
-            nbytes = x.numel() * x.element_size()
-            if current and (size + nbytes > limit or x.dtype != dtype):
-                self.buckets.append(current)
-                size, current = 0, []
-            current.append(i)
-            size, dtype = size + nbytes, x.dtype
-        if current:
-            self.buckets.append(current)
-        self.bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
-        self.waiting = [len(b) for b in self.buckets]
-        self.grads: list[torch.Tensor | None] = [None] * len(leaves)
-        self.flat: list[torch.Tensor | None] = [None] * len(self.buckets)
-        self.works: list[Any] = [None] * len(self.buckets)
-        self.ready: list[int] = []
-        self.launched = 0  # buckets start in index order on every rank: collectives must match
-        self.weight: Any = 1.0  # n_r / N, over the loss scale: the hooks see gradients of the scaled loss
-        self.scale_back: Any = 1.0  # the loss scale, to put it back on gradients that were unscaled
-
-    def hook(self, i: int, g: torch.Tensor) -> None:
-        if i not in self.bucket_of or self.grads[i] is not None:
-            return
-        self.grads[i] = g
-        self.ready.append(i)
-        self.waiting[self.bucket_of[i]] -= 1
-        while self.launched < len(self.buckets) and self.waiting[self.launched] == 0:
-            self._launch(self.launched)
-            self.launched += 1
-
-    def _launch(self, b: int) -> None:
-        idx = self.buckets[b]
-        first = self.leaves[idx[0]]
-        flat = torch.empty(sum(self.leaves[i].numel() for i in idx), dtype=first.dtype, device=first.device)
-        offset = 0
-        for i in idx:  # weighted and flattened in one pass: the bucket is the scaled gradients
-            n = self.leaves[i].numel()
-            g = self.grads[i]
-            if g is None:
-                flat[offset:offset + n].zero_()
-            else:
-                torch.mul(g.reshape(-1), self.weight, out=flat[offset:offset + n])
-            offset += n
-        self.flat[b] = flat
-        self.works[b] = dist.all_reduce(flat, async_op=True)
-
-    def finish(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Launch what the hooks did not (unused params), wait, and return ``sum_r (n_r / N) g_r``."""
-        for i, g in enumerate(grads):
-            if self.grads[i] is None and i in self.bucket_of:  # unused or frozen: no hook ran
-                self.grads[i] = g * self.scale_back
-        for b in range(self.launched, len(self.buckets)):
-            self._launch(b)
-        self.launched = len(self.buckets)
-        out = list(grads)
-        for b, idx in enumerate(self.buckets):
-            self.works[b].wait()
-            flat = self.flat[b]
-            offset = 0
-            for i in idx:
-                n = self.leaves[i].numel()
-                out[i] = flat[offset:offset + n].view_as(self.leaves[i])
-                offset += n
-        return out
+def _counted(n: int, dev: torch.device) -> tuple[torch.Tensor, Any]:
+    """``N``, the samples of this step over all ranks: an asynchronous all-reduce, waited for only
+    when the first bucket needs its weight (so it runs during the backward pass)."""
+    t = torch.tensor([float(n)], dtype=torch.float64, device=dev)
+    return t, dist.all_reduce(t, async_op=True)
 
 
-def _batch_size(batch: Any) -> int:
-    for x in _tree.leaves(batch):
-        if isinstance(x, torch.Tensor) and x.ndim > 0:
-            return x.shape[0]
-    raise ValueError("the distributed step needs a batch holding a tensor with a first (sample) dimension")
+def _reduce_extras(n: int, total: float, loss: torch.Tensor, buffers: Any) -> Callable[[], tuple[torch.Tensor, Any]]:
+    """Start one all-reduce for the weighted loss and the float buffers (weights ``n / total``);
+    returns ``wait() -> (loss, buffers)``. Integer buffers are rank 0's."""
+    buf_leaves, buf_spec = _tree.flatten(buffers) if buffers is not None else ([], None)
+    floats = [i for i, b in enumerate(buf_leaves) if isinstance(b, torch.Tensor) and b.is_floating_point()]
+    flat = torch.cat([loss.double().reshape(1) * n] + [buf_leaves[i].double().reshape(-1) * n for i in floats])
+    work = dist.all_reduce(flat, async_op=True)
+    ints = {i: b.clone() for i, b in enumerate(buf_leaves) if isinstance(b, torch.Tensor) and i not in floats}
+    int_works = [dist.broadcast(t, src=0, async_op=True) for t in ints.values()]
+
+    def wait() -> tuple[torch.Tensor, Any]:
+        work.wait()
+        for w in int_works:
+            w.wait()
+        out, offset = list(buf_leaves), 1
+        for i in floats:
+            k = buf_leaves[i].numel()
+            out[i] = (flat[offset:offset + k] / total).view_as(buf_leaves[i]).to(buf_leaves[i].dtype)
+            offset += k
+        out = [ints.get(i, x) for i, x in enumerate(out)]
+        new_buffers = _tree.unflatten(buf_spec, out) if buf_spec is not None else None
+        return (flat[0] / total).float(), new_buffers
+
+    return wait
+
+
+def _rank_batch_size(batch: Any, me: int) -> int:
+    n = batch_size_of(batch)
+    if n == 0:
+        raise ValueError(f"rank {me} got an empty batch; every rank needs at least one sample per step "
+                         "(fnnet.ArrayLoader(..., shard=fnnet.distributed.shard()) never makes empty shards)")
+    return n
 
 
 def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, donate: bool = False,
                     precision: str = "32", compile_options: Mapping[str, Any] | None = None,
-                    skip_nonfinite: bool = False, bucket_mb: float = BUCKET_MB
+                    skip_nonfinite: bool = False, bucket_mb: float = BUCKET_MB,
+                    reduction: _comm.Reduction | None = None, sync_state: bool = True
                     ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """The multi-process training step ``step(state, batch) -> (state, metrics)``; each rank passes its shard.
 
     The arguments mean what they mean in :func:`fnnet.make_train_step` (``distributed=True``
-    there builds this). Every rank:
+    there builds this). It is the one skeleton (:func:`fnnet.step.build_train_step`) with a
+    gradient source that, on every rank:
 
-    * on the state's first step (``state.step == 0``) takes rank 0's params, optimizer state,
-      buffers and key (a broadcast), so every rank starts from one state;
     * computes the gradients of its own batch (dropout keys differ per rank:
       ``fold_in(step key, rank)``);
     * sums ``n_r * g_r`` over ranks and divides by ``sum_r n_r`` (``n_r``: this rank's batch
       size): the gradient of the concatenated batch for a mean-reduced loss. Eager steps
-      reduce in buckets of about ``bucket_mb`` MB that start during the backward pass;
-      compiled steps all-reduce inside the compiled graph;
+      flatten the gradients, already weighted, into buckets of about ``bucket_mb`` MB that
+      are handed to ``reduction`` during the backward pass (:mod:`fnnet.comm`: the default
+      :func:`fnnet.comm.all_reduce`; :func:`fnnet.comm.local` communicates nothing; any
+      callable ``reduction(bucket) -> wait``, DDP's comm hook). Compiled steps all-reduce
+      inside the compiled graph (a custom ``reduction`` needs ``jit=False``);
     * applies the same update (the optimizer's state is the same on every rank).
+
+    With ``sync_state`` (default) a state's first step (``state.step == 0``) first calls
+    :func:`broadcast_state`: every rank checks that its state has rank 0's structure and takes
+    rank 0's values, so every rank starts from one state.
 
     ``metrics["loss"]`` is the loss of the concatenated batch (a weighted mean over ranks);
     other aux values are this rank's own (the ``Trainer`` sums its metric states across ranks at
@@ -293,54 +325,47 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     if not is_initialized():
         raise RuntimeError("the distributed step needs a process group: call fnnet.distributed.init() first "
                            "(in a process started by torchrun)")
-    grad_fn, declared, scaled, checks = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite,
-                                                   jit=jit, compile_options=compile_options)
+    if reduction is not None and not callable(reduction):
+        raise TypeError(f"reduction must be a callable reduction(bucket) -> wait (fnnet.comm.all_reduce, "
+                        f"fnnet.comm.local, or your own), got {type(reduction).__name__}")
+    if reduction is not None and jit:
+        raise ValueError("a custom reduction runs in eager steps; jit=True all-reduces inside the compiled graph "
+                         "(pass jit=False to use reduction=)")
+    parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
+                       compile_options=compile_options)
+    grad_fn, declared = parts.grad_fn, parts.declared
+    reduce_bucket = _comm.all_reduce if reduction is None else reduction
     limit = int(bucket_mb * 2**20)
     me = rank()
     order: list[int] = []  # the order gradients became ready last time: a performance cache only
 
-    def count(n: int, dev: torch.device) -> float:
-        """``N``, the samples of this step over all ranks (a tiny all-reduce before the backward)."""
-        t = torch.tensor([float(n)], dtype=torch.float64, device=dev)
-        dist.all_reduce(t)
-        return float(t[0])
-
-    def reduce_extras(n: int, total: float, loss: torch.Tensor, buffers: Any) -> tuple[torch.Tensor, Any]:
-        """One all-reduce for the weighted loss and the float buffers (weights ``n / total``)."""
-        buf_leaves, buf_spec = _tree.flatten(buffers) if buffers is not None else ([], None)
-        floats = [i for i, b in enumerate(buf_leaves) if isinstance(b, torch.Tensor) and b.is_floating_point()]
-        flat = torch.cat([loss.double().reshape(1) * n] + [buf_leaves[i].double().reshape(-1) * n for i in floats])
-        dist.all_reduce(flat)
-        out, offset = list(buf_leaves), 1
-        for i in floats:
-            k = buf_leaves[i].numel()
-            out[i] = (flat[offset:offset + k] / total).view_as(buf_leaves[i]).to(buf_leaves[i].dtype)
-            offset += k
-        for i, b in enumerate(buf_leaves):
-            if isinstance(b, torch.Tensor) and i not in floats:
-                out[i] = b.clone()
-                dist.broadcast(out[i], src=0)
-        new_buffers = _tree.unflatten(buf_spec, out) if buf_spec is not None else None
-        return (flat[0] / total).float(), new_buffers
-
-    def eager_grads(state: TrainState, batch: Any, key: Any, loss_scale: Any, n: int):
-        leaves, spec = _tree.flatten(state.params)
+    def eager(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
+        n = _rank_batch_size(batch, me)
+        leaves, spec = _tree.flatten(params)
         first = not order
         if first:
             order.extend(reversed(range(len(leaves))))
-        buckets = _Buckets(leaves, list(order), limit)
-        total = count(n, leaves[0].device)
-        buckets.weight = n / total if loss_scale is None else n / total / loss_scale.scale
+        buckets = _comm.GradBuckets(leaves, list(order), limit, reduce_bucket)
+        total, counting = _counted(n, leaves[0].device)
+
+        def weight() -> Any:  # n_r / N, over the loss scale: the hooks see gradients of the scaled loss
+            counting.wait()
+            return n / float(total[0]) if loss_scale is None else n / float(total[0]) / loss_scale.scale
+
+        buckets.weight = weight
         buckets.scale_back = 1.0 if loss_scale is None else loss_scale.scale
-        grads, loss, aux, new_buffers = grad_fn(state.params, batch, state.buffers, key, loss_scale=loss_scale,
+        grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale,
                                                 grad_hook=buckets.hook)
         if first:  # later steps bucket in the order the gradients came, rank 0's (DDP's rebuild)
             box = [buckets.ready if len(buckets.ready) == len(leaves) else list(order)]
             dist.broadcast_object_list(box, src=0)
             order[:] = box[0]
-        loss, new_buffers = reduce_extras(n, total, loss, new_buffers)
         reduced = buckets.finish(_tree.leaves(grads))
-        return _tree.unflatten(spec, reduced), loss, aux, new_buffers
+        counting.wait()
+        extras = _reduce_extras(n, float(total[0]), loss, new_buffers)  # after every bucket: the same order on all ranks
+        grads = _tree.unflatten(spec, reduced())
+        loss, new_buffers = extras()
+        return GradResult(grads, loss, aux, new_buffers)
 
     def compiled_body(params, batch, buffers, key, loss_scale, n):
         from torch.distributed import _functional_collectives as fc
@@ -357,37 +382,36 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
             offset += g.numel()
         return _tree.unflatten(spec, out), flat[-1].float(), aux, new_buffers
 
-    if jit:
-        compiled = compile_step(compiled_body, compile_options)
+    compiled = compile_step(compiled_body, compile_options) if jit else None
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
-        if not isinstance(state, TrainState):
-            raise TypeError(f"step expects a TrainState as its first argument, got {type(state).__name__}")
-        if state.step == 0:
-            state = broadcast(state, donate=donate)
-        n = _batch_size(batch)
-        if n == 0:
-            raise ValueError(f"rank {me} got an empty batch; every rank needs at least one sample per step "
-                             "(fnnet.ArrayLoader(..., shard=fnnet.distributed.shard()) never makes empty shards)")
-        next_key, step_key = split_step_key(state.key)
-        key = _random.fold_in(step_key, me) if step_key is not None else None
-        loss_scale = loss_scale_for(state, scaled)
-        if jit:
-            dev = _tree.leaves(state.params)[0].device
-            with _random.rng_scope(key if "key" in declared else None,
-                                   [dev] if dev.type == "cuda" and key is not None else []):
-                inner_key = _random.TRACING_KEY if key is not None else None
-                grads, loss, aux, new_buffers = compiled(state.params, batch, state.buffers, inner_key, loss_scale,
-                                                         torch.tensor(float(n), device=dev))
-            if new_buffers is not None:
-                _, new_buffers = reduce_extras(n, count(n, dev), loss, new_buffers)
-        else:
-            grads, loss, aux, new_buffers = eager_grads(state, batch, key, loss_scale, n)
-        params, opt_state, new_buffers, loss_scale, metrics = step_update(
-            optimizer, grads, loss, aux, state.params, state.opt_state, buffers=state.buffers, new_buffers=new_buffers,
-            loss_scale=loss_scale, check_finite=checks, donate=donate)
-        return TrainState(params, opt_state, state.step + 1, new_buffers, next_key,
-                          loss_scale if scaled else state.loss_scale), metrics
+    def traced(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
+        n = _rank_batch_size(batch, me)
+        dev = _tree.leaves(params)[0].device
+        with _random.rng_scope(key if "key" in declared else None,
+                               [dev] if dev.type == "cuda" and key is not None else []):
+            inner_key = _random.TRACING_KEY if key is not None else None
+            grads, loss, aux, new_buffers = compiled(params, batch, buffers, inner_key, loss_scale,  # type: ignore[misc]
+                                                     torch.tensor(float(n), device=dev))
+        if new_buffers is not None:
+            total, counting = _counted(n, dev)
+            counting.wait()
+            _, new_buffers = _reduce_extras(n, float(total[0]), loss, new_buffers)()
+        return GradResult(grads, loss, aux, new_buffers)
 
-    step.jit, step.donate, step.precision, step.distributed = jit, donate, precision, True  # type: ignore[attr-defined]
-    return step
+    def rank_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
+        """The gradient source: this rank's gradients, reduced across ranks (weighted by samples)."""
+        key = _random.fold_in(key, me) if key is not None else None
+        return (traced if jit else eager)(params, batch, buffers, key, loss_scale)
+
+    step = build_train_step(rank_gradients, optimizer, parts, donate=donate, jit=jit,
+                            compile_options=compile_options, name="distributed_train_step")
+
+    @functools.wraps(step)
+    def distributed_train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+        if sync_state and isinstance(state, TrainState) and state.step == 0:
+            state = broadcast_state(state, donate=donate)
+        return step(state, batch)
+
+    distributed_train_step.precision, distributed_train_step.distributed = precision, True  # type: ignore[attr-defined]
+    distributed_train_step.reduction = reduce_bucket  # type: ignore[attr-defined]
+    return distributed_train_step

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import tree as _tree
-from .data import split_batch
+from .batch import split_batch
 from .device import place
 from ._functional import Model
 

@@ -65,6 +65,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from . import tree as _tree
+from .batch import batch_size_of
 
 __all__ = [
     "Metric",
@@ -165,16 +166,9 @@ def mean_metric() -> Metric:
 
 
 def batch_size(outputs: Any, targets: Any) -> int:
-    """The number of samples a batch's ``(outputs, targets)`` hold: the leading dimension of the
-    first tensor with one, in ``targets`` first (the weight of a per-batch mean)."""
-    for tree in (targets, outputs):
-        for leaf in _tree.leaves(tree):
-            if isinstance(leaf, Tensor) and leaf.ndim > 0:
-                return leaf.shape[0]
-    raise ValueError(
-        "cannot tell the batch size: neither targets nor outputs hold a tensor with a leading "
-        "(batch) dimension"
-    )
+    """The number of samples a batch's ``(outputs, targets)`` hold (the weight of a per-batch mean):
+    :func:`fnnet.batch.batch_size_of` of the targets, or of the outputs when there are none."""
+    return batch_size_of(targets if targets is not None else outputs)
 
 
 def mean_of(fn: Callable[[Any, Any], Any]) -> Metric:

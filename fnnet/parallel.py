@@ -33,11 +33,11 @@ import torch
 
 from . import random as _random
 from . import tree as _tree
+from .batch import batch_size_of
 from .device import DeviceLike, place, resolve_device, tree_device
-from .state import TrainState, loss_scale_for, step_update
-from .train import GradResult, compile_step, split_step_key, step_parts
-from .train import make_eval_step as _eval_step
-from .train import make_predict_step as _predict_step
+from .grad import GradResult
+from .state import TrainState
+from .step import build_train_step, check_state, compile_step, eval_step, predict_step, step_parts
 
 __all__ = ["shard_sizes", "scatter", "replicate", "gather", "reduce_mean", "make_train_step", "make_eval_step",
            "make_predict_step"]
@@ -52,14 +52,13 @@ def shard_sizes(n: int, k: int) -> list[int]:
 
 
 def _batch_length(batch: Any) -> int:
-    lengths = {x.shape[0] for x in _tree.leaves(batch) if isinstance(x, torch.Tensor) and x.ndim > 0}
-    if not lengths:
-        raise ValueError("scatter: the batch holds no tensor with a first (sample) dimension; nothing to split")
-    if len(lengths) > 1:  # key paths are built for the message only (this runs every step)
+    """:func:`fnnet.batch.batch_size_of`, checked against every other tensor with a first dimension."""
+    n = batch_size_of(batch)
+    if any(x.shape[0] != n for x in _tree.leaves(batch) if isinstance(x, torch.Tensor) and x.ndim > 0):
+        # key paths are built for the message only (this runs every step)
         sizes = {p: x.shape[0] for p, x in _tree.leaves_with_path(batch) if isinstance(x, torch.Tensor) and x.ndim > 0}
         listed = ", ".join(f"'{p}': {n}" for p, n in sizes.items())
         raise ValueError(f"scatter: every tensor in a batch needs the same first dimension (samples), got {listed}")
-    (n,) = lengths
     if n == 0:
         raise ValueError("scatter: the batch is empty (first dimension 0)")
     return n
@@ -241,12 +240,12 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
     device, which shares the params instead of copying them.
     """
     devs = _devices(devices)
-    grad_fn, declared, scaled, checks = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite,
-                                                   jit=jit, compile_options=compile_options)
-    shard_grad = compile_step(grad_fn, compile_options) if jit else grad_fn
+    parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
+                       compile_options=compile_options)
+    shard_grad = compile_step(parts.grad_fn, compile_options) if jit else parts.grad_fn
     params_copies, buffer_copies = _Replicas(devs), _Replicas(devs)
     runner = _Runner(len(devs))
-    concurrent_ok = not jit and "key" not in declared
+    concurrent_ok = not jit and "key" not in parts.declared
 
     def one_shard(params: Any, shard: Any, buffers: Any, key: Any, loss_scale: Any, device: torch.device) -> GradResult:
         with _on(device):
@@ -255,33 +254,25 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
                     return shard_grad(params, shard, buffers, _random.TRACING_KEY, loss_scale=loss_scale)
             return shard_grad(params, shard, buffers, key, loss_scale=loss_scale)
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
-        if not isinstance(state, TrainState):
-            raise TypeError(f"step expects a TrainState as its first argument, got {type(state).__name__}")
+    def shard_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
+        """The gradient source: the batch scattered, a gradient per shard, their mean weighted by shard size."""
         shards, sizes = _scatter(batch, devs, True)
         used = devs[:len(shards)]
-        primary = tree_device(state.params)
-        next_key, step_key = split_step_key(state.key)
-        loss_scale = loss_scale_for(state, scaled)
-        params = params_copies.get(state.params, used)
-        buffers = buffer_copies.get(state.buffers, used) if state.buffers is not None else [None] * len(used)
+        primary = tree_device(params)
+        copies = params_copies.get(params, used)  # refreshed only when the params changed (after an update)
+        buffer_sets = buffer_copies.get(buffers, used) if buffers is not None else [None] * len(used)
         scales = [place(loss_scale, d) if loss_scale is not None else None for d in used]
-        keys = [_random.fold_in(step_key, i) if step_key is not None else None for i in range(len(used))]
-        results = runner.map(one_shard, list(zip(params, shards, buffers, keys, scales, used)), concurrent_ok)
+        keys = [_random.fold_in(key, i) if key is not None else None for i in range(len(used))]
+        results = runner.map(one_shard, list(zip(copies, shards, buffer_sets, keys, scales, used)), concurrent_ok)
         grads = reduce_mean([r.grads for r in results], sizes, primary, donate=True)  # the shards' own gradients
         loss = reduce_mean([r.loss for r in results], sizes, primary)
         aux = _reduce_aux([r.aux for r in results], sizes, primary)
         new_buffers = reduce_mean([r.buffers for r in results], sizes, primary) if results[0].buffers is not None else None
-        new_params, opt_state, new_buffers, loss_scale, metrics = step_update(
-            optimizer, grads, loss, aux, state.params, state.opt_state, buffers=state.buffers, new_buffers=new_buffers,
-            loss_scale=loss_scale, check_finite=checks, donate=donate)
-        params_copies.refresh(new_params)  # after the update: the copies are ready for the next step
-        if new_buffers is not None:
-            buffer_copies.refresh(new_buffers)
-        return TrainState(new_params, opt_state, state.step + 1, new_buffers, next_key,
-                          loss_scale if scaled else state.loss_scale), metrics
+        return GradResult(grads, loss, aux, new_buffers)
 
-    step.jit, step.donate, step.precision, step.devices = jit, donate, precision, devs  # type: ignore[attr-defined]
+    step = build_train_step(shard_gradients, optimizer, parts, donate=donate, jit=jit,
+                            compile_options=compile_options, name="data_parallel_train_step")
+    step.precision, step.devices = precision, devs  # type: ignore[attr-defined]
     return step
 
 
@@ -297,8 +288,7 @@ def _per_shard(single_step: Callable[[TrainState, Any], Any], devices: Sequence[
             return single_step(TrainState(params, None, 0, buffers), shard)
 
     def step(state: TrainState, batch: Any) -> Any:
-        if not isinstance(state, TrainState):
-            raise TypeError(f"{what} expects a TrainState as its first argument, got {type(state).__name__}")
+        check_state(state, what)
         shards, sizes = _scatter(batch, devs, True)
         used = devs[:len(shards)]
         params = params_copies.get(state.params, used)
@@ -313,7 +303,7 @@ def make_eval_step(loss_fn: Callable, devices: Sequence[DeviceLike], *, jit: boo
                    compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], dict[str, Any]]:
     """:func:`fnnet.make_eval_step` on every shard; the loss is averaged with the shard weights,
     per-sample aux values (outputs, targets) are gathered in batch order."""
-    single = _eval_step(loss_fn, jit=jit, precision=precision, compile_options=compile_options)
+    single = eval_step(loss_fn, jit=jit, precision=precision, compile_options=compile_options)
 
     def combine(outs: list[dict[str, Any]], sizes: list[int], device: torch.device) -> dict[str, Any]:
         loss = reduce_mean([o["loss"] for o in outs], sizes, device)
@@ -325,5 +315,5 @@ def make_eval_step(loss_fn: Callable, devices: Sequence[DeviceLike], *, jit: boo
 def make_predict_step(predict_fn: Callable, devices: Sequence[DeviceLike], *, jit: bool = False, precision: str = "32",
                       compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], Any]:
     """:func:`fnnet.make_predict_step` on every shard; the outputs gathered in batch order."""
-    single = _predict_step(predict_fn, jit=jit, precision=precision, compile_options=compile_options)
+    single = predict_step(predict_fn, jit=jit, precision=precision, compile_options=compile_options)
     return _per_shard(single, devices, lambda outs, sizes, device: gather(outs, device), not jit, "predict_step")

@@ -1,12 +1,12 @@
 """Training state as data: :class:`TrainState`, :class:`DynamicScale`, and the update that moves them.
 
 ``TrainState`` is everything a training run changes, as one pytree (flax's
-``train_state.TrainState``). :meth:`TrainState.apply_gradients` is the second half of every
-training step: the optimizer update, ``apply_updates``, the skipped-step logic (float16
-overflow, non-finite gradients) and the step count. The first half, the gradients, is
-:func:`fnnet.make_grad_fn`; :func:`fnnet.make_train_step` composes the two, and the
-data-parallel and distributed steps are "gradients per shard, a weighted reduction, then
-``apply_gradients`` once".
+``train_state.TrainState``). :func:`apply_update` (on the state's fields) and
+:meth:`TrainState.apply_gradients` (on a state) are the second half of every training step,
+written once: the optimizer update, ``apply_updates``, the skipped-step logic (float16
+overflow, non-finite gradients) and the loss scale. The first half, the gradients, is
+:func:`fnnet.make_grad_fn`; :mod:`fnnet.step` composes the two, and the data-parallel and
+distributed steps only change how the gradients are computed and reduced.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import random as _random
 from . import tree as _tree
 from .device import tree_device
 
-__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite", "update", "step_update", "loss_scale_for"]
+__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite", "apply_update", "loss_scale_for"]
 
 
 @_tree.register_dataclass(static=("period", "factor", "min_scale"))
@@ -128,24 +128,37 @@ def _copy_into(old: Any, new: Any) -> Any:
     return old
 
 
-def update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, finite: torch.Tensor | None = None,
-           donate: bool = False, buffers: Any = None, new_buffers: Any = None) -> tuple[Any, Any, Any, bool | None]:
-    """The field-level update behind :meth:`TrainState.apply_gradients`.
+def apply_update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buffers: Any = None,
+                 new_buffers: Any = None, loss_scale: "DynamicScale | None" = None, check_finite: bool = False,
+                 finite: torch.Tensor | None = None, donate: bool = False) -> tuple[Any, Any, Any, Any, Any]:
+    """The one update every training step ends with, on the state's fields (what
+    :meth:`TrainState.apply_gradients` and every step builder call).
 
-    Returns ``(params, opt_state, buffers, applied)``: ``applied`` is ``None`` without a
-    ``finite`` flag, a Python bool where the flag was read in Python (CPU, eager), and
-    ``None`` where the choice was made on the device.
+    ``optimizer.update`` turns ``grads`` into updates and :func:`fnnet.optim.apply_updates`
+    adds them. One rule decides whether the gradients are checked: when ``finite`` is given,
+    when ``check_finite`` is set, or when there is a ``loss_scale`` (float16); a check that
+    finds a non-finite gradient skips the update (params, optimizer state and buffers stay
+    as they were, donated or not) and the loss scale shrinks. On CPU outside
+    ``torch.compile`` the flag is read in Python (free there, and a skipped donated update
+    never starts); elsewhere the choice is made on the device, with no host sync.
+
+    Returns ``(params, opt_state, buffers, loss_scale, finite)``: ``buffers`` is
+    ``new_buffers`` (or ``buffers`` when that is ``None``) where the update applied, and
+    ``finite`` is the 0-dim bool tensor checked, or ``None`` when nothing was checked.
     """
+    if finite is None and (check_finite or loss_scale is not None):
+        finite = grads_finite(grads)
     new_buffers = buffers if new_buffers is None else new_buffers
     if finite is None:
         updates, opt_state = optimizer.update(grads, opt_state, params, donate=donate)
-        return _apply_updates(params, updates, donate), opt_state, new_buffers, None
+        return _apply_updates(params, updates, donate), opt_state, new_buffers, loss_scale, None
+    if loss_scale is not None:
+        loss_scale = loss_scale.adjust(finite)
     if finite.is_cpu and not torch.compiler.is_compiling():
-        # Reading a CPU flag costs nothing: skip in Python, so a donated update never starts.
         if not bool(finite):
-            return params, opt_state, buffers, False
+            return params, opt_state, buffers, loss_scale, finite
         updates, opt_state = optimizer.update(grads, opt_state, params, donate=donate)
-        return _apply_updates(params, updates, donate), opt_state, new_buffers, True
+        return _apply_updates(params, updates, donate), opt_state, new_buffers, loss_scale, finite
     # On an accelerator (or inside torch.compile) the choice is made on the device: compute the
     # update out of place, keep it where `finite`. Compiled, inductor fuses the select into the
     # update's kernels; in eager mode this costs one state-sized temporary.
@@ -154,28 +167,7 @@ def update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, finite: t
     chosen = _select(finite, (new_params, new_opt, new_buffers), (params, opt_state, buffers))
     if donate:
         chosen = _copy_into((params, opt_state, buffers), chosen)
-    return (*chosen, None)
-
-
-def step_update(optimizer: Any, grads: Any, loss: torch.Tensor, aux: dict, params: Any, opt_state: Any, *,
-                buffers: Any, new_buffers: Any, loss_scale: "DynamicScale | None", check_finite: bool,
-                donate: bool) -> tuple[Any, Any, Any, "DynamicScale | None", dict]:
-    """The update half that every training step shares (one device, several, several processes).
-
-    The optimizer update (skipped where the gradients are not finite, when ``check_finite``:
-    :func:`update`), the loss scale's adjustment, and the step's metrics (``loss``, the aux
-    values and, when checked, ``finite``). Returns ``(params, opt_state, buffers, loss_scale,
-    metrics)``.
-    """
-    finite = grads_finite(grads) if check_finite else None
-    params, opt_state, new_buffers, _ = update(optimizer, grads, params, opt_state, finite=finite, donate=donate,
-                                               buffers=buffers, new_buffers=new_buffers)
-    if loss_scale is not None:
-        loss_scale = loss_scale.adjust(finite)
-    metrics = {"loss": loss, **aux}
-    if finite is not None:
-        metrics["finite"] = finite
-    return params, opt_state, new_buffers, loss_scale, metrics
+    return (*chosen, loss_scale, finite)
 
 
 def _apply_updates(params: Any, updates: Any, donate: bool) -> Any:
@@ -231,34 +223,34 @@ class TrainState:
         return dataclasses.replace(self, **changes)
 
     def apply_gradients(self, grads: Any, optimizer: Any, *, buffers: Any = None, finite: torch.Tensor | None = None,
-                        donate: bool = False) -> "TrainState":
+                        check_finite: bool = False, donate: bool = False) -> "TrainState":
         """The state after one optimizer update with ``grads`` (flax's ``TrainState.apply_gradients``).
 
-        ``optimizer.update`` turns the gradients into updates, :func:`fnnet.optim.apply_updates`
-        adds them, ``step`` counts one more.
+        :func:`apply_update` on the state's fields, then ``self.replace(...)`` with ``step``
+        counting one more (skipped updates count too), so a subclass of ``TrainState`` stays
+        its own class. Every training step ends with this update.
 
         Args:
             grads: gradients with the params' structure (already unscaled when a loss scale
                 was used: :func:`fnnet.make_grad_fn` does it).
             optimizer: the ``GradientTransformation`` the state was created with.
             buffers: the buffers after the forward (``None``: keep the state's).
-            finite: a 0-dim bool tensor (:func:`grads_finite` of the gradients): when it is
-                False the update is skipped -- params, optimizer state and buffers stay as they
-                are -- and ``step`` still counts. With a ``loss_scale`` it also drives the scale
-                (computed here when not given). On CPU outside ``torch.compile`` the flag is read
-                in Python (free there); elsewhere the choice is made on the device, with no host
-                sync.
+            finite: a 0-dim bool tensor (:func:`grads_finite` of the gradients); ``None`` checks
+                the gradients here when ``check_finite`` is set or the state has a
+                ``loss_scale``. When it is False the update is skipped -- params, optimizer
+                state and buffers stay as they are -- and ``step`` still counts; a loss scale
+                shrinks.
+            check_finite: check the gradients (the steps' ``skip_nonfinite``).
             donate: update the state's tensors in place (the caller drops this state).
 
         Returns:
-            The new :class:`TrainState`.
+            The new state (``type(self)``).
         """
-        if self.loss_scale is not None and finite is None:
-            finite = grads_finite(grads)
-        params, opt_state, new_buffers, _ = update(optimizer, grads, self.params, self.opt_state, finite=finite,
-                                                   donate=donate, buffers=self.buffers, new_buffers=buffers)
-        loss_scale = self.loss_scale.adjust(finite) if self.loss_scale is not None else None
-        return TrainState(params, opt_state, self.step + 1, new_buffers, self.key, loss_scale)
+        params, opt_state, new_buffers, loss_scale, _ = apply_update(
+            optimizer, grads, self.params, self.opt_state, buffers=self.buffers, new_buffers=buffers,
+            loss_scale=self.loss_scale, check_finite=check_finite, finite=finite, donate=donate)
+        return self.replace(params=params, opt_state=opt_state, step=self.step + 1, buffers=new_buffers,
+                            loss_scale=loss_scale)
 
 
 def _check_optimizer(optimizer: Any) -> None:

@@ -153,8 +153,11 @@ def test_any_iterable_is_a_loader():
     data.set_epoch(pairs, 1)  # nothing to tell a list; no error
     with pytest.raises(ValueError, match="no leaves"):
         data.batch_size_of((None, {}))
-    with pytest.raises(ValueError, match=r"'0'.*int"):
-        data.batch_size_of((3, torch.zeros(2)))
+    # one rule (fnnet.batch): leaves without a first dimension are shared, not counted
+    assert data.batch_size_of((3, torch.zeros(2))) == 2
+    assert data.batch_size_of({"tag": "a", "x": torch.zeros(4, 1)}) == 4
+    with pytest.raises(ValueError, match=r"no tensor with a first.*'0' \(int\)"):
+        data.batch_size_of((3, torch.zeros(())))
 
 
 def test_device_cpu_places_once():

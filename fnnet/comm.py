@@ -1,0 +1,164 @@
+"""How gradients travel between ranks: flat buckets filled during the backward pass, and the
+:class:`Reduction` that combines each bucket across ranks (DDP's communication hook).
+
+The distributed step (:mod:`fnnet.distributed`) flattens the gradients into buckets of about
+25 MB in the order the backward pass produces them, multiplying each rank's gradients by its
+share of the samples (``n_r / N``) as it copies them. A bucket is then handed to the step's
+*reduction*, a function ``reduction(bucket) -> wait`` that starts combining ``bucket.buffer``
+across ranks and returns a function that waits for the result (DDP's
+``register_comm_hook(state, hook)`` returns a future; this is the same seam, without a
+future's overhead):
+
+* :func:`all_reduce` (the default): the sum over ranks, which is the weighted mean gradient
+  because every rank weighted its part;
+* :func:`local`: no communication; each rank keeps its own weighted gradient (``n_r / N``
+  times its local mean). What a micro-batch that does not synchronise needs, and a baseline
+  for measuring what communication costs;
+* your own: any callable with this signature (count calls, compress, reduce-scatter to an
+  owner). It must start collectives in the order it is called: buckets are handed over in the
+  same order on every rank.
+
+This module talks to ``torch.distributed`` directly and imports nothing of fnnet's above
+:mod:`fnnet.tree`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Protocol
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Bucket", "Reduction", "all_reduce", "local", "GradBuckets"]
+
+
+class Bucket(NamedTuple):
+    """One bucket of gradients handed to a :class:`Reduction`.
+
+    Attributes:
+        index: the bucket's number; buckets are reduced in index order on every rank.
+        buffer: the flat gradients, each multiplied by this rank's share of the samples
+            (``n_r / N``): their sum over ranks is the mean gradient of the whole batch.
+            The reduction may write into it.
+        leaves: the indices (in ``fnnet.tree.leaves(params)`` order) of the parameters the
+            buffer holds, one after the other.
+        sizes: the number of elements of each of those parameters.
+    """
+
+    index: int
+    buffer: torch.Tensor
+    leaves: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+class Reduction(Protocol):
+    """``reduction(bucket) -> wait``: start combining ``bucket.buffer`` across ranks; ``wait()``
+    returns the combined flat tensor (the same size as the buffer)."""
+
+    def __call__(self, bucket: Bucket) -> Callable[[], torch.Tensor]: ...
+
+
+def all_reduce(bucket: Bucket) -> Callable[[], torch.Tensor]:
+    """The default :class:`Reduction`: an asynchronous sum over all ranks, in place."""
+    work = dist.all_reduce(bucket.buffer, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return bucket.buffer
+
+    return wait
+
+
+def local(bucket: Bucket) -> Callable[[], torch.Tensor]:
+    """A :class:`Reduction` that communicates nothing: each rank keeps ``(n_r / N) * g_r``."""
+    return lambda: bucket.buffer
+
+
+class GradBuckets:
+    """Gradients gathered into flat buckets, each handed to ``reduction`` once complete.
+
+    Each rank multiplies its gradients by ``weight`` (its share of the samples, over the loss
+    scale: the hooks see gradients of the scaled loss) while flattening them into a bucket.
+    Buckets follow ``order``, the order in which gradients became ready in the previous step
+    (the backward pass's order), as DDP rebuilds its buckets after the first iteration.
+    ``weight`` may be a function: it is called when the first bucket is filled, so the
+    sample count's all-reduce can run during the backward pass.
+    """
+
+    def __init__(self, leaves: list[torch.Tensor], order: list[int], limit: int, reduction: Reduction):
+        self.leaves = leaves
+        self.reduction = reduction
+        self.buckets: list[list[int]] = []
+        size, current, dtype = 0, [], None
+        for i in order:
+            x = leaves[i]
+            nbytes = x.numel() * x.element_size()
+            if current and (size + nbytes > limit or x.dtype != dtype):
+                self.buckets.append(current)
+                size, current = 0, []
+            current.append(i)
+            size, dtype = size + nbytes, x.dtype
+        if current:
+            self.buckets.append(current)
+        self.bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
+        self.sizes = [tuple(leaves[i].numel() for i in idx) for idx in self.buckets]
+        self.waiting = [len(b) for b in self.buckets]
+        self.grads: list[torch.Tensor | None] = [None] * len(leaves)
+        self.pending: list[Callable[[], torch.Tensor] | None] = [None] * len(self.buckets)
+        self.ready: list[int] = []
+        self.launched = 0  # buckets start in index order on every rank: collectives must match
+        self.weight: Any = 1.0  # a number, a 0-dim tensor, or a function giving one (resolved once)
+        self.scale_back: Any = 1.0  # the loss scale, to put it back on gradients that were unscaled
+
+    def hook(self, i: int, g: torch.Tensor) -> None:
+        """The gradient hook: record leaf ``i``'s gradient, start every bucket now complete."""
+        if i not in self.bucket_of or self.grads[i] is not None:
+            return
+        self.grads[i] = g
+        self.ready.append(i)
+        self.waiting[self.bucket_of[i]] -= 1
+        while self.launched < len(self.buckets) and self.waiting[self.launched] == 0:
+            self._launch(self.launched)
+            self.launched += 1
+
+    def _launch(self, b: int) -> None:
+        if callable(self.weight):
+            self.weight = self.weight()
+        idx, sizes = self.buckets[b], self.sizes[b]
+        first = self.leaves[idx[0]]
+        flat = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+        offset = 0
+        for i, n in zip(idx, sizes):  # weighted and flattened in one pass: the bucket is the scaled gradients
+            g = self.grads[i]
+            if g is None:
+                flat[offset:offset + n].zero_()
+            else:
+                torch.mul(g.reshape(-1), self.weight, out=flat[offset:offset + n])
+            offset += n
+        self.pending[b] = self.reduction(Bucket(b, flat, tuple(idx), sizes))
+
+    def finish(self, grads: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+        """Launch what the hooks did not (unused params); returns ``wait() -> the reduced gradients``
+        (``sum_r (n_r / N) g_r`` under :func:`all_reduce`), views into the reduced buckets."""
+        for i, g in enumerate(grads):
+            if self.grads[i] is None and i in self.bucket_of:  # unused or frozen: no hook ran
+                self.grads[i] = g * self.scale_back
+        for b in range(self.launched, len(self.buckets)):
+            self._launch(b)
+        self.launched = len(self.buckets)
+
+        def wait() -> list[torch.Tensor]:
+            out = list(grads)
+            for b, (idx, sizes) in enumerate(zip(self.buckets, self.sizes)):
+                flat = self.pending[b]()  # type: ignore[misc]
+                if not isinstance(flat, torch.Tensor) or flat.numel() != sum(sizes):
+                    got = f"{flat.numel()} elements" if isinstance(flat, torch.Tensor) else type(flat).__name__
+                    raise ValueError(f"the reduction returned {got} for bucket {b}, which holds {sum(sizes)}; a "
+                                     "Reduction's wait() returns a tensor the size of bucket.buffer")
+                offset = 0
+                for i, n in zip(idx, sizes):
+                    out[i] = flat[offset:offset + n].view_as(self.leaves[i])
+                    offset += n
+            return out
+
+        return wait
