@@ -41,7 +41,7 @@ from .state import TrainState
 from .step import build_train_step, compile_step, step_parts
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
-           "shard", "broadcast", "broadcast_state", "all_reduce_sum", "rank_zero_only", "make_train_step",
+           "shard", "broadcast", "broadcast_state", "all_reduce_sum", "all_reduce_max", "rank_zero_only", "make_train_step",
            "DEFAULT_TIMEOUT", "BUCKET_MB"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -180,6 +180,15 @@ def broadcast(tree: Any, src: int = 0, *, donate: bool = False) -> Any:
         else:
             out.append(p)
     return _tree.unflatten(spec, out)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum over ranks of a tensor (a copy; the tensor itself without a group)."""
+    if not is_initialized() or world_size() == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
 
 
 def all_reduce_sum(tree: Any) -> Any:

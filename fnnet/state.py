@@ -21,7 +21,8 @@ from . import random as _random
 from . import tree as _tree
 from .device import tree_device
 
-__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite", "apply_update", "loss_scale_for"]
+__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite", "apply_update", "loss_scale_for",
+           "nonfinite_paths"]
 
 
 @_tree.register_dataclass(static=("period", "factor", "min_scale"))
@@ -86,6 +87,12 @@ def all_finite(tree: Any) -> torch.Tensor:
     if not leaves:
         return torch.ones((), dtype=torch.bool, device=device)
     return torch.stack([torch.isfinite(x).all().to(device) for x in leaves]).all()
+
+
+def nonfinite_paths(tree: Any) -> list[str]:
+    """The key paths of the floating-point leaves of ``tree`` that hold an inf or a nan (for messages; syncs)."""
+    return [p for p, x in _tree.leaves_with_path(tree)
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all())]
 
 
 def grads_finite(grads: Any) -> torch.Tensor:

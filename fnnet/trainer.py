@@ -12,35 +12,55 @@ do: the module is moved to the training device, ``trainer.state.params`` are its
 (no second copy of the weights), and donated steps update them in place, so after ``fit``
 ``module(x)`` gives the trained outputs. Given an ``fnnet.Model`` (or ``params=``), it trains
 its own copy and leaves the model's tensors alone.
+
+**Optimizers.** An ``fnnet.optim`` transform, or a ``torch.optim`` optimizer (``Adam``,
+``SGD``, ``AdamW``, ``RMSprop``, ``Adagrad``), turned into the fnnet alias with the same numbers
+(:func:`fnnet.optim.from_torch`, which says which, once). Clipping and schedules belong in it
+(``chain(clip_by_global_norm(1.0), adam(...))``); a torch ``lr_scheduler`` goes in
+``fit(callbacks=[...])``. Frozen parameters (``requires_grad=False`` in the module) are masked
+out of it: nothing moves them.
+
+**Devices and processes.** Several devices train data-parallel (:mod:`fnnet.parallel`): every
+batch is split into one shard per device, the gradients are averaged by shard size, and the
+update runs once on the first device, where the state, callbacks and checkpoints live (a
+checkpoint loads into a run on any number of devices). Under ``torch.distributed``
+(``fnnet.distributed.init()`` under ``torchrun``) each rank passes its own part of the data
+(``ArrayLoader(..., shard=fnnet.distributed.shard())``, or ``fit((X, y))``, which shards
+itself); the gradients are all-reduced, epoch metrics summed over ranks, and only the writing
+rank (:func:`fnnet.distributed.is_main`) prints and writes checkpoints. ``devices="auto"`` is
+then this rank's device.
+
+**Memory layout.** ``memory_format="auto"`` picks channels-last on CPU for conv models;
+``"contiguous"`` (NCHW) is bit-comparable with the chapter's loop. It is chosen when the trainer
+is built (:func:`fnnet.layout.choose_memory_format`) and checked once, on the first batch
+(:func:`fnnet.layout.verify_memory_format`): a forward that cannot run channels-last falls
+back to NCHW with a warning.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import distributed as _dist
-from . import metrics as _metrics
 from . import random as _random
-from . import tree as _tree
+from ._loop import (Bar, EpochMetrics, banner, check_fit_options, check_reiterable, check_same_batch_count,
+                    deferred_interrupt, epoch_line, input_batches, learning_rate, report_nonfinite, with_context)
 from .callbacks import CallbackList
-from .data import ArrayLoader, as_arrays, fit_loaders, num_batches, set_epoch, split_batch
-from .device import parse_devices, place
+from ._setup import build_steps, initial_state, resolve_devices, resolve_optimizer, sync_module
+from .batch import as_arrays
+from .data import ArrayLoader, fit_loaders, num_batches, set_epoch
+from .device import place
 from ._functional import Model, functional
-from .layout import choose_memory_format, verify_memory_format
-from .state import DynamicScale, TrainState, all_finite
-from .train import PRECISIONS, make_eval_step, make_predict_step, make_train_step, supervised_loss
+from .grad import PRECISIONS
+from .layout import verify_memory_format
+from .state import TrainState, all_finite, nonfinite_paths
 
 __all__ = ["Trainer", "History"]
 
@@ -83,19 +103,11 @@ class Trainer:
             ``fnnet.functional(...)`` model (its tensors are never written).
         loss: ``loss(outputs, targets) -> scalar`` (e.g. ``torch.nn.functional.cross_entropy``).
         optimizer: an ``fnnet.optim`` transform (``fnnet.optim.adam(0.01)``), or the chapter's
-            ``torch.optim.Adam(net.parameters(), lr=0.02)`` (``SGD``, ``AdamW``, ``RMSprop``,
-            ``Adagrad`` too), turned into the fnnet alias with the same numbers
-            (:func:`fnnet.optim.from_torch`, which says which, once). Clipping and schedules
-            belong in it (``chain(clip_by_global_norm(1.0), adam(...))``); a torch
-            ``lr_scheduler`` goes in ``fit(callbacks=[...])``. Frozen parameters
-            (``requires_grad=False`` in the module) are masked out of it: nothing moves them.
+            ``torch.optim.Adam(net.parameters(), lr=0.02)`` (see the module docstring).
         metrics: ``{"accuracy": fnnet.metrics.accuracy, ...}``; values are ``fnnet.metrics.Metric``
             (exact over an epoch) or plain ``fn(outputs, targets)`` (averaged per sample).
-        devices: see :func:`fnnet.parse_devices`. Several devices train data-parallel
-            (:mod:`fnnet.parallel`): every batch is split into one shard per device, the
-            gradients are averaged by shard size, and the update runs once on the first device,
-            where the state, callbacks and checkpoints live (a checkpoint loads into a run on
-            any number of devices). ``["cpu", "cpu"]`` runs two shards on the CPU.
+        devices: see :func:`fnnet.parse_devices`; several devices train data-parallel (see the
+            module docstring). ``["cpu", "cpu"]`` runs two shards on the CPU.
         jit: compile the train, eval and predict steps with ``torch.compile``.
         key: an ``fnnet.random.Key`` or int seed for dropout (default ``key(0)``).
         precision: ``"32"``, ``"bf16"`` or ``"16-mixed"`` (see ``make_train_step``).
@@ -104,18 +116,11 @@ class Trainer:
             state intact (then a module is brought up to date at the end of ``fit``).
         params: initial parameters (default: the model's), e.g. ``model.init(key)``; copied.
         compile_options: extra ``torch.compile`` arguments when ``jit=True``.
-        distributed: train as one rank of a ``torch.distributed`` run (:mod:`fnnet.distributed`):
-            ``None`` (default) does when a process group of several ranks exists
-            (``fnnet.distributed.init()`` under ``torchrun``). Each rank passes its own part of
-            the data (``ArrayLoader(..., shard=fnnet.distributed.shard())``); the gradients are
-            all-reduced, epoch metrics summed over ranks, and only rank 0 prints and writes
-            checkpoints. ``devices="auto"`` is then this rank's device.
+        distributed: train as one rank of a ``torch.distributed`` run (see the module
+            docstring); ``None`` (default) does when a process group of several ranks exists.
         memory_format: the layout of 4-D parameters, optimizer state and image batches:
-            ``"auto"`` (default: channels-last on CPU for conv models), ``"channels_last"``,
-            ``"contiguous"`` (NCHW, bit-comparable with the chapter's loop) or
-            ``"preserve"``; chosen when the trainer is built (:func:`fnnet.layout.choose_memory_format`)
-            and checked once, on the first batch (:func:`fnnet.layout.verify_memory_format`):
-            a forward that cannot run channels-last falls back to NCHW with a warning.
+            ``"auto"`` (default), ``"channels_last"``, ``"contiguous"`` or ``"preserve"`` (see the
+            module docstring).
 
     Attributes:
         state: the :class:`TrainState` (params, optimizer state, step, buffers, key).
@@ -131,66 +136,26 @@ class Trainer:
                  memory_format: str | torch.memory_format = "auto", distributed: bool | None = None):
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(outputs, targets), got {type(loss).__name__}")
-        if isinstance(optimizer, torch.optim.Optimizer):  # the chapter's torch.optim.Adam(net.parameters(), lr=0.02)
-            from .optim import from_torch
-
-            optimizer = from_torch(optimizer, module=model if isinstance(model, nn.Module) else None)
-        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-            raise TypeError(f"optimizer must be an fnnet.optim transform (e.g. fnnet.optim.adam(1e-3)) or a torch.optim "
-                            f"optimizer, got {type(optimizer).__name__}")
-        self.distributed = _dist.is_initialized() and _dist.world_size() > 1 if distributed is None else distributed
-        if self.distributed and not _dist.is_initialized():
-            raise RuntimeError("Trainer(distributed=True) needs a process group: call fnnet.distributed.init() first")
-        if self.distributed and devices == "auto":
-            devices = _dist.device()  # one device per process: cuda:LOCAL_RANK under NCCL, else the CPU
-        self.devices = parse_devices(devices)
-        if self.distributed and len(self.devices) > 1:
-            raise ValueError(f"Trainer(distributed=True) trains one device per process; devices={devices!r} names "
-                             f"{len(self.devices)}")
+        self.distributed, self.devices = resolve_devices(devices, distributed)
         self.device = self.devices[0]  # where the state lives; with several devices, the first
         self.module = model if isinstance(model, nn.Module) else None
         if self.module is not None and params is None:
             self.module.to(self.device)  # train the module's own storage, on the device (Lightning's way)
         self.model = functional(model, copy=False)
-        # torchmetrics objects sync across ranks in compute(): the progress bar (rank 0) shows the others
-        self._bar_metrics = [name for name, m in (metrics or {}).items() if not _metrics.is_torchmetrics(m)]
-        self.metrics = {name: _metrics.as_metric(m) for name, m in (metrics or {}).items()}
-        for name in self.metrics:
-            if name == "loss" or name.startswith("val_"):
-                raise ValueError(f"metric name {name!r} is reserved (loss and val_* are the Trainer's own)")
+        self.optimizer = resolve_optimizer(optimizer, self.model, self.module)
+        self._book = EpochMetrics(metrics, self.device, self.distributed)
+        self.metrics = self._book.metrics
         self.key = _as_key(key)
         self.jit, self.precision, self.donate = jit, precision, donate
         self._stops_on_skips = PRECISIONS.get(precision) is not torch.float16
         self._layout_request = memory_format
-        if not all(self.model.trainable.values()):  # frozen parameters: no update, no optimizer state
-            from .optim import masked
-
-            optimizer = masked(optimizer, self.model.trainable)
-        self.optimizer = optimizer
-        loss_fn = supervised_loss(self.model, loss)
-        steps = dict(jit=jit, precision=precision, compile_options=compile_options,
-                     devices=self.devices if len(self.devices) > 1 else None)
-        self.train_step = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True,
-                                          distributed=self.distributed, **steps)
-        self.eval_step = make_eval_step(loss_fn, **steps)  # per rank: the metric states are summed at the end
-        self.predict_step = make_predict_step(
-            lambda p, batch, buffers=None: self.model.apply(p, split_batch(batch)[0], buffers=buffers), **steps)
-        start = self.model.params if params is None else params
-        self.model.check_params(start)
-        self.memory_format = choose_memory_format(memory_format, start, self.device)
+        self.train_step, self.eval_step, self.predict_step = build_steps(
+            self.model, loss, self.optimizer, self.devices, distributed=self.distributed, jit=jit, precision=precision,
+            donate=donate, compile_options=compile_options)
+        state, self.memory_format = initial_state(self.model, self.module, params, self.optimizer, self.key,
+                                                  precision=precision, device=self.device, memory_format=memory_format)
         self._layout_verified = False
-        fmt = self.memory_format
-        if self.module is None or params is not None:  # a copy the trainer owns: the caller's stay untouched
-            start = _tree.map(lambda t: t.detach().clone(memory_format=torch.preserve_format),
-                              place(start, self.device, memory_format=fmt))
-        buffers = self.model.buffers or None
-        if buffers is not None and self.module is None:
-            buffers = _tree.map(torch.clone, place(buffers, self.device, memory_format=fmt))
-        # float16 keeps its loss scale in the state from the start, so checkpoints always hold it
-        loss_scale = DynamicScale.create(self.device) if PRECISIONS.get(precision) is torch.float16 else None
-        self.state: TrainState = TrainState.create(start, optimizer, buffers=buffers, key=self.key, loss_scale=loss_scale)
-        if self.module is not None and params is None and fmt is not None:  # the module's own tensors, laid out
-            self._adopt(place(self.state, self.device, memory_format=fmt))
+        self._adopt(state)
         self.history = History()
         self.epoch = 0
         self.stop_training = False
@@ -198,9 +163,7 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def _place(self, batch: Any) -> Any:
-        # non_blocking only for host-to-device copies: a device-to-host copy must be complete
-        # before the CPU reads it. Batches take the trainer's layout too: a conv picks its output
-        # layout from its input as well as its weight.
+        # non_blocking only host-to-device (the CPU must not read an unfinished copy); the trainer's layout, as a conv
         return place(batch, self.device, non_blocking=self.device.type == "cuda", memory_format=self.memory_format)
 
     def _batches(self, data: Iterable) -> Iterator[Any]:
@@ -217,14 +180,14 @@ class Trainer:
                     batch = self._place(batch)
             yield batch
 
-    def _run(self, data: Iterable, *, train: bool, callbacks: CallbackList, bar: "_Bar", every: int,
+    def _run(self, data: Iterable, *, train: bool, callbacks: CallbackList, bar: "Bar", every: int,
              interrupted: Callable[[], bool] = lambda: False) -> tuple[dict[str, Any], int]:
         """One pass over ``data`` (fit's epoch or evaluate): ``(metric states, skipped updates)``.
 
         Returns early, with ``skipped > 0`` or a non-finite loss in the states, when a check
         (every ``every`` steps: one host sync) finds a non-finite step.
         """
-        states = {"loss": _metrics.mean_metric().init(self.device), **self._metric_init()}
+        states = self._book.init()
         skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         count = 0
         for index, batch in enumerate(self._batches(data)):
@@ -238,8 +201,8 @@ class Trainer:
                     callbacks("on_validation_batch_start", self, index)
                     out = self.eval_step(self.state, batch)
             except (RuntimeError, ValueError, IndexError, TypeError) as err:
-                raise _with_context(err, "training" if train else "evaluation", self.epoch, index, batch) from err
-            states = self._metric_update(states, out)
+                raise with_context(err, "training" if train else "evaluation", self.epoch, index, batch) from err
+            states = self._book.update(states, out)
             callbacks("on_train_batch_end" if train else "on_validation_batch_end", self,
                       self.state.step if train else index, out)
             count += 1
@@ -247,32 +210,13 @@ class Trainer:
                 finite = int(skipped) == 0 and math.isfinite(float(out["loss"]))  # one sync per `every` steps
                 if train and not finite:
                     return states, max(int(skipped), 1)
-                bar.update(every, self._logs(states, all_ranks=False) if bar.enabled else None)  # this rank's view
+                bar.update(every, self._book.logs(states, all_ranks=False) if bar.enabled else None)  # labelled: this rank's
             if interrupted():
                 raise KeyboardInterrupt
         if count == 0:
             raise ValueError(f"{'train_data' if train else 'the evaluation data'} yielded no batches")
         bar.update(count % every)
         return states, int(skipped)
-
-    def _metric_init(self) -> dict[str, Any]:
-        return {name: m.init(self.device) for name, m in self.metrics.items()}
-
-    def _metric_update(self, states: dict[str, Any], out: Mapping[str, Any]) -> dict[str, Any]:
-        outputs, targets = out.get("outputs"), out.get("targets")
-        new = {"loss": _metrics.mean_metric().update(states["loss"], out["loss"], _metrics.batch_size(outputs, targets))}
-        for name, m in self.metrics.items():
-            new[name] = m.update(states[name], outputs, targets)
-        return new
-
-    def _logs(self, states: Mapping[str, Any], prefix: str = "", *, all_ranks: bool = True) -> dict[str, float]:
-        if self.distributed and all_ranks:  # states hold sums: adding every rank's gives the exact global values
-            states = _dist.all_reduce_sum(states)
-        logs = {f"{prefix}loss": float(_metrics.mean_metric().compute(states["loss"]))}
-        for name, m in self.metrics.items():
-            if all_ranks or name in self._bar_metrics:
-                logs[f"{prefix}{name}"] = float(m.compute(states[name]))
-        return logs
 
     # -- fit ----------------------------------------------------------------------------------------
     def fit(self, train_data: Iterable | tuple, val_data: Iterable | tuple | None = None, *, epochs: int = 1,
@@ -298,62 +242,57 @@ class Trainer:
             log_every: check the loss and refresh the progress bar every this many steps; each
                 check reads from the device, a sync. Default: about ten times per epoch.
             verbose: 0 silent, 1 progress bar and a line per epoch.
-            on_nonfinite: every update whose gradients are not all finite is skipped on the
-                device (no host sync; the state never takes a NaN, donated or not). At the next
-                check ``"stop"`` (default) ends training with a message, without running
-                ``on_epoch_end`` for the broken epoch, so no checkpoint of it is written;
-                ``"raise"`` does the same, then raises ``FloatingPointError``. (With float16,
-                skipped overflow steps are routine; there only a non-finite loss stops.)
+            on_nonfinite: updates with non-finite gradients are always skipped (the state never
+                takes a NaN). At the next check ``"stop"`` (default) ends training with a message
+                and no ``on_epoch_end`` (no checkpoint of the broken epoch); ``"raise"`` then raises
+                ``FloatingPointError``. (float16 skips overflow steps routinely: only a non-finite
+                loss stops it.)
 
         The logged ``lr`` is the learning rate of the epoch's last update. Ctrl-C (SIGINT) ends
         training after the current step: ``on_fit_end`` callbacks still run and the history so
         far is returned (``history.stop_reason == "interrupted"``); a second Ctrl-C interrupts
         at once.
         """
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-            raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        if on_nonfinite not in ("stop", "raise"):
-            raise ValueError(f"on_nonfinite must be 'stop' or 'raise', got {on_nonfinite!r}")
-        if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
-            raise ValueError(f"log_every must be a positive int or None, got {log_every!r}")
+        check_fit_options(epochs, on_nonfinite, log_every)
         train_data, val_data = fit_loaders(train_data, val_data, batch_size=batch_size, validation_split=validation_split,
                                            shuffle=shuffle, key=_random.fold_in(self.key, 0x7A1A), device=self.device,
                                            shard=self._shard())
-        for name, data in (("train_data", train_data), ("val_data", val_data)):
-            if data is not None and epochs > 1 and iter(data) is data:
-                raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}), which cannot be iterated again "
-                                f"for epoch 2; pass a list, an fnnet.ArrayLoader or a torch DataLoader")
+        check_reiterable(epochs, train_data=train_data, val_data=val_data)
         cbs = CallbackList(callbacks)
         verbose = verbose if _dist.is_main() else 0  # one rank prints
-        self._announce(verbose)
+        if verbose and not self._announced:
+            print(banner(self.devices, self.precision, self.jit))
+            self._announced = True
         self.stop_training = False
         self.history.stop_reason = ""
         cbs("on_fit_start", self)
         try:
-            with _deferred_interrupt() as interrupted:
+            with deferred_interrupt() as interrupted:
                 for i in range(epochs):
                     epoch = self.epoch
                     set_epoch(train_data, epoch)
                     cbs("on_epoch_start", self, epoch)
                     start = time.perf_counter()
                     total = num_batches(train_data)
+                    if self.distributed:
+                        check_same_batch_count(total, epoch)  # a rank with more steps would wait forever
                     every = log_every or max(1, (total or 100) // 10)
-                    with _Bar(total, f"epoch {epoch + 1}", bool(verbose)) as bar:
+                    with Bar(total, f"epoch {epoch + 1}", bool(verbose)) as bar:
                         states, skipped = self._run(train_data, train=True, callbacks=cbs, bar=bar, every=every,
                                                     interrupted=interrupted)
-                    logs = self._logs(states)
+                    logs = self._book.logs(states)
                     if skipped or not math.isfinite(logs["loss"]):
-                        self._nonfinite(epoch, skipped, on_nonfinite)
+                        self.history.stop_reason = "nonfinite"
+                        report_nonfinite(epoch, skipped, self.state.step, on_nonfinite)
                         break
                     if val_data is not None:
                         logs.update(self.evaluate(val_data, callbacks=cbs, verbose=verbose))
-                    logs["lr"] = self._learning_rate()
+                    logs["lr"] = learning_rate(self.state.opt_state)
                     logs["time"] = time.perf_counter() - start
                     self.epoch += 1
                     self.history.append({"epoch": epoch + 1, **logs})
                     if verbose:
-                        shown = "  ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "time")
-                        print(f"Epoch {epoch + 1} ({i + 1}/{epochs})  {shown}  [{logs['time']:.1f}s]")
+                        print(epoch_line(epoch, i, epochs, logs))
                     cbs("on_epoch_end", self, epoch, logs)
                     if self.stop_training:
                         self.history.stop_reason = "stopped by callback"
@@ -370,17 +309,6 @@ class Trainer:
         """This rank's part of arrays the trainer batches itself (``None`` outside a distributed run)."""
         return _dist.shard() if self.distributed else None
 
-    def _nonfinite(self, epoch: int, skipped: int, on_nonfinite: str) -> None:
-        what = (f"{skipped} update(s) with non-finite gradients were skipped" if skipped
-                else "the training loss became non-finite")
-        message = (f"fnnet.Trainer: {what} in epoch {epoch + 1}; stopping at step {self.state.step}. trainer.state "
-                   "holds finite parameters (non-finite updates are never applied) and the last good checkpoint "
-                   "is kept.")
-        self.history.stop_reason = "nonfinite"
-        if on_nonfinite == "raise":
-            raise FloatingPointError(message)
-        print(message, file=sys.stderr)
-
     # -- evaluate / predict ----------------------------------------------------------------------------
     def evaluate(self, data: Iterable | tuple, *, prefix: str = "val_", callbacks: Any = (), verbose: int = 0,
                  batch_size: int = 256) -> dict[str, float]:
@@ -394,9 +322,9 @@ class Trainer:
             data = ArrayLoader(arrays, batch_size, device=self.device, shard=self._shard())
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         total = num_batches(data)
-        with _Bar(total, "validation", bool(verbose)) as bar:
+        with Bar(total, "validation", bool(verbose)) as bar:
             states, _ = self._run(data, train=False, callbacks=cbs, bar=bar, every=max(1, (total or 100) // 10))
-        return self._logs(states, prefix)
+        return self._book.logs(states, prefix)
 
     def predict(self, data: Iterable | torch.Tensor, *, device: Any = "cpu", batch_size: int = 256) -> torch.Tensor:
         """The model's outputs (eval mode, the trainer's precision) for every batch of ``data``, concatenated.
@@ -405,13 +333,7 @@ class Trainer:
         batches (``(inputs, targets)``, ``(inputs,)`` or inputs alone). Returned on ``device``
         (CPU by default) in float32 when the trainer computes in a lower precision.
         """
-        if isinstance(data, np.ndarray):
-            data = torch.as_tensor(data)
-        if isinstance(data, torch.Tensor):
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-                raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-            data = [(data[i:i + batch_size],) for i in range(0, len(data), batch_size)]
-        outs = [self.predict_step(self.state, batch) for batch in self._batches(data)]
+        outs = [self.predict_step(self.state, batch) for batch in self._batches(input_batches(data, batch_size))]
         if not outs:
             raise ValueError("predict: data yielded no batches")
         return place(torch.cat(outs), device)
@@ -430,12 +352,11 @@ class Trainer:
         """
         from .checkpoint import save
 
-        if self.distributed and not _dist.is_main():
-            return  # every rank holds the same state: rank 0 writes it
+        if not _dist.is_main():
+            return  # every rank holds the same state: the writing rank writes it
         if not bool(all_finite(self.state)):
-            bad = [p for p, x in _tree.leaves_with_path(self.state)
-                   if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all())]
-            raise ValueError(f"Trainer.save: the state holds non-finite values at {bad}; not written to '{path}'")
+            raise ValueError(f"Trainer.save: the state holds non-finite values at {nonfinite_paths(self.state)}; "
+                             f"not written to '{path}'")
         save(path, self.checkpoint())
 
     def load(self, path: str | os.PathLike) -> "Trainer":
@@ -458,36 +379,16 @@ class Trainer:
             except ValueError:
                 raise full_error from None
         self._adopt(place(state, self.device, memory_format=self.memory_format))
-        self._sync_module()
         return self
 
     def _adopt(self, state: TrainState) -> None:
         self.state = state
         self._sync_module()
 
-    def _sync_module(self) -> None:
-        """Point the trained module's parameters and buffers at the state's tensors (no copy)."""
-        if self.module is None:
-            return
-        tensors = {**self.state.params, **(self.state.buffers or {})}
-        with torch.no_grad():
-            for name, t in itertools.chain(self.module.named_parameters(), self.module.named_buffers()):
-                new = tensors.get(name)
-                if new is not None and not _same_storage(new, t):
-                    t.data = new
-        self.model.params, self.model.buffers = dict(self.state.params), dict(self.state.buffers or {})
-
-    def _learning_rate(self) -> float:
-        from .optim import get_learning_rate
-
-        lr = get_learning_rate(self.state.opt_state)
-        return float(lr) if lr is not None else math.nan
-
-    def _announce(self, verbose: int) -> None:
-        if verbose and not self._announced:
-            name = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "")
-            print(f"fnnet.Trainer: training on {name}, precision {self.precision}, jit {'on' if self.jit else 'off'}")
-            self._announced = True
+    def _sync_module(self) -> None:  # the trained module computes with the state's tensors (no copy)
+        if self.module is not None:
+            sync_module(self.module, self.state)
+            self.model.params, self.model.buffers = dict(self.state.params), dict(self.state.buffers or {})
 
     def summary(self, input_shape: Sequence[int], **kwargs: Any) -> Any:
         """``fnnet.summary`` of the model (layer shapes and parameter counts; values do not matter)."""
@@ -507,90 +408,3 @@ def _as_key(key: Any) -> _random.Key:
     if not isinstance(key, _random.Key):
         raise TypeError(f"key must be an fnnet.random.Key or an int seed, got {type(key).__name__}")
     return key
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and a.storage_offset() == b.storage_offset() and a.stride() == b.stride() and a.shape == b.shape)
-
-
-def _describe_batch(batch: Any) -> str:
-    parts = []
-    for p, x in _tree.leaves_with_path(batch):
-        parts.append(f"{p}: {str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor)
-                     else f"{p}: {type(x).__name__}")
-    return ", ".join(parts)
-
-
-_HINTS = (
-    ("Expected more than 1 value per channel", "a BatchNorm layer got a batch of one sample in training; drop the "
-     "last, smaller batch (ArrayLoader(..., drop_last=True) or DataLoader(..., drop_last=True))"),
-    ("out of bounds", "the targets must be class indices in [0, number of classes)"),
-    ("expected scalar type Long", "class-index targets must be int64: pass y.long()"),
-    ("Expected floating point type for target", "class-index targets must be int64: pass y.long()"),
-    ("expected target dtype to be Long", "class-index targets must be int64: pass y.long()"),
-    ("shapes cannot be multiplied", "the inputs' feature size does not match the model's first layer"),
-    ("to match target batch_size", "the inputs and the targets hold different numbers of samples"),
-)
-
-
-def _with_context(err: Exception, what: str, epoch: int, index: int, batch: Any) -> Exception:
-    """``err`` (the same type) with fnnet's context: where, the batch's shapes and dtypes, the fix."""
-    text = str(err)
-    hint = next((h for pattern, h in _HINTS if pattern in text), None)
-    message = (f"{text}\n\nfnnet.Trainer: {what} failed in epoch {epoch + 1} at batch {index} "
-               f"({_describe_batch(batch)})" + (f": {hint}" if hint else ""))
-    try:
-        return type(err)(message)
-    except TypeError:  # an exception type with another constructor
-        return RuntimeError(message)
-
-
-class _Bar:
-    """A tqdm progress bar (a context manager), or nothing when verbose=0."""
-
-    def __init__(self, total: int | None, desc: str, enabled: bool):
-        self.enabled, self.bar = enabled, None
-        if enabled:
-            try:
-                import ipywidgets  # noqa: F401
-                from tqdm.auto import tqdm
-            except ImportError:  # tqdm's text bar: no IProgress warning outside Jupyter
-                from tqdm.std import tqdm
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
-
-    def update(self, n: int, postfix: dict | None = None) -> None:
-        if self.bar is not None and n:
-            if postfix:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-            self.bar.update(n)
-
-    def __enter__(self) -> "_Bar":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-@contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag the loop checks after each step (main thread only).
-
-    A second Ctrl-C raises ``KeyboardInterrupt`` at once, as usual.
-    """
-    flag = {"set": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag["set"]:
-            raise KeyboardInterrupt
-        flag["set"] = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: flag["set"]
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc-per-node 2 tests/_dist_worker.py SCENARIO OUT_DIR
 
 Scenarios: ``step`` / ``step-jit`` (the distributed step on uneven shards), ``trainer`` (the
-Trainer under torchrun), ``fail`` (rank 1 raises at step 3). Results go to OUT_DIR.
+Trainer under torchrun), ``seam`` (the reduction seam, broadcast_state and cross-rank checks,
+several in one launch), ``fail`` (rank 1 raises at step 3). Results go to OUT_DIR.
 """
 
 from __future__ import annotations
@@ -88,6 +89,89 @@ def run_fail() -> None:
         state, _ = step(state, (torch.randn(n, 3, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)))
 
 
+def bn_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def run_seam(out: Path) -> None:
+    """Several checks of the step's seams in one launch: a counting reduction, the local reduction,
+    the explicit broadcast_state and its mismatch error, the Trainer's batch-count check, BatchNorm
+    buffers and float16 loss scaling across ranks."""
+    from fnnet import comm
+
+    me = distributed.rank()
+    result: dict = {}
+    model = fnnet.functional(mlp())
+    loss_fn = lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1])  # noqa: E731
+
+    # 1. a reduction that counts its calls (and otherwise is the default all-reduce)
+    calls: list[int] = []
+
+    def counting(bucket):
+        calls.append(bucket.index)
+        return comm.all_reduce(bucket)
+
+    opt = optim.adam(0.01)
+    step = fnnet.make_train_step(loss_fn, opt, distributed=True, reduction=counting, bucket_mb=0.0005)
+    state = fnnet.TrainState.create(model.params, opt)
+    per_step = []
+    for i in range(STEPS):
+        before = len(calls)
+        state, _ = step(state, my_part(data(i), me))
+        per_step.append(len(calls) - before)
+    result["counting_calls"] = per_step
+    fnnet.save(out / f"counting{me}.safetensors", state.params)
+
+    # 2. the local reduction: no communication, each rank keeps (n_r / N) * its own gradient
+    sgd = optim.sgd(0.1)
+    step = fnnet.make_train_step(loss_fn, sgd, distributed=True, reduction=comm.local, sync_state=False)
+    state, _ = step(fnnet.TrainState.create(model.params, sgd), my_part(data(0), me))
+    fnnet.save(out / f"local{me}.safetensors", state.params)
+
+    # 3. broadcast_state, called explicitly: rank 1's different params become rank 0's
+    params = model.params if me == 0 else fnnet.tree.map(lambda t: t * 0 + 3.0, model.params)
+    synced = distributed.broadcast_state(fnnet.TrainState.create(params, opt))
+    fnnet.save(out / f"broadcast{me}.safetensors", synced.params)
+    assert synced.params is not params
+
+    # 4. ranks whose models differ in shape: a clear error on every rank, naming the rank and the leaf
+    other = fnnet.functional(nn.Sequential(nn.Linear(3, 16 + me), nn.Tanh(), nn.Linear(16 + me, 2)).double())
+    try:
+        distributed.broadcast_state(fnnet.TrainState.create(other.params, opt))
+        result["mismatch"] = None
+    except ValueError as err:
+        result["mismatch"] = str(err)
+
+    # 5. the Trainer refuses loaders that give the ranks different numbers of batches
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2)).double()
+    trainer = fnnet.Trainer(net, F.cross_entropy, optim.sgd(0.1), devices="cpu")
+    try:
+        trainer.fit(fnnet.ArrayLoader((x, y), 4 if me == 0 else 3), epochs=1, verbose=0)
+        result["batches"] = None
+    except ValueError as err:
+        result["batches"] = str(err)
+
+    # 6. BatchNorm: float buffers are the sample-weighted average over ranks, integer ones rank 0's
+    bn = fnnet.functional(bn_model())
+    loss_bn = fnnet.supervised_loss(bn, F.mse_loss, return_outputs=False)
+    step = fnnet.make_train_step(loss_bn, sgd, distributed=True)
+    state = fnnet.TrainState.create(bn.params, sgd, buffers=bn.buffers)
+    state, _ = step(state, my_part(data(0), me))
+    fnnet.save(out / f"bn{me}.safetensors", {"params": state.params, "buffers": state.buffers})
+
+    # 7. float16 loss scaling across ranks (CPU autocast): the scale never reaches the update
+    step = fnnet.make_train_step(loss_fn, sgd, distributed=True, precision="16-mixed")
+    state = fnnet.TrainState.create(model.params, sgd)
+    for i in range(2):
+        state, metrics = step(state, my_part(data(i), me))
+    result["fp16_finite"] = bool(metrics["finite"])
+    fnnet.save(out / f"fp16{me}.safetensors", state.params)
+    (out / f"seam{me}.json").write_text(json.dumps(result))
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     import datetime
@@ -98,6 +182,8 @@ def main() -> None:
             run_step(out, jit=scenario == "step-jit")
         elif scenario == "trainer":
             run_trainer(out)
+        elif scenario == "seam":
+            run_seam(out)
         elif scenario == "fail":
             run_fail()
         else:

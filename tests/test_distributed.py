@@ -97,6 +97,69 @@ def test_trainer_under_torchrun_equals_one_process_and_writes_once(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".tmp")]
 
 
+def test_the_reduction_seam_broadcast_state_and_cross_rank_checks(tmp_path):
+    """One launch, several checks (see _dist_worker.run_seam): each against a one-process reference."""
+    proc = launch("seam", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference, _ = single_process_step()
+    model = fnnet.functional(W.mlp())
+    n = sum(W.SIZES)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"seam{rank}.json").read_text())
+        # 1. a custom reduction is called once per bucket, in every step, and the result is the default's
+        assert len(set(got["counting_calls"])) == 1 and got["counting_calls"][0] > 1, got["counting_calls"]
+        counted = fnnet.load(tmp_path / f"counting{rank}.safetensors")
+        for k in reference.params:
+            torch.testing.assert_close(counted[k], reference.params[k], rtol=1e-10, atol=1e-10)
+        # 2. the local reduction: plain SGD on this rank's own shard with its gradient weighted n_r / N
+        mine = W.my_part(W.data(0), rank)
+        sgd = optim.sgd(0.1 * W.SIZES[rank] / n)
+        own = fnnet.make_train_step(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]), sgd)
+        expected, _ = own(fnnet.TrainState.create(model.params, sgd), mine)
+        local = fnnet.load(tmp_path / f"local{rank}.safetensors")
+        for k in expected.params:
+            torch.testing.assert_close(local[k], expected.params[k], rtol=1e-12, atol=1e-12)
+        # 3. broadcast_state gives every rank rank 0's values
+        synced = fnnet.load(tmp_path / f"broadcast{rank}.safetensors")
+        for k in model.params:
+            torch.testing.assert_close(synced[k], model.params[k], rtol=0, atol=0)
+        # 4. / 5. clear errors on every rank, naming the rank and what differs
+        assert "rank 1's state differs from rank 0's: 'params.0.bias' has shape (17,), rank 0's has (16,)" \
+            in got["mismatch"], got["mismatch"]
+        assert "different numbers of batches in epoch 1" in got["batches"] and "between 3 and 4" in got["batches"]
+        assert got["fp16_finite"]
+    # 6. BatchNorm: running mean and variance are the sample-weighted averages of the ranks' own
+    bn = fnnet.functional(W.bn_model())
+    shard_buffers = []
+    for rank in (0, 1):
+        x = W.my_part(W.data(0), rank)[0]
+        _, new = bn.apply(bn.params, x, buffers=bn.buffers, train=True, return_buffers=True)
+        shard_buffers.append(new)
+    for rank in (0, 1):
+        got = fnnet.load(tmp_path / f"bn{rank}.safetensors")["buffers"]
+        for k, v in got.items():
+            if v.is_floating_point():
+                want = sum(b[k] * s for b, s in zip(shard_buffers, W.SIZES)) / n
+                torch.testing.assert_close(v, want, rtol=1e-12, atol=1e-12)
+            else:
+                assert torch.equal(v, shard_buffers[0][k])
+        whole = bn.apply(bn.params, W.data(0)[0], buffers=bn.buffers, train=True, return_buffers=True)[1]
+        # the running mean is the whole batch's (weighted means), as in one process
+        torch.testing.assert_close(got["1.running_mean"], whole["1.running_mean"], rtol=1e-12, atol=1e-12)
+    # 7. float16 on two ranks follows one process on the concatenated batch (the loss scale cancels)
+    sgd = optim.sgd(0.1)
+    one = fnnet.make_train_step(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]), sgd, precision="16-mixed")
+    state = fnnet.TrainState.create(model.params, sgd)
+    for i in range(2):
+        state, _ = one(state, W.data(i))
+    for rank in (0, 1):
+        got = fnnet.load(tmp_path / f"fp16{rank}.safetensors")
+        for k in state.params:
+            torch.testing.assert_close(got[k], state.params[k], rtol=2e-3, atol=2e-3)
+        moved = max(float((state.params[k] - model.params[k]).abs().max()) for k in state.params)
+        assert moved > 1e-3  # the steps did update (a skipped step would also be "close")
+
+
 def test_a_rank_that_raises_ends_the_run_with_its_error(tmp_path):
     proc = launch("fail", tmp_path)
     assert proc.returncode != 0

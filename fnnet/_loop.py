@@ -1,0 +1,225 @@
+"""What the Trainer's loop needs around the step and is no part of training: a progress bar, a deferred
+Ctrl-C, and errors that say where they happened (the epoch, the batch, its shapes) and how to fix them."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from . import distributed as _dist
+from . import metrics as _metrics
+from . import tree as _tree
+
+__all__ = ["EpochMetrics", "check_fit_options", "check_reiterable", "check_same_batch_count", "input_batches",
+           "report_nonfinite", "learning_rate", "epoch_line", "banner", "with_context", "Bar", "deferred_interrupt"]
+
+
+class EpochMetrics:
+    """The streaming metric states of one pass (an epoch, an evaluation): the loss weighted by
+    samples and the user's metrics, exact over the pass (:mod:`fnnet.metrics`).
+
+    Under ``torch.distributed`` the states hold sums, so :meth:`logs` adds every rank's (one
+    all-reduce) for the exact global values; ``all_ranks=False`` reads this rank's alone, for the
+    progress bar, and labels those values ``(rank 0)`` so they are never taken for the epoch's.
+    """
+
+    def __init__(self, metrics: Mapping[str, Any] | None, device: torch.device, distributed: bool):
+        if metrics is not None and not isinstance(metrics, Mapping):
+            raise TypeError(f"metrics must be a dict of name -> metric, e.g. {{'accuracy': fnnet.metrics.accuracy}}, "
+                            f"got a {type(metrics).__name__}")
+        self.metrics = {name: _metrics.as_metric(m) for name, m in (metrics or {}).items()}
+        for name in self.metrics:
+            if name == "loss" or name.startswith("val_"):
+                raise ValueError(f"metric name {name!r} is reserved (loss and val_* are the Trainer's own)")
+        # torchmetrics objects sync across ranks in compute(): the progress bar (rank 0) shows the others
+        self.bar_names = [name for name, m in (metrics or {}).items() if not _metrics.is_torchmetrics(m)]
+        self.device, self.distributed = device, distributed
+
+    def init(self) -> dict[str, Any]:
+        return {"loss": _metrics.mean_metric().init(self.device), **{n: m.init(self.device) for n, m in self.metrics.items()}}
+
+    def update(self, states: dict[str, Any], out: Mapping[str, Any]) -> dict[str, Any]:
+        outputs, targets = out.get("outputs"), out.get("targets")
+        new = {"loss": _metrics.mean_metric().update(states["loss"], out["loss"], _metrics.batch_size(outputs, targets))}
+        for name, m in self.metrics.items():
+            new[name] = m.update(states[name], outputs, targets)
+        return new
+
+    def logs(self, states: Mapping[str, Any], prefix: str = "", *, all_ranks: bool = True) -> dict[str, float]:
+        if self.distributed and all_ranks:  # states hold sums: adding every rank's gives the exact global values
+            states = _dist.all_reduce_sum(states)
+        label = " (rank 0)" if self.distributed and not all_ranks else ""
+        logs = {f"{prefix}loss{label}": float(_metrics.mean_metric().compute(states["loss"]))}
+        for name, m in self.metrics.items():
+            if all_ranks or name in self.bar_names:
+                logs[f"{prefix}{name}{label}"] = float(m.compute(states[name]))
+        return logs
+
+
+def check_fit_options(epochs: Any, on_nonfinite: Any, log_every: Any) -> None:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    if on_nonfinite not in ("stop", "raise"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'raise', got {on_nonfinite!r}")
+    if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
+        raise ValueError(f"log_every must be a positive int or None, got {log_every!r}")
+
+
+def check_reiterable(epochs: int, **loaders: Any) -> None:
+    """A one-shot iterator cannot feed a second epoch: say so before the first."""
+    for name, data in loaders.items():
+        if data is not None and epochs > 1 and iter(data) is data:
+            raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}), which cannot be iterated again "
+                            f"for epoch 2; pass a list, an fnnet.ArrayLoader or a torch DataLoader")
+
+
+def check_same_batch_count(count: int | None, epoch: int) -> None:
+    """Every rank of a distributed run must take the same number of steps in an epoch: one more step
+    on one rank would wait for a collective the others never start. One small all-reduce checks it
+    (``None``, a loader without a length, is checked as -1)."""
+    n = -1 if count is None else int(count)
+    t = torch.tensor([n, -n], dtype=torch.int64)
+    dist_t = _dist.all_reduce_max(t)
+    most, fewest = int(dist_t[0]), -int(dist_t[1])
+    if most != fewest:
+        raise ValueError(f"fnnet.Trainer: the ranks' loaders give different numbers of batches in epoch {epoch + 1} "
+                         f"(rank {_dist.rank()} has {n}; between {fewest} and {most} over the ranks; -1: no len()). "
+                         "Every rank must take the same steps: shard one loader over the ranks "
+                         "(fnnet.ArrayLoader(..., shard=fnnet.distributed.shard()) or a DistributedSampler with "
+                         "drop_last=True)")
+
+
+def input_batches(data: Any, batch_size: Any) -> Any:
+    """``predict``'s data as batches: a tensor or NumPy array of inputs in batches of ``batch_size``;
+    any other iterable of batches as it is."""
+    if isinstance(data, np.ndarray):
+        data = torch.as_tensor(data)
+    if isinstance(data, torch.Tensor):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return [(data[i:i + batch_size],) for i in range(0, len(data), batch_size)]
+    return data
+
+
+def report_nonfinite(epoch: int, skipped: int, step: int, on_nonfinite: str) -> None:
+    """Say (or raise, with ``"raise"``) why training stops after a non-finite epoch."""
+    what = (f"{skipped} update(s) with non-finite gradients were skipped" if skipped
+            else "the training loss became non-finite")
+    message = (f"fnnet.Trainer: {what} in epoch {epoch + 1}; stopping at step {step}. trainer.state holds finite "
+               "parameters (non-finite updates are never applied) and the last good checkpoint is kept.")
+    if on_nonfinite == "raise":
+        raise FloatingPointError(message)
+    print(message, file=sys.stderr)
+
+
+def learning_rate(opt_state: Any) -> float:
+    """The learning rate the optimizer state holds (``nan`` when it holds none), as the history logs it."""
+    from .optim import get_learning_rate
+
+    lr = get_learning_rate(opt_state)
+    return float(lr) if lr is not None else math.nan
+
+
+def epoch_line(epoch: int, i: int, epochs: int, logs: Mapping[str, float]) -> str:
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "time")
+    return f"Epoch {epoch + 1} ({i + 1}/{epochs})  {shown}  [{logs['time']:.1f}s]"
+
+
+def banner(devices: list[torch.device], precision: str, jit: bool) -> str:
+    """The line a Trainer prints before its first epoch: where it trains (every replica of a
+    data-parallel run named), the precision, whether compiled."""
+    def name(d: torch.device) -> str:
+        return str(d) + (f" ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else "")
+
+    where = name(devices[0]) if len(devices) == 1 else (
+        f"{len(devices)} data-parallel replicas ({', '.join(name(d) for d in devices)})")
+    return f"fnnet.Trainer: training on {where}, precision {precision}, jit {'on' if jit else 'off'}"
+
+
+def _describe_batch(batch: Any) -> str:
+    parts = []
+    for p, x in _tree.leaves_with_path(batch):
+        parts.append(f"{p}: {str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor)
+                     else f"{p}: {type(x).__name__}")
+    return ", ".join(parts)
+
+
+_HINTS = (
+    ("Expected more than 1 value per channel", "a BatchNorm layer got a batch of one sample in training; drop the "
+     "last, smaller batch (ArrayLoader(..., drop_last=True) or DataLoader(..., drop_last=True))"),
+    ("out of bounds", "the targets must be class indices in [0, number of classes)"),
+    ("expected scalar type Long", "class-index targets must be int64: pass y.long()"),
+    ("Expected floating point type for target", "class-index targets must be int64: pass y.long()"),
+    ("expected target dtype to be Long", "class-index targets must be int64: pass y.long()"),
+    ("shapes cannot be multiplied", "the inputs' feature size does not match the model's first layer"),
+    ("to match target batch_size", "the inputs and the targets hold different numbers of samples"),
+)
+
+
+def with_context(err: Exception, what: str, epoch: int, index: int, batch: Any) -> Exception:
+    """``err`` (the same type) with fnnet's context: where, the batch's shapes and dtypes, the fix."""
+    text = str(err)
+    hint = next((h for pattern, h in _HINTS if pattern in text), None)
+    message = (f"{text}\n\nfnnet.Trainer: {what} failed in epoch {epoch + 1} at batch {index} "
+               f"({_describe_batch(batch)})" + (f": {hint}" if hint else ""))
+    try:
+        return type(err)(message)
+    except TypeError:  # an exception type with another constructor
+        return RuntimeError(message)
+
+
+class Bar:
+    """A tqdm progress bar (a context manager), or nothing when verbose=0."""
+
+    def __init__(self, total: int | None, desc: str, enabled: bool):
+        self.enabled, self.bar = enabled, None
+        if enabled:
+            try:
+                import ipywidgets  # noqa: F401
+                from tqdm.auto import tqdm
+            except ImportError:  # tqdm's text bar: no IProgress warning outside Jupyter
+                from tqdm.std import tqdm
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+
+    def update(self, n: int, postfix: dict | None = None) -> None:
+        if self.bar is not None and n:
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update(n)
+
+    def __enter__(self) -> "Bar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag the loop checks after each step (main thread only).
+
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once, as usual.
+    """
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["set"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
