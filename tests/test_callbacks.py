@@ -270,3 +270,24 @@ def test_model_checkpoint_warns_once_about_checkpoints_it_did_not_write(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         small_fit([second], epochs=1)  # once per callback
+
+
+# -- ReduceLROnPlateau: the threshold, just inside and just outside, in every mode --------------------------
+
+THRESHOLD_CASES = [
+    # (mode, threshold_mode, second value inside the threshold (no improvement), just outside (an improvement))
+    ("min", "rel", 0.91, 0.89),  # best 1.0, threshold 0.1: improves below 0.9
+    ("min", "abs", 0.91, 0.89),
+    ("max", "rel", 1.09, 1.11),  # improves above 1.1
+    ("max", "abs", 1.09, 1.11),
+]
+
+
+@pytest.mark.parametrize("mode, threshold_mode, inside, outside", THRESHOLD_CASES,
+                         ids=[f"{m}-{t}" for m, t, _, _ in THRESHOLD_CASES])
+def test_reduce_lr_on_plateau_threshold_just_inside_and_outside(mode, threshold_mode, inside, outside):
+    kwargs = dict(mode=mode, threshold_mode=threshold_mode, threshold=0.1, patience=0, factor=0.5)
+    ours, theirs = run_both([1.0, inside], **kwargs)
+    assert ours == theirs == [1.0, 0.5]  # inside the threshold: a bad epoch, reduced at once (patience 0)
+    ours, theirs = run_both([1.0, outside], **kwargs)
+    assert ours == theirs == [1.0, 1.0]  # outside: an improvement
