@@ -272,6 +272,17 @@ def test_model_checkpoint_warns_once_about_checkpoints_it_did_not_write(tmp_path
         small_fit([second], epochs=1)  # once per callback
 
 
+# -- torch schedulers in callbacks= must be built on the Trainer's optimizer --------------------------------
+
+
+@pytest.mark.parametrize("name, make_sched", [
+    ("SequentialLR", lambda o: L.SequentialLR(o, [L.ExponentialLR(o, 0.5), L.StepLR(o, 2, 0.3)], milestones=[2])),
+    ("ChainedScheduler", lambda o: L.ChainedScheduler([L.ExponentialLR(o, 0.9), L.MultiStepLR(o, [1, 3], 0.5)])),
+])
+def test_a_composite_torch_scheduler_in_callbacks_trains_as_torch(name, make_sched):
+    test_a_torch_scheduler_in_callbacks_trains_as_torch(name, make_sched, False)
+
+
 # -- ReduceLROnPlateau: the threshold, just inside and just outside, in every mode --------------------------
 
 THRESHOLD_CASES = [

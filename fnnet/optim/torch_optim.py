@@ -27,7 +27,7 @@ from torch.optim import lr_scheduler as _lrs
 from ._common import check_int, make_schedule, scalar_value
 from .aliases import adagrad, adam, adamw, rmsprop, sgd
 from .base import GradientTransformation, Schedule, chain
-from .schedules import exponential_decay, per_epoch, piecewise_constant_schedule, step_lr
+from .schedules import exponential_decay, join_schedules, per_epoch, piecewise_constant_schedule, step_lr
 from .transforms import masked, scale, set_to_zero
 
 __all__ = ["TorchConversionWarning", "from_torch", "schedule_from_torch"]
@@ -143,7 +143,8 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 # -- schedulers ---------------------------------------------------------------------------------------
 
-_SCHEDULERS = "StepLR, ExponentialLR, MultiStepLR, CosineAnnealingLR, LambdaLR, OneCycleLR"
+_SCHEDULERS = ("StepLR, ExponentialLR, MultiStepLR, CosineAnnealingLR, LambdaLR, OneCycleLR, and SequentialLR or "
+               "ChainedScheduler of these")
 
 
 def _same_over_groups(values: list[Any], what: str, scheduler: Any) -> Any:
@@ -219,26 +220,113 @@ def _one_cycle(scheduler: Any, name: str) -> Schedule:
     return make_schedule(fn, name)
 
 
-def _epoch_or_step_schedule(scheduler: Any) -> tuple[Schedule, bool]:
-    """``(schedule, per_step)``: the schedule counted in ``scheduler.step()`` calls, and whether torch steps it per update."""
+def _check_scheduler(scheduler: Any, where: str) -> None:
+    """A single torch ``LRScheduler``, or a ``TypeError`` that says what to pass instead."""
+    if isinstance(scheduler, (list, tuple)):
+        raise TypeError(
+            f"{where}: expected one torch scheduler, got a {type(scheduler).__name__} of {len(scheduler)}; combine "
+            "them as torch does: torch.optim.lr_scheduler.SequentialLR(optimizer, [a, b], milestones=[...]) (one "
+            "after the other) or ChainedScheduler([a, b]) (all at once), which fnnet converts where their parts convert"
+        )
     if isinstance(scheduler, _lrs.ReduceLROnPlateau):
         raise TypeError(
-            "schedule_from_torch: ReduceLROnPlateau follows a monitored value, not the step count, so it is no "
+            f"{where}: ReduceLROnPlateau follows a monitored value, not the step count, so it is no "
             "schedule; use the callback fnnet.callbacks.ReduceLROnPlateau(monitor='val_loss', ...) (or pass the torch "
             "object in the Trainer's callbacks=, which converts it)"
         )
     if not isinstance(scheduler, _lrs.LRScheduler):
-        raise TypeError(f"schedule_from_torch: expected a torch.optim.lr_scheduler object ({_SCHEDULERS}), "
+        raise TypeError(f"{where}: expected a torch.optim.lr_scheduler object ({_SCHEDULERS}), "
                         f"got {type(scheduler).__name__}")
-    kind = type(scheduler).__name__
-    if scheduler.last_epoch != 0:
+
+
+def _parts(scheduler: Any) -> list[Any]:
+    parts = getattr(scheduler, "_schedulers", None)  # torch's private field: fail loudly if it moves
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise TypeError(f"schedule_from_torch: this torch's {type(scheduler).__name__} does not expose its schedulers "
+                        "as fnnet expects; write the schedule with fnnet.optim.join_schedules")
+    return list(parts)
+
+
+def _epoch_or_step_schedule(scheduler: Any, where: str = "schedule_from_torch") -> tuple[Schedule, bool]:
+    """``(schedule, per_step)``: the schedule counted in ``scheduler.step()`` calls, and whether torch steps it per update."""
+    _check_scheduler(scheduler, where)
+    # A ChainedScheduler has no counter of its own: its parts count (a SequentialLR resets its parts' counters).
+    counters = ([s.last_epoch for s in _parts(scheduler)] if isinstance(scheduler, _lrs.ChainedScheduler)
+                else [scheduler.last_epoch])
+    if any(c != 0 for c in counters):
         raise ValueError(
-            f"schedule_from_torch: this {kind} has been stepped {scheduler.last_epoch} time(s); pass a fresh one (an "
+            f"{where}: this {type(scheduler).__name__} has been stepped {max(counters)} time(s); pass a fresh one (an "
             "fnnet schedule counts from the optimizer state's own step 0, and a resumed Trainer from its epoch count)"
         )
-    base = _same_over_groups(list(scheduler.base_lrs), "initial learning rates", scheduler)
-    base = float(base)
+    return _convert(scheduler)
+
+
+# A ChainedScheduler is the product of its parts' schedules when each part multiplies the learning rate
+# the others left by its own factor; CosineAnnealingLR's and LambdaLR's steps do not.
+_MULTIPLICATIVE = (_lrs.StepLR, _lrs.MultiStepLR, _lrs.ExponentialLR)
+
+
+def _convert_part(composite: Any, index: int, part: Any, base: float | None = None) -> tuple[Schedule, bool]:
+    outer, kind = type(composite).__name__, type(part).__name__
+    if isinstance(part, (_lrs.SequentialLR, _lrs.ChainedScheduler)):
+        raise TypeError(f"schedule_from_torch: a {kind} inside a {outer} (part {index}): fnnet converts one level; "
+                        f"put the inner {kind}'s schedulers in the {outer} itself, or write the schedule with "
+                        "fnnet.optim.join_schedules")
+    try:
+        return _convert(part, base)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"schedule_from_torch: {outer} part {index} ({kind}): "
+                        + str(err).removeprefix("schedule_from_torch: ")) from None
+
+
+def _sequential(scheduler: Any) -> tuple[Schedule, bool]:
+    # torch steps the part of the current interval, and at a milestone restarts the next part at 0
+    # (its closed form at epoch 0): join_schedules' "each restarted at step 0".
+    converted = [_convert_part(scheduler, i, s) for i, s in enumerate(_parts(scheduler))]
+    if len({per_step for _, per_step in converted}) > 1:
+        raise TypeError("schedule_from_torch: this SequentialLR mixes OneCycleLR, which torch steps after every "
+                        "update, with schedulers stepped once per epoch; write the schedule with "
+                        "fnnet.optim.join_schedules in one unit (updates)")
+    milestones = [int(m) for m in scheduler._milestones]
+    schedules = [s for s, _ in converted]
+    name = f"join_schedules([{', '.join(s.__name__ for s in schedules)}], {milestones})"
+    return _named(join_schedules(schedules, milestones), name), converted[0][1]
+
+
+def _chained(scheduler: Any) -> tuple[Schedule, bool]:
+    parts = _parts(scheduler)
+    if len(parts) == 1:
+        return _convert_part(scheduler, 0, parts[0])
+    for i, s in enumerate(parts):
+        if type(s) not in _MULTIPLICATIVE:
+            raise TypeError(
+                f"schedule_from_torch: ChainedScheduler part {i} is a {type(s).__name__}: each part of a "
+                "ChainedScheduler rescales the learning rate the parts before it left, which is the product of their "
+                f"schedules only for {', '.join(c.__name__ for c in _MULTIPLICATIVE)}; chain only those, or write "
+                "the schedule as a function step -> lr"
+            )
+    base = float(_same_over_groups(list(parts[0].base_lrs), "initial learning rates", scheduler))
+    factors = [_convert_part(scheduler, i, s, base=1.0)[0] for i, s in enumerate(parts)]
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        value = torch.full_like(t, base)
+        for factor in factors:
+            value = value * factor(t)
+        return value
+
+    return make_schedule(fn, f"{base!r} * " + " * ".join(f.__name__ for f in factors)), False
+
+
+def _convert(scheduler: Any, base: float | None = None) -> tuple[Schedule, bool]:
+    """The conversion of a scheduler, whatever its counter; ``base`` replaces its initial learning rate."""
     t = type(scheduler)
+    if t is _lrs.SequentialLR:
+        return _sequential(scheduler)
+    if t is _lrs.ChainedScheduler:
+        return _chained(scheduler)
+    kind = t.__name__
+    if base is None:
+        base = float(_same_over_groups(list(scheduler.base_lrs), "initial learning rates", scheduler))
     if t is _lrs.StepLR:
         name = f"step_lr({base!r}, {scheduler.step_size}, {scheduler.gamma!r})"
         return _named(step_lr(base, scheduler.step_size, scheduler.gamma), name), False
@@ -272,7 +360,11 @@ def schedule_from_torch(scheduler: Any, steps_per_epoch: int | None = None) -> S
     ``StepLR``, ``ExponentialLR``, ``MultiStepLR``, ``CosineAnnealingLR``, ``LambdaLR`` and
     ``OneCycleLR`` are converted; the schedule's value at every optimizer update is the
     learning rate torch uses there (to rounding: torch computes most schedules by recursion,
-    fnnet in closed form).
+    fnnet in closed form). So are the combinations of these: ``SequentialLR`` becomes
+    :func:`join_schedules` of its parts at its milestones (torch restarts each part at 0 there),
+    and ``ChainedScheduler`` the product of its parts' schedules when each part is a ``StepLR``,
+    ``MultiStepLR`` or ``ExponentialLR`` (any convertible one alone), the only parts whose steps
+    multiply the learning rate the others left.
 
     Args:
         scheduler: a fresh ``torch.optim.lr_scheduler`` object (not stepped yet); its initial
@@ -294,9 +386,13 @@ def schedule_from_torch(scheduler: Any, steps_per_epoch: int | None = None) -> S
         torch defines; ``CosineAnnealingLR`` goes back up after ``T_max`` as torch's does.
 
     Raises:
-        TypeError: not a scheduler, ``ReduceLROnPlateau`` (a callback:
+        TypeError: not a scheduler (a list of them: combine them with ``SequentialLR`` or
+            ``ChainedScheduler``), ``ReduceLROnPlateau`` (a callback:
             ``fnnet.callbacks.ReduceLROnPlateau``), or a scheduler with no conversion (the
-            message names the fnnet schedule to write instead).
+            message names the fnnet schedule to write instead; for a part of a ``SequentialLR``
+            or ``ChainedScheduler``, which part): a ``ChainedScheduler`` of a part other than
+            ``StepLR``, ``MultiStepLR``, ``ExponentialLR``, a composite inside a composite, a
+            ``SequentialLR`` mixing ``OneCycleLR`` with per-epoch parts.
         ValueError: the scheduler was already stepped; its param groups start from different
             learning rates; ``OneCycleLR(cycle_momentum=True)`` (fnnet's momentum is constant:
             build it with ``cycle_momentum=False``); a bad ``steps_per_epoch``.
@@ -334,8 +430,9 @@ def from_torch(
     Args:
         optimizer: the torch optimizer; read, never stepped or modified. Its current ``lr`` is
             the constant learning rate, unless ``scheduler`` is given.
-        scheduler: a fresh ``torch.optim.lr_scheduler`` object built on ``optimizer``: the
-            alias's learning rate is then :func:`schedule_from_torch` of it.
+        scheduler: one fresh ``torch.optim.lr_scheduler`` object built on ``optimizer`` (several:
+            combine them with ``SequentialLR`` or ``ChainedScheduler``): the alias's learning
+            rate is then :func:`schedule_from_torch` of it.
         steps_per_epoch: updates per epoch, needed with a scheduler torch steps once per epoch
             (all but ``OneCycleLR``): the chapter's ``scheduler.step()`` after each epoch.
         module: the ``nn.Module`` whose ``named_parameters()`` the fnnet optimizer will be
@@ -374,10 +471,11 @@ def from_torch(
     learning_rate: Any = float(h["lr"])
     lr_text = _fmt(learning_rate)
     if scheduler is not None:
-        if getattr(scheduler, "optimizer", None) is not optimizer:
+        _check_scheduler(scheduler, "from_torch")
+        if scheduler.optimizer is not optimizer:
             raise ValueError("from_torch: the scheduler was built on another optimizer than the one given; build it on "
                              "this one (torch.optim.lr_scheduler.StepLR(optimizer, ...))")
-        learning_rate, per_step = _epoch_or_step_schedule(scheduler)
+        learning_rate, per_step = _epoch_or_step_schedule(scheduler, "from_torch")
         if per_step:
             described += f" with {type(scheduler).__name__} stepped after every update"
         else:
