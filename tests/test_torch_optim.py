@@ -354,3 +354,19 @@ def test_a_list_of_schedulers_is_a_type_error_that_names_the_combinators():
     with pytest.raises(TypeError, match=r"expected a torch.optim.lr_scheduler object.*got function"):
         convert(opt, scheduler=O.step_lr(0.1, 1), steps_per_epoch=3)
 
+
+# -- from_torch without module=: the optimizer must hold every parameter it is used on -------------------
+
+
+def test_without_module_an_optimizer_on_some_parameters_is_refused_at_init():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    tx = convert(torch.optim.Adam(net[0].parameters(), lr=0.01))
+    with pytest.raises(ValueError, match=r"holds 2 parameter tensors.*initialised with 4.*module=net"):
+        tx.init(params)
+    # the whole net, or the part it holds, is fine
+    convert(torch.optim.Adam(net.parameters(), lr=0.01)).init(params)
+    convert(torch.optim.Adam(net[0].parameters(), lr=0.01)).init({"w": params["0.weight"], "b": params["0.bias"]})
+    with pytest.raises(ValueError, match=r"shapes"):
+        convert(torch.optim.Adam(net[2].parameters(), lr=0.01)).init({"w": params["0.weight"], "b": params["0.bias"]})
+

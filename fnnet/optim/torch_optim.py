@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from typing import Any, Callable
 
 import torch
 from torch.optim import lr_scheduler as _lrs
 
+from .. import tree as _tree
 from ._common import check_int, make_schedule, scalar_value
 from .aliases import adagrad, adam, adamw, rmsprop, sgd
 from .base import GradientTransformation, Schedule, chain
@@ -438,7 +440,10 @@ def from_torch(
         module: the ``nn.Module`` whose ``named_parameters()`` the fnnet optimizer will be
             initialised with (what the ``Trainer`` trains). Its parameters that ``optimizer``
             does not hold are then left alone, as torch.optim leaves them (``masked`` with
-            ``set_to_zero``). Without it the fnnet optimizer moves every parameter it is given.
+            ``set_to_zero``). Without it the fnnet optimizer moves every parameter it is given, so
+            its ``init`` refuses params with a tensor the torch optimizer does not hold (matched
+            by shape: ``from_torch(torch.optim.Adam(net[0].parameters()))`` initialised with all
+            of ``net``'s parameters is a ``ValueError`` that asks for ``module=net``).
 
     Returns:
         A :class:`GradientTransformation` whose state holds the learning rate: constant (so
@@ -450,7 +455,8 @@ def from_torch(
         ValueError: an option fnnet has no equivalent for (``amsgrad=True``, ``dampening != 0``),
             param groups with different hyperparameters (write ``masked`` per group), a
             scheduler on another optimizer or without the ``steps_per_epoch`` it needs, or a
-            ``module`` that lacks tensors the optimizer holds. See also
+            ``module`` that lacks tensors the optimizer holds; at ``init`` without ``module``,
+            params the optimizer does not hold (see ``module``). See also
             :func:`schedule_from_torch`.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -501,6 +507,8 @@ def from_torch(
     if module is not None:
         tx, note = _restrict_to_held(tx, optimizer, module)
         built += note
+    else:
+        tx = _refusing_unheld(tx, optimizer)
     warnings.warn(f"fnnet: {described} -> {built}", TorchConversionWarning, stacklevel=2)
     return tx
 
@@ -523,3 +531,31 @@ def _restrict_to_held(tx: GradientTransformation, optimizer: torch.optim.Optimiz
     frozen = {name: not flag for name, flag in mask.items()}
     note = f", on the {sum(mask.values())} of {len(mask)} parameter tensors it holds (the others are left alone)"
     return chain(masked(tx, mask), masked(set_to_zero(), frozen)), note
+
+
+def _refusing_unheld(tx: GradientTransformation, optimizer: torch.optim.Optimizer) -> GradientTransformation:
+    """``tx``, whose ``init`` refuses params with a tensor ``optimizer`` cannot hold.
+
+    Without ``module=`` the tensors are not the optimizer's own (the caller's params are
+    copies), so they are matched by shape: every leaf needs a held tensor of its shape. An
+    optimizer on part of a network then fails here instead of moving the whole network.
+    """
+    cls = type(optimizer).__name__
+    held = Counter(tuple(p.shape) for g in optimizer.param_groups for p in g["params"])
+
+    def init(params: Any) -> Any:
+        given = Counter(tuple(getattr(leaf, "shape", ())) for leaf in _tree.leaves(params))
+        unheld = given - held
+        if unheld:
+            raise ValueError(
+                f"from_torch: the torch.optim.{cls} holds {sum(held.values())} parameter tensors, but the fnnet "
+                f"optimizer is initialised with {sum(given.values())}, and {sum(unheld.values())} of them (shapes "
+                f"{sorted(unheld.elements())}) have no tensor of their shape in it. torch.optim moves only the "
+                "tensors it holds; this optimizer would move every one it is given. Pass module=net (the nn.Module "
+                "whose named_parameters() you train) to leave the others alone, or build the torch optimizer on "
+                "all of them"
+            )
+        return tx.init(params)
+
+    return GradientTransformation(init, tx.update)
+
