@@ -255,7 +255,12 @@ class LearningRateSchedule(Callback):
     learning rate, or ``inject_hyperparams``): the new value goes in through
     ``fnnet.optim.set_learning_rate``. For a schedule baked into the optimizer you need no
     callback at all.
+
+    ``torch_scheduler`` is the torch scheduler :func:`from_torch_scheduler` made this callback
+    of (``None`` otherwise): see there for the check it makes at ``on_fit_start``.
     """
+
+    torch_scheduler: Any = None
 
     def __init__(self, schedule: Callable[[int], float], interval: str = "epoch"):
         if interval not in ("epoch", "step"):
@@ -263,6 +268,9 @@ class LearningRateSchedule(Callback):
         if not callable(schedule):
             raise TypeError("schedule must be callable: epoch or step -> learning rate")
         self.schedule, self.interval = schedule, interval
+
+    def on_fit_start(self, trainer: Any) -> None:
+        _check_torch_scheduler(self, trainer)
 
     def _set(self, trainer: Any, count: int) -> None:
         from .optim import set_learning_rate
@@ -305,7 +313,12 @@ class ReduceLROnPlateau(Callback):
     Attributes ``best``, ``num_bad_epochs`` and ``cooldown_counter`` are torch's. They are
     reset at every ``on_fit_start`` (as Keras does, and as :class:`EarlyStopping` does), where
     a torch scheduler object keeps its counters from one training loop to the next.
+
+    ``torch_scheduler`` is the torch ``ReduceLROnPlateau`` :func:`from_torch_scheduler` made
+    this callback of (``None`` otherwise): see there for the check it makes at ``on_fit_start``.
     """
+
+    torch_scheduler: Any = None
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, min_lr: float = 0,
                  mode: str = "min", threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
@@ -340,6 +353,7 @@ class ReduceLROnPlateau(Callback):
         from .optim import get_learning_rate, set_learning_rate
 
         self._reset()
+        _check_torch_scheduler(self, trainer)
         lr = get_learning_rate(trainer.state.opt_state)
         if lr is None:
             raise ValueError("ReduceLROnPlateau: the optimizer state holds no learning rate; build the optimizer "
@@ -499,6 +513,34 @@ def is_torch_scheduler(obj: Any) -> bool:
     return isinstance(obj, (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau))
 
 
+def _check_torch_scheduler(callback: Any, trainer: Any) -> None:
+    """A callback made of a torch scheduler must be built on the torch optimizer the trainer's optimizer stands for."""
+    scheduler = callback.torch_scheduler
+    optimizer = getattr(trainer, "optimizer", None)
+    if scheduler is None or optimizer is None:  # not from torch, or a trainer that does not show its optimizer
+        return
+    from .optim import torch_optimizers_of
+
+    kind = type(scheduler).__name__
+    sources = torch_optimizers_of(optimizer)
+    if not sources:
+        instead = ("fnnet.callbacks.ReduceLROnPlateau(...)" if isinstance(callback, ReduceLROnPlateau)
+                   else "LearningRateSchedule(fnnet.optim.schedule_from_torch(scheduler))")
+        raise ValueError(
+            f"{kind} in callbacks=: the Trainer's optimizer was not converted from a torch optimizer (it is an fnnet "
+            f"optimizer such as fnnet.optim.adam(...)), so the torch optimizer the {kind} was built on is not the "
+            "Trainer's. Pass that torch optimizer to the Trainer (it converts it), or say what you mean explicitly: "
+            f"{instead}"
+        )
+    if not any(scheduler.optimizer is s for s in sources):
+        raise ValueError(
+            f"{kind} in callbacks= was built on another torch optimizer than the one the Trainer's optimizer was "
+            f"converted from (a torch.optim.{type(scheduler.optimizer).__name__}, where the Trainer's is a "
+            f"torch.optim.{type(sources[0]).__name__}); build it on that one: "
+            f"torch.optim.lr_scheduler.{kind}(optimizer, ...)"
+        )
+
+
 def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval: str | None = None) -> Callback:
     """The fnnet callback that does what a ``torch.optim.lr_scheduler`` object does in Lightning.
 
@@ -518,13 +560,18 @@ def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval:
     (``trainer.epoch``), so a trainer resumed from a checkpoint continues the schedule.
 
     This is what :class:`CallbackList` (hence ``Trainer.fit(callbacks=[...])``) does with a
-    torch scheduler it is given.
+    torch scheduler it is given. At ``on_fit_start`` the callback checks that ``scheduler`` was
+    built on the torch optimizer the trainer's optimizer was converted from
+    (:func:`fnnet.optim.torch_optimizers_of`), as ``fnnet.optim.from_torch(..., scheduler=)``
+    does: a scheduler of another optimizer would set learning rates from that one's.
 
     Raises:
         TypeError: not a torch scheduler, or one with no conversion (see
             :func:`fnnet.optim.schedule_from_torch`).
         ValueError: from :func:`fnnet.optim.schedule_from_torch`; a ``ReduceLROnPlateau`` with
-            different ``min_lr`` per param group; a bad ``interval``.
+            different ``min_lr`` per param group; a bad ``interval``. At ``on_fit_start``: the
+            trainer's optimizer was not converted from ``scheduler.optimizer`` (another torch
+            optimizer, or an fnnet one).
     """
     from torch.optim import lr_scheduler
 
@@ -534,10 +581,12 @@ def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval:
         if len(set(scheduler.min_lrs)) > 1:
             raise ValueError(f"from_torch_scheduler: the ReduceLROnPlateau has a different min_lr per param group "
                              f"({scheduler.min_lrs}); an fnnet optimizer has one learning rate: pass one min_lr")
-        return ReduceLROnPlateau(monitor, factor=scheduler.factor, patience=scheduler.patience,
-                                 min_lr=scheduler.min_lrs[0] if scheduler.min_lrs else 0, mode=scheduler.mode,
-                                 threshold=scheduler.threshold, threshold_mode=scheduler.threshold_mode,
-                                 cooldown=scheduler.cooldown, eps=scheduler.eps)
+        callback: Callback = ReduceLROnPlateau(
+            monitor, factor=scheduler.factor, patience=scheduler.patience,
+            min_lr=scheduler.min_lrs[0] if scheduler.min_lrs else 0, mode=scheduler.mode, threshold=scheduler.threshold,
+            threshold_mode=scheduler.threshold_mode, cooldown=scheduler.cooldown, eps=scheduler.eps)
+        callback.torch_scheduler = scheduler
+        return callback
     if not is_torch_scheduler(scheduler):
         raise TypeError(f"from_torch_scheduler: expected a torch.optim.lr_scheduler object, got {type(scheduler).__name__}")
     from .optim import schedule_from_torch
@@ -545,4 +594,6 @@ def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval:
     schedule = schedule_from_torch(scheduler)  # counted in scheduler.step() calls
     if interval is None:
         interval = "step" if isinstance(scheduler, lr_scheduler.OneCycleLR) else "epoch"
-    return LearningRateSchedule(schedule, interval)
+    callback = LearningRateSchedule(schedule, interval)
+    callback.torch_scheduler = scheduler
+    return callback

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections import Counter
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ from .base import GradientTransformation, Schedule, chain
 from .schedules import exponential_decay, join_schedules, per_epoch, piecewise_constant_schedule, step_lr
 from .transforms import masked, scale, set_to_zero
 
-__all__ = ["TorchConversionWarning", "from_torch", "schedule_from_torch"]
+__all__ = ["TorchConversionWarning", "from_torch", "schedule_from_torch", "torch_optimizers_of"]
 
 
 class TorchConversionWarning(UserWarning):
@@ -510,7 +511,51 @@ def from_torch(
     else:
         tx = _refusing_unheld(tx, optimizer)
     warnings.warn(f"fnnet: {described} -> {built}", TorchConversionWarning, stacklevel=2)
+    _CONVERTED_FROM[tx.update] = weakref.ref(optimizer)
     return tx
+
+
+# The torch optimizer each from_torch result stands for, keyed by its update function; weak both
+# ways, so neither keeps the other alive. Read by torch_optimizers_of.
+_CONVERTED_FROM: weakref.WeakKeyDictionary[Callable, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def torch_optimizers_of(tx: GradientTransformation) -> list[torch.optim.Optimizer]:
+    """The torch optimizers that :func:`from_torch` converted into ``tx``, or into a transformation it wraps.
+
+    ``tx`` itself, and the transformations ``chain``, ``masked`` and other combinators hold
+    (found through their functions' closures: ``masked(from_torch(opt), mask)``, as the
+    ``Trainer`` builds for frozen parameters, gives ``[opt]``). What a torch scheduler in the
+    ``Trainer``'s ``callbacks=`` is checked against: it must be built on one of these.
+
+    Returns:
+        The optimizers in the order found, each once; ``[]`` for an optimizer written with
+        fnnet's aliases (or whose torch optimizer no longer exists).
+    """
+    found: list[torch.optim.Optimizer] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, GradientTransformation):
+            source = _CONVERTED_FROM.get(obj.update, lambda: None)()
+            if source is not None and not any(source is f for f in found):
+                found.append(source)
+            visit(obj.update)
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                visit(item)
+        elif callable(obj) and getattr(obj, "__closure__", None):
+            for cell in obj.__closure__:
+                try:
+                    visit(cell.cell_contents)
+                except ValueError:  # a cell not filled yet
+                    pass
+
+    visit(tx)
+    return found
 
 
 def _restrict_to_held(tx: GradientTransformation, optimizer: torch.optim.Optimizer,
@@ -525,12 +570,24 @@ def _restrict_to_held(tx: GradientTransformation, optimizer: torch.optim.Optimiz
         raise ValueError(f"from_torch: the optimizer holds {len(stray)} tensor(s) that are not parameters of the "
                          f"{type(module).__name__} given as module; build the optimizer on module.parameters() (or a "
                          "subset of them)")
-    mask = {name: id(p) in held for name, p in named.items()}
-    if all(mask.values()):
+    holds = {name: id(p) in held for name, p in named.items()}
+    if all(holds.values()):
         return tx, ""
-    frozen = {name: not flag for name, flag in mask.items()}
-    note = f", on the {sum(mask.values())} of {len(mask)} parameter tensors it holds (the others are left alone)"
-    return chain(masked(tx, mask), masked(set_to_zero(), frozen)), note
+
+    def flags(tree: Any, value: bool) -> Any:
+        # By key path, so the mask fits the module's parameters and any part of them (the
+        # Trainer masks out frozen ones before this optimizer sees the rest).
+        leaves, spec = _tree.flatten(tree)
+        paths = _tree.paths(tree)
+        strangers = [p for p in paths if p not in holds]
+        if strangers:
+            raise ValueError(f"from_torch: the params hold {strangers[:3]}, which are not parameters of the "
+                             f"{type(module).__name__} given as module (its named_parameters() are "
+                             f"{list(holds)[:3]}...); initialise with dict(module.named_parameters())")
+        return _tree.unflatten(spec, [holds[p] == value for p in paths])
+
+    note = f", on the {sum(holds.values())} of {len(holds)} parameter tensors it holds (the others are left alone)"
+    return chain(masked(tx, lambda tree: flags(tree, True)), masked(set_to_zero(), lambda tree: flags(tree, False))), note
 
 
 def _refusing_unheld(tx: GradientTransformation, optimizer: torch.optim.Optimizer) -> GradientTransformation:
