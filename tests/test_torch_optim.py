@@ -370,3 +370,21 @@ def test_without_module_an_optimizer_on_some_parameters_is_refused_at_init():
     with pytest.raises(ValueError, match=r"shapes"):
         convert(torch.optim.Adam(net[2].parameters(), lr=0.01)).init({"w": params["0.weight"], "b": params["0.bias"]})
 
+
+# -- the aliases' errors for torch.optim's own arguments -----------------------------------------------
+
+
+def test_torch_only_arguments_to_an_alias_say_what_fnnet_takes():
+    with pytest.raises(TypeError, match=r"adam: maximize= is torch.optim's.*chain\(scale\(-1.0\), adam\(.*\)\)"):
+        O.adam(0.01, maximize=True)
+    with pytest.raises(TypeError, match=r"adam: betas= is torch.optim's.*b1=0.9, b2=0.99"):
+        O.adam(0.01, betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match=r"sgd: lr= is torch.optim's.*first argument, learning_rate"):
+        O.sgd(lr=0.1)
+    with pytest.raises(TypeError, match=r"adamw: foreach= is torch.optim's"):
+        O.adamw(0.01, foreach=False)
+    with pytest.raises(TypeError, match=r"adam: b1 must be a Python number.*tensor.*float\(b1\)"):
+        O.adam(0.01, b1=torch.tensor(0.9))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'nonsense'"):
+        O.adam(0.01, nonsense=1)
+
