@@ -37,6 +37,7 @@ import torch
 
 from . import distributed as _dist
 from . import tree as _tree
+from ._warnings import user_stacklevel
 from .state import all_finite
 
 __all__ = ["Callback", "CallbackList", "HOOKS", "ModelCheckpoint", "EarlyStopping", "LearningRateSchedule",
@@ -163,7 +164,7 @@ class ModelCheckpoint(Callback):
             warnings.warn(f"ModelCheckpoint: the folder '{self.dirpath}' already holds {len(foreign)} checkpoint(s) "
                           f"this callback did not write ({shown}), from another run; they are kept, but a checkpoint "
                           "of this run with the same name replaces its file. Use a new folder per run to keep them "
-                          "apart", UserWarning, stacklevel=2)
+                          "apart", UserWarning, stacklevel=user_stacklevel())
 
     @property
     def best_model_path(self) -> str | None:
@@ -182,7 +183,7 @@ class ModelCheckpoint(Callback):
         score = _monitored(logs, self.monitor, "ModelCheckpoint")
         if not bool(all_finite(trainer.state)):
             warnings.warn(f"ModelCheckpoint: epoch {epoch + 1}'s state holds non-finite values; not saved "
-                          "(the last good checkpoint is kept)", stacklevel=2)
+                          "(the last good checkpoint is kept)", stacklevel=user_stacklevel())
             return
         if self.save_top_k != 0 and not math.isnan(score):
             worst = self.best_k[-1][0] if self.best_k else None

@@ -265,8 +265,9 @@ def test_model_checkpoint_warns_once_about_checkpoints_it_did_not_write(tmp_path
     second = ModelCheckpoint(folder, monitor="val_loss")
     with pytest.warns(UserWarning, match=rf"already holds {n} checkpoint\(s\) this callback did not write") as record:
         small_fit([second], epochs=1)
-    assert len([w for w in record if issubclass(w.category, UserWarning)
-                and "did not write" in str(w.message)]) == 1
+    foreign = [w for w in record if issubclass(w.category, UserWarning) and "did not write" in str(w.message)]
+    assert len(foreign) == 1
+    assert foreign[0].filename == __file__  # the user's fit() line (small_fit's), not fnnet's
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         small_fit([second], epochs=1)  # once per callback

@@ -388,3 +388,18 @@ def test_torch_only_arguments_to_an_alias_say_what_fnnet_takes():
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'nonsense'"):
         O.adam(0.01, nonsense=1)
 
+
+# -- warnings name the user's line ---------------------------------------------------------------------
+
+
+def test_the_conversion_warning_points_at_the_callers_line():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        O.from_torch(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
+        import fnnet
+
+        net = nn.Linear(2, 1)
+        fnnet.Trainer(net, nn.functional.mse_loss, torch.optim.SGD(net.parameters(), lr=0.1), devices="cpu")
+    converted = [w for w in record if issubclass(w.category, O.TorchConversionWarning)]
+    assert len(converted) == 2
+    assert [w.filename for w in converted] == [__file__, __file__]

@@ -27,6 +27,7 @@ import torch
 from torch.optim import lr_scheduler as _lrs
 
 from .. import tree as _tree
+from .._warnings import user_stacklevel
 from ._common import check_int, make_schedule, scalar_value
 from .aliases import adagrad, adam, adamw, rmsprop, sgd
 from .base import GradientTransformation, Schedule, chain
@@ -510,7 +511,7 @@ def from_torch(
         built += note
     else:
         tx = _refusing_unheld(tx, optimizer)
-    warnings.warn(f"fnnet: {described} -> {built}", TorchConversionWarning, stacklevel=2)
+    warnings.warn(f"fnnet: {described} -> {built}", TorchConversionWarning, stacklevel=user_stacklevel())
     _CONVERTED_FROM[tx.update] = weakref.ref(optimizer)
     return tx
 
