@@ -547,7 +547,8 @@ def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval:
 
     * ``ReduceLROnPlateau`` -> :class:`ReduceLROnPlateau` with its arguments, watching
       ``monitor`` (Lightning's ``"monitor"`` key of the scheduler config).
-    * ``StepLR``, ``ExponentialLR``, ``MultiStepLR``, ``CosineAnnealingLR``, ``LambdaLR`` ->
+    * ``StepLR``, ``ExponentialLR``, ``MultiStepLR``, ``CosineAnnealingLR``, ``LambdaLR``, and
+      the ``SequentialLR`` and ``ChainedScheduler`` that schedule converts ->
       :class:`LearningRateSchedule` of :func:`fnnet.optim.schedule_from_torch`, stepped once
       per epoch: epoch ``e`` trains with the learning rate torch has after ``e`` calls of
       ``scheduler.step()`` (the chapter's loop and Lightning's default ``interval="epoch"``).
