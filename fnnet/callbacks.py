@@ -37,6 +37,7 @@ import torch
 
 from . import distributed as _dist
 from . import tree as _tree
+from ._warnings import user_stacklevel
 from .state import all_finite
 
 __all__ = ["Callback", "CallbackList", "HOOKS", "ModelCheckpoint", "EarlyStopping", "LearningRateSchedule",
@@ -163,7 +164,7 @@ class ModelCheckpoint(Callback):
             warnings.warn(f"ModelCheckpoint: the folder '{self.dirpath}' already holds {len(foreign)} checkpoint(s) "
                           f"this callback did not write ({shown}), from another run; they are kept, but a checkpoint "
                           "of this run with the same name replaces its file. Use a new folder per run to keep them "
-                          "apart", UserWarning, stacklevel=2)
+                          "apart", UserWarning, stacklevel=user_stacklevel())
 
     @property
     def best_model_path(self) -> str | None:
@@ -182,7 +183,7 @@ class ModelCheckpoint(Callback):
         score = _monitored(logs, self.monitor, "ModelCheckpoint")
         if not bool(all_finite(trainer.state)):
             warnings.warn(f"ModelCheckpoint: epoch {epoch + 1}'s state holds non-finite values; not saved "
-                          "(the last good checkpoint is kept)", stacklevel=2)
+                          "(the last good checkpoint is kept)", stacklevel=user_stacklevel())
             return
         if self.save_top_k != 0 and not math.isnan(score):
             worst = self.best_k[-1][0] if self.best_k else None
@@ -255,7 +256,12 @@ class LearningRateSchedule(Callback):
     learning rate, or ``inject_hyperparams``): the new value goes in through
     ``fnnet.optim.set_learning_rate``. For a schedule baked into the optimizer you need no
     callback at all.
+
+    ``torch_scheduler`` is the torch scheduler :func:`from_torch_scheduler` made this callback
+    of (``None`` otherwise): see there for the check it makes at ``on_fit_start``.
     """
+
+    torch_scheduler: Any = None
 
     def __init__(self, schedule: Callable[[int], float], interval: str = "epoch"):
         if interval not in ("epoch", "step"):
@@ -263,6 +269,9 @@ class LearningRateSchedule(Callback):
         if not callable(schedule):
             raise TypeError("schedule must be callable: epoch or step -> learning rate")
         self.schedule, self.interval = schedule, interval
+
+    def on_fit_start(self, trainer: Any) -> None:
+        _check_torch_scheduler(self, trainer)
 
     def _set(self, trainer: Any, count: int) -> None:
         from .optim import set_learning_rate
@@ -305,7 +314,12 @@ class ReduceLROnPlateau(Callback):
     Attributes ``best``, ``num_bad_epochs`` and ``cooldown_counter`` are torch's. They are
     reset at every ``on_fit_start`` (as Keras does, and as :class:`EarlyStopping` does), where
     a torch scheduler object keeps its counters from one training loop to the next.
+
+    ``torch_scheduler`` is the torch ``ReduceLROnPlateau`` :func:`from_torch_scheduler` made
+    this callback of (``None`` otherwise): see there for the check it makes at ``on_fit_start``.
     """
+
+    torch_scheduler: Any = None
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, min_lr: float = 0,
                  mode: str = "min", threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
@@ -340,6 +354,7 @@ class ReduceLROnPlateau(Callback):
         from .optim import get_learning_rate, set_learning_rate
 
         self._reset()
+        _check_torch_scheduler(self, trainer)
         lr = get_learning_rate(trainer.state.opt_state)
         if lr is None:
             raise ValueError("ReduceLROnPlateau: the optimizer state holds no learning rate; build the optimizer "
@@ -493,12 +508,41 @@ def is_torch_scheduler(obj: Any) -> bool:
     return isinstance(obj, (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau))
 
 
+def _check_torch_scheduler(callback: Any, trainer: Any) -> None:
+    """A callback made of a torch scheduler must be built on the torch optimizer the trainer's optimizer stands for."""
+    scheduler = callback.torch_scheduler
+    optimizer = getattr(trainer, "optimizer", None)
+    if scheduler is None or optimizer is None:  # not from torch, or a trainer that does not show its optimizer
+        return
+    from .optim import torch_optimizers_of
+
+    kind = type(scheduler).__name__
+    sources = torch_optimizers_of(optimizer)
+    if not sources:
+        instead = ("fnnet.callbacks.ReduceLROnPlateau(...)" if isinstance(callback, ReduceLROnPlateau)
+                   else "LearningRateSchedule(fnnet.optim.schedule_from_torch(scheduler))")
+        raise ValueError(
+            f"{kind} in callbacks=: the Trainer's optimizer was not converted from a torch optimizer (it is an fnnet "
+            f"optimizer such as fnnet.optim.adam(...)), so the torch optimizer the {kind} was built on is not the "
+            "Trainer's. Pass that torch optimizer to the Trainer (it converts it), or say what you mean explicitly: "
+            f"{instead}"
+        )
+    if not any(scheduler.optimizer is s for s in sources):
+        raise ValueError(
+            f"{kind} in callbacks= was built on another torch optimizer than the one the Trainer's optimizer was "
+            f"converted from (a torch.optim.{type(scheduler.optimizer).__name__}, where the Trainer's is a "
+            f"torch.optim.{type(sources[0]).__name__}); build it on that one: "
+            f"torch.optim.lr_scheduler.{kind}(optimizer, ...)"
+        )
+
+
 def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval: str | None = None) -> Callback:
     """The fnnet callback that does what a ``torch.optim.lr_scheduler`` object does in Lightning.
 
     * ``ReduceLROnPlateau`` -> :class:`ReduceLROnPlateau` with its arguments, watching
       ``monitor`` (Lightning's ``"monitor"`` key of the scheduler config).
-    * ``StepLR``, ``ExponentialLR``, ``MultiStepLR``, ``CosineAnnealingLR``, ``LambdaLR`` ->
+    * ``StepLR``, ``ExponentialLR``, ``MultiStepLR``, ``CosineAnnealingLR``, ``LambdaLR``, and
+      the ``SequentialLR`` and ``ChainedScheduler`` that schedule converts ->
       :class:`LearningRateSchedule` of :func:`fnnet.optim.schedule_from_torch`, stepped once
       per epoch: epoch ``e`` trains with the learning rate torch has after ``e`` calls of
       ``scheduler.step()`` (the chapter's loop and Lightning's default ``interval="epoch"``).
@@ -512,13 +556,18 @@ def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval:
     (``trainer.epoch``), so a trainer resumed from a checkpoint continues the schedule.
 
     This is what :class:`CallbackList` (hence ``Trainer.fit(callbacks=[...])``) does with a
-    torch scheduler it is given.
+    torch scheduler it is given. At ``on_fit_start`` the callback checks that ``scheduler`` was
+    built on the torch optimizer the trainer's optimizer was converted from
+    (:func:`fnnet.optim.torch_optimizers_of`), as ``fnnet.optim.from_torch(..., scheduler=)``
+    does: a scheduler of another optimizer would set learning rates from that one's.
 
     Raises:
         TypeError: not a torch scheduler, or one with no conversion (see
             :func:`fnnet.optim.schedule_from_torch`).
         ValueError: from :func:`fnnet.optim.schedule_from_torch`; a ``ReduceLROnPlateau`` with
-            different ``min_lr`` per param group; a bad ``interval``.
+            different ``min_lr`` per param group; a bad ``interval``. At ``on_fit_start``: the
+            trainer's optimizer was not converted from ``scheduler.optimizer`` (another torch
+            optimizer, or an fnnet one).
     """
     from torch.optim import lr_scheduler
 
@@ -528,10 +577,12 @@ def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval:
         if len(set(scheduler.min_lrs)) > 1:
             raise ValueError(f"from_torch_scheduler: the ReduceLROnPlateau has a different min_lr per param group "
                              f"({scheduler.min_lrs}); an fnnet optimizer has one learning rate: pass one min_lr")
-        return ReduceLROnPlateau(monitor, factor=scheduler.factor, patience=scheduler.patience,
-                                 min_lr=scheduler.min_lrs[0] if scheduler.min_lrs else 0, mode=scheduler.mode,
-                                 threshold=scheduler.threshold, threshold_mode=scheduler.threshold_mode,
-                                 cooldown=scheduler.cooldown, eps=scheduler.eps)
+        callback: Callback = ReduceLROnPlateau(
+            monitor, factor=scheduler.factor, patience=scheduler.patience,
+            min_lr=scheduler.min_lrs[0] if scheduler.min_lrs else 0, mode=scheduler.mode, threshold=scheduler.threshold,
+            threshold_mode=scheduler.threshold_mode, cooldown=scheduler.cooldown, eps=scheduler.eps)
+        callback.torch_scheduler = scheduler
+        return callback
     if not is_torch_scheduler(scheduler):
         raise TypeError(f"from_torch_scheduler: expected a torch.optim.lr_scheduler object, got {type(scheduler).__name__}")
     from .optim import schedule_from_torch
@@ -539,4 +590,6 @@ def from_torch_scheduler(scheduler: Any, *, monitor: str = "val_loss", interval:
     schedule = schedule_from_torch(scheduler)  # counted in scheduler.step() calls
     if interval is None:
         interval = "step" if isinstance(scheduler, lr_scheduler.OneCycleLR) else "epoch"
-    return LearningRateSchedule(schedule, interval)
+    callback = LearningRateSchedule(schedule, interval)
+    callback.torch_scheduler = scheduler
+    return callback

@@ -265,8 +265,68 @@ def test_model_checkpoint_warns_once_about_checkpoints_it_did_not_write(tmp_path
     second = ModelCheckpoint(folder, monitor="val_loss")
     with pytest.warns(UserWarning, match=rf"already holds {n} checkpoint\(s\) this callback did not write") as record:
         small_fit([second], epochs=1)
-    assert len([w for w in record if issubclass(w.category, UserWarning)
-                and "did not write" in str(w.message)]) == 1
+    foreign = [w for w in record if issubclass(w.category, UserWarning) and "did not write" in str(w.message)]
+    assert len(foreign) == 1
+    assert foreign[0].filename == __file__  # the user's fit() line (small_fit's), not fnnet's
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         small_fit([second], epochs=1)  # once per callback
+
+
+# -- torch schedulers in callbacks= must be built on the Trainer's optimizer --------------------------------
+
+
+def test_a_torch_scheduler_on_another_optimizer_is_refused_in_callbacks():
+    data = regression_data()
+    net = nn.Linear(3, 1).double()
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    other = torch.optim.SGD(net.parameters(), lr=0.5)
+    trainer = fnnet.Trainer(net, F.mse_loss, quiet_from_torch(opt, module=net), devices="cpu")
+    before = fnnet.tree.map(torch.clone, trainer.state.params)
+    for sched in (L.StepLR(other, 1, 0.9), L.ReduceLROnPlateau(other)):
+        with pytest.raises(ValueError, match=rf"{type(sched).__name__} in callbacks= was built on another torch "
+                                             r"optimizer than the one the Trainer's optimizer was converted from"):
+            trainer.fit(data, epochs=1, callbacks=[sched], verbose=0)
+    assert fnnet.tree.all_equal(trainer.state.params, before)  # refused before any training
+    native = fnnet.Trainer(net, F.mse_loss, optim.adam(0.02), devices="cpu")
+    with pytest.raises(ValueError, match=r"not converted from a torch optimizer.*LearningRateSchedule"):
+        native.fit(data, epochs=1, callbacks=[L.StepLR(other, 1, 0.9)], verbose=0)
+    # the scheduler of the Trainer's own torch optimizer, also through the Trainer's own conversion
+    # and under the mask of frozen parameters
+    frozen = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)).double()
+    frozen[0].requires_grad_(False)
+    own = torch.optim.Adam(frozen[1].parameters(), lr=0.02)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optim.TorchConversionWarning)
+        history = fnnet.Trainer(frozen, F.mse_loss, own, devices="cpu").fit(
+            data, epochs=3, callbacks=[L.StepLR(own, 1, 0.5)], verbose=0)
+    assert history["lr"] == pytest.approx([0.02, 0.01, 0.005])
+
+
+@pytest.mark.parametrize("name, make_sched", [
+    ("SequentialLR", lambda o: L.SequentialLR(o, [L.ExponentialLR(o, 0.5), L.StepLR(o, 2, 0.3)], milestones=[2])),
+    ("ChainedScheduler", lambda o: L.ChainedScheduler([L.ExponentialLR(o, 0.9), L.MultiStepLR(o, [1, 3], 0.5)])),
+])
+def test_a_composite_torch_scheduler_in_callbacks_trains_as_torch(name, make_sched):
+    test_a_torch_scheduler_in_callbacks_trains_as_torch(name, make_sched, False)
+
+
+# -- ReduceLROnPlateau: the threshold, just inside and just outside, in every mode --------------------------
+
+THRESHOLD_CASES = [
+    # (mode, threshold_mode, second value inside the threshold (no improvement), just outside (an improvement))
+    ("min", "rel", 0.91, 0.89),  # best 1.0, threshold 0.1: improves below 0.9
+    ("min", "abs", 0.91, 0.89),
+    ("max", "rel", 1.09, 1.11),  # improves above 1.1
+    ("max", "abs", 1.09, 1.11),
+]
+
+
+@pytest.mark.parametrize("mode, threshold_mode, inside, outside", THRESHOLD_CASES,
+                         ids=[f"{m}-{t}" for m, t, _, _ in THRESHOLD_CASES])
+def test_reduce_lr_on_plateau_threshold_just_inside_and_outside(mode, threshold_mode, inside, outside):
+    kwargs = dict(mode=mode, threshold_mode=threshold_mode, threshold=0.1, patience=0, factor=0.5)
+    ours, theirs = run_both([1.0, inside], **kwargs)
+    assert ours == theirs == [1.0, 0.5]  # inside the threshold: a bad epoch, reduced at once (patience 0)
+    ours, theirs = run_both([1.0, outside], **kwargs)
+    assert ours == theirs == [1.0, 1.0]  # outside: an improvement

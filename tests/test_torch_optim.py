@@ -276,3 +276,130 @@ def test_scheduler_errors_name_the_fix():
         O.schedule_from_torch(L.StepLR(two, 1))
     with pytest.raises(ValueError, match="steps_per_epoch must be an int >= 1"):
         O.schedule_from_torch(L.StepLR(torch.optim.SGD(p, lr=0.1), 1), steps_per_epoch=0)
+
+
+# -- composite schedulers: SequentialLR and ChainedScheduler ------------------------------------------
+
+COMPOSITES = [
+    ("SequentialLR(StepLR, ExponentialLR)",
+     lambda o: L.SequentialLR(o, [L.StepLR(o, 2, 0.5), L.ExponentialLR(o, 0.8)], milestones=[5])),
+    ("SequentialLR(MultiStepLR, CosineAnnealingLR, LambdaLR)",
+     lambda o: L.SequentialLR(o, [L.MultiStepLR(o, [1, 2], 0.5), L.CosineAnnealingLR(o, T_max=4, eta_min=0.01),
+                                  L.LambdaLR(o, lambda e: 1.0 / (e + 1))], milestones=[3, 12])),
+    ("SequentialLR(CosineAnnealingLR, StepLR) at milestone 1",
+     lambda o: L.SequentialLR(o, [L.CosineAnnealingLR(o, T_max=3), L.StepLR(o, 3, 0.1)], milestones=[1])),
+    ("ChainedScheduler(StepLR, ExponentialLR, MultiStepLR)",
+     lambda o: L.ChainedScheduler([L.StepLR(o, 3, 0.5), L.ExponentialLR(o, 0.9), L.MultiStepLR(o, [4, 4, 9], 0.7)])),
+    ("ChainedScheduler(CosineAnnealingLR) alone",
+     lambda o: L.ChainedScheduler([L.CosineAnnealingLR(o, T_max=5, eta_min=0.02)])),
+]
+
+
+@pytest.mark.parametrize("name, make_sched", COMPOSITES, ids=[c[0] for c in COMPOSITES])
+def test_composite_schedulers_equal_torch_for_many_steps(name, make_sched):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(2, dtype=torch.float64))], lr=0.3)
+    sched = make_sched(opt)
+    schedule = O.schedule_from_torch(make_sched(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.3)))
+    seen = []
+    for k in range(30):
+        expected = opt.param_groups[0]["lr"]
+        seen.append(expected)
+        assert schedule(k) == pytest.approx(expected, rel=1e-12, abs=1e-15), f"after {k} scheduler steps"
+        assert float(schedule(torch.tensor(k))) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # SequentialLR's milestone step(0) is deprecated in torch
+            sched.step()
+    assert len({round(lr, 12) for lr in seen}) > 3
+
+
+@pytest.mark.parametrize("name, make_sched", COMPOSITES[:2] + COMPOSITES[3:4], ids=[c[0] for c in COMPOSITES[:2] + COMPOSITES[3:4]])
+def test_from_torch_with_a_composite_scheduler_trains_as_torch(name, make_sched):
+    params = make_params(2)
+
+    def make(ps):
+        opt = torch.optim.Adam(ps, lr=0.05)
+        return opt, make_sched(opt)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = torch_run(make, params, epochs=14, spe=3)
+    opt, sched = make([nn.Parameter(p.clone()) for p in tree.leaves(params)])
+    tx = convert(opt, scheduler=sched, steps_per_epoch=3)
+    assert_same_run(fnnet_run(tx, params, 14 * 3), expected)
+
+
+def test_composite_schedulers_fnnet_cannot_express_are_type_errors_naming_the_part():
+    o = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(TypeError, match=r"SequentialLR.*part 1 .*LinearLR.*linear_schedule"):
+        O.schedule_from_torch(L.SequentialLR(o, [L.StepLR(o, 2), L.LinearLR(o)], milestones=[3]))
+    with pytest.raises(TypeError, match=r"ChainedScheduler.*CosineAnnealingLR.*StepLR, MultiStepLR, ExponentialLR"):
+        O.schedule_from_torch(L.ChainedScheduler([L.CosineAnnealingLR(o, 4), L.StepLR(o, 2)]))
+    inner = L.ChainedScheduler([L.StepLR(o, 2), L.ExponentialLR(o, 0.9)])
+    with pytest.raises(TypeError, match=r"ChainedScheduler inside a SequentialLR"):
+        O.schedule_from_torch(L.SequentialLR(o, [L.ExponentialLR(o, 0.5), inner], milestones=[2]))
+    chained = L.ChainedScheduler([L.StepLR(o, 2), L.ExponentialLR(o, 0.9)])
+    o.step()
+    chained.step()
+    with pytest.raises(ValueError, match="stepped 1 time"):
+        O.schedule_from_torch(chained)
+
+
+def test_a_list_of_schedulers_is_a_type_error_that_names_the_combinators():
+    p = [nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.SGD(p, lr=0.1)
+    a, b = L.StepLR(opt, 2), L.ExponentialLR(opt, 0.9)
+    with pytest.raises(TypeError, match=r"one torch scheduler, got a list of 2.*SequentialLR.*ChainedScheduler"):
+        convert(opt, scheduler=[a, b], steps_per_epoch=3)
+    with pytest.raises(TypeError, match=r"expected a torch.optim.lr_scheduler object.*got function"):
+        convert(opt, scheduler=O.step_lr(0.1, 1), steps_per_epoch=3)
+
+
+# -- from_torch without module=: the optimizer must hold every parameter it is used on -------------------
+
+
+def test_without_module_an_optimizer_on_some_parameters_is_refused_at_init():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    tx = convert(torch.optim.Adam(net[0].parameters(), lr=0.01))
+    with pytest.raises(ValueError, match=r"holds 2 parameter tensors.*initialised with 4.*module=net"):
+        tx.init(params)
+    # the whole net, or the part it holds, is fine
+    convert(torch.optim.Adam(net.parameters(), lr=0.01)).init(params)
+    convert(torch.optim.Adam(net[0].parameters(), lr=0.01)).init({"w": params["0.weight"], "b": params["0.bias"]})
+    with pytest.raises(ValueError, match=r"shapes"):
+        convert(torch.optim.Adam(net[2].parameters(), lr=0.01)).init({"w": params["0.weight"], "b": params["0.bias"]})
+
+
+# -- the aliases' errors for torch.optim's own arguments -----------------------------------------------
+
+
+def test_torch_only_arguments_to_an_alias_say_what_fnnet_takes():
+    with pytest.raises(TypeError, match=r"adam: maximize= is torch.optim's.*chain\(scale\(-1.0\), adam\(.*\)\)"):
+        O.adam(0.01, maximize=True)
+    with pytest.raises(TypeError, match=r"adam: betas= is torch.optim's.*b1=0.9, b2=0.99"):
+        O.adam(0.01, betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match=r"sgd: lr= is torch.optim's.*first argument, learning_rate"):
+        O.sgd(lr=0.1)
+    with pytest.raises(TypeError, match=r"adamw: foreach= is torch.optim's"):
+        O.adamw(0.01, foreach=False)
+    with pytest.raises(TypeError, match=r"adam: b1 must be a Python number.*tensor.*float\(b1\)"):
+        O.adam(0.01, b1=torch.tensor(0.9))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'nonsense'"):
+        O.adam(0.01, nonsense=1)
+
+
+# -- warnings name the user's line ---------------------------------------------------------------------
+
+
+def test_the_conversion_warning_points_at_the_callers_line():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        O.from_torch(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
+        import fnnet
+
+        net = nn.Linear(2, 1)
+        fnnet.Trainer(net, nn.functional.mse_loss, torch.optim.SGD(net.parameters(), lr=0.1), devices="cpu")
+    converted = [w for w in record if issubclass(w.category, O.TorchConversionWarning)]
+    assert len(converted) == 2
+    assert [w.filename for w in converted] == [__file__, __file__]

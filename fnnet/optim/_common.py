@@ -35,8 +35,13 @@ def _is_real(v: Any) -> bool:
 
 
 def check_number(where: str, **values: Any) -> None:
-    """Each value must be a finite real number (a bool or a string is not one)."""
+    """Each value must be a finite real number (a bool or a string is not one; a tensor is a ``TypeError``)."""
     for name, v in values.items():
+        if isinstance(v, torch.Tensor):
+            shown = repr(v.item()) if v.numel() == 1 else f"of shape {tuple(v.shape)}"
+            raise TypeError(f"{where}: {name} must be a Python number, got a tensor ({shown}); torch.optim takes "
+                            f"tensors for lr and betas, fnnet's hyperparameters are numbers (only the learning "
+                            f"rate may be a 0-dim tensor): pass {name}=float({name})")
         if not _is_real(v) or not math.isfinite(v):
             raise ValueError(f"{where}: {name} must be a finite number, got {v!r}")
 

@@ -8,7 +8,9 @@ the parameter trajectories match torch.optim's. ``learning_rate`` is a float or 
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+from typing import Any, Callable
 
 import torch
 
@@ -26,6 +28,37 @@ from .transforms import (
 )
 
 __all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad"]
+
+
+# torch.optim's arguments that the aliases name otherwise or do not take, and what to write instead.
+_TORCH_ARGUMENTS = {
+    "lr": "the learning rate is the first argument, learning_rate",
+    "betas": "fnnet takes them as two numbers: b1={0}, b2={1}",
+    "maximize": "fnnet minimises; negate the updates with chain(scale(-1.0), {alias}(...)) (what "
+                "fnnet.optim.from_torch builds for maximize=True), or negate the loss",
+    "amsgrad": "fnnet has no AMSGrad alias; write it with fnnet.optim's building blocks",
+    "dampening": "fnnet.optim.sgd is torch's dampening=0; leave it out",
+    "decoupled_weight_decay": "use fnnet.optim.adamw for decoupled weight decay",
+    **{name: "it says how torch runs a step; fnnet has one implementation: leave it out"
+       for name in ("foreach", "fused", "capturable", "differentiable")},
+}
+
+
+def _torch_arguments(alias: Callable) -> Callable:
+    """``alias``, where a torch.optim argument it does not take is a ``TypeError`` saying what to write instead."""
+    takes = set(inspect.signature(alias).parameters)
+
+    @functools.wraps(alias)
+    def checked(*args: Any, **kwargs: Any) -> GradientTransformation:
+        for name in kwargs:
+            if name in _TORCH_ARGUMENTS and name not in takes:
+                hint = _TORCH_ARGUMENTS[name]
+                if name == "betas":
+                    hint = hint.format(*kwargs[name]) if isinstance(kwargs[name], (tuple, list)) else hint.format("...", "...")
+                raise TypeError(f"{alias.__name__}: {name}= is torch.optim's; {hint.replace('{alias}', alias.__name__)}")
+        return alias(*args, **kwargs)
+
+    return checked
 
 
 def _chain(*maybe: GradientTransformation | None) -> GradientTransformation:
@@ -53,6 +86,7 @@ def _l2(weight_decay: float) -> GradientTransformation | None:
     return add_decayed_weights(weight_decay) if weight_decay != 0 else None
 
 
+@_torch_arguments
 def sgd(
     learning_rate: ScalarOrSchedule, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0
 ) -> GradientTransformation:
@@ -75,6 +109,7 @@ def sgd(
     return _chain(_l2(weight_decay), _momentum_step(momentum, nesterov, learning_rate))
 
 
+@_torch_arguments
 def adam(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -101,6 +136,7 @@ def adam(
     return _chain(_l2(weight_decay), scale_by_adam(b1, b2, eps, eps_root, learning_rate=learning_rate))
 
 
+@_torch_arguments
 def adamw(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -135,6 +171,7 @@ def adamw(
     )
 
 
+@_torch_arguments
 def rmsprop(
     learning_rate: ScalarOrSchedule,
     alpha: float = 0.99,
@@ -180,6 +217,7 @@ def _inverse_time_decay(learning_rate: ScalarOrSchedule, lr_decay: float) -> Any
     return schedule
 
 
+@_torch_arguments
 def adagrad(
     learning_rate: ScalarOrSchedule,
     lr_decay: float = 0.0,

@@ -195,7 +195,9 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
         dtype = scalar_dtype(step.device)
         value = torch.as_tensor(schedules[0](step), dtype=dtype, device=step.device)
         for b, s in zip(boundaries, schedules[1:]):
-            later = torch.as_tensor(s(step - b), dtype=dtype, device=step.device)
+            # every part is evaluated (no branch on the device); before its boundary at step 0, its own
+            # first step, so a part never sees a negative step (a Python lambda may not be defined there)
+            later = torch.as_tensor(s(torch.clamp(step - b, min=0)), dtype=dtype, device=step.device)
             value = torch.where(step < b, value, later)
         return value
 

@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
+from collections import Counter
 from typing import Any, Callable
 
 import torch
 from torch.optim import lr_scheduler as _lrs
 
+from .. import tree as _tree
+from .._warnings import user_stacklevel
 from ._common import check_int, make_schedule, scalar_value
 from .aliases import adagrad, adam, adamw, rmsprop, sgd
 from .base import GradientTransformation, Schedule, chain
-from .schedules import exponential_decay, per_epoch, piecewise_constant_schedule, step_lr
+from .schedules import exponential_decay, join_schedules, per_epoch, piecewise_constant_schedule, step_lr
 from .transforms import masked, scale, set_to_zero
 
-__all__ = ["TorchConversionWarning", "from_torch", "schedule_from_torch"]
+__all__ = ["TorchConversionWarning", "from_torch", "schedule_from_torch", "torch_optimizers_of"]
 
 
 class TorchConversionWarning(UserWarning):
@@ -43,7 +47,7 @@ class TorchConversionWarning(UserWarning):
     """
 
 
-# How torch runs a step, not what it computes: these options change no number.
+# How torch runs a step: ignored, fnnet follows torch's default path (see from_torch's docstring).
 _IMPLEMENTATION = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
 _BUILDING_BLOCKS = (
@@ -143,7 +147,8 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 # -- schedulers ---------------------------------------------------------------------------------------
 
-_SCHEDULERS = "StepLR, ExponentialLR, MultiStepLR, CosineAnnealingLR, LambdaLR, OneCycleLR"
+_SCHEDULERS = ("StepLR, ExponentialLR, MultiStepLR, CosineAnnealingLR, LambdaLR, OneCycleLR, and SequentialLR or "
+               "ChainedScheduler of these")
 
 
 def _same_over_groups(values: list[Any], what: str, scheduler: Any) -> Any:
@@ -219,26 +224,113 @@ def _one_cycle(scheduler: Any, name: str) -> Schedule:
     return make_schedule(fn, name)
 
 
-def _epoch_or_step_schedule(scheduler: Any) -> tuple[Schedule, bool]:
-    """``(schedule, per_step)``: the schedule counted in ``scheduler.step()`` calls, and whether torch steps it per update."""
+def _check_scheduler(scheduler: Any, where: str) -> None:
+    """A single torch ``LRScheduler``, or a ``TypeError`` that says what to pass instead."""
+    if isinstance(scheduler, (list, tuple)):
+        raise TypeError(
+            f"{where}: expected one torch scheduler, got a {type(scheduler).__name__} of {len(scheduler)}; combine "
+            "them as torch does: torch.optim.lr_scheduler.SequentialLR(optimizer, [a, b], milestones=[...]) (one "
+            "after the other) or ChainedScheduler([a, b]) (all at once), which fnnet converts where their parts convert"
+        )
     if isinstance(scheduler, _lrs.ReduceLROnPlateau):
         raise TypeError(
-            "schedule_from_torch: ReduceLROnPlateau follows a monitored value, not the step count, so it is no "
+            f"{where}: ReduceLROnPlateau follows a monitored value, not the step count, so it is no "
             "schedule; use the callback fnnet.callbacks.ReduceLROnPlateau(monitor='val_loss', ...) (or pass the torch "
             "object in the Trainer's callbacks=, which converts it)"
         )
     if not isinstance(scheduler, _lrs.LRScheduler):
-        raise TypeError(f"schedule_from_torch: expected a torch.optim.lr_scheduler object ({_SCHEDULERS}), "
+        raise TypeError(f"{where}: expected a torch.optim.lr_scheduler object ({_SCHEDULERS}), "
                         f"got {type(scheduler).__name__}")
-    kind = type(scheduler).__name__
-    if scheduler.last_epoch != 0:
+
+
+def _parts(scheduler: Any) -> list[Any]:
+    parts = getattr(scheduler, "_schedulers", None)  # torch's private field: fail loudly if it moves
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise TypeError(f"schedule_from_torch: this torch's {type(scheduler).__name__} does not expose its schedulers "
+                        "as fnnet expects; write the schedule with fnnet.optim.join_schedules")
+    return list(parts)
+
+
+def _epoch_or_step_schedule(scheduler: Any, where: str = "schedule_from_torch") -> tuple[Schedule, bool]:
+    """``(schedule, per_step)``: the schedule counted in ``scheduler.step()`` calls, and whether torch steps it per update."""
+    _check_scheduler(scheduler, where)
+    # A ChainedScheduler has no counter of its own: its parts count (a SequentialLR resets its parts' counters).
+    counters = ([s.last_epoch for s in _parts(scheduler)] if isinstance(scheduler, _lrs.ChainedScheduler)
+                else [scheduler.last_epoch])
+    if any(c != 0 for c in counters):
         raise ValueError(
-            f"schedule_from_torch: this {kind} has been stepped {scheduler.last_epoch} time(s); pass a fresh one (an "
+            f"{where}: this {type(scheduler).__name__} has been stepped {max(counters)} time(s); pass a fresh one (an "
             "fnnet schedule counts from the optimizer state's own step 0, and a resumed Trainer from its epoch count)"
         )
-    base = _same_over_groups(list(scheduler.base_lrs), "initial learning rates", scheduler)
-    base = float(base)
+    return _convert(scheduler)
+
+
+# A ChainedScheduler is the product of its parts' schedules when each part multiplies the learning rate
+# the others left by its own factor; CosineAnnealingLR's and LambdaLR's steps do not.
+_MULTIPLICATIVE = (_lrs.StepLR, _lrs.MultiStepLR, _lrs.ExponentialLR)
+
+
+def _convert_part(composite: Any, index: int, part: Any, base: float | None = None) -> tuple[Schedule, bool]:
+    outer, kind = type(composite).__name__, type(part).__name__
+    if isinstance(part, (_lrs.SequentialLR, _lrs.ChainedScheduler)):
+        raise TypeError(f"schedule_from_torch: a {kind} inside a {outer} (part {index}): fnnet converts one level; "
+                        f"put the inner {kind}'s schedulers in the {outer} itself, or write the schedule with "
+                        "fnnet.optim.join_schedules")
+    try:
+        return _convert(part, base)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"schedule_from_torch: {outer} part {index} ({kind}): "
+                        + str(err).removeprefix("schedule_from_torch: ")) from None
+
+
+def _sequential(scheduler: Any) -> tuple[Schedule, bool]:
+    # torch steps the part of the current interval, and at a milestone restarts the next part at 0
+    # (its closed form at epoch 0): join_schedules' "each restarted at step 0".
+    converted = [_convert_part(scheduler, i, s) for i, s in enumerate(_parts(scheduler))]
+    if len({per_step for _, per_step in converted}) > 1:
+        raise TypeError("schedule_from_torch: this SequentialLR mixes OneCycleLR, which torch steps after every "
+                        "update, with schedulers stepped once per epoch; write the schedule with "
+                        "fnnet.optim.join_schedules in one unit (updates)")
+    milestones = [int(m) for m in scheduler._milestones]
+    schedules = [s for s, _ in converted]
+    name = f"join_schedules([{', '.join(s.__name__ for s in schedules)}], {milestones})"
+    return _named(join_schedules(schedules, milestones), name), converted[0][1]
+
+
+def _chained(scheduler: Any) -> tuple[Schedule, bool]:
+    parts = _parts(scheduler)
+    if len(parts) == 1:
+        return _convert_part(scheduler, 0, parts[0])
+    for i, s in enumerate(parts):
+        if type(s) not in _MULTIPLICATIVE:
+            raise TypeError(
+                f"schedule_from_torch: ChainedScheduler part {i} is a {type(s).__name__}: each part of a "
+                "ChainedScheduler rescales the learning rate the parts before it left, which is the product of their "
+                f"schedules only for {', '.join(c.__name__ for c in _MULTIPLICATIVE)}; chain only those, or write "
+                "the schedule as a function step -> lr"
+            )
+    base = float(_same_over_groups(list(parts[0].base_lrs), "initial learning rates", scheduler))
+    factors = [_convert_part(scheduler, i, s, base=1.0)[0] for i, s in enumerate(parts)]
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        value = torch.full_like(t, base)
+        for factor in factors:
+            value = value * factor(t)
+        return value
+
+    return make_schedule(fn, f"{base!r} * " + " * ".join(f.__name__ for f in factors)), False
+
+
+def _convert(scheduler: Any, base: float | None = None) -> tuple[Schedule, bool]:
+    """The conversion of a scheduler, whatever its counter; ``base`` replaces its initial learning rate."""
     t = type(scheduler)
+    if t is _lrs.SequentialLR:
+        return _sequential(scheduler)
+    if t is _lrs.ChainedScheduler:
+        return _chained(scheduler)
+    kind = t.__name__
+    if base is None:
+        base = float(_same_over_groups(list(scheduler.base_lrs), "initial learning rates", scheduler))
     if t is _lrs.StepLR:
         name = f"step_lr({base!r}, {scheduler.step_size}, {scheduler.gamma!r})"
         return _named(step_lr(base, scheduler.step_size, scheduler.gamma), name), False
@@ -272,7 +364,11 @@ def schedule_from_torch(scheduler: Any, steps_per_epoch: int | None = None) -> S
     ``StepLR``, ``ExponentialLR``, ``MultiStepLR``, ``CosineAnnealingLR``, ``LambdaLR`` and
     ``OneCycleLR`` are converted; the schedule's value at every optimizer update is the
     learning rate torch uses there (to rounding: torch computes most schedules by recursion,
-    fnnet in closed form).
+    fnnet in closed form). So are the combinations of these: ``SequentialLR`` becomes
+    :func:`join_schedules` of its parts at its milestones (torch restarts each part at 0 there),
+    and ``ChainedScheduler`` the product of its parts' schedules when each part is a ``StepLR``,
+    ``MultiStepLR`` or ``ExponentialLR`` (any convertible one alone), the only parts whose steps
+    multiply the learning rate the others left.
 
     Args:
         scheduler: a fresh ``torch.optim.lr_scheduler`` object (not stepped yet); its initial
@@ -294,9 +390,13 @@ def schedule_from_torch(scheduler: Any, steps_per_epoch: int | None = None) -> S
         torch defines; ``CosineAnnealingLR`` goes back up after ``T_max`` as torch's does.
 
     Raises:
-        TypeError: not a scheduler, ``ReduceLROnPlateau`` (a callback:
+        TypeError: not a scheduler (a list of them: combine them with ``SequentialLR`` or
+            ``ChainedScheduler``), ``ReduceLROnPlateau`` (a callback:
             ``fnnet.callbacks.ReduceLROnPlateau``), or a scheduler with no conversion (the
-            message names the fnnet schedule to write instead).
+            message names the fnnet schedule to write instead; for a part of a ``SequentialLR``
+            or ``ChainedScheduler``, which part): a ``ChainedScheduler`` of a part other than
+            ``StepLR``, ``MultiStepLR``, ``ExponentialLR``, a composite inside a composite, a
+            ``SequentialLR`` mixing ``OneCycleLR`` with per-epoch parts.
         ValueError: the scheduler was already stepped; its param groups start from different
             learning rates; ``OneCycleLR(cycle_momentum=True)`` (fnnet's momentum is constant:
             build it with ``cycle_momentum=False``); a bad ``steps_per_epoch``.
@@ -327,21 +427,29 @@ def from_torch(
     :func:`adamw`, ``RMSprop`` -> :func:`rmsprop`, ``Adagrad`` -> :func:`adagrad`; their parameter
     trajectories equal torch.optim's (tested in float64 to 1e-10). ``maximize=True`` becomes
     ``chain(scale(-1.0), alias)``, torch's negated gradients. ``foreach``, ``fused``,
-    ``capturable`` and ``differentiable`` say how torch runs a step, not what it computes, and
-    are ignored. Each call issues one :class:`TorchConversionWarning` naming the alias built,
+    ``capturable`` and ``differentiable`` say how torch runs a step and are ignored: fnnet
+    computes what torch's default path computes (``foreach=False`` gives the same numbers).
+    Some of the others round differently: ``Adam(differentiable=True)`` computes its bias
+    corrections from a float32 step tensor, and after 100 steps (lr 0.01, float64) its
+    parameters differ from the default path's, and fnnet's, by up to 6e-7 (fnnet's differ
+    from the default path's by 1e-15). Each call issues one :class:`TorchConversionWarning` naming the alias built,
     e.g. ``fnnet: torch.optim.Adam(lr=0.02, ...) -> fnnet.optim.adam(0.02, ...)``.
 
     Args:
         optimizer: the torch optimizer; read, never stepped or modified. Its current ``lr`` is
             the constant learning rate, unless ``scheduler`` is given.
-        scheduler: a fresh ``torch.optim.lr_scheduler`` object built on ``optimizer``: the
-            alias's learning rate is then :func:`schedule_from_torch` of it.
+        scheduler: one fresh ``torch.optim.lr_scheduler`` object built on ``optimizer`` (several:
+            combine them with ``SequentialLR`` or ``ChainedScheduler``): the alias's learning
+            rate is then :func:`schedule_from_torch` of it.
         steps_per_epoch: updates per epoch, needed with a scheduler torch steps once per epoch
             (all but ``OneCycleLR``): the chapter's ``scheduler.step()`` after each epoch.
         module: the ``nn.Module`` whose ``named_parameters()`` the fnnet optimizer will be
             initialised with (what the ``Trainer`` trains). Its parameters that ``optimizer``
             does not hold are then left alone, as torch.optim leaves them (``masked`` with
-            ``set_to_zero``). Without it the fnnet optimizer moves every parameter it is given.
+            ``set_to_zero``). Without it the fnnet optimizer moves every parameter it is given, so
+            its ``init`` refuses params with a tensor the torch optimizer does not hold (matched
+            by shape: ``from_torch(torch.optim.Adam(net[0].parameters()))`` initialised with all
+            of ``net``'s parameters is a ``ValueError`` that asks for ``module=net``).
 
     Returns:
         A :class:`GradientTransformation` whose state holds the learning rate: constant (so
@@ -353,7 +461,8 @@ def from_torch(
         ValueError: an option fnnet has no equivalent for (``amsgrad=True``, ``dampening != 0``),
             param groups with different hyperparameters (write ``masked`` per group), a
             scheduler on another optimizer or without the ``steps_per_epoch`` it needs, or a
-            ``module`` that lacks tensors the optimizer holds. See also
+            ``module`` that lacks tensors the optimizer holds; at ``init`` without ``module``,
+            params the optimizer does not hold (see ``module``). See also
             :func:`schedule_from_torch`.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -374,10 +483,11 @@ def from_torch(
     learning_rate: Any = float(h["lr"])
     lr_text = _fmt(learning_rate)
     if scheduler is not None:
-        if getattr(scheduler, "optimizer", None) is not optimizer:
+        _check_scheduler(scheduler, "from_torch")
+        if scheduler.optimizer is not optimizer:
             raise ValueError("from_torch: the scheduler was built on another optimizer than the one given; build it on "
                              "this one (torch.optim.lr_scheduler.StepLR(optimizer, ...))")
-        learning_rate, per_step = _epoch_or_step_schedule(scheduler)
+        learning_rate, per_step = _epoch_or_step_schedule(scheduler, "from_torch")
         if per_step:
             described += f" with {type(scheduler).__name__} stepped after every update"
         else:
@@ -403,8 +513,54 @@ def from_torch(
     if module is not None:
         tx, note = _restrict_to_held(tx, optimizer, module)
         built += note
-    warnings.warn(f"fnnet: {described} -> {built}", TorchConversionWarning, stacklevel=2)
+    else:
+        tx = _refusing_unheld(tx, optimizer)
+    warnings.warn(f"fnnet: {described} -> {built}", TorchConversionWarning, stacklevel=user_stacklevel())
+    _CONVERTED_FROM[tx.update] = weakref.ref(optimizer)
     return tx
+
+
+# The torch optimizer each from_torch result stands for, keyed by its update function; weak both
+# ways, so neither keeps the other alive. Read by torch_optimizers_of.
+_CONVERTED_FROM: weakref.WeakKeyDictionary[Callable, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def torch_optimizers_of(tx: GradientTransformation) -> list[torch.optim.Optimizer]:
+    """The torch optimizers that :func:`from_torch` converted into ``tx``, or into a transformation it wraps.
+
+    ``tx`` itself, and the transformations ``chain``, ``masked`` and other combinators hold
+    (found through their functions' closures: ``masked(from_torch(opt), mask)``, as the
+    ``Trainer`` builds for frozen parameters, gives ``[opt]``). What a torch scheduler in the
+    ``Trainer``'s ``callbacks=`` is checked against: it must be built on one of these.
+
+    Returns:
+        The optimizers in the order found, each once; ``[]`` for an optimizer written with
+        fnnet's aliases (or whose torch optimizer no longer exists).
+    """
+    found: list[torch.optim.Optimizer] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, GradientTransformation):
+            source = _CONVERTED_FROM.get(obj.update, lambda: None)()
+            if source is not None and not any(source is f for f in found):
+                found.append(source)
+            visit(obj.update)
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                visit(item)
+        elif callable(obj) and getattr(obj, "__closure__", None):
+            for cell in obj.__closure__:
+                try:
+                    visit(cell.cell_contents)
+                except ValueError:  # a cell not filled yet
+                    pass
+
+    visit(tx)
+    return found
 
 
 def _restrict_to_held(tx: GradientTransformation, optimizer: torch.optim.Optimizer,
@@ -419,9 +575,49 @@ def _restrict_to_held(tx: GradientTransformation, optimizer: torch.optim.Optimiz
         raise ValueError(f"from_torch: the optimizer holds {len(stray)} tensor(s) that are not parameters of the "
                          f"{type(module).__name__} given as module; build the optimizer on module.parameters() (or a "
                          "subset of them)")
-    mask = {name: id(p) in held for name, p in named.items()}
-    if all(mask.values()):
+    holds = {name: id(p) in held for name, p in named.items()}
+    if all(holds.values()):
         return tx, ""
-    frozen = {name: not flag for name, flag in mask.items()}
-    note = f", on the {sum(mask.values())} of {len(mask)} parameter tensors it holds (the others are left alone)"
-    return chain(masked(tx, mask), masked(set_to_zero(), frozen)), note
+
+    def flags(tree: Any, value: bool) -> Any:
+        # By key path, so the mask fits the module's parameters and any part of them (the
+        # Trainer masks out frozen ones before this optimizer sees the rest).
+        leaves, spec = _tree.flatten(tree)
+        paths = _tree.paths(tree)
+        strangers = [p for p in paths if p not in holds]
+        if strangers:
+            raise ValueError(f"from_torch: the params hold {strangers[:3]}, which are not parameters of the "
+                             f"{type(module).__name__} given as module (its named_parameters() are "
+                             f"{list(holds)[:3]}...); initialise with dict(module.named_parameters())")
+        return _tree.unflatten(spec, [holds[p] == value for p in paths])
+
+    note = f", on the {sum(holds.values())} of {len(holds)} parameter tensors it holds (the others are left alone)"
+    return chain(masked(tx, lambda tree: flags(tree, True)), masked(set_to_zero(), lambda tree: flags(tree, False))), note
+
+
+def _refusing_unheld(tx: GradientTransformation, optimizer: torch.optim.Optimizer) -> GradientTransformation:
+    """``tx``, whose ``init`` refuses params with a tensor ``optimizer`` cannot hold.
+
+    Without ``module=`` the tensors are not the optimizer's own (the caller's params are
+    copies), so they are matched by shape: every leaf needs a held tensor of its shape. An
+    optimizer on part of a network then fails here instead of moving the whole network.
+    """
+    cls = type(optimizer).__name__
+    held = Counter(tuple(p.shape) for g in optimizer.param_groups for p in g["params"])
+
+    def init(params: Any) -> Any:
+        given = Counter(tuple(getattr(leaf, "shape", ())) for leaf in _tree.leaves(params))
+        unheld = given - held
+        if unheld:
+            raise ValueError(
+                f"from_torch: the torch.optim.{cls} holds {sum(held.values())} parameter tensors, but the fnnet "
+                f"optimizer is initialised with {sum(given.values())}, and {sum(unheld.values())} of them (shapes "
+                f"{sorted(unheld.elements())}) have no tensor of their shape in it. torch.optim moves only the "
+                "tensors it holds; this optimizer would move every one it is given. Pass module=net (the nn.Module "
+                "whose named_parameters() you train) to leave the others alone, or build the torch optimizer on "
+                "all of them"
+            )
+        return tx.init(params)
+
+    return GradientTransformation(init, tx.update)
+
