@@ -36,7 +36,7 @@ from . import comm as _comm
 from . import random as _random
 from . import tree as _tree
 from .batch import batch_size_of
-from .grad import GradResult
+from .loss import GradResult
 from .state import TrainState
 from .step import build_train_step, compile_step, step_parts
 

@@ -35,7 +35,7 @@ from . import random as _random
 from . import tree as _tree
 from .batch import batch_size_of
 from .device import DeviceLike, place, resolve_device, tree_device
-from .grad import GradResult
+from .loss import GradResult
 from .state import TrainState
 from .step import build_train_step, check_state, compile_step, eval_step, predict_step, step_parts
 

@@ -32,7 +32,7 @@ import torch
 from . import compiler as _compiler
 from . import random as _random
 from . import tree as _tree
-from .grad import (GradResult, _call, _check_buffers_declared, _check_precision, _declared, _normalise, _rng_scope,
+from .loss import (GradResult, _call, _check_buffers_declared, _check_precision, _declared, _normalise, _rng_scope,
                    autocast, make_grad_fn, PRECISIONS)
 from .state import TrainState, apply_update, loss_scale_for
 

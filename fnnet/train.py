@@ -18,7 +18,7 @@ multi-process training) is built from two public pieces::
 This module is the level above the ways to train: it picks the gradient source (one device,
 :mod:`fnnet.parallel`, :mod:`fnnet.distributed`) and hands it to the one skeleton,
 :func:`fnnet.step.build_train_step`. The loss function's calling convention is described in
-:mod:`fnnet.grad` (re-exported here: ``make_grad_fn``, ``supervised_loss``, ``GradResult``).
+:mod:`fnnet.loss` (re-exported here: ``make_grad_fn``, ``supervised_loss``, ``GradResult``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from . import distributed as _distributed
 from . import parallel as _parallel
-from .grad import PRECISIONS, GradResult, autocast, make_grad_fn, supervised_loss
+from .loss import PRECISIONS, GradResult, autocast, make_grad_fn, supervised_loss
 from .state import TrainState
 from .step import build_train_step, eval_step, local_gradients, predict_step, step_parts
 

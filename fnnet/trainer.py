@@ -58,7 +58,7 @@ from .batch import as_arrays
 from .data import ArrayLoader, fit_loaders, num_batches, set_epoch
 from .device import place
 from ._functional import Model, functional
-from .grad import PRECISIONS
+from .loss import PRECISIONS
 from .layout import verify_memory_format
 from .state import TrainState, all_finite, nonfinite_paths
 
