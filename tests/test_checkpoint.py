@@ -2,6 +2,7 @@ import collections
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import types
@@ -101,7 +102,7 @@ def test_user_classes_roundtrip_through_like_and_are_never_rebuilt_without_it():
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "ckpt.safetensors")
         checkpoint.save(path, s)
-        with pytest.raises(ValueError, match=r"ckpt\.safetensors.*'state'.*State from test_checkpoint.*only its own types.*like="):
+        with pytest.raises(ValueError, match=r"ckpt\.safetensors.*'state'.*'test_checkpoint\.State'.*not a registered type.*like="):
             checkpoint.load(path)
         loaded = checkpoint.load(path, like=s)
         names = set(checkpoint.load_state_dict(path))
@@ -135,7 +136,7 @@ def test_metadata_is_documented_json(tmp_path):
     with safetensors.safe_open(str(path), "pt") as f:
         meta = f.metadata()
         assert sorted(f.keys()) == ["a.0"]
-    assert meta["fnnet.format"] == "2" and len(meta["fnnet.checksum"]) == 64
+    assert meta["fnnet.format"] == "3" and len(meta["fnnet.checksum"]) == 64
     structure = json.loads(meta["fnnet.tree"])
     assert structure == {
         "kind": "dict",
@@ -291,7 +292,7 @@ def test_a_class_named_in_a_file_is_never_looked_up_or_imported(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "fnnet_ckpt_probe", mod)
     path = tmp_path / "c.safetensors"
     checkpoint.save(path, {"p": Probe(torch.ones(2))})
-    with pytest.raises(ValueError, match=r"'p'.*Probe from fnnet_ckpt_probe.*like="):
+    with pytest.raises(ValueError, match=r"'p'.*'fnnet_ckpt_probe\.Probe'.*not a registered type.*like="):
         checkpoint.load(path)  # refused although the class is importable right here
     monkeypatch.delitem(sys.modules, "fnnet_ckpt_probe")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -304,6 +305,7 @@ def test_a_class_named_in_a_file_is_never_looked_up_or_imported(tmp_path, monkey
 
 
 def test_a_changed_fnnet_class_suggests_like(tmp_path, monkeypatch):
+    from fnnet.checkpoint import _types
     from fnnet.optim import transforms
 
     path = tmp_path / "c.safetensors"
@@ -314,11 +316,129 @@ def test_a_changed_fnnet_class_suggests_like(tmp_path, monkeypatch):
         count: object
         mu: object
 
-    monkeypatch.setattr(transforms, "ScaleByAdamState", Changed)
+    monkeypatch.setitem(_types._CLASSES, "fnnet.optim.ScaleByAdamState", Changed)  # what a later fnnet might have
     with pytest.raises(ValueError, match=r"fields \['count', 'mu', 'nu'\].*like="):
         checkpoint.load(path)
     monkeypatch.undo()
     assert tree.all_equal(checkpoint.load(path), state)
+
+
+# -- type tags: a file names a registered tag, never a module ------------------------------------
+_LOAD_AND_LIST_IMPORTS = r"""
+import sys, torch
+from fnnet import checkpoint
+checkpoint.save(sys.argv[2], {"w": torch.ones(1)})
+checkpoint.load(sys.argv[2])  # warm up: what any load imports, imported before the snapshot
+before = set(sys.modules)
+try:
+    checkpoint.load(sys.argv[1])
+    print("LOADED")
+except ValueError as exc:
+    print("REFUSED", exc)
+print("IMPORTED", sorted(set(sys.modules) - before))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["2", "3"])
+@pytest.mark.parametrize("kind", ["namedtuple", "custom"])
+def test_a_file_never_makes_load_import_or_run_anything(tmp_path, fmt, kind):
+    # fnnet.__main__ runs the fnnet command line when imported: fnnet 0.2 imported it from this file
+    node = {"kind": kind, "fields" if kind == "namedtuple" else "entries": [], "children": []}
+    if kind == "custom":
+        node["meta"] = {"kind": "none"}
+    node["class" if fmt == "2" else "tag"] = "fnnet.__main__:X"
+    path = tmp_path / "crafted.safetensors"
+    _craft(path, {"x": torch.zeros(1)}, {"kind": "dict", "keys": ["x", "p"], "children": [
+        {"kind": "tensor", "name": "x"}, node]}, **{"fnnet.format": fmt})
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_LIST_IMPORTS, str(path), str(tmp_path / "ok.safetensors")],
+                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(fnnet.__path__[0]))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("REFUSED") and "crafted.safetensors" in lines[0] and "'fnnet.__main__:X'" in lines[0]
+    assert "like=" in lines[0]
+    assert lines[1] == "IMPORTED []"
+
+
+def test_names_reached_through_a_module_are_never_rebuilt(tmp_path):
+    # fnnet.data imports urllib: fnnet 0.2 rebuilt urllib's ParseResult from "fnnet.data:urllib.parse.ParseResult"
+    path = tmp_path / "crafted.safetensors"
+    fields = ["scheme", "netloc", "path", "params", "query", "fragment"]
+    for fmt, key in (("2", "class"), ("3", "tag")):
+        node = {"kind": "namedtuple", key: "fnnet.data:urllib.parse.ParseResult", "fields": fields,
+                "children": [{"kind": "str", "value": "x"} for _ in fields]}
+        _craft(path, {}, node, **{"fnnet.format": fmt})
+        with pytest.raises(ValueError, match=r"crafted\.safetensors.*'fnnet\.data:urllib\.parse\.ParseResult'.*like="):
+            checkpoint.load(path)
+        like = collections.namedtuple("Parsed", fields)(*"abcdef")
+        assert checkpoint.load(path, like=like) == like._make("xxxxxx")  # like= still reads the values
+    # an fnnet class that is not a registered state class is refused too, by its tag
+    node = {"kind": "namedtuple", "tag": "fnnet.optim.GradientTransformation", "fields": [], "children": []}
+    _craft(path, {}, node)
+    with pytest.raises(ValueError, match=r"crafted\.safetensors.*'fnnet\.optim\.GradientTransformation'.*"
+                                         r"fnnet\.TrainState.*like="):
+        checkpoint.load(path)
+
+
+def previous_release_tree():
+    """A tree with every class fnnet 0.2 (checkpoint format 2) named in its files."""
+    from fnnet.metrics import MeanState
+    from fnnet.optim import (EmptyState, MaskedState, MultiStepsState, ScaleByAdamState, ScaleByLearningRateState,
+                             ScaleByRmsState, ScaleByRssState, ScaleByRStdDevState, TraceState)
+    from fnnet.optim.base import ScaleByScheduleState
+
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(2, 3, generator=g), "b": torch.randn(3, generator=g)}
+    n = torch.tensor
+    opt = (EmptyState(), ScaleByLearningRateState(n(3), n(0.1)), ScaleByScheduleState(n(3), n(0.05)),
+           ScaleByAdamState(n(3), p, p), ScaleByRmsState(p), ScaleByRStdDevState(p, p), ScaleByRssState(p),
+           TraceState(p), MaskedState(TraceState({"w": p["w"]})), MultiStepsState(n(1), n(2), EmptyState(), p))
+    state = fnnet.TrainState(p, opt, step=3, buffers={"bn.mean": torch.zeros(2)}, key=fr.key(7),
+                             loss_scale=fnnet.DynamicScale.create(period=7))
+    return {"state": state, "metric": MeanState(n(2.0), n(4.0)), "epoch": 3}
+
+
+FORMAT_2_FILE = os.path.join(os.path.dirname(__file__), "data", "format2.safetensors")
+
+
+def test_files_of_the_previous_release_load_without_like():
+    """tests/data/format2.safetensors was written by fnnet 0.2 (commit 5a3fa21), which named classes
+    ``module:qualname``: ``checkpoint.save(FORMAT_2_FILE, previous_release_tree())``."""
+    with safetensors.safe_open(FORMAT_2_FILE, "pt") as f:
+        meta = f.metadata()
+    assert meta["fnnet.format"] == "2" and '"class":"fnnet.state:TrainState"' in meta["fnnet.tree"]
+    loaded = checkpoint.load(FORMAT_2_FILE)
+    expected = previous_release_tree()
+    assert tree.all_equal(loaded, expected) and tree.structure(loaded) == tree.structure(expected)
+    assert type(loaded["state"]) is fnnet.TrainState and loaded["state"].loss_scale.period == 7
+    assert tree.all_equal(checkpoint.load(FORMAT_2_FILE, like=expected), expected)
+
+
+def test_register_lets_load_rebuild_a_class_and_refuses_a_second_meaning(tmp_path, monkeypatch):
+    from fnnet.checkpoint import _types
+
+    monkeypatch.setattr(_types, "_CLASSES", dict(_types._CLASSES))
+    monkeypatch.setattr(_types, "_TAGS", dict(_types._TAGS))
+
+    class Accumulated(NamedTuple):
+        grads: Any
+        count: torch.Tensor
+
+    checkpoint.save(tmp_path / "c", {"acc": Accumulated({"w": torch.ones(2)}, torch.tensor(2))})
+    with pytest.raises(ValueError, match=r"'acc'.*Accumulated.*not a registered.*like="):
+        checkpoint.load(tmp_path / "c")
+    assert checkpoint.register("tests.Accumulated", Accumulated) is Accumulated
+    checkpoint.register("tests.Accumulated", Accumulated)  # again: the same meaning is fine
+    value = {"acc": Accumulated({"w": torch.ones(2)}, torch.tensor(2))}
+    checkpoint.save(tmp_path / "c", value)
+    assert '"tag":"tests.Accumulated"' in safetensors.safe_open(str(tmp_path / "c"), "pt").metadata()["fnnet.tree"]
+    loaded = checkpoint.load(tmp_path / "c")
+    assert type(loaded["acc"]) is Accumulated and tree.all_equal(loaded, value)
+    with pytest.raises(ValueError, match=r"'tests\.Accumulated' already names .*Accumulated"):
+        checkpoint.register("tests.Accumulated", AdamLike)
+    with pytest.raises(ValueError, match=r"already registered as 'tests\.Accumulated'"):
+        checkpoint.register("tests.Other", Accumulated)
+    with pytest.raises(TypeError, match=r"register.*dict.*NamedTuple.*fnnet\.tree"):
+        checkpoint.register("tests.dict", dict)
 
 
 # -- atomic writes and damaged files -------------------------------------------------------
@@ -559,8 +679,9 @@ def test_crafted_headers_are_clear_errors_naming_the_file(tmp_path):
     _craft(path, {"x": torch.zeros(1)}, {"kind": "dict", "keys": ["x", "y"], "children": [{"kind": "tensor", "name": "x"}]})
     with pytest.raises(ValueError, match=r"crafted\.safetensors.*corrupted"):
         checkpoint.load(path)
-    _craft(path, {"x": torch.zeros(1)}, {"kind": "namedtuple", "class": "os:system", "fields": [], "children": []})
-    with pytest.raises(ValueError, match=r"crafted\.safetensors.*system from os.*like="):
+    _craft(path, {"x": torch.zeros(1)}, {"kind": "namedtuple", "class": "os:system", "fields": [], "children": []},
+           **{"fnnet.format": "2"})
+    with pytest.raises(ValueError, match=r"crafted\.safetensors.*'os:system'.*not a registered type.*like="):
         checkpoint.load(path)
 
 

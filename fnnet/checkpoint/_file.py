@@ -11,7 +11,10 @@ Checking: the metadata holds a CRC-32 of every tensor's bytes (``fnnet.crc32``) 
 SHA-256 digest (``fnnet.checksum``) over every other metadata entry (the format, the structure
 JSON, those CRCs) and every tensor's name, dtype and shape. Reading recomputes both, and also requires the header to be
 exactly what safetensors writes (compact JSON, space padding), so any changed byte -- in the
-data, the header or the metadata -- and any truncation is an error naming the file.
+data, the header or the metadata -- and any truncation is an error naming the file. These
+are integrity checks, not authenticity: the digest is unkeyed, so whoever crafts a file can
+compute it; what makes loading a crafted file safe is that nothing in it is imported or run
+(see ``_codec.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"  # 3: classes named by registered tags; 2 (fnnet 0.2): by module:qualname
+READABLE_FORMATS = ("2", "3")
 META_FORMAT = "fnnet.format"
 META_TREE = "fnnet.tree"
 META_CRC = "fnnet.crc32"
@@ -195,11 +199,11 @@ def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     version = metadata.get(META_FORMAT)
     if version is None and not any(k.startswith("fnnet.") for k in metadata):
         return tensors, metadata  # a plain safetensors file (from JAX, from safetensors.torch...)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ValueError(
-            f"'{path}' has fnnet checkpoint format {version!r}; this fnnet reads format {FORMAT_VERSION!r} "
-            "(format 1 files from fnnet 0.1 carried no checksum over their metadata: load them with that "
-            "release and save them again)"
+            f"'{path}' has fnnet checkpoint format {version!r}; this fnnet reads formats "
+            f"{' and '.join(map(repr, READABLE_FORMATS))} (format 1 files from fnnet 0.1 carried no checksum over "
+            "their metadata: load them with that release and save them again)"
         )
     _check_header(path)
     digest = metadata.get(META_DIGEST)
