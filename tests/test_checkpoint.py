@@ -2,6 +2,7 @@ import collections
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -729,7 +730,6 @@ def test_a_read_only_checkpoint_is_not_replaced_and_modes_are_kept(tmp_path):
 
 def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     import socket
-    import subprocess
 
     from fnnet.checkpoint import _file
 
@@ -738,20 +738,86 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         host = socket.gethostname().replace(".", "_")
-        stale = tmp_path / f".c.safetensors.{host}.{dead.pid}.abc123.tmp"
-        busy = tmp_path / f".c.safetensors.{host}.{live.pid}.def456.tmp"
-        remote = tmp_path / f".c.safetensors.otherhost.{dead.pid}.fed789.tmp"
-        other_name = tmp_path / f".d.safetensors.{host}.{dead.pid}.abc123.tmp"
-        for p in (stale, busy, remote, other_name):
-            p.write_bytes(b"x" * 1000)
         assert _file._HOST == host
+        stale = [f".c.safetensors.{host}.{dead.pid}.0123456789ab.tmp",  # fnnet 0.2's temporary file
+                 f".d.safetensors.{host}.{dead.pid}.abcdef012345.tmp",  # another checkpoint's name
+                 f".e.{host}.{dead.pid}.00000000000f.tmp"]  # a folder, below
+        kept = [f".c.safetensors.{host}.{live.pid}.def456def456.tmp",  # a concurrent writer's
+                f".c.safetensors.otherhost.{dead.pid}.fed789fed789.tmp",  # another host's
+                f".c.safetensors.{host}.{dead.pid}.abc123.tmp",  # not named as fnnet names them
+                f".f.{host}.{dead.pid}.00000000000f.tmp"]  # a folder holding a file fnnet did not write
+        for name in stale[:2] + kept[:3]:
+            (tmp_path / name).write_bytes(b"x" * 1000)
+        for name, inner in ((stale[2], ["data", ".tmpAb12Cd"]), (kept[3], ["data", "mine.txt"])):
+            (tmp_path / name).mkdir()
+            for f in inner:
+                (tmp_path / name / f).write_bytes(b"x")
         checkpoint.save(tmp_path / "c.safetensors", {"x": torch.zeros(1)})
-        left = set(os.listdir(tmp_path))
-        assert stale.name not in left  # its writer is gone
-        assert {busy.name, remote.name, other_name.name, "c.safetensors"} <= left
+        assert sorted(os.listdir(tmp_path)) == sorted(kept + ["c.safetensors"])
+        assert sorted(os.listdir(tmp_path / kept[3])) == ["data", "mine.txt"]
     finally:
         live.kill()
         live.wait()
+
+
+_KILLED_SAVE = r"""
+import os, signal, sys, threading, time, torch
+from fnnet import checkpoint
+folder, name, when = sys.argv[1], sys.argv[2], sys.argv[3]
+state = {"w": torch.ones(16_000_000)}  # 64 MB: safetensors takes a good fraction of a second to write it
+
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if when == "write":  # SIGKILL while safetensors writes its own .tmpXXXXXX file
+    def watch():
+        while True:
+            for _, _, files in os.walk(folder):
+                if any(f.startswith(".tmp") and f != ".tmpUSER01" for f in files):
+                    die()
+    threading.Thread(target=watch, daemon=True).start()
+elif when == "rename":  # SIGKILL after the file is written, before it is renamed into place
+    os.replace = die
+elif when == "hang":  # a live writer, stopped before its rename
+    def hang(*args):
+        print("WRITTEN", flush=True)
+        time.sleep(120)
+    os.replace = hang
+checkpoint.save(os.path.join(folder, name), state)
+print("SAVED")
+"""
+
+
+def test_killed_saves_leave_one_temporary_each_and_the_next_save_of_any_name_removes_them(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    run = [sys.executable, "-c", _KILLED_SAVE, str(folder)]
+    cwd = os.path.dirname(fnnet.__path__[0])
+    # a user's files that look like temporaries, but not like fnnet's (of a live writer on this host)
+    for name in (".tmpUSER01", "notes.tmp", ".e9.safetensors.tmp", ".e9.safetensors.otherhost.1.0123456789ab.tmp"):
+        (folder / name).write_bytes(b"mine")
+    users = set(os.listdir(folder))
+    for epoch, when in enumerate(["write", "rename", "write"], 1):  # ModelCheckpoint's names change every epoch
+        before = set(os.listdir(folder))
+        proc = subprocess.run(run + [f"e{epoch}.safetensors", when], capture_output=True, text=True, timeout=120, cwd=cwd)
+        assert proc.returncode == -signal.SIGKILL, (when, proc.returncode, proc.stdout, proc.stderr[-2000:])
+        left = set(os.listdir(folder)) - before
+        assert len(left) <= 1, f"a save killed at '{when}' left {sorted(left)}"  # at most the in-flight temporary
+    assert set(os.listdir(folder)) - users, "the killed saves left their temporaries (until the next save)"
+    live = subprocess.Popen(run + ["e4.safetensors", "hang"], stdout=subprocess.PIPE, text=True, cwd=cwd)
+    try:
+        before = set(os.listdir(folder))
+        assert live.stdout.readline() == "WRITTEN\n"
+        busy = set(os.listdir(folder)) - before  # a concurrent writer's temporary
+        checkpoint.save(folder / "e5.safetensors", {"w": torch.ones(2)})
+        assert set(os.listdir(folder)) == users | busy | {"e5.safetensors"}
+        assert all((folder / name).read_bytes() == b"mine" for name in users)
+    finally:
+        live.kill()
+        live.wait()
+    checkpoint.save(folder / "e6.safetensors", {"w": torch.ones(2)})  # its writer is dead now
+    assert set(os.listdir(folder)) == users | {"e5.safetensors", "e6.safetensors"}
+    assert tree.all_equal(checkpoint.load(folder / "e6.safetensors"), {"w": torch.ones(2)})
 
 
 @settings(max_examples=60, deadline=None)
