@@ -2,6 +2,8 @@ import collections
 import dataclasses
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import types
@@ -101,7 +103,7 @@ def test_user_classes_roundtrip_through_like_and_are_never_rebuilt_without_it():
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "ckpt.safetensors")
         checkpoint.save(path, s)
-        with pytest.raises(ValueError, match=r"ckpt\.safetensors.*'state'.*State from test_checkpoint.*only its own types.*like="):
+        with pytest.raises(ValueError, match=r"ckpt\.safetensors.*'state'.*'test_checkpoint\.State'.*not a registered type.*like="):
             checkpoint.load(path)
         loaded = checkpoint.load(path, like=s)
         names = set(checkpoint.load_state_dict(path))
@@ -135,7 +137,7 @@ def test_metadata_is_documented_json(tmp_path):
     with safetensors.safe_open(str(path), "pt") as f:
         meta = f.metadata()
         assert sorted(f.keys()) == ["a.0"]
-    assert meta["fnnet.format"] == "2" and len(meta["fnnet.checksum"]) == 64
+    assert meta["fnnet.format"] == "3" and len(meta["fnnet.checksum"]) == 64
     structure = json.loads(meta["fnnet.tree"])
     assert structure == {
         "kind": "dict",
@@ -291,7 +293,7 @@ def test_a_class_named_in_a_file_is_never_looked_up_or_imported(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "fnnet_ckpt_probe", mod)
     path = tmp_path / "c.safetensors"
     checkpoint.save(path, {"p": Probe(torch.ones(2))})
-    with pytest.raises(ValueError, match=r"'p'.*Probe from fnnet_ckpt_probe.*like="):
+    with pytest.raises(ValueError, match=r"'p'.*'fnnet_ckpt_probe\.Probe'.*not a registered type.*like="):
         checkpoint.load(path)  # refused although the class is importable right here
     monkeypatch.delitem(sys.modules, "fnnet_ckpt_probe")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -304,6 +306,7 @@ def test_a_class_named_in_a_file_is_never_looked_up_or_imported(tmp_path, monkey
 
 
 def test_a_changed_fnnet_class_suggests_like(tmp_path, monkeypatch):
+    from fnnet.checkpoint import _types
     from fnnet.optim import transforms
 
     path = tmp_path / "c.safetensors"
@@ -314,11 +317,129 @@ def test_a_changed_fnnet_class_suggests_like(tmp_path, monkeypatch):
         count: object
         mu: object
 
-    monkeypatch.setattr(transforms, "ScaleByAdamState", Changed)
+    monkeypatch.setitem(_types._CLASSES, "fnnet.optim.ScaleByAdamState", Changed)  # what a later fnnet might have
     with pytest.raises(ValueError, match=r"fields \['count', 'mu', 'nu'\].*like="):
         checkpoint.load(path)
     monkeypatch.undo()
     assert tree.all_equal(checkpoint.load(path), state)
+
+
+# -- type tags: a file names a registered tag, never a module ------------------------------------
+_LOAD_AND_LIST_IMPORTS = r"""
+import sys, torch
+from fnnet import checkpoint
+checkpoint.save(sys.argv[2], {"w": torch.ones(1)})
+checkpoint.load(sys.argv[2])  # warm up: what any load imports, imported before the snapshot
+before = set(sys.modules)
+try:
+    checkpoint.load(sys.argv[1])
+    print("LOADED")
+except ValueError as exc:
+    print("REFUSED", exc)
+print("IMPORTED", sorted(set(sys.modules) - before))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["2", "3"])
+@pytest.mark.parametrize("kind", ["namedtuple", "custom"])
+def test_a_file_never_makes_load_import_or_run_anything(tmp_path, fmt, kind):
+    # fnnet.__main__ runs the fnnet command line when imported: fnnet 0.2 imported it from this file
+    node = {"kind": kind, "fields" if kind == "namedtuple" else "entries": [], "children": []}
+    if kind == "custom":
+        node["meta"] = {"kind": "none"}
+    node["class" if fmt == "2" else "tag"] = "fnnet.__main__:X"
+    path = tmp_path / "crafted.safetensors"
+    _craft(path, {"x": torch.zeros(1)}, {"kind": "dict", "keys": ["x", "p"], "children": [
+        {"kind": "tensor", "name": "x"}, node]}, **{"fnnet.format": fmt})
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_LIST_IMPORTS, str(path), str(tmp_path / "ok.safetensors")],
+                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(fnnet.__path__[0]))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("REFUSED") and "crafted.safetensors" in lines[0] and "'fnnet.__main__:X'" in lines[0]
+    assert "like=" in lines[0]
+    assert lines[1] == "IMPORTED []"
+
+
+def test_names_reached_through_a_module_are_never_rebuilt(tmp_path):
+    # fnnet.data imports urllib: fnnet 0.2 rebuilt urllib's ParseResult from "fnnet.data:urllib.parse.ParseResult"
+    path = tmp_path / "crafted.safetensors"
+    fields = ["scheme", "netloc", "path", "params", "query", "fragment"]
+    for fmt, key in (("2", "class"), ("3", "tag")):
+        node = {"kind": "namedtuple", key: "fnnet.data:urllib.parse.ParseResult", "fields": fields,
+                "children": [{"kind": "str", "value": "x"} for _ in fields]}
+        _craft(path, {}, node, **{"fnnet.format": fmt})
+        with pytest.raises(ValueError, match=r"crafted\.safetensors.*'fnnet\.data:urllib\.parse\.ParseResult'.*like="):
+            checkpoint.load(path)
+        like = collections.namedtuple("Parsed", fields)(*"abcdef")
+        assert checkpoint.load(path, like=like) == like._make("xxxxxx")  # like= still reads the values
+    # an fnnet class that is not a registered state class is refused too, by its tag
+    node = {"kind": "namedtuple", "tag": "fnnet.optim.GradientTransformation", "fields": [], "children": []}
+    _craft(path, {}, node)
+    with pytest.raises(ValueError, match=r"crafted\.safetensors.*'fnnet\.optim\.GradientTransformation'.*"
+                                         r"fnnet\.TrainState.*like="):
+        checkpoint.load(path)
+
+
+def previous_release_tree():
+    """A tree with every class fnnet 0.2 (checkpoint format 2) named in its files."""
+    from fnnet.metrics import MeanState
+    from fnnet.optim import (EmptyState, MaskedState, MultiStepsState, ScaleByAdamState, ScaleByLearningRateState,
+                             ScaleByRmsState, ScaleByRssState, ScaleByRStdDevState, TraceState)
+    from fnnet.optim.base import ScaleByScheduleState
+
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(2, 3, generator=g), "b": torch.randn(3, generator=g)}
+    n = torch.tensor
+    opt = (EmptyState(), ScaleByLearningRateState(n(3), n(0.1)), ScaleByScheduleState(n(3), n(0.05)),
+           ScaleByAdamState(n(3), p, p), ScaleByRmsState(p), ScaleByRStdDevState(p, p), ScaleByRssState(p),
+           TraceState(p), MaskedState(TraceState({"w": p["w"]})), MultiStepsState(n(1), n(2), EmptyState(), p))
+    state = fnnet.TrainState(p, opt, step=3, buffers={"bn.mean": torch.zeros(2)}, key=fr.key(7),
+                             loss_scale=fnnet.DynamicScale.create(period=7))
+    return {"state": state, "metric": MeanState(n(2.0), n(4.0)), "epoch": 3}
+
+
+FORMAT_2_FILE = os.path.join(os.path.dirname(__file__), "data", "format2.safetensors")
+
+
+def test_files_of_the_previous_release_load_without_like():
+    """tests/data/format2.safetensors was written by fnnet 0.2 (commit 5a3fa21), which named classes
+    ``module:qualname``: ``checkpoint.save(FORMAT_2_FILE, previous_release_tree())``."""
+    with safetensors.safe_open(FORMAT_2_FILE, "pt") as f:
+        meta = f.metadata()
+    assert meta["fnnet.format"] == "2" and '"class":"fnnet.state:TrainState"' in meta["fnnet.tree"]
+    loaded = checkpoint.load(FORMAT_2_FILE)
+    expected = previous_release_tree()
+    assert tree.all_equal(loaded, expected) and tree.structure(loaded) == tree.structure(expected)
+    assert type(loaded["state"]) is fnnet.TrainState and loaded["state"].loss_scale.period == 7
+    assert tree.all_equal(checkpoint.load(FORMAT_2_FILE, like=expected), expected)
+
+
+def test_register_lets_load_rebuild_a_class_and_refuses_a_second_meaning(tmp_path, monkeypatch):
+    from fnnet.checkpoint import _types
+
+    monkeypatch.setattr(_types, "_CLASSES", dict(_types._CLASSES))
+    monkeypatch.setattr(_types, "_TAGS", dict(_types._TAGS))
+
+    class Accumulated(NamedTuple):
+        grads: Any
+        count: torch.Tensor
+
+    checkpoint.save(tmp_path / "c", {"acc": Accumulated({"w": torch.ones(2)}, torch.tensor(2))})
+    with pytest.raises(ValueError, match=r"'acc'.*Accumulated.*not a registered.*like="):
+        checkpoint.load(tmp_path / "c")
+    assert checkpoint.register("tests.Accumulated", Accumulated) is Accumulated
+    checkpoint.register("tests.Accumulated", Accumulated)  # again: the same meaning is fine
+    value = {"acc": Accumulated({"w": torch.ones(2)}, torch.tensor(2))}
+    checkpoint.save(tmp_path / "c", value)
+    assert '"tag":"tests.Accumulated"' in safetensors.safe_open(str(tmp_path / "c"), "pt").metadata()["fnnet.tree"]
+    loaded = checkpoint.load(tmp_path / "c")
+    assert type(loaded["acc"]) is Accumulated and tree.all_equal(loaded, value)
+    with pytest.raises(ValueError, match=r"'tests\.Accumulated' already names .*Accumulated"):
+        checkpoint.register("tests.Accumulated", AdamLike)
+    with pytest.raises(ValueError, match=r"already registered as 'tests\.Accumulated'"):
+        checkpoint.register("tests.Other", Accumulated)
+    with pytest.raises(TypeError, match=r"register.*dict.*NamedTuple.*fnnet\.tree"):
+        checkpoint.register("tests.dict", dict)
 
 
 # -- atomic writes and damaged files -------------------------------------------------------
@@ -559,8 +680,9 @@ def test_crafted_headers_are_clear_errors_naming_the_file(tmp_path):
     _craft(path, {"x": torch.zeros(1)}, {"kind": "dict", "keys": ["x", "y"], "children": [{"kind": "tensor", "name": "x"}]})
     with pytest.raises(ValueError, match=r"crafted\.safetensors.*corrupted"):
         checkpoint.load(path)
-    _craft(path, {"x": torch.zeros(1)}, {"kind": "namedtuple", "class": "os:system", "fields": [], "children": []})
-    with pytest.raises(ValueError, match=r"crafted\.safetensors.*system from os.*like="):
+    _craft(path, {"x": torch.zeros(1)}, {"kind": "namedtuple", "class": "os:system", "fields": [], "children": []},
+           **{"fnnet.format": "2"})
+    with pytest.raises(ValueError, match=r"crafted\.safetensors.*'os:system'.*not a registered type.*like="):
         checkpoint.load(path)
 
 
@@ -608,7 +730,6 @@ def test_a_read_only_checkpoint_is_not_replaced_and_modes_are_kept(tmp_path):
 
 def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     import socket
-    import subprocess
 
     from fnnet.checkpoint import _file
 
@@ -617,20 +738,86 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         host = socket.gethostname().replace(".", "_")
-        stale = tmp_path / f".c.safetensors.{host}.{dead.pid}.abc123.tmp"
-        busy = tmp_path / f".c.safetensors.{host}.{live.pid}.def456.tmp"
-        remote = tmp_path / f".c.safetensors.otherhost.{dead.pid}.fed789.tmp"
-        other_name = tmp_path / f".d.safetensors.{host}.{dead.pid}.abc123.tmp"
-        for p in (stale, busy, remote, other_name):
-            p.write_bytes(b"x" * 1000)
         assert _file._HOST == host
+        stale = [f".c.safetensors.{host}.{dead.pid}.0123456789ab.tmp",  # fnnet 0.2's temporary file
+                 f".d.safetensors.{host}.{dead.pid}.abcdef012345.tmp",  # another checkpoint's name
+                 f".e.{host}.{dead.pid}.00000000000f.tmp"]  # a folder, below
+        kept = [f".c.safetensors.{host}.{live.pid}.def456def456.tmp",  # a concurrent writer's
+                f".c.safetensors.otherhost.{dead.pid}.fed789fed789.tmp",  # another host's
+                f".c.safetensors.{host}.{dead.pid}.abc123.tmp",  # not named as fnnet names them
+                f".f.{host}.{dead.pid}.00000000000f.tmp"]  # a folder holding a file fnnet did not write
+        for name in stale[:2] + kept[:3]:
+            (tmp_path / name).write_bytes(b"x" * 1000)
+        for name, inner in ((stale[2], ["data", ".tmpAb12Cd"]), (kept[3], ["data", "mine.txt"])):
+            (tmp_path / name).mkdir()
+            for f in inner:
+                (tmp_path / name / f).write_bytes(b"x")
         checkpoint.save(tmp_path / "c.safetensors", {"x": torch.zeros(1)})
-        left = set(os.listdir(tmp_path))
-        assert stale.name not in left  # its writer is gone
-        assert {busy.name, remote.name, other_name.name, "c.safetensors"} <= left
+        assert sorted(os.listdir(tmp_path)) == sorted(kept + ["c.safetensors"])
+        assert sorted(os.listdir(tmp_path / kept[3])) == ["data", "mine.txt"]
     finally:
         live.kill()
         live.wait()
+
+
+_KILLED_SAVE = r"""
+import os, signal, sys, threading, time, torch
+from fnnet import checkpoint
+folder, name, when = sys.argv[1], sys.argv[2], sys.argv[3]
+state = {"w": torch.ones(16_000_000)}  # 64 MB: safetensors takes a good fraction of a second to write it
+
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if when == "write":  # SIGKILL while safetensors writes its own .tmpXXXXXX file
+    def watch():
+        while True:
+            for _, _, files in os.walk(folder):
+                if any(f.startswith(".tmp") and f != ".tmpUSER01" for f in files):
+                    die()
+    threading.Thread(target=watch, daemon=True).start()
+elif when == "rename":  # SIGKILL after the file is written, before it is renamed into place
+    os.replace = die
+elif when == "hang":  # a live writer, stopped before its rename
+    def hang(*args):
+        print("WRITTEN", flush=True)
+        time.sleep(120)
+    os.replace = hang
+checkpoint.save(os.path.join(folder, name), state)
+print("SAVED")
+"""
+
+
+def test_killed_saves_leave_one_temporary_each_and_the_next_save_of_any_name_removes_them(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    run = [sys.executable, "-c", _KILLED_SAVE, str(folder)]
+    cwd = os.path.dirname(fnnet.__path__[0])
+    # a user's files that look like temporaries, but not like fnnet's (of a live writer on this host)
+    for name in (".tmpUSER01", "notes.tmp", ".e9.safetensors.tmp", ".e9.safetensors.otherhost.1.0123456789ab.tmp"):
+        (folder / name).write_bytes(b"mine")
+    users = set(os.listdir(folder))
+    for epoch, when in enumerate(["write", "rename", "write"], 1):  # ModelCheckpoint's names change every epoch
+        before = set(os.listdir(folder))
+        proc = subprocess.run(run + [f"e{epoch}.safetensors", when], capture_output=True, text=True, timeout=120, cwd=cwd)
+        assert proc.returncode == -signal.SIGKILL, (when, proc.returncode, proc.stdout, proc.stderr[-2000:])
+        left = set(os.listdir(folder)) - before
+        assert len(left) <= 1, f"a save killed at '{when}' left {sorted(left)}"  # at most the in-flight temporary
+    assert set(os.listdir(folder)) - users, "the killed saves left their temporaries (until the next save)"
+    live = subprocess.Popen(run + ["e4.safetensors", "hang"], stdout=subprocess.PIPE, text=True, cwd=cwd)
+    try:
+        before = set(os.listdir(folder))
+        assert live.stdout.readline() == "WRITTEN\n"
+        busy = set(os.listdir(folder)) - before  # a concurrent writer's temporary
+        checkpoint.save(folder / "e5.safetensors", {"w": torch.ones(2)})
+        assert set(os.listdir(folder)) == users | busy | {"e5.safetensors"}
+        assert all((folder / name).read_bytes() == b"mine" for name in users)
+    finally:
+        live.kill()
+        live.wait()
+    checkpoint.save(folder / "e6.safetensors", {"w": torch.ones(2)})  # its writer is dead now
+    assert set(os.listdir(folder)) == users | {"e5.safetensors", "e6.safetensors"}
+    assert tree.all_equal(checkpoint.load(folder / "e6.safetensors"), {"w": torch.ones(2)})
 
 
 @settings(max_examples=60, deadline=None)

@@ -18,14 +18,19 @@ first, so tied weights come back as two equal tensors.
 
 Safety
 ------
-Loading never unpickles and never imports anything but fnnet's own modules. Without
-``like=``, only plain containers and fnnet's own classes (``TrainState``, ``DynamicScale``,
-keys, optimizer and metric states) are rebuilt; a file naming any other class is an error
-asking for ``like=``, which takes every container from ``like`` and only tensors and plain
-values from the file. Every read checks the file's checksums (see ``_file.py``): a changed
-byte anywhere, or a truncated file, is an error naming the file, never silently wrong
-weights. A plain safetensors file (no fnnet metadata, e.g. written from JAX) loads as a flat
-``{name: tensor}`` dict.
+Loading never unpickles, never imports anything and never runs code a file chooses. A file
+names a class by a stable tag (``"fnnet.TrainState"``), never by an import path, and without
+``like=`` only plain containers and the classes registered under those tags are rebuilt:
+fnnet's own ``TrainState``, ``DynamicScale`` and optimizer and metric states (see
+:func:`register`). Any other class is an error naming the file and the tag and asking for
+``like=``, which takes every container from ``like`` and only tensors and plain values from
+the file. Files of fnnet 0.2 (format 2, classes named ``module:qualname``) load through a
+fixed table of the names that release wrote. Every read checks the file's checksums (see
+``_file.py``): a changed byte anywhere, or a truncated file, is an error naming the file,
+never silently wrong weights. The checksums guard integrity, not authenticity: they are
+unkeyed, so whoever crafts a file can compute them too; the safety above comes from
+rebuilding nothing unlisted. A plain safetensors file (no fnnet metadata, e.g. written from
+JAX) loads as a flat ``{name: tensor}`` dict.
 
 Interop with ``torch.nn.Module``
 --------------------------------
@@ -52,8 +57,9 @@ import torch
 from .. import tree as _tree
 from ..device import DeviceLike, place, resolve_device
 from . import _codec, _file
+from ._types import register
 
-__all__ = ["save", "load", "load_state_dict", "to_state_dict"]
+__all__ = ["save", "load", "load_state_dict", "to_state_dict", "register"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -97,7 +103,7 @@ def load(path: PathLike, like: Any = None, device: DeviceLike | None = None) -> 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError: no readable file at ``path``.
         ValueError: a truncated or corrupted file (naming it), a mismatch with ``like``, or a
-            class that cannot be rebuilt without ``like``.
+            class that is not registered (naming its tag), which needs ``like``.
     """
     path = os.fspath(path)
     _file.check_exists(path, "checkpoint")
@@ -107,6 +113,8 @@ def load(path: PathLike, like: Any = None, device: DeviceLike | None = None) -> 
         structure = json.loads(metadata[_file.META_TREE]) if _file.META_TREE in metadata else None
         if structure is not None and not isinstance(structure, dict):
             raise _codec.CorruptStructure("not a JSON object")
+        if structure is not None and metadata.get(_file.META_FORMAT) == "2":
+            structure = _codec.from_format_2(structure)
         if like is None:
             if structure is None:
                 return place(dict(tensors), dev) if dev is not None else dict(tensors)

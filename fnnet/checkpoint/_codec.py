@@ -11,20 +11,22 @@ rebuilding any class, for ``load(path, like=...)``. A node is one of::
     {"kind": "none"}
     {"kind": "list" | "tuple", "children": [...]}
     {"kind": "dict" | "OrderedDict", "keys": [...], "children": [...]}   # insertion order
-    {"kind": "namedtuple", "class": "module:Qual", "fields": [...], "children": [...]}
-    {"kind": "custom", "class": "module:Qual", "entries": [...], "meta": <static fields>,
-     "children": [...]}                                # registered classes (TrainState)
+    {"kind": "namedtuple", "tag": "fnnet.optim.ScaleByAdamState", "fields": [...], "children": [...]}
+    {"kind": "custom", "tag": "fnnet.TrainState", "entries": [...], "meta": <static fields>,
+     "children": [...]}                                # classes registered with fnnet.tree
 
-Classes are rebuilt without ``like=`` only when they are fnnet's own (a namedtuple or a
-registered pytree class defined in a ``fnnet.*`` module: ``TrainState``, ``DynamicScale``,
-the optimizer and metric states). Any other class needs ``like=``: nothing from a file ever
-chooses which code to run.
+A class is named by its stable tag from the registry in ``_types.py`` (fnnet's own state
+classes: ``TrainState``, ``DynamicScale``, the optimizer and metric states). Any other class
+is written with ``"tag": null`` and ``"type": "module.Qual"``, a name for error messages only,
+and needs ``like=``. :func:`decode` looks tags up in the registry and nowhere else: nothing
+from a file is imported, and nothing from a file chooses which code runs. Format 2 files
+(fnnet 0.2) named classes ``"class": "module:Qual"``; :func:`from_format_2` reads those names
+through a fixed table of the ones that release wrote.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib
 import math
 from typing import Any, Mapping
 
@@ -33,6 +35,7 @@ import torch
 
 from .. import tree as _tree
 from ..random import Key
+from . import _types
 
 SCALARS = ("int", "float", "bool", "str", "key")
 DICTS = {"dict": dict, "OrderedDict": collections.OrderedDict}
@@ -77,8 +80,10 @@ def _encode_meta(x: Any) -> dict[str, Any]:
     return {"kind": "opaque", "type": type(x).__qualname__}
 
 
-def _class_name(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
+def _class_fields(cls: type) -> dict[str, Any]:
+    """How a node names its class: the registered tag, or none and the Python name (for messages only)."""
+    tag = _types.tag_of(cls)
+    return {"tag": tag} if tag is not None else {"tag": None, "type": f"{cls.__module__}.{cls.__qualname__}"}
 
 
 def _entry(e: Any) -> Any:
@@ -143,8 +148,8 @@ class Encoder:
             entries = [_entry(e) for e in one.entries]
         children = [self.node(c, path + (e,)) for c, e in zip(one.children, entries)]
         if optree.is_namedtuple_class(typ):
-            return {"kind": "namedtuple", "class": _class_name(typ), "fields": entries, "children": children}
-        return {"kind": "custom", "class": _class_name(typ), "entries": entries, "meta": _encode_meta(one.metadata),
+            return {"kind": "namedtuple", **_class_fields(typ), "fields": entries, "children": children}
+        return {"kind": "custom", **_class_fields(typ), "entries": entries, "meta": _encode_meta(one.metadata),
                 "children": children}
 
     def _add(self, t: torch.Tensor, path: tuple[Any, ...]) -> str:
@@ -200,29 +205,34 @@ def _decode_meta(node: Mapping[str, Any]) -> Any:
     return _decode_scalar(node)
 
 
-def _fnnet_class(name: str, where: str) -> type:
-    """The class ``module:qualname`` when it is fnnet's own; a ``ValueError`` asking for ``like=`` otherwise."""
-    if not isinstance(name, str) or ":" not in name:
-        raise CorruptStructure(f"class name {name!r}")
-    module_name, _, qualname = name.partition(":")
-    if module_name != "fnnet" and not module_name.startswith("fnnet."):
-        raise ValueError(
-            f"the node at '{where}' is a {qualname} from {module_name}; fnnet rebuilds only its own types "
-            "(TrainState, keys, optimizer and metric states) and plain containers from a file. Pass "
-            "load(path, like=<a tree of the same structure>) to restore into your classes"
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)  # fnnet's own modules only (checked above)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        raise ValueError(
-            f"the node at '{where}' is a {name}, which this version of fnnet does not have; "
-            "pass like=<a tree of the current structure> to restore into it"
-        ) from None
-    if not isinstance(obj, type):
-        raise CorruptStructure(f"{name} is not a class")
-    return obj
+def _registered_class(node: Mapping[str, Any], where: str) -> type:
+    """The class registered under the node's tag; a ``ValueError`` asking for ``like=`` otherwise."""
+    tag = node.get("tag")
+    cls = _types.class_of(tag)
+    if cls is not None:
+        return cls
+    what = f"is a {node.get('type', 'class the file does not name')!r}" if tag is None else f"has the type tag {tag!r}"
+    raise ValueError(
+        f"the node at '{where}' {what}, which is not a registered type: without like= fnnet rebuilds only plain "
+        f"containers and its own types ({', '.join(_types.known_tags())}). Pass load(path, like=<a tree of the "
+        "same structure>) to restore into your classes"
+    )
+
+
+def from_format_2(node: Any, depth: int = 0) -> Any:
+    """A format 2 structure in today's form: each ``"class": "module:Qual"`` becomes the tag that
+    ``_types.LEGACY_NAMES`` gives it; an unknown name stays as a tag no class is registered under."""
+    if depth > MAX_DEPTH:
+        raise CorruptStructure(f"the structure is nested more than {MAX_DEPTH} levels deep")
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "class" in node:
+        name = node.pop("class")
+        node["tag"] = _types.LEGACY_NAMES.get(name, name) if isinstance(name, str) else name
+    if isinstance(node.get("children"), list):
+        node["children"] = [from_format_2(c, depth + 1) for c in node["children"]]
+    return node
 
 
 def _children(node: Mapping[str, Any], names_key: str) -> list[tuple[Any, Any]]:
@@ -254,20 +264,20 @@ def decode(node: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: t
     if kind in DICTS:
         return DICTS[kind]((k, decode(c, tensors, path + (k,))) for k, c in _children(node, "keys"))
     if kind == "namedtuple":
-        cls = _fnnet_class(node["class"], where)
+        cls = _registered_class(node, where)
         pairs = _children(node, "fields")
         if not optree.is_namedtuple_class(cls) or list(cls._fields) != [f for f, _ in pairs]:
             raise ValueError(
-                f"the node at '{where}' was saved as namedtuple {node['class']} with fields {[f for f, _ in pairs]}, "
+                f"the node at '{where}' was saved as namedtuple {node['tag']!r} with fields {[f for f, _ in pairs]}, "
                 f"but that class now is {getattr(cls, '_fields', 'not a namedtuple')}; pass like=<a tree of the "
                 "current structure> to restore into it"
             )
         return cls(*(decode(c, tensors, path + (f,)) for f, c in pairs))
     if kind == "custom":
-        cls = _fnnet_class(node["class"], where)
+        cls = _registered_class(node, where)
         entry = optree.register_pytree_node.get(cls, namespace=_tree.NAMESPACE)
         if entry is None or node["meta"]["kind"] == "opaque":
-            raise ValueError(f"the node at '{where}' ({node['class']}) cannot be rebuilt from a file; "
+            raise ValueError(f"the node at '{where}' ({node['tag']!r}) cannot be rebuilt from a file; "
                              "pass like=<a tree of the same structure>")
         meta = _decode_meta(node["meta"])
         pairs = _children(node, "entries")
@@ -280,7 +290,7 @@ def decode(node: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: t
             same = False
         if not same:
             raise ValueError(
-                f"the node at '{where}' was saved as {node['class']} with fields {[e for e, _ in pairs]}; "
+                f"the node at '{where}' was saved as {node['tag']!r} with fields {[e for e, _ in pairs]}; "
                 "the class has changed since. Pass like=<a tree of the current structure> to restore into it"
             )
         return obj

@@ -1,17 +1,23 @@
 """One safetensors file, written atomically and checked on every read: the storage half of a checkpoint.
 
-Writing: the file goes to a temporary name in the target folder (``.<name>.<host>.<pid>.<random>.tmp``),
-is flushed and fsynced, and is renamed over the target (then the folder is fsynced), so a
-crash leaves either the old file or the new one, never a torn one. Temporary files that an
-earlier writer on this host left behind (it was killed mid-write) are removed by the next
-save into the folder; a concurrent writer's file, or one from another host, is left alone.
-A read-only target is refused; a writable one keeps its permission bits.
+Writing: safetensors writes the file inside a temporary folder of this writer's own,
+``.<name>.<host>.<pid>.<random>.tmp`` in the target folder (safetensors' writer puts its own
+``.tmpXXXXXX`` file next to the file it writes: in there too); the file is fsynced and
+renamed over the target (then the folder is fsynced), so a crash leaves either the old file
+or the new one, never a torn one. A writer killed mid-save leaves that one temporary folder;
+the next save of any name into the folder removes every temporary of this host whose writer
+process is gone (fnnet 0.2's temporary files included). A live writer's temporary, one from
+another host and anything not named like one are left alone. A read-only target is refused;
+a writable one keeps its permission bits.
 
 Checking: the metadata holds a CRC-32 of every tensor's bytes (``fnnet.crc32``) and a
 SHA-256 digest (``fnnet.checksum``) over every other metadata entry (the format, the structure
 JSON, those CRCs) and every tensor's name, dtype and shape. Reading recomputes both, and also requires the header to be
 exactly what safetensors writes (compact JSON, space padding), so any changed byte -- in the
-data, the header or the metadata -- and any truncation is an error naming the file.
+data, the header or the metadata -- and any truncation is an error naming the file. These
+are integrity checks, not authenticity: the digest is unkeyed, so whoever crafts a file can
+compute it; what makes loading a crafted file safe is that nothing in it is imported or run
+(see ``_codec.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import socket
 import struct
 import uuid
@@ -29,7 +37,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"  # 3: classes named by registered tags; 2 (fnnet 0.2): by module:qualname
+READABLE_FORMATS = ("2", "3")
 META_FORMAT = "fnnet.format"
 META_TREE = "fnnet.tree"
 META_CRC = "fnnet.crc32"
@@ -77,22 +86,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_temporaries(folder: str, base: str) -> None:
-    """Remove ``.<base>.<host>.<pid>.<random>.tmp`` files of this host whose writer process is gone."""
-    prefix = f".{base}.{_HOST}."
+# .<name>.<host>.<pid>.<12 hex digits>.tmp: a folder now, a file in fnnet 0.2
+_TEMPORARY = re.compile(r"\A\..+\.(?P<host>[^.]+)\.(?P<pid>[0-9]+)\.[0-9a-f]{12}\.tmp\Z")
+_DATA = "data"  # the file inside a temporary folder
+_SAFETENSORS_TEMPORARY = re.compile(r"\A\.tmp[0-9A-Za-z]{6}\Z")  # what safetensors' writer names its own
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Remove the temporaries in ``folder`` of this host's writers that are gone, whatever they were saving."""
     try:
         names = os.listdir(folder)
     except OSError:
         return
     for name in names:
-        if not (name.startswith(prefix) and name.endswith(".tmp")):
+        match = _TEMPORARY.match(name)
+        if match is None or match["host"] != _HOST:
             continue
-        pid_text = name[len(prefix):-len(".tmp")].split(".")[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
+        pid = int(match["pid"])
+        if pid == os.getpid() or _alive(pid):  # this process's other threads, or a concurrent writer
+            continue
+        tmp = os.path.join(folder, name)
+        try:
+            if os.path.islink(tmp) or not os.path.isdir(tmp):
+                os.unlink(tmp)
+                continue
+            inner = os.listdir(tmp)
+            if all(f == _DATA or _SAFETENSORS_TEMPORARY.match(f) for f in inner):  # else not provably fnnet's
+                for f in inner:
+                    os.unlink(os.path.join(tmp, f))
+                os.rmdir(tmp)
+        except OSError:
+            pass
 
 
 def _check_target(path: str) -> str:
@@ -122,25 +146,27 @@ def write(path: str, tensors: dict[str, torch.Tensor], structure: dict[str, Any]
     }
     metadata[META_DIGEST] = _digest(metadata, tensors)
     os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(path)
-    _remove_stale_temporaries(folder, base)
-    tmp = os.path.join(folder, f".{base}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    # O_EXCL: never clobber anything; mode 0o666 & ~umask like any new file
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    _remove_stale_temporaries(folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    os.mkdir(tmp, 0o700)
+    data = os.path.join(tmp, _DATA)
     try:
-        mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else os.stat(tmp).st_mode & 0o777
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)  # safetensors writes the file anew with mode 0o600; keep the old file's mode
-        with open(tmp, "rb+") as f:
-            f.flush()
+        # mode 0o666 & ~umask, like any new file
+        os.close(os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else os.stat(data).st_mode & 0o777
+        # zero-copy: safetensors writes straight from the tensors' memory
+        safetensors.torch.save_file(tensors, data, metadata=metadata)
+        os.chmod(data, mode)  # safetensors writes the file anew with mode 0o600; keep the old file's mode
+        with open(data, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(data, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        os.rmdir(tmp)
+    except OSError:  # left empty: the next save removes it
+        pass
     _fsync_dir(folder)
 
 
@@ -195,11 +221,11 @@ def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     version = metadata.get(META_FORMAT)
     if version is None and not any(k.startswith("fnnet.") for k in metadata):
         return tensors, metadata  # a plain safetensors file (from JAX, from safetensors.torch...)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ValueError(
-            f"'{path}' has fnnet checkpoint format {version!r}; this fnnet reads format {FORMAT_VERSION!r} "
-            "(format 1 files from fnnet 0.1 carried no checksum over their metadata: load them with that "
-            "release and save them again)"
+            f"'{path}' has fnnet checkpoint format {version!r}; this fnnet reads formats "
+            f"{' and '.join(map(repr, READABLE_FORMATS))} (format 1 files from fnnet 0.1 carried no checksum over "
+            "their metadata: load them with that release and save them again)"
         )
     _check_header(path)
     digest = metadata.get(META_DIGEST)
