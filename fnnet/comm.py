@@ -109,6 +109,8 @@ class GradBuckets:
         self.launched = 0  # buckets start in index order on every rank: collectives must match
         self.weight: Any = 1.0  # a number, a 0-dim tensor, or a function giving one (resolved once)
         self.scale_back: Any = 1.0  # the loss scale, to put it back on gradients that were unscaled
+        self.addend: list[torch.Tensor] | None = None  # an accumulated window's sums, added as the bucket fills
+        self.addend_weight: Any = 1.0  # their weight (a function, like weight, resolved once)
 
     def hook(self, i: int, g: torch.Tensor) -> None:
         """The gradient hook: record leaf ``i``'s gradient, start every bucket now complete."""
@@ -124,24 +126,29 @@ class GradBuckets:
     def _launch(self, b: int) -> None:
         if callable(self.weight):
             self.weight = self.weight()
+        if callable(self.addend_weight):
+            self.addend_weight = self.addend_weight()
         idx, sizes = self.buckets[b], self.sizes[b]
         first = self.leaves[idx[0]]
         flat = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
         offset = 0
         for i, n in zip(idx, sizes):  # weighted and flattened in one pass: the bucket is the scaled gradients
-            g = self.grads[i]
+            g, part = self.grads[i], flat[offset:offset + n]
             if g is None:
-                flat[offset:offset + n].zero_()
+                part.zero_()
             else:
-                torch.mul(g.reshape(-1), self.weight, out=flat[offset:offset + n])
+                torch.mul(g.reshape(-1), self.weight, out=part)
+            if self.addend is not None:  # the window's earlier micro-batches, weighted alike
+                part.addcmul_(self.addend[i].reshape(-1), torch.as_tensor(self.addend_weight, dtype=part.dtype))
             offset += n
         self.pending[b] = self.reduction(Bucket(b, flat, tuple(idx), sizes))
 
     def finish(self, grads: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
-        """Launch what the hooks did not (unused params); returns ``wait() -> the reduced gradients``
-        (``sum_r (n_r / N) g_r`` under :func:`all_reduce`), views into the reduced buckets."""
+        """Launch what the hooks did not (unused params; ``None`` where there is no gradient, only an
+        addend); returns ``wait() -> the reduced gradients`` (``sum_r (n_r / N) g_r`` under
+        :func:`all_reduce`), views into the reduced buckets."""
         for i, g in enumerate(grads):
-            if self.grads[i] is None and i in self.bucket_of:  # unused or frozen: no hook ran
+            if self.grads[i] is None and i in self.bucket_of and g is not None:  # unused or frozen: no hook ran
                 self.grads[i] = g * self.scale_back
         for b in range(self.launched, len(self.buckets)):
             self._launch(b)

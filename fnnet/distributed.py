@@ -37,8 +37,8 @@ from . import random as _random
 from . import tree as _tree
 from .batch import batch_size_of
 from .loss import GradResult
-from .state import TrainState
-from .step import build_train_step, compile_step, step_parts
+from .state import Accumulation, TrainState
+from .step import add_to_window, build_train_step, compile_step, step_parts, traced_grad_fn
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
            "shard", "broadcast", "broadcast_state", "all_reduce_sum", "all_reduce_max", "rank_zero_only", "make_train_step",
@@ -265,12 +265,14 @@ def _counted(n: int, dev: torch.device) -> tuple[torch.Tensor, Any]:
     return t, dist.all_reduce(t, async_op=True)
 
 
-def _reduce_extras(n: int, total: float, loss: torch.Tensor, buffers: Any) -> Callable[[], tuple[torch.Tensor, Any]]:
-    """Start one all-reduce for the weighted loss and the float buffers (weights ``n / total``);
-    returns ``wait() -> (loss, buffers)``. Integer buffers are rank 0's."""
+def _reduce_extras(loss_sum: torch.Tensor, n: float, total: float, buffers: Any
+                   ) -> Callable[[], tuple[torch.Tensor, Any]]:
+    """Start one all-reduce for the loss (``loss_sum``: this rank's samples times their mean loss)
+    and the float buffers (weights ``n / total``); returns ``wait() -> (mean loss, buffers)``.
+    Integer buffers are rank 0's."""
     buf_leaves, buf_spec = _tree.flatten(buffers) if buffers is not None else ([], None)
     floats = [i for i, b in enumerate(buf_leaves) if isinstance(b, torch.Tensor) and b.is_floating_point()]
-    flat = torch.cat([loss.double().reshape(1) * n] + [buf_leaves[i].double().reshape(-1) * n for i in floats])
+    flat = torch.cat([loss_sum.double().reshape(1)] + [buf_leaves[i].double().reshape(-1) * n for i in floats])
     work = dist.all_reduce(flat, async_op=True)
     ints = {i: b.clone() for i, b in enumerate(buf_leaves) if isinstance(b, torch.Tensor) and i not in floats}
     int_works = [dist.broadcast(t, src=0, async_op=True) for t in ints.values()]
@@ -302,7 +304,7 @@ def _rank_batch_size(batch: Any, me: int) -> int:
 def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, donate: bool = False,
                     precision: str = "32", compile_options: Mapping[str, Any] | None = None,
                     skip_nonfinite: bool = False, bucket_mb: float = BUCKET_MB,
-                    reduction: _comm.Reduction | None = None, sync_state: bool = True
+                    reduction: _comm.Reduction | None = None, sync_state: bool = True, accumulate: int = 1
                     ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """The multi-process training step ``step(state, batch) -> (state, metrics)``; each rank passes its shard.
 
@@ -320,6 +322,13 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
       callable ``reduction(bucket) -> wait``, DDP's comm hook). Compiled steps all-reduce
       inside the compiled graph (a custom ``reduction`` needs ``jit=False``);
     * applies the same update (the optimizer's state is the same on every rank).
+
+    With ``accumulate=k`` the window's first ``k - 1`` micro-batches start no collective at all
+    (each rank adds ``n_r * g_r`` to its own window, DDP's ``no_sync``); the last one adds the
+    window to its buckets as they fill, so an update costs one reduction of the gradients (plus
+    the sample count and the loss), as without accumulation. With ``jit=True`` the window's
+    first micro-batches run a compiled gradient function and its last one runs eagerly (its
+    buckets fill during the eager backward pass).
 
     With ``sync_state`` (default) a state's first step (``state.step == 0``) first calls
     :func:`broadcast_state`: every rank checks that its state has rank 0's structure and takes
@@ -348,33 +357,56 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     me = rank()
     order: list[int] = []  # the order gradients became ready last time: a performance cache only
 
-    def eager(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
-        n = _rank_batch_size(batch, me)
+    def eager(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
+              carry: Accumulation | None = None) -> GradResult:
+        """This rank's gradients flattened into buckets as the backward pass makes them, weighted by
+        ``n_r / N``, each bucket handed to the reduction at once; with ``carry``, the window's sums
+        are added to the buckets as they fill (``batch=None``: the window alone)."""
+        n = _rank_batch_size(batch, me) if batch is not None else 0
+        samples = n + (carry.samples if carry is not None else 0)
         leaves, spec = _tree.flatten(params)
         first = not order
         if first:
             order.extend(reversed(range(len(leaves))))
         buckets = _comm.GradBuckets(leaves, list(order), limit, reduce_bucket)
-        total, counting = _counted(n, leaves[0].device)
+        total, counting = _counted(samples, leaves[0].device)
 
-        def weight() -> Any:  # n_r / N, over the loss scale: the hooks see gradients of the scaled loss
+        def per_sample() -> Any:  # 1 / N, over the loss scale: the hooks see gradients of the scaled loss
             counting.wait()
-            return n / float(total[0]) if loss_scale is None else n / float(total[0]) / loss_scale.scale
+            return 1.0 / float(total[0]) if loss_scale is None else 1.0 / float(total[0]) / loss_scale.scale
 
-        buckets.weight = weight
+        buckets.weight = lambda: n * per_sample()
         buckets.scale_back = 1.0 if loss_scale is None else loss_scale.scale
-        grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale,
-                                                grad_hook=buckets.hook)
+        if carry is not None:
+            buckets.addend, buckets.addend_weight = _tree.leaves(carry.grads), per_sample
+        aux, new_buffers, loss_sum = {}, None, carry.loss_sum if carry is not None else 0.0
+        if batch is not None:
+            grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale,
+                                                    grad_hook=buckets.hook)
+            grad_leaves, loss_sum = _tree.leaves(grads), loss_sum + loss.double() * n
+            if carry is not None:
+                aux = {**aux, "batch_loss": loss}  # this rank's micro-batch, for epoch means
+        else:
+            grad_leaves = [None] * len(leaves)
         if first:  # later steps bucket in the order the gradients came, rank 0's (DDP's rebuild)
             box = [buckets.ready if len(buckets.ready) == len(leaves) else list(order)]
             dist.broadcast_object_list(box, src=0)
             order[:] = box[0]
-        reduced = buckets.finish(_tree.leaves(grads))
+        reduced = buckets.finish(grad_leaves)
         counting.wait()
-        extras = _reduce_extras(n, float(total[0]), loss, new_buffers)  # after every bucket: the same order on all ranks
+        # after every bucket: the same order of collectives on all ranks
+        extras = _reduce_extras(torch.as_tensor(loss_sum, dtype=torch.float64, device=leaves[0].device), samples,
+                                float(total[0]), new_buffers)
         grads = _tree.unflatten(spec, reduced())
         loss, new_buffers = extras()
         return GradResult(grads, loss, aux, new_buffers)
+
+    def accumulate_rank(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any, carry: Any,
+                        donate_carry: bool) -> tuple[Accumulation, torch.Tensor, dict, Any]:
+        """A micro-batch added to this rank's window: no collective at all (DDP's ``no_sync``)."""
+        key = _random.fold_in(key, me) if key is not None else None
+        grads, loss, aux, new_buffers = local_grad(params, batch, buffers, key, loss_scale=loss_scale, unscale=False)
+        return add_to_window(carry, grads, _rank_batch_size(batch, me), loss, donate_carry), loss, aux, new_buffers
 
     def compiled_body(params, batch, buffers, key, loss_scale, n):
         from torch.distributed import _functional_collectives as fc
@@ -392,6 +424,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         return _tree.unflatten(spec, out), flat[-1].float(), aux, new_buffers
 
     compiled = compile_step(compiled_body, compile_options) if jit else None
+    local_grad = traced_grad_fn(parts, compile_options) if jit and accumulate > 1 else grad_fn
 
     def traced(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
         n = _rank_batch_size(batch, me)
@@ -404,23 +437,29 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         if new_buffers is not None:
             total, counting = _counted(n, dev)
             counting.wait()
-            _, new_buffers = _reduce_extras(n, float(total[0]), loss, new_buffers)()
+            _, new_buffers = _reduce_extras(loss.double() * n, n, float(total[0]), new_buffers)()
         return GradResult(grads, loss, aux, new_buffers)
 
-    def rank_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
-        """The gradient source: this rank's gradients, reduced across ranks (weighted by samples)."""
+    def rank_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
+                       carry: Accumulation | None = None, donate_carry: bool = False) -> GradResult:
+        """The gradient source: this rank's gradients (plus its window's, with ``carry``), reduced
+        across ranks weighted by samples."""
         key = _random.fold_in(key, me) if key is not None else None
+        if carry is not None:
+            return eager(params, batch, buffers, key, loss_scale, carry)
         return (traced if jit else eager)(params, batch, buffers, key, loss_scale)
 
     step = build_train_step(rank_gradients, optimizer, parts, donate=donate, jit=jit,
-                            compile_options=compile_options, name="distributed_train_step")
+                            compile_options=compile_options, name="distributed_train_step",
+                            accumulate=accumulate, accumulate_fn=accumulate_rank)
 
     @functools.wraps(step)
     def distributed_train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
-        if sync_state and isinstance(state, TrainState) and state.step == 0:
+        if sync_state and isinstance(state, TrainState) and state.step == 0 and state.accum is None:
             state = broadcast_state(state, donate=donate)
         return step(state, batch)
 
     distributed_train_step.precision, distributed_train_step.distributed = precision, True  # type: ignore[attr-defined]
+    distributed_train_step.flush = step.flush  # type: ignore[attr-defined]
     distributed_train_step.reduction = reduce_bucket  # type: ignore[attr-defined]
     return distributed_train_step

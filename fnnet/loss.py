@@ -86,7 +86,7 @@ def _normalise(out: Any, with_buffers: bool) -> tuple[torch.Tensor, dict[str, An
         aux = {}
     elif not isinstance(aux, Mapping):
         aux = {"aux": aux}
-    for reserved in ("loss", "finite"):
+    for reserved in ("loss", "finite", "batch_loss", "updated"):
         if reserved in aux:
             raise ValueError(f"loss_fn's aux dict must not use the key {reserved!r} (the step reports it itself)")
     return loss, dict(aux), new_buffers
@@ -202,7 +202,9 @@ def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., G
     ``grad_hook=``, a function ``(leaf index, gradient) -> None`` called during the backward
     pass as each parameter's gradient becomes ready (eager mode; the index is the leaf's in
     ``fnnet.tree.leaves(params)`` order, the gradient still scaled by the loss scale): how the
-    distributed step starts its all-reduces while the backward pass goes on. Eager
+    distributed step starts its all-reduces while the backward pass goes on. ``unscale=False``
+    returns the gradients of the scaled loss (an accumulating step unscales its window's sum
+    once). Eager
     calls differentiate with ``torch.autograd.grad`` on detached aliases of the params;
     inside ``torch.compile`` with ``torch.func.grad``, which traces without a graph break.
     Parameters the loss does not use get zero gradients. Nothing passed in is modified.
@@ -239,8 +241,8 @@ def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., G
         return _tree.unflatten(spec, grads), payload
 
     def grad_fn(params: Any, batch: Any, buffers: Any = None, key: Any = None, *,
-                loss_scale: DynamicScale | None = None, grad_hook: Callable[[int, torch.Tensor], None] | None = None
-                ) -> GradResult:
+                loss_scale: DynamicScale | None = None, grad_hook: Callable[[int, torch.Tensor], None] | None = None,
+                unscale: bool = True) -> GradResult:
         _check_buffers_declared(declared, buffers, loss_fn)
         scale = loss_scale.scale if loss_scale is not None else None
         if torch.compiler.is_compiling():
@@ -248,7 +250,7 @@ def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., G
         else:
             with _rng_scope(declared, key, params):
                 grads, payload = eager_grad(params, batch, buffers, key, scale, grad_hook)
-        if scale is not None:
+        if scale is not None and unscale:
             grads = _tree.map(lambda g: g / scale.to(g.dtype), grads)
         return GradResult(grads, payload["loss"], payload["aux"], payload.get("buffers"))
 

@@ -36,8 +36,9 @@ from . import tree as _tree
 from .batch import batch_size_of
 from .device import DeviceLike, place, resolve_device, tree_device
 from .loss import GradResult
-from .state import TrainState
-from .step import build_train_step, check_state, compile_step, eval_step, predict_step, step_parts
+from .state import Accumulation, TrainState
+from .step import (accumulate_tree, build_train_step, check_state, compile_step, eval_step, predict_step, step_parts,
+                   window_mean)
 
 __all__ = ["shard_sizes", "scatter", "replicate", "gather", "reduce_mean", "make_train_step", "make_eval_step",
            "make_predict_step"]
@@ -217,7 +218,8 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
 
 def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceLike], *, jit: bool = False,
                     donate: bool = False, precision: str = "32", compile_options: Mapping[str, Any] | None = None,
-                    skip_nonfinite: bool = False) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
+                    skip_nonfinite: bool = False, accumulate: int = 1
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """The data-parallel training step ``step(state, batch) -> (state, metrics)`` over ``devices``.
 
     The same contract and arguments as :func:`fnnet.make_train_step`; ``state`` lives on
@@ -238,6 +240,9 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
 
     Devices may repeat (``["cpu", "cpu"]``, ``["cuda:0", "cuda:0"]``): several shards on one
     device, which shares the params instead of copying them.
+
+    With ``accumulate=k`` each device keeps its own sum of its shards' gradients over a window,
+    and only the window's last micro-batch adds them up across devices.
     """
     devs = _devices(devices)
     parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
@@ -247,15 +252,18 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
     runner = _Runner(len(devs))
     concurrent_ok = not jit and "key" not in parts.declared
 
-    def one_shard(params: Any, shard: Any, buffers: Any, key: Any, loss_scale: Any, device: torch.device) -> GradResult:
+    def one_shard(params: Any, shard: Any, buffers: Any, key: Any, loss_scale: Any, device: torch.device,
+                  unscale: bool) -> GradResult:
         with _on(device):
             if jit and key is not None:
                 with _random.rng_scope(key, [device] if device.type == "cuda" else []):
-                    return shard_grad(params, shard, buffers, _random.TRACING_KEY, loss_scale=loss_scale)
-            return shard_grad(params, shard, buffers, key, loss_scale=loss_scale)
+                    return shard_grad(params, shard, buffers, _random.TRACING_KEY, loss_scale=loss_scale,
+                                      unscale=unscale)
+            return shard_grad(params, shard, buffers, key, loss_scale=loss_scale, unscale=unscale)
 
-    def shard_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
-        """The gradient source: the batch scattered, a gradient per shard, their mean weighted by shard size."""
+    def per_shard(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any, unscale: bool = True
+                  ) -> tuple[list[GradResult], list[int], torch.device, torch.Tensor, dict, Any]:
+        """The batch scattered and a gradient per shard; the loss, aux and buffers combined."""
         shards, sizes = _scatter(batch, devs, True)
         used = devs[:len(shards)]
         primary = tree_device(params)
@@ -263,15 +271,48 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
         buffer_sets = buffer_copies.get(buffers, used) if buffers is not None else [None] * len(used)
         scales = [place(loss_scale, d) if loss_scale is not None else None for d in used]
         keys = [_random.fold_in(key, i) if key is not None else None for i in range(len(used))]
-        results = runner.map(one_shard, list(zip(copies, shards, buffer_sets, keys, scales, used)), concurrent_ok)
-        grads = reduce_mean([r.grads for r in results], sizes, primary, donate=True)  # the shards' own gradients
+        jobs = [(*job, unscale) for job in zip(copies, shards, buffer_sets, keys, scales, used)]
+        results = runner.map(one_shard, jobs, concurrent_ok)
         loss = reduce_mean([r.loss for r in results], sizes, primary)
         aux = _reduce_aux([r.aux for r in results], sizes, primary)
         new_buffers = reduce_mean([r.buffers for r in results], sizes, primary) if results[0].buffers is not None else None
+        return results, sizes, primary, loss, aux, new_buffers
+
+    def accumulate_shards(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any, carry: Any,
+                          donate_carry: bool) -> tuple[Accumulation, torch.Tensor, dict, Any]:
+        """A micro-batch added to the window, one sum per device: nothing crosses devices but the loss."""
+        results, sizes, _, loss, aux, new_buffers = per_shard(params, batch, buffers, key, loss_scale, unscale=False)
+        sums = list(carry.grads) if carry is not None else [None] * len(devs)
+        for i, (r, n) in enumerate(zip(results, sizes)):
+            sums[i] = accumulate_tree(sums[i], r.grads, n, donate_carry)
+        n = sum(sizes)
+        loss_sum = loss.double() * n + (carry.loss_sum if carry is not None else 0.0)
+        samples, micro = (carry.samples, carry.micro) if carry is not None else (0, 0)
+        return Accumulation(tuple(sums), samples + n, loss_sum, micro + 1), loss, aux, new_buffers
+
+    def shard_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
+                        carry: Accumulation | None = None, donate_carry: bool = False) -> GradResult:
+        """The gradient source: the batch scattered, a gradient per shard, their mean weighted by shard
+        size; with ``carry``, the window's per-device sums added up on the first device (the one
+        reduction across devices of an accumulating step)."""
+        if carry is None:
+            results, sizes, primary, loss, aux, new_buffers = per_shard(params, batch, buffers, key, loss_scale)
+            grads = reduce_mean([r.grads for r in results], sizes, primary, donate=True)  # the shards' own gradients
+            return GradResult(grads, loss, aux, new_buffers)
+        aux, new_buffers, owned = {}, None, donate_carry or batch is not None
+        if batch is not None:
+            carry, batch_loss, aux, new_buffers = accumulate_shards(params, batch, buffers, key, loss_scale, carry,
+                                                                    donate_carry)
+            aux = {**aux, "batch_loss": batch_loss}
+        sums = [t for t in carry.grads if t is not None]
+        k = len(sums)
+        mean_of_sums = reduce_mean(sums, [1.0] * k, tree_device(params), donate=owned)
+        grads, loss = window_mean(Accumulation(mean_of_sums, carry.samples / k, carry.loss_sum / k, carry.micro),
+                                  loss_scale, owned=True)
         return GradResult(grads, loss, aux, new_buffers)
 
-    step = build_train_step(shard_gradients, optimizer, parts, donate=donate, jit=jit,
-                            compile_options=compile_options, name="data_parallel_train_step")
+    step = build_train_step(shard_gradients, optimizer, parts, donate=donate, jit=jit, compile_options=compile_options,
+                            name="data_parallel_train_step", accumulate=accumulate, accumulate_fn=accumulate_shards)
     step.precision, step.devices = precision, devs  # type: ignore[attr-defined]
     return step
 

@@ -21,7 +21,7 @@ from . import random as _random
 from . import tree as _tree
 from .device import tree_device
 
-__all__ = ["TrainState", "DynamicScale", "all_finite", "grads_finite", "apply_update", "loss_scale_for",
+__all__ = ["TrainState", "DynamicScale", "Accumulation", "all_finite", "grads_finite", "apply_update", "loss_scale_for",
            "nonfinite_paths"]
 
 
@@ -70,6 +70,27 @@ class DynamicScale:
         )
         good = torch.where(grow, torch.zeros_like(good), good)
         return dataclasses.replace(self, scale=scale, good_steps=good)
+
+
+@_tree.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Accumulation:
+    """A gradient-accumulation window in progress (``make_train_step(..., accumulate=k)``), as state.
+
+    Attributes:
+        grads: the sum of ``n_m * g_m`` over the window's micro-batches so far (``n_m`` samples,
+            ``g_m`` their mean gradient, of the scaled loss under float16), in the layout of the
+            step's gradient source: the params' tree on one device or one rank; one tree per
+            device for a data-parallel step.
+        samples: ``sum n_m``, a Python int (reading it never syncs).
+        loss_sum: ``sum n_m * loss_m`` (float64): the window's mean loss is ``loss_sum / samples``.
+        micro: how many micro-batches the window holds.
+    """
+
+    grads: Any
+    samples: int
+    loss_sum: torch.Tensor
+    micro: int = 0
 
 
 def _float_leaves(tree: Any) -> list[torch.Tensor]:
@@ -196,6 +217,8 @@ class TrainState:
         buffers: non-trainable model state (BatchNorm running stats) or ``None``.
         key: an :class:`fnnet.random.Key` split once per step for dropout, or ``None``.
         loss_scale: a :class:`DynamicScale` for float16 training, or ``None``.
+        accum: the :class:`Accumulation` of a gradient-accumulation window in progress, or
+            ``None`` (always ``None`` between windows and without accumulation).
 
     States are immutable: ``state.replace(params=...)`` returns a new one.
     """
@@ -206,6 +229,7 @@ class TrainState:
     buffers: Any = None
     key: Any = None
     loss_scale: Any = None
+    accum: Any = None
 
     @classmethod
     def create(cls, params: Any, optimizer: Any, *, buffers: Any = None, key: _random.Key | None = None,

@@ -34,13 +34,22 @@ from . import random as _random
 from . import tree as _tree
 from .loss import (GradResult, _call, _check_buffers_declared, _check_precision, _declared, _normalise, _rng_scope,
                    autocast, make_grad_fn, PRECISIONS)
-from .state import TrainState, apply_update, loss_scale_for
+from .batch import batch_size_of
+from .state import Accumulation, TrainState, apply_update, loss_scale_for
 
 __all__ = ["StepParts", "step_parts", "split_step_key", "compile_step", "check_state", "local_gradients",
-           "build_train_step", "eval_step", "predict_step", "Gradients"]
+           "build_train_step", "eval_step", "predict_step", "Gradients", "Accumulate", "add_to_window",
+           "window_mean", "check_accumulate", "traced_grad_fn",
+           "accumulate_tree"]
 
-Gradients = Callable[[Any, Any, Any, Any, Any], GradResult]
-"""A gradient source: ``(params, batch, buffers, key, loss_scale) -> GradResult`` (reduced, unscaled)."""
+Gradients = Callable[..., GradResult]
+"""A gradient source: ``(params, batch, buffers, key, loss_scale, carry) -> GradResult``: the mean
+gradient (unscaled) of the batch, reduced; with ``carry``, an :class:`fnnet.state.Accumulation`,
+of the whole window (its micro-batches and this batch; ``batch=None``: the window alone)."""
+
+Accumulate = Callable[..., tuple[Accumulation, torch.Tensor, dict, Any]]
+"""A source's accumulating half: ``(params, batch, buffers, key, loss_scale, carry, donate) ->
+(window, loss, aux, buffers)``: this batch added to the window, with no communication."""
 
 
 class StepParts(NamedTuple):
@@ -86,19 +95,87 @@ def check_state(state: Any, what: str) -> None:
         raise TypeError(f"{what} expects a TrainState as its first argument, got {type(state).__name__}")
 
 
-def local_gradients(parts: StepParts) -> Gradients:
-    """The one-device gradient source: :func:`fnnet.make_grad_fn` on the whole batch."""
-    grad_fn = parts.grad_fn
+def local_gradients(parts: StepParts, grad_fn: Callable | None = None) -> tuple[Gradients, Accumulate]:
+    """The one-device gradient source (:func:`fnnet.make_grad_fn` on the whole batch) and its
+    accumulating half. ``grad_fn``: a compiled one, when the step compiles per micro-batch."""
+    grad_fn = parts.grad_fn if grad_fn is None else grad_fn
 
-    def local_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
-        return grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
+    def accumulate(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any, carry: Any,
+                   donate: bool) -> tuple[Accumulation, torch.Tensor, dict, Any]:
+        grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale, unscale=False)
+        return add_to_window(carry, grads, batch_size_of(batch), loss, donate), loss, aux, new_buffers
 
-    return local_gradients
+    def local_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
+                        carry: Accumulation | None = None, donate: bool = False) -> GradResult:
+        if carry is None:
+            return grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
+        aux, new_buffers, owned = {}, None, donate or batch is not None  # may the window hold the mean?
+        if batch is not None:
+            carry, batch_loss, aux, new_buffers = accumulate(params, batch, buffers, key, loss_scale, carry, donate)
+            aux = {**aux, "batch_loss": batch_loss}  # the micro-batch's own loss, for epoch means
+        grads, loss = window_mean(carry, loss_scale, owned=owned)
+        return GradResult(grads, loss, aux, new_buffers)
+
+    return local_gradients, accumulate
+
+
+def traced_grad_fn(parts: StepParts, compile_options: Mapping[str, Any] | None) -> Callable[..., GradResult]:
+    """``parts.grad_fn`` compiled on its own (a step that compiles per micro-batch), with the key's
+    randomness seeded around the call as the compiled whole step does."""
+    compiled = compile_step(parts.grad_fn, compile_options)
+
+    def traced(params: Any, batch: Any, buffers: Any = None, key: Any = None, **kwargs: Any) -> GradResult:
+        with _rng_scope(parts.declared, key, params):
+            return compiled(params, batch, buffers, _random.TRACING_KEY if key is not None else None, **kwargs)
+
+    return traced
+
+
+def check_accumulate(accumulate: Any) -> int:
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be a positive int (micro-batches per update), got {accumulate!r}")
+    return accumulate
+
+
+def accumulate_tree(acc: Any, grads: Any, n: int, donate: bool) -> Any:
+    """``acc + n * grads``: in ``grads``' own tensors when there is no ``acc`` yet (fresh gradients
+    the caller owns), in ``acc``'s with ``donate``, else in new tensors."""
+    if acc is None:
+        return _tree.map(lambda g: g.mul_(n) if isinstance(g, torch.Tensor) else g, grads)
+    if donate:
+        torch._foreach_add_([a for a in _tree.leaves(acc) if isinstance(a, torch.Tensor)],
+                            [g for g in _tree.leaves(grads) if isinstance(g, torch.Tensor)], alpha=n)
+        return acc
+    return _tree.map(lambda a, g: torch.add(a, g, alpha=n) if isinstance(a, torch.Tensor) else a, acc, grads)
+
+
+def add_to_window(carry: Accumulation | None, grads: Any, n: int, loss: torch.Tensor, donate: bool) -> Accumulation:
+    """The window after one more micro-batch of ``n`` samples with mean gradient ``grads`` (fresh
+    tensors this function may reuse) and mean ``loss``: ``sum n_m g_m`` grows by ``n * grads``
+    (:func:`accumulate_tree`)."""
+    if carry is None:
+        return Accumulation(accumulate_tree(None, grads, n, donate), n, loss.double() * n, 1)
+    return Accumulation(accumulate_tree(carry.grads, grads, n, donate), carry.samples + n,
+                        carry.loss_sum + loss.double() * n, carry.micro + 1)
+
+
+def window_mean(window: Accumulation, loss_scale: Any, *, owned: bool) -> tuple[Any, torch.Tensor]:
+    """``(sum n_m g_m / (N * scale), sum n_m loss_m / N)``: the window's mean gradient, unscaled once,
+    and its mean loss. ``owned``: the window's gradient tensors may hold the result."""
+    divisor: Any = float(window.samples)
+    if loss_scale is not None:
+        divisor = loss_scale.scale * divisor
+    if owned:
+        grads = _tree.map(lambda g: g.div_(divisor) if isinstance(g, torch.Tensor) else g, window.grads)
+    else:
+        grads = _tree.map(lambda g: g / divisor if isinstance(g, torch.Tensor) else g, window.grads)
+    return grads, (window.loss_sum / window.samples).float()
 
 
 def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, donate: bool, jit: bool = False,
                      compile_options: Mapping[str, Any] | None = None, compile_whole: bool = False,
-                     name: str = "train_step") -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
+                     name: str = "train_step", accumulate: int = 1, accumulate_fn: Accumulate | None = None
+                     ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """The training step ``train_step(state, batch) -> (state, metrics)`` around a gradient source.
 
     The skeleton every step shares: the state's type checked, its key split once, the loss
@@ -106,15 +183,27 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
     skipped where ``parts.checks`` finds a non-finite gradient), ``metrics = {"loss", **aux,
     "finite"}`` and the new state by ``state.replace`` (a subclass of ``TrainState`` survives).
 
+    With ``accumulate=k`` (and the source's ``accumulate_fn``) the first ``k - 1`` calls of a
+    window only add their micro-batch to ``state.accum`` (no communication, no update:
+    ``metrics["updated"]`` is False) and the ``k``-th reduces the window and updates
+    (``updated`` True); ``metrics["loss"]`` is the window's mean loss so far and
+    ``metrics["batch_loss"]`` this micro-batch's (a gradient source adds it to the aux of a
+    window's last micro-batch). ``train_step.flush(state)`` applies an
+    unfinished window as one update, weighted by its samples (the end of an epoch).
+
     ``compile_whole`` (with ``jit``) compiles gradients and update as one graph (the
-    one-device step); other sources compile their own part. ``name`` names the returned
-    function (``data_parallel_train_step``, ``distributed_train_step``), so a traceback or a
-    profiler says which step ran.
+    one-device step without accumulation); other sources compile their own part. ``name``
+    names the returned function (``data_parallel_train_step``, ``distributed_train_step``), so
+    a traceback or a profiler says which step ran.
     """
     declared, scaled, checks = parts.declared, parts.scaled, parts.checks
+    accumulate = check_accumulate(accumulate)
+    if accumulate > 1 and accumulate_fn is None:
+        raise ValueError(f"{name} cannot accumulate gradients")
 
-    def body(params, opt_state, buffers, loss_scale, batch, key):
-        grads, loss, aux, new_buffers = gradients(params, batch, buffers, key, loss_scale)
+    def body(params, opt_state, buffers, loss_scale, batch, key, carry=None):
+        grads, loss, aux, new_buffers = gradients(params, batch, buffers, key, loss_scale, carry, donate) \
+            if carry is not None else gradients(params, batch, buffers, key, loss_scale)
         params, opt_state, new_buffers, loss_scale, finite = apply_update(
             optimizer, grads, params, opt_state, buffers=buffers, new_buffers=new_buffers, loss_scale=loss_scale,
             check_finite=checks, donate=donate)
@@ -123,27 +212,51 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
             metrics["finite"] = finite
         return params, opt_state, new_buffers, loss_scale, metrics
 
-    whole = jit and compile_whole
+    whole = jit and compile_whole and accumulate == 1
     compiled = compile_step(body, compile_options) if whole else body
 
-    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
-        check_state(state, name)
-        _check_buffers_declared(declared, state.buffers, parts.grad_fn.loss_fn)
-        next_key, step_key = split_step_key(state.key)
-        loss_scale = loss_scale_for(state, scaled)
+    def finish(state: TrainState, batch: Any, next_key: Any, step_key: Any, loss_scale: Any, carry: Any):
         if whole:
             # Inside torch.compile randomness comes from torch's RNG ops, seeded here from the key.
             with _rng_scope(declared, step_key, state.params):
                 inner_key = _random.TRACING_KEY if step_key is not None else None
                 out = compiled(state.params, state.opt_state, state.buffers, loss_scale, batch, inner_key)
         else:
-            out = body(state.params, state.opt_state, state.buffers, loss_scale, batch, step_key)
+            out = body(state.params, state.opt_state, state.buffers, loss_scale, batch, step_key, carry)
         params, opt_state, buffers, loss_scale, metrics = out
+        if accumulate > 1:
+            if carry is None:  # a window of one micro-batch (accumulate > 1, flushed at once): its loss is the batch's
+                metrics["batch_loss"] = metrics["loss"]
+            metrics["updated"] = True
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1, buffers=buffers, key=next_key,
-                             loss_scale=loss_scale if scaled else state.loss_scale), metrics
+                             loss_scale=loss_scale if scaled else state.loss_scale, accum=None), metrics
+
+    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+        check_state(state, name)
+        _check_buffers_declared(declared, state.buffers, parts.grad_fn.loss_fn)
+        next_key, step_key = split_step_key(state.key)
+        loss_scale = loss_scale_for(state, scaled)
+        carry = state.accum
+        if accumulate > 1 and (carry.micro if carry is not None else 0) + 1 < accumulate:
+            window, loss, aux, buffers = accumulate_fn(state.params, batch, state.buffers, step_key,  # type: ignore[misc]
+                                                       loss_scale, carry, donate)
+            running = (window.loss_sum / window.samples).float()
+            metrics = {"loss": running, "batch_loss": loss, **aux, "updated": False}
+            return state.replace(key=next_key, accum=window, loss_scale=loss_scale if scaled else state.loss_scale,
+                                 buffers=state.buffers if buffers is None else buffers), metrics
+        return finish(state, batch, next_key, step_key, loss_scale, carry)
+
+    def flush(state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+        """Apply the unfinished window of ``state`` as one update (weighted by its samples); ``None``
+        when there is none. Under ``torch.distributed`` every rank must call it."""
+        check_state(state, name)
+        if state.accum is None:
+            return None
+        return finish(state, None, state.key, None, loss_scale_for(state, scaled), state.accum)
 
     train_step.__name__ = train_step.__qualname__ = name
-    train_step.jit, train_step.donate = jit, donate  # type: ignore[attr-defined]
+    train_step.jit, train_step.donate, train_step.accumulate = jit, donate, accumulate  # type: ignore[attr-defined]
+    train_step.flush = flush  # type: ignore[attr-defined]
     return train_step
 
 

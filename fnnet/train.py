@@ -31,7 +31,8 @@ from . import distributed as _distributed
 from . import parallel as _parallel
 from .loss import PRECISIONS, GradResult, autocast, make_grad_fn, supervised_loss
 from .state import TrainState
-from .step import build_train_step, eval_step, local_gradients, predict_step, step_parts
+from .step import (build_train_step, check_accumulate, eval_step, local_gradients, predict_step, step_parts,
+                   traced_grad_fn)
 
 __all__ = [
     "GradResult",
@@ -56,6 +57,7 @@ def make_train_step(
     skip_nonfinite: bool = False,
     devices: Any = None,
     distributed: bool = False,
+    accumulate: int = 1,
     **distributed_options: Any,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
     """Build the pure training step ``step(state, batch) -> (new_state, metrics)``.
@@ -100,12 +102,24 @@ def make_train_step(
         distributed: the step of one rank of a ``torch.distributed`` run
             (:func:`fnnet.distributed.make_train_step`): gradients are all-reduced across
             processes, each rank passing its own part of the batch.
+        accumulate: gradient accumulation over this many micro-batches per update (Lightning's
+            ``accumulate_grad_batches``, optax's ``MultiSteps``): the first ``accumulate - 1``
+            calls of a window only add their micro-batch's gradient to ``state.accum`` (weighted
+            by its samples; no update, no communication across devices or ranks), the last one
+            reduces the window and updates once. The update equals one step on the
+            concatenated micro-batches for a mean-reduced loss, uneven sizes included;
+            ``clip_by_global_norm`` and the finite check see the accumulated gradient, float16
+            unscales it once and a non-finite window is skipped whole. ``metrics["updated"]``
+            says whether a call updated, ``metrics["loss"]`` is the window's mean loss so far
+            (the true mean over the window on the updating call), ``metrics["batch_loss"]`` the
+            micro-batch's; ``state.step`` counts updates. ``step.flush(state)`` applies an
+            unfinished window (e.g. at the end of an epoch).
         **distributed_options: with ``distributed=True``, the options of
             :func:`fnnet.distributed.make_train_step` (``reduction=``, ``bucket_mb=``,
             ``sync_state=``).
     """
     options = dict(jit=jit, donate=donate, precision=precision, compile_options=compile_options,
-                   skip_nonfinite=skip_nonfinite)
+                   skip_nonfinite=skip_nonfinite, accumulate=check_accumulate(accumulate))
     if distributed_options and not distributed:
         raise TypeError(f"make_train_step: {sorted(distributed_options)} apply with distributed=True only")
     if distributed:
@@ -116,8 +130,10 @@ def make_train_step(
         return _parallel.make_train_step(loss_fn, optimizer, devices, **options)
     parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
                        compile_options=compile_options)
-    step = build_train_step(local_gradients(parts), optimizer, parts, donate=donate, jit=jit,
-                            compile_options=compile_options, compile_whole=True)
+    compiled = traced_grad_fn(parts, compile_options) if jit and accumulate > 1 else None
+    reduce, accumulate_fn = local_gradients(parts, compiled)
+    step = build_train_step(reduce, optimizer, parts, donate=donate, jit=jit, compile_options=compile_options,
+                            compile_whole=True, accumulate=accumulate, accumulate_fn=accumulate_fn)
     step.precision = precision  # type: ignore[attr-defined]
     return step
 

@@ -169,6 +169,41 @@ def run_seam(out: Path) -> None:
         state, metrics = step(state, my_part(data(i), me))
     result["fp16_finite"] = bool(metrics["finite"])
     fnnet.save(out / f"fp16{me}.safetensors", state.params)
+
+    # 8. accumulation over 4 micro-batches: collectives only on the last one, one reduction per update
+    import torch.distributed as tdist
+
+    seen = {"all_reduce": 0, "reductions": 0}
+    real_all_reduce = tdist.all_reduce
+
+    def counted_all_reduce(*args, **kwargs):
+        seen["all_reduce"] += 1
+        return real_all_reduce(*args, **kwargs)
+
+    def one_reduction(bucket):
+        seen["reductions"] += 1
+        return comm.all_reduce(bucket)
+
+    tdist.all_reduce = counted_all_reduce
+    try:
+        step = fnnet.make_train_step(loss_fn, opt, distributed=True, accumulate=4, reduction=one_reduction)
+        state = fnnet.TrainState.create(model.params, opt)
+        per_call = []
+        for m in range(4):
+            before = dict(seen)
+            state, metrics = step(state, my_part(data(m), me))
+            per_call.append({k: seen[k] - before[k] for k in seen} | {"updated": metrics["updated"]})
+        result["accumulate_calls"] = per_call
+        result["accumulate_loss"] = float(metrics["loss"])
+        fnnet.save(out / f"accumulate{me}.safetensors", state.params)
+        # an unfinished window (3 of 4 micro-batches), applied by flush at the end of an epoch
+        state = fnnet.TrainState.create(model.params, opt)
+        for m in range(3):
+            state, _ = step(state, my_part(data(m), me))
+        state, _ = step.flush(state)
+        fnnet.save(out / f"flush{me}.safetensors", state.params)
+    finally:
+        tdist.all_reduce = real_all_reduce
     (out / f"seam{me}.json").write_text(json.dumps(result))
 
 

@@ -158,6 +158,24 @@ def test_the_reduction_seam_broadcast_state_and_cross_rank_checks(tmp_path):
             torch.testing.assert_close(got[k], state.params[k], rtol=2e-3, atol=2e-3)
         moved = max(float((state.params[k] - model.params[k]).abs().max()) for k in state.params)
         assert moved > 1e-3  # the steps did update (a skipped step would also be "close")
+    # 8. accumulation: one step on the 4 (or 3, flushed) micro-batches of both ranks, concatenated;
+    # the first 3 micro-batches start no collective, the last one reduces the gradients once
+    adam = optim.adam(0.01)
+    one = fnnet.make_train_step(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]), adam)
+    for name, micro in (("accumulate", 4), ("flush", 3)):
+        batches = [W.data(m) for m in range(micro)]
+        whole = tuple(torch.cat([b[i] for b in batches]) for i in range(2))
+        expected, metrics = one(fnnet.TrainState.create(model.params, adam), whole)
+        for rank in (0, 1):
+            got = fnnet.load(tmp_path / f"{name}{rank}.safetensors")
+            for k in expected.params:
+                torch.testing.assert_close(got[k], expected.params[k], rtol=1e-10, atol=1e-10)
+            if name == "accumulate":
+                seam = json.loads((tmp_path / f"seam{rank}.json").read_text())
+                assert [c["all_reduce"] for c in seam["accumulate_calls"][:3]] == [0, 0, 0], seam["accumulate_calls"]
+                assert [c["reductions"] for c in seam["accumulate_calls"]] == [0, 0, 0, 1]
+                assert [c["updated"] for c in seam["accumulate_calls"]] == [False, False, False, True]
+                assert seam["accumulate_loss"] == pytest.approx(float(metrics["loss"]), rel=1e-6)
 
 
 def test_a_rank_that_raises_ends_the_run_with_its_error(tmp_path):

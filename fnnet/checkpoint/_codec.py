@@ -27,6 +27,7 @@ through a fixed table of the ones that release wrote.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -282,10 +283,11 @@ def decode(node: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: t
         meta = _decode_meta(node["meta"])
         pairs = _children(node, "entries")
         children = [decode(c, tensors, path + (e,)) for e, c in pairs]
+        children += _added_fields(cls, [e for e, _ in pairs])
         try:
             obj = entry.unflatten_func(meta, children)
             one = optree.tree_flatten_one_level(obj, none_is_leaf=False, namespace=_tree.NAMESPACE)
-            same = [_entry(e) for e in one.entries] == [e for e, _ in pairs] and one.metadata == meta
+            same = [_entry(e) for e in one.entries][:len(pairs)] == [e for e, _ in pairs] and one.metadata == meta
         except Exception:  # noqa: BLE001 - a changed class fails in its own ways; all mean "changed"
             same = False
         if not same:
@@ -295,6 +297,19 @@ def decode(node: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: t
             )
         return obj
     raise CorruptStructure(f"unknown node kind {kind!r}")
+
+
+def _added_fields(cls: type, saved: list[Any]) -> list[None]:
+    """``None`` for each field a dataclass gained after ``saved`` was written, where that field
+    defaults to ``None`` (``TrainState.accum``, new in format 3): older files still load."""
+    if not dataclasses.is_dataclass(cls):
+        return []
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in fields]
+    if names[:len(saved)] != saved or len(names) == len(saved):
+        return []
+    extra = fields[len(saved):]
+    return [None] * len(extra) if all(f.default is None for f in extra) else []
 
 
 def flatten_saved(node: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: tuple[Any, ...] = (),

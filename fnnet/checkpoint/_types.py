@@ -19,11 +19,12 @@ import optree
 from .. import tree as _tree
 from ..metrics import MeanState
 from ..optim import base as _base, transforms as _transforms
-from ..state import DynamicScale, TrainState
+from ..state import Accumulation, DynamicScale, TrainState
 
 _FNNET: dict[str, type] = {
     "fnnet.TrainState": TrainState,
     "fnnet.DynamicScale": DynamicScale,
+    "fnnet.Accumulation": Accumulation,
     "fnnet.optim.EmptyState": _base.EmptyState,
     "fnnet.optim.ScaleByLearningRateState": _base.ScaleByLearningRateState,
     "fnnet.optim.ScaleByScheduleState": _base.ScaleByScheduleState,
