@@ -47,7 +47,8 @@ class EpochMetrics:
 
     def update(self, states: dict[str, Any], out: Mapping[str, Any]) -> dict[str, Any]:
         outputs, targets = out.get("outputs"), out.get("targets")
-        new = {"loss": _metrics.mean_metric().update(states["loss"], out["loss"], _metrics.batch_size(outputs, targets))}
+        loss = out.get("batch_loss", out["loss"])  # accumulating steps: the micro-batch's own loss
+        new = {"loss": _metrics.mean_metric().update(states["loss"], loss, _metrics.batch_size(outputs, targets))}
         for name, m in self.metrics.items():
             new[name] = m.update(states[name], outputs, targets)
         return new

@@ -61,14 +61,15 @@ class Steps(NamedTuple):
 
 
 def build_steps(model: Model, loss: Callable, optimizer: Any, devices: list[torch.device], *, distributed: bool,
-                jit: bool, precision: str, donate: bool, compile_options: Mapping[str, Any] | None) -> Steps:
+                jit: bool, precision: str, donate: bool, compile_options: Mapping[str, Any] | None, accumulate: int = 1) -> Steps:
     """The Trainer's train, eval and predict steps: ``supervised_loss(model, loss)`` through
     :func:`fnnet.make_train_step` and friends (data parallel over several devices, one rank of a
     process group with ``distributed``), non-finite updates skipped."""
     loss_fn = supervised_loss(model, loss)
     options = dict(jit=jit, precision=precision, compile_options=compile_options,
                    devices=devices if len(devices) > 1 else None)
-    train = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True, distributed=distributed, **options)
+    train = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True, distributed=distributed,
+                            accumulate=accumulate, **options)
     evaluate = make_eval_step(loss_fn, **options)  # per rank: the metric states are summed at the end
     predict = make_predict_step(lambda p, batch, buffers=None: model.apply(p, split_batch(batch)[0], buffers=buffers),
                                 **options)

@@ -454,10 +454,10 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
                             accumulate=accumulate, accumulate_fn=accumulate_rank)
 
     @functools.wraps(step)
-    def distributed_train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+    def distributed_train_step(state: TrainState, batch: Any, **options: Any) -> tuple[TrainState, dict[str, Any]]:
         if sync_state and isinstance(state, TrainState) and state.step == 0 and state.accum is None:
             state = broadcast_state(state, donate=donate)
-        return step(state, batch)
+        return step(state, batch, **options)
 
     distributed_train_step.precision, distributed_train_step.distributed = precision, True  # type: ignore[attr-defined]
     distributed_train_step.flush = step.flush  # type: ignore[attr-defined]

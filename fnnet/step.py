@@ -189,7 +189,9 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
     (``updated`` True); ``metrics["loss"]`` is the window's mean loss so far and
     ``metrics["batch_loss"]`` this micro-batch's (a gradient source adds it to the aux of a
     window's last micro-batch). ``train_step.flush(state)`` applies an
-    unfinished window as one update, weighted by its samples (the end of an epoch).
+    unfinished window as one update, weighted by its samples, and ``train_step(state, batch,
+    end_window=True)`` makes ``batch`` the last micro-batch of its window however short the
+    window is (the last batch of an epoch).
 
     ``compile_whole`` (with ``jit``) compiles gradients and update as one graph (the
     one-device step without accumulation); other sources compile their own part. ``name``
@@ -231,13 +233,13 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1, buffers=buffers, key=next_key,
                              loss_scale=loss_scale if scaled else state.loss_scale, accum=None), metrics
 
-    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+    def train_step(state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
         check_state(state, name)
         _check_buffers_declared(declared, state.buffers, parts.grad_fn.loss_fn)
         next_key, step_key = split_step_key(state.key)
         loss_scale = loss_scale_for(state, scaled)
         carry = state.accum
-        if accumulate > 1 and (carry.micro if carry is not None else 0) + 1 < accumulate:
+        if accumulate > 1 and not end_window and (carry.micro if carry is not None else 0) + 1 < accumulate:
             window, loss, aux, buffers = accumulate_fn(state.params, batch, state.buffers, step_key,  # type: ignore[misc]
                                                        loss_scale, carry, donate)
             running = (window.loss_sum / window.samples).float()

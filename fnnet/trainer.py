@@ -30,6 +30,14 @@ itself); the gradients are all-reduced, epoch metrics summed over ranks, and onl
 rank (:func:`fnnet.distributed.is_main`) prints and writes checkpoints. ``devices="auto"`` is
 then this rank's device.
 
+**Gradient accumulation.** ``accumulate_grad_batches=k`` makes one optimizer update of every
+``k`` batches (``make_train_step(accumulate=k)``: exact for uneven batches, one reduction
+across devices or ranks per update). ``trainer.state.step``, schedules, per-step
+``LearningRateSchedule`` callbacks and the progress bar count optimizer updates; epoch losses
+and metrics average over every sample. An epoch whose batches do not fill its last window
+applies that partial window as one update, weighted by its samples (as Lightning does), so no
+window spans two epochs and a checkpoint at an epoch's end holds no unfinished window.
+
 **Memory layout.** ``memory_format="auto"`` picks channels-last on CPU for conv models;
 ``"contiguous"`` (NCHW) is bit-comparable with the chapter's loop. It is chosen when the trainer
 is built (:func:`fnnet.layout.choose_memory_format`) and checked once, on the first batch
@@ -121,6 +129,8 @@ class Trainer:
         memory_format: the layout of 4-D parameters, optimizer state and image batches:
             ``"auto"`` (default), ``"channels_last"``, ``"contiguous"`` or ``"preserve"`` (see the
             module docstring).
+        accumulate_grad_batches: one optimizer update per this many batches (Lightning's name;
+            see the module docstring).
 
     Attributes:
         state: the :class:`TrainState` (params, optimizer state, step, buffers, key).
@@ -133,10 +143,12 @@ class Trainer:
                  metrics: Mapping[str, Any] | None = None, devices: Any = "auto", jit: bool = False,
                  key: _random.Key | int | None = None, precision: str = "32", donate: bool = True,
                  params: Any = None, compile_options: Mapping[str, Any] | None = None,
-                 memory_format: str | torch.memory_format = "auto", distributed: bool | None = None):
+                 memory_format: str | torch.memory_format = "auto", distributed: bool | None = None,
+                 accumulate_grad_batches: int = 1):
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(outputs, targets), got {type(loss).__name__}")
         self.distributed, self.devices = resolve_devices(devices, distributed)
+        self._rank_shard = _dist.shard() if self.distributed else None  # this rank's part of arrays fit batches
         self.device = self.devices[0]  # where the state lives; with several devices, the first
         self.module = model if isinstance(model, nn.Module) else None
         if self.module is not None and params is None:
@@ -151,7 +163,8 @@ class Trainer:
         self._layout_request = memory_format
         self.train_step, self.eval_step, self.predict_step = build_steps(
             self.model, loss, self.optimizer, self.devices, distributed=self.distributed, jit=jit, precision=precision,
-            donate=donate, compile_options=compile_options)
+            donate=donate, compile_options=compile_options, accumulate=accumulate_grad_batches)
+        self.accumulate = accumulate_grad_batches
         state, self.memory_format = initial_state(self.model, self.module, params, self.optimizer, self.key,
                                                   precision=precision, device=self.device, memory_format=memory_format)
         self._layout_verified = False
@@ -162,14 +175,10 @@ class Trainer:
         self._announced = False
 
     # -- the loop -------------------------------------------------------------------------------
-    def _place(self, batch: Any) -> Any:
-        # non_blocking only host-to-device (the CPU must not read an unfinished copy); the trainer's layout, as a conv
-        return place(batch, self.device, non_blocking=self.device.type == "cuda", memory_format=self.memory_format)
-
     def _batches(self, data: Iterable) -> Iterator[Any]:
         """``data``'s batches on the device; the first one a trainer sees checks the memory layout, once."""
         for batch in data:
-            batch = self._place(batch)
+            batch = _on_device(batch, self.device, self.memory_format)
             if not self._layout_verified:
                 self._layout_verified = True
                 fmt = verify_memory_format(self._layout_request, self.memory_format, self.model, self.state.params,
@@ -177,25 +186,23 @@ class Trainer:
                 if fmt is not self.memory_format:  # the forward cannot take channels-last: back to NCHW (warned)
                     self.memory_format = fmt
                     self._adopt(place(self.state, self.device, memory_format=fmt))
-                    batch = self._place(batch)
+                    batch = _on_device(batch, self.device, fmt)
             yield batch
 
     def _run(self, data: Iterable, *, train: bool, callbacks: CallbackList, bar: "Bar", every: int,
              interrupted: Callable[[], bool] = lambda: False) -> tuple[dict[str, Any], int]:
-        """One pass over ``data`` (fit's epoch or evaluate): ``(metric states, skipped updates)``.
-
-        Returns early, with ``skipped > 0`` or a non-finite loss in the states, when a check
-        (every ``every`` steps: one host sync) finds a non-finite step.
-        """
+        """One pass over ``data`` (fit's epoch or evaluate): ``(metric states, skipped updates)``; early, when a
+        check (every ``every`` steps: one host sync) finds a non-finite step."""
         states = self._book.init()
         skipped = torch.zeros((), dtype=torch.int64, device=self.device)
-        count = 0
+        count = updates = shown = 0  # batches; optimizer updates (the bar's unit), and those the bar shows
+        last = (num_batches(data) or 0) - 1  # an epoch's last batch ends its accumulation window
         for index, batch in enumerate(self._batches(data)):
             try:
                 if train:
                     callbacks("on_train_batch_start", self, self.state.step)
-                    self.state, out = self.train_step(self.state, batch)
-                    if self._stops_on_skips:  # float16 skips overflowing steps as a matter of course
+                    self.state, out = self.train_step(self.state, batch, end_window=index == last)
+                    if self._stops_on_skips and "finite" in out:  # float16 skips overflow steps routinely
                         skipped = skipped + (~out["finite"]).to(torch.int64)
                 else:
                     callbacks("on_validation_batch_start", self, index)
@@ -205,17 +212,22 @@ class Trainer:
             states = self._book.update(states, out)
             callbacks("on_train_batch_end" if train else "on_validation_batch_end", self,
                       self.state.step if train else index, out)
-            count += 1
+            count, updates = count + 1, updates + bool(out.get("updated", True))
             if count % every == 0:
                 finite = int(skipped) == 0 and math.isfinite(float(out["loss"]))  # one sync per `every` steps
                 if train and not finite:
                     return states, max(int(skipped), 1)
-                bar.update(every, self._book.logs(states, all_ranks=False) if bar.enabled else None)  # labelled: this rank's
+                bar.update(updates - shown, self._book.logs(states, all_ranks=False) if bar.enabled else None)
+                shown = updates
             if interrupted():
                 raise KeyboardInterrupt
         if count == 0:
             raise ValueError(f"{'train_data' if train else 'the evaluation data'} yielded no batches")
-        bar.update(count % every)
+        if train and self.state.accum is not None:  # a loader without len() ended inside a window: its update
+            self.state, out = self.train_step.flush(self.state)
+            skipped = skipped + (~out["finite"]).to(torch.int64) if self._stops_on_skips else skipped
+            updates += 1
+        bar.update(updates - shown)
         return states, int(skipped)
 
     # -- fit ----------------------------------------------------------------------------------------
@@ -256,7 +268,7 @@ class Trainer:
         check_fit_options(epochs, on_nonfinite, log_every)
         train_data, val_data = fit_loaders(train_data, val_data, batch_size=batch_size, validation_split=validation_split,
                                            shuffle=shuffle, key=_random.fold_in(self.key, 0x7A1A), device=self.device,
-                                           shard=self._shard())
+                                           shard=self._rank_shard)
         check_reiterable(epochs, train_data=train_data, val_data=val_data)
         cbs = CallbackList(callbacks)
         verbose = verbose if _dist.is_main() else 0  # one rank prints
@@ -277,7 +289,7 @@ class Trainer:
                     if self.distributed:
                         check_same_batch_count(total, epoch)  # a rank with more steps would wait forever
                     every = log_every or max(1, (total or 100) // 10)
-                    with Bar(total, f"epoch {epoch + 1}", bool(verbose)) as bar:
+                    with Bar(total and -(-total // self.accumulate), f"epoch {epoch + 1}", bool(verbose)) as bar:
                         states, skipped = self._run(train_data, train=True, callbacks=cbs, bar=bar, every=every,
                                                     interrupted=interrupted)
                     logs = self._book.logs(states)
@@ -305,10 +317,6 @@ class Trainer:
             self._sync_module()
         return self.history
 
-    def _shard(self) -> tuple[int, int] | None:
-        """This rank's part of arrays the trainer batches itself (``None`` outside a distributed run)."""
-        return _dist.shard() if self.distributed else None
-
     # -- evaluate / predict ----------------------------------------------------------------------------
     def evaluate(self, data: Iterable | tuple, *, prefix: str = "val_", callbacks: Any = (), verbose: int = 0,
                  batch_size: int = 256) -> dict[str, float]:
@@ -319,7 +327,7 @@ class Trainer:
         """
         arrays = as_arrays(data)
         if arrays is not None:
-            data = ArrayLoader(arrays, batch_size, device=self.device, shard=self._shard())
+            data = ArrayLoader(arrays, batch_size, device=self.device, shard=self._rank_shard)
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         total = num_batches(data)
         with Bar(total, "validation", bool(verbose)) as bar:
@@ -398,6 +406,11 @@ class Trainer:
 
 
 # -- private helpers of the loop ------------------------------------------------------------------------
+
+
+def _on_device(batch: Any, device: torch.device, memory_format: Any) -> Any:
+    # non_blocking only host-to-device (the CPU must not read an unfinished copy); the trainer's layout, as a conv
+    return place(batch, device, non_blocking=device.type == "cuda", memory_format=memory_format)
 
 
 def _as_key(key: Any) -> _random.Key:

@@ -150,3 +150,39 @@ def test_accumulate_must_be_a_positive_int():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="accumulate must be a positive int"):
             fnnet.make_train_step(loss_fn, optim.sgd(0.1), accumulate=bad)
+
+
+class _UpdateLog(fnnet.callbacks.Callback):
+    """The learning rate of every optimizer update, read from the state after it."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_end(self, trainer, step, metrics):
+        if metrics.get("updated", True):
+            self.lrs.append(float(optim.get_learning_rate(trainer.state.opt_state)))
+
+
+def test_trainer_accumulating_4_batches_of_32_equals_batches_of_128():
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(300, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (300,), generator=g)
+    runs = {}
+    for batch, k in ((128, 1), (32, 4)):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+        trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.01), devices="cpu", accumulate_grad_batches=k,
+                                metrics={"accuracy": fnnet.metrics.accuracy})
+        log = _UpdateLog()
+        schedule = fnnet.callbacks.LearningRateSchedule(lambda step: 0.01 * 0.9 ** step, interval="step")
+        # 300 samples: batches of 128 end with 44; batches of 32 end with 12, the epoch's last window (32 + 12)
+        history = trainer.fit(fnnet.ArrayLoader((X, y), batch, shuffle=True, key=fnnet.random.key(3)), epochs=2,
+                              callbacks=[schedule, log], verbose=0)
+        runs[k] = (trainer, log.lrs, history)
+    (big, big_lrs, big_history), (acc, acc_lrs, acc_history) = runs[1], runs[4]
+    assert acc.state.step == big.state.step == 6 and acc.state.accum is None
+    assert acc_lrs == big_lrs and len(acc_lrs) == 6
+    for k in big.state.params:
+        torch.testing.assert_close(acc.state.params[k], big.state.params[k], rtol=1e-10, atol=1e-10)
+    assert acc_history["accuracy"] == big_history["accuracy"]
+    assert acc_history["loss"] == pytest.approx(big_history["loss"], rel=1e-6)
+    assert acc_history["lr"] == big_history["lr"]

@@ -423,3 +423,25 @@ def test_predict_step_runs_in_eval_mode_and_precision():
     torch.testing.assert_close(out, net(x), rtol=2e-2, atol=2e-2)
     with pytest.raises(TypeError, match="TrainState"):
         predict(state.params, x)
+
+
+def test_a_subclass_of_train_state_survives_every_step():
+    import dataclasses
+
+    @fnnet.tree.register_dataclass
+    @dataclasses.dataclass(frozen=True)
+    class MyState(fnnet.TrainState):
+        note: str = "mine"
+
+    model, loss_fn, batch = mlp_setup()
+    opt = optim.sgd(0.1)
+    start = MyState(model.params, opt.init(model.params), note="kept")
+    for step in (fnnet.make_train_step(loss_fn, opt), fnnet.make_train_step(loss_fn, opt, devices=["cpu", "cpu"]),
+                 fnnet.make_train_step(loss_fn, opt, accumulate=2)):
+        state = start
+        for _ in range(2):
+            state, _ = step(state, batch)
+        assert type(state) is MyState and state.note == "kept" and state.step >= 1
+    grads = fnnet.make_grad_fn(loss_fn)(start.params, batch).grads
+    applied = start.apply_gradients(grads, opt)
+    assert type(applied) is MyState and applied.note == "kept" and applied.step == 1
