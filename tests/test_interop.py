@@ -532,6 +532,68 @@ def test_fnnet_load_and_from_flax_read_checkpoints_written_from_jax(jax, flax, t
     _close(net.eval()(twin.x), interop.from_jax(twin.flax.apply(variables, interop.to_jax(twin.xj))), "module")
 
 
+# -- what fnnet.interop refuses, and says why ----------------------------------------------------------------
+
+NOT_MSGPACK = r"^from_flax: these \d+ bytes are not a flax msgpack state dict"
+
+
+def _damage(data: bytes, kind: str, where: int, mask: int) -> tuple[bytes, int]:
+    """``data`` cut at ``where`` or with the byte at ``where`` XOR-ed with ``mask``; and the position."""
+    where %= len(data)
+    if kind == "truncated":
+        return data[:where], where
+    return data[:where] + bytes([data[where] ^ mask]) + data[where + 1:], where
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(["truncated", "flipped"]), where=st.integers(0, 2**31), mask=st.integers(1, 255))
+def test_corrupt_or_truncated_msgpack_either_loads_or_is_a_clear_value_error(jax, flax, twins, kind, where, mask):
+    torch.manual_seed(0)
+    net = twins["mlp"].torch()
+    # torch's initial weights, biases included, so that no two arrays hold the same bytes (found below)
+    variables = interop.to_flax(fnnet.functional(net).params, net)
+    data = flax.serialization.to_bytes(variables)
+    expected, _ = interop.from_flax(data, net)
+    damaged, at = _damage(data, kind, where, mask)
+    try:
+        params, _ = interop.from_flax(damaged, net)
+    except ValueError as exc:
+        msg = str(exc)
+        # bytes that do not decode, or decode to something that is not a state dict, say so; bytes that decode
+        # to a state dict whose names or shapes were hit list what does not match, as for any variables
+        assert re.match(NOT_MSGPACK, msg) or msg.startswith(("from_flax: variables do not match Sequential:",
+                                                             "from_flax: variables must hold a 'params' collection")), msg
+        if re.match(NOT_MSGPACK, msg):
+            assert "flax.serialization.to_bytes" in msg, msg
+        return
+    assert kind == "flipped", "a truncated file loaded"
+    if tree.all_equal(params, expected):
+        return
+    # msgpack holds no checksum: a flipped byte inside an array's raw data is a valid file with another number
+    inside = []
+    for leaf in jax.tree_util.tree_leaves(variables):
+        raw = np.asarray(leaf).tobytes()
+        start = data.find(raw)
+        assert start >= 0 and data.find(raw, start + 1) < 0
+        inside.append(start <= at < start + len(raw))
+    assert any(inside), f"byte {at} XOR {mask} changed the loaded params outside any array's data"
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x82", b"\x81\xa6params", b"\x81\x91\x01\x02", b"\x07", b"\x90"],
+                         ids=["empty", "reserved-byte", "map-cut", "key-cut", "list-key", "an-int", "a-list"])
+def test_bytes_that_are_not_a_flax_state_dict_say_so(jax, flax, data):
+    with pytest.raises(ValueError, match=NOT_MSGPACK + r".*flax.serialization.to_bytes\(variables\)"):
+        interop.from_flax(data, nn.Linear(2, 3))
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr"])
+def test_to_jax_of_a_sparse_tensor_says_dense_is_supported(jax, layout):
+    t = torch.eye(3).to_sparse() if layout == "sparse_coo" else torch.eye(3).to_sparse_csr()
+    with pytest.raises(TypeError, match=rf"to_jax: 'w' is a torch.{layout} tensor.*dense.*\.to_dense\(\)"):
+        interop.to_jax({"w": t})
+    np.testing.assert_array_equal(np.asarray(interop.to_jax({"w": t.to_dense()})["w"]), np.eye(3))
+
+
 # -- the optax table (README, "Coming from JAX"): one test per row ------------------------------------------------
 
 # (id, fnnet.optim expression, optax expression, optax expression that must differ, or None).

@@ -141,6 +141,11 @@ def _jax_gpu(jax: ModuleType, device: torch.device, fn: str, path: str) -> Any:
 
 def _tensor_to_jax(jax: ModuleType, where: str, path: str, t: torch.Tensor, copy: bool) -> Any:
     t = t.detach()  # DLPack refuses tensors that require grad; JAX has no autograd graph to share
+    if t.layout != torch.strided:  # DLPack describes dense buffers only
+        kind = str(t.layout).removeprefix("torch.")
+        raise TypeError(f"{where}: '{path}' is a torch.{kind} tensor; JAX reads dense (strided) tensors only: "
+                        f"pass '{path}'.to_dense() (and build a jax.experimental.sparse array from it in JAX if "
+                        "you need one)")
     if t.device.type == "cuda":
         _jax_gpu(jax, t.device, where, path)
     elif t.device.type != "cpu":
@@ -182,7 +187,8 @@ def to_jax(tree: Any, *, copy: bool = False) -> Any:
 
     Raises:
         TypeError: 64-bit leaves while JAX's 64-bit mode is off (JAX would narrow them),
-            listing every such key path; or a dtype JAX has no type for, naming the key path.
+            listing every such key path; a dtype JAX has no type for, or a sparse tensor (JAX
+            reads dense ones: ``t.to_dense()``), naming the key path.
         ValueError: a CUDA tensor while JAX has no GPU, or a tensor on another device type.
     """
     return _to_jax(tree, copy, "to_jax")
@@ -506,11 +512,37 @@ def _flatten_variables(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) ->
             yield prefix + (str(k),), v
 
 
+def _restore_msgpack(where: str, data: bytes) -> Mapping:
+    """The state dict in ``flax.serialization.to_bytes`` bytes, or a ``ValueError`` saying they hold none.
+
+    msgpack reports a truncated or damaged file as whatever its decoder tripped on (an empty
+    ``FormatError``, ``max_map_len``, an unhashable key, a numpy reshape): every such failure,
+    and bytes that decode to something other than a dict, is one error naming the cause.
+    """
+    serialization = _require(where, "flax.serialization")
+
+    def refuse(why: str, cause: BaseException | None = None) -> ValueError:
+        error = ValueError(
+            f"{where}: these {len(data)} bytes are not a flax msgpack state dict ({why}): the file is truncated or "
+            "damaged, or was not written by flax.serialization.to_bytes(variables). Write it again from the flax "
+            "side with flax.serialization.to_bytes(variables), or pass the variables themselves")
+        error.__cause__ = cause
+        return error
+
+    try:
+        restored = serialization.msgpack_restore(data)
+    except Exception as exc:  # msgpack, numpy and unicode errors alike: the bytes are not a state dict
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise refuse(f"msgpack cannot decode them, {detail}", exc) from exc
+    if not isinstance(restored, Mapping):
+        raise refuse(f"they decode to a {type(restored).__name__}, not a dict")
+    return restored
+
+
 def _variables(where: str, variables: Any) -> dict[tuple[str, ...], Any]:
     """``{(collection, *path, name): array}`` from nested variables, msgpack bytes or a flat checkpoint dict."""
     if isinstance(variables, (bytes, bytearray, memoryview)):
-        serialization = _require(where, "flax.serialization")
-        variables = serialization.msgpack_restore(bytes(variables))
+        variables = _restore_msgpack(where, bytes(variables))
     if not isinstance(variables, Mapping):
         raise TypeError(f"{where}: variables must be flax variables {{'params': ..., 'batch_stats': ...}}, the "
                         f"bytes of flax.serialization.to_bytes(variables), or a flat checkpoint dict; "
@@ -553,7 +585,8 @@ def from_flax(variables: Any, module: nn.Module, *, names: Names | None = None
 
     Raises:
         ValueError: unknown layer types, missing or unexpected variables and shape
-            mismatches, all listed by path (``params/Dense_0/kernel``) in one error.
+            mismatches, all listed by path (``params/Dense_0/kernel``) in one error; or bytes
+            that are not a flax msgpack state dict (truncated, damaged, another format).
     """
     _require("from_flax")
     plan = _plan("from_flax", module, names)
