@@ -594,6 +594,133 @@ def test_to_jax_of_a_sparse_tensor_says_dense_is_supported(jax, layout):
     np.testing.assert_array_equal(np.asarray(interop.to_jax({"w": t.to_dense()})["w"]), np.eye(3))
 
 
+# -- from_flax(..., check=): does the converted torch module compute what the flax model does? ---------------
+
+
+@pytest.fixture(scope="module")
+def mnist_example(jax, flax):
+    """flax's MNIST example CNN (examples/mnist), and its torch twin with a given flatten."""
+    fnn = flax.linen
+
+    class FlaxMnist(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            x = fnn.relu(fnn.Conv(32, (3, 3))(x))
+            x = fnn.avg_pool(x, (2, 2), strides=(2, 2))
+            x = fnn.relu(fnn.Conv(64, (3, 3))(x))
+            x = fnn.avg_pool(x, (2, 2), strides=(2, 2))
+            x = x.reshape((x.shape[0], -1))  # flatten: flax's arrays are NHWC
+            x = fnn.relu(fnn.Dense(256)(x))
+            return fnn.Dense(10)(x)
+
+    class TorchMnist(nn.Module):
+        def __init__(self, flatten):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2))
+            self.flatten = flatten
+            self.head = nn.Sequential(nn.Linear(7 * 7 * 64, 256), nn.ReLU(), nn.Linear(256, 10))
+
+        def forward(self, x):
+            return self.head(self.flatten(self.features(x)))
+
+    x = torch.rand(3, 28, 28, 1, generator=torch.Generator().manual_seed(0))  # NHWC, as flax takes it
+    flax_model = FlaxMnist()
+    variables = jax.jit(flax_model.init)(jax.random.key(0), interop.to_jax(x))
+    return SimpleNamespace(flax=flax_model, variables=variables, x_nhwc=x, torch=TorchMnist)
+
+
+def _flatten_nchw(x):
+    return x.flatten(1)  # the obvious torch twin of x.reshape((n, -1)): channels first
+
+
+def _flatten_like_flax(x):
+    return einops.rearrange(x, "n c h w -> n (h w c)")
+
+
+def test_the_flatten_order_trap_is_real_and_check_names_the_layer_after_it(jax, mnist_example):
+    ex = mnist_example
+    net = ex.torch(_flatten_nchw)
+    x_nchw = einops.rearrange(ex.x_nhwc, "n h w c -> n c h w")
+    params, _ = interop.from_flax(ex.variables, net)  # the weights convert: every shape matches
+    flax_out = interop.from_jax(ex.flax.apply(ex.variables, interop.to_jax(ex.x_nhwc)))
+    gap = float((fnnet.functional(net).apply(params, x_nchw) - flax_out).abs().max())
+    assert gap > 0.05, gap  # ...and the outputs are wrong, with no error
+    with pytest.raises(ValueError) as info:
+        interop.from_flax(ex.variables, net, check=(ex.flax, interop.to_jax(ex.x_nhwc)))
+    msg = str(info.value)
+    assert msg.startswith("from_flax: check: the torch module's output differs from the flax model's"), msg
+    assert "first layer whose output differs is 'head.0' (Linear, flax 'Dense_0')" in msg, msg
+    assert "layers before it agree: 'features.0' (flax 'Conv_0'), 'features.3' (flax 'Conv_1')" in msg, msg
+    assert "n c h w -> n (h w c)" in msg, msg  # the fix for the likeliest cause
+
+
+@pytest.mark.parametrize("sample", ["jax", "torch", "numpy"])
+def test_check_passes_for_the_right_flatten_and_takes_any_array(jax, mnist_example, sample):
+    ex = mnist_example
+    net = ex.torch(_flatten_like_flax)
+    x = {"jax": interop.to_jax(ex.x_nhwc), "torch": ex.x_nhwc, "numpy": ex.x_nhwc.numpy()}[sample]
+    params, buffers = interop.from_flax(ex.variables, net, check=(ex.flax, x))
+    assert tree.all_equal(params, interop.from_flax(ex.variables, net)[0]) and buffers == {}
+    model = fnnet.functional(net)
+    _close(model.apply(params, einops.rearrange(ex.x_nhwc, "n h w c -> n c h w")),
+           interop.from_jax(ex.flax.apply(ex.variables, interop.to_jax(ex.x_nhwc))), "right flatten", tol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "bn", "embed", "tower"])
+def test_check_passes_for_every_twin(jax, flax, twins, name):
+    twin = twins[name]
+    net = twin.torch()
+    variables = interop.to_flax(fnnet.functional(net).params, net, names=twin.names,
+                                buffers=fnnet.functional(net).buffers or None)
+    flat = dict(flax.traverse_util.flatten_dict(interop.from_jax(variables), sep="."))  # a torch checkpoint's form
+    for given in (variables, flat):
+        training = [m.training for m in net.modules()]
+        params, _ = interop.from_flax(given, net, names=twin.names, check=(twin.flax, _jax_in(twin)))
+        assert tree.all_equal(params, fnnet.functional(net).params)
+        assert [m.training for m in net.modules()] == training  # the module's modes are left as they were
+        assert not net._forward_hooks and all(not m._forward_hooks for m in net.modules())
+
+
+def test_check_finds_a_wrong_epsilon_and_a_missing_activation(jax, flax, twins):
+    fnn, jnp = flax.linen, jax.numpy
+    twin = twins["embed"]
+    net = twin.torch()
+
+    class DefaultEpsilon(fnn.Module):  # flax's LayerNorm default eps (1e-6), not torch's 1e-5
+        @fnn.compact
+        def __call__(self, ids):
+            return fnn.Dense(4)(fnn.LayerNorm()(fnn.Embed(11, 6)(ids)).mean(1))
+
+    with torch.no_grad():
+        net.embed.weight.mul_(1e-3)  # embeddings with a variance near eps, where eps shows
+    variables = interop.to_flax(fnnet.functional(net).params, net)
+    ids = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
+    with pytest.raises(ValueError, match=r"first layer whose output differs is 'norm' \(LayerNorm, flax 'LayerNorm_0'\)"):
+        interop.from_flax(variables, net, check=(DefaultEpsilon(), ids))
+
+    mlp = twins["mlp"].torch()
+
+    class NoTanh(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            x = fnn.relu(fnn.Dense(16)(x))
+            x = fnn.Dense(16)(x)  # the torch twin has a tanh here
+            return fnn.Dense(3)(x)
+
+    variables = interop.to_flax(fnnet.functional(mlp).params, mlp)
+    with pytest.raises(ValueError, match=r"first layer whose output differs is '4' \(Linear, flax 'Dense_2'\)"):
+        interop.from_flax(variables, mlp, check=(NoTanh(), interop.to_jax(twins["mlp"].x)))
+
+
+def test_check_must_be_a_flax_module_and_a_sample(jax, twins):
+    net = twins["mlp"].torch()
+    variables = interop.to_flax(fnnet.functional(net).params, net)
+    for bad in (twins["mlp"].flax, (twins["mlp"].flax,), (net, twins["mlp"].x)):
+        with pytest.raises(TypeError, match=r"check must be \(flax_module, sample_input\)"):
+            interop.from_flax(variables, net, check=bad)
+
+
 # -- the optax table (README, "Coming from JAX"): one test per row ------------------------------------------------
 
 # (id, fnnet.optim expression, optax expression, optax expression that must differ, or None).

@@ -47,6 +47,14 @@ Only weights are converted: the flax model must be built with the torch layers' 
 ``LayerNorm(epsilon=1e-5)``, torch's eps, not flax's 1e-6; ``BatchNorm(momentum=1 - torch's
 momentum)``, ``epsilon=1e-5`` in both). ``BatchNorm``'s ``num_batches_tracked`` has no flax
 counterpart: :func:`from_flax` keeps the module's value.
+
+**Flatten order.** Matching shapes do not make matching models. flax's arrays are NHWC, so a
+flax ``x.reshape((n, -1))`` before a ``Dense`` flattens in (h, w, c) order; the obvious torch
+twin, ``x.flatten(1)`` (or ``nn.Flatten()``) on NCHW, flattens in (c, h, w) order. Every shape
+still matches and the weights load, but the outputs are wrong, with no error. In the torch twin
+flatten as flax does: ``einops.rearrange(x, "n c h w -> n (h w c)")``. To verify a conversion,
+``from_flax(variables, module, check=(flax_module, sample_nhwc))`` runs both models and, when
+their outputs differ, names the first layer whose output differs.
 """
 
 from __future__ import annotations
@@ -562,7 +570,7 @@ def _variables(where: str, variables: Any) -> dict[tuple[str, ...], Any]:
     return flat
 
 
-def from_flax(variables: Any, module: nn.Module, *, names: Names | None = None
+def from_flax(variables: Any, module: nn.Module, *, names: Names | None = None, check: tuple[Any, Any] | None = None
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """fnnet ``(params, buffers)`` for ``module`` from the variables of its flax linen twin.
 
@@ -582,13 +590,36 @@ def from_flax(variables: Any, module: nn.Module, *, names: Names | None = None
         module: the torch twin (its structure and shapes are read, not its values).
         names: ``{torch module path: flax layer path}`` where flax's names differ from
             ``<Kind>_k`` (see :func:`flax_names`).
+        check: ``(flax_module, sample)``: also run both models and compare (see below).
+
+    **Matching shapes are not matching models.** The conversion checks names and shapes; it
+    cannot see what the two forwards do between layers. The common trap is the flatten before
+    the first ``Dense``: flax's arrays are NHWC, so ``x.reshape((n, -1))`` flattens in (h, w, c)
+    order, while the obvious torch twin, ``x.flatten(1)`` on NCHW, flattens in (c, h, w)
+    order. The shapes agree, the weights load, and the outputs are wrong with no error (flax's
+    MNIST example's CNN: differences up to 0.4). Flatten in flax's order in the torch twin:
+    ``einops.rearrange(x, "n c h w -> n (h w c)")``.
+
+    ``check=(flax_module, sample)`` catches such a difference: it runs
+    ``flax_module.apply(variables, sample)`` (``sample`` as flax takes it, NHWC images; a JAX,
+    numpy or torch array) and the torch module, in eval mode, on the converted params and
+    buffers with the same sample (a 4-D sample transposed to NCHW, any other as it is). When
+    the outputs differ (beyond 1e-4 of the largest flax output in float32), the ``ValueError``
+    names the first layer, in the torch forward's order, whose output differs, matched to its
+    flax layer by the names above, and the layers before it that agree. So the flax module's
+    ``__call__`` must run in inference mode with ``(variables, sample)`` alone (as a
+    ``train=False`` default does). The module's train/eval modes are restored afterwards.
 
     Raises:
         ValueError: unknown layer types, missing or unexpected variables and shape
-            mismatches, all listed by path (``params/Dense_0/kernel``) in one error; or bytes
-            that are not a flax msgpack state dict (truncated, damaged, another format).
+            mismatches, all listed by path (``params/Dense_0/kernel``) in one error; bytes
+            that are not a flax msgpack state dict (truncated, damaged, another format); with
+            ``check``, outputs that differ, naming the first layer that differs.
+        TypeError: ``check`` that is not ``(flax_module, sample)``.
     """
     _require("from_flax")
+    if check is not None:
+        _check_check_arg(check)
     plan = _plan("from_flax", module, names)
     flat = _variables("from_flax", variables)
     problems = list(plan.problems)
@@ -625,4 +656,114 @@ def from_flax(variables: Any, module: nn.Module, *, names: Names | None = None
         near = next((v for b, v in buffers.items() if b.rpartition(".")[0] == k.rpartition(".")[0]), None)
         buffers[k] = t.detach().clone().to(near.device if near is not None else t.device)
     buffers = {k: buffers[k] for k, _ in module.named_buffers() if k in buffers}
+    if check is not None:
+        nested: dict[str, Any] = {}
+        for key, leaf in flat.items():
+            _set(nested, key, leaf)
+        _compare_with_flax(module, params, buffers, _to_jax(nested, False, "from_flax"), plan, *check)
     return params, buffers
+
+
+# -- from_flax(..., check=): run both models, find the first layer that differs ----------------------------
+
+# Layers whose torch outputs put channels second (N C ...) where flax puts them last (N ... C).
+_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_CHECK_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def _check_check_arg(check: Any) -> None:
+    flax_linen = _require("from_flax", "flax.linen")
+    if not (isinstance(check, tuple) and len(check) == 2 and isinstance(check[0], flax_linen.Module)):
+        got = f"a tuple of {len(check)}" if isinstance(check, tuple) else type(check).__name__
+        if isinstance(check, tuple) and check:
+            got += f" starting with a {type(check[0]).__name__}"
+        raise TypeError(f"from_flax: check must be (flax_module, sample_input): the flax linen module the variables "
+                        f"belong to and an input it takes (NHWC images), got {got}")
+
+
+def _as_torch(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.array(x, copy=True))
+    return from_jax(x, copy=True)
+
+
+def _gap(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
+    """The largest difference between two outputs and the tolerance for it (relative to flax's largest value)."""
+    diff = float((ours.double() - theirs.double()).abs().max()) if theirs.numel() else 0.0
+    scale = max(float(theirs.double().abs().max()) if theirs.numel() else 0.0, 1.0)
+    return diff, _CHECK_TOLERANCE.get(theirs.dtype, 1e-4) * scale
+
+
+def _differs(ours: Any, theirs: Any) -> str | None:
+    """Why two outputs differ (shapes, or the largest difference), or ``None`` when they agree."""
+    if not isinstance(ours, torch.Tensor) or not isinstance(theirs, torch.Tensor):
+        return f"torch gave a {type(ours).__name__}, flax a {type(theirs).__name__}"
+    if ours.shape != theirs.shape:
+        return f"shapes differ: torch {tuple(ours.shape)}, flax {tuple(theirs.shape)}"
+    diff, tol = _gap(ours.to(theirs.device), theirs)
+    return f"largest difference {diff:.3g}" if not diff <= tol else None
+
+
+def _compare_with_flax(module: nn.Module, params: dict, buffers: dict, variables: dict, plan: _Plan,
+                       flax_module: Any, sample: Any) -> None:
+    """Raise a ``ValueError`` naming the first layer whose output differs, if the two models' outputs do."""
+    jax = _require("from_flax")
+    flax_in = sample if isinstance(sample, jax.Array) else _to_jax(sample, False, "from_flax")
+    torch_in = _as_torch(sample)
+    if torch_in.ndim == 4:  # images: NHWC for flax, NCHW for torch
+        torch_in = einops.rearrange(torch_in, "n h w c -> n c h w")
+    torch_in = torch_in.to(next(iter(params.values())).device) if params else torch_in
+    flax_out, state = flax_module.apply(variables, flax_in, capture_intermediates=True, mutable=["intermediates"])
+    captured = dict(_flatten_variables(state["intermediates"]))
+
+    layers = {path: module.get_submodule(path) for path in plan.layers}
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [layer.register_forward_hook(lambda _m, _a, out, path=path: seen.setdefault(path, []).append(out))
+             for path, layer in layers.items()]
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            torch_out = torch.func.functional_call(module, {**params, **buffers}, (torch_in,))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training in modes:
+            m.train(training)
+
+    def flax_name(path: str) -> str:
+        return "/".join(plan.layers[path])
+
+    why = _differs(torch_out, _as_torch(flax_out))
+    if why is None:
+        return
+    agree = []
+    for path, outs in seen.items():  # in the order the torch forward ran them
+        theirs = captured.get((*plan.layers[path], "__call__"))
+        if theirs is None:
+            continue  # called by flax through another method: not captured, not compared
+        for ours, their in zip(outs, theirs):
+            if isinstance(layers[path], _CHANNELS_FIRST) and isinstance(ours, torch.Tensor) and ours.ndim >= 3:
+                ours = torch.movedim(ours, 1, -1)
+            layer_why = _differs(ours, _as_torch(their))
+            if layer_why is not None:
+                break
+        else:
+            agree.append(f"'{path}' (flax '{flax_name(path)}')")
+            continue
+        before = (f"the layers before it agree: {', '.join(agree)}. So the weights are right and the two forwards "
+                  "differ between those layers and this one" if agree else
+                  "it is the first converted layer, so check the input (flax takes the sample as given, NHWC; "
+                  "torch gets it as NCHW when it is 4-D) and this layer's settings")
+        raise ValueError(
+            f"from_flax: check: the torch module's output differs from the flax model's ({why}). The first layer "
+            f"whose output differs is '{path}' ({type(layers[path]).__name__}, flax '{flax_name(path)}'): "
+            f"{layer_why}; {before}. Likely causes: a flatten in another order (flax flattens NHWC arrays, so "
+            "x.reshape((n, -1)) is einops.rearrange(x, \"n c h w -> n (h w c)\") in torch, not x.flatten(1)), or "
+            "another activation, pooling, padding, stride or epsilon (LayerNorm: torch 1e-5, flax 1e-6)")
+    raise ValueError(
+        f"from_flax: check: the torch module's output differs from the flax model's ({why}), but every converted "
+        f"layer's output agrees ({', '.join(agree) or 'none was compared'}): the difference comes after the last "
+        "of them (a final activation, pooling or reshape that only one side has)")
