@@ -29,7 +29,7 @@ from ._functional import functional
 from ._summary import summary
 from .callbacks import CSVLogger, ModelCheckpoint
 from .checkpoint import save
-from .data import ArrayLoader, load_digits, load_mnist
+from .data import ArrayLoader, fit_loaders, load_digits, load_mnist
 from .device import place, resolve_device, synchronize
 from .models import CnnModel, LinearRegression, linreg_data
 from .state import TrainState
@@ -88,16 +88,31 @@ def train_classifier(
     jit: bool = False,
     precision: str = "32",
     seed: int = 0,
+    validation_split: float = 0.1,
     verbose: int = 1,
 ) -> tuple[Trainer, dict[str, Any]]:
-    """Train the chapter's CNN with Adam on ``(X, y)`` pairs; validate on ``test`` each epoch.
+    """Train the chapter's CNN with Adam on ``train``; choose on a validation split; test once.
+
+    The last ``validation_split`` of ``train`` (Keras' ``validation_split``: the tail, before
+    shuffling) is held out and evaluated after every epoch; the best epoch by its ``val_loss``
+    is the result. ``test`` is evaluated once, at the end, with that best state: it takes no
+    part in any choice, so its numbers are an unbiased estimate.
 
     Writes into ``out`` (when given): the best checkpoint by ``val_loss``
     (``epoch=...-val_loss=....safetensors``), ``history.csv`` and ``history.png`` (the loss
-    and the accuracy per epoch). Returns the trainer (holding the best state) and the final
-    evaluation. Under ``torchrun`` every rank trains on its part of each batch (the batch
-    size is per rank) and rank 0 prints and writes.
+    and the accuracy per epoch, training and validation). Returns the trainer (holding the
+    best state) and ``{"final": {"test_loss", "test_accuracy"}, "history", "best_model_path"}``.
+    Under ``torchrun`` every rank trains on its part of each batch (the batch size is per
+    rank) and rank 0 prints and writes.
+
+    Raises:
+        ValueError: a ``validation_split`` outside (0, 1), or one that leaves no sample to
+            train or to validate on.
     """
+    if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)) \
+            or not 0 < validation_split < 1:
+        raise ValueError(f"validation_split must be a fraction in (0, 1), got {validation_split!r}: the recipe "
+                         "picks its best checkpoint on that part of the training data")
     _join_launched_group()
     main = _dist.is_main()
     verbose = verbose if main else 0
@@ -108,7 +123,8 @@ def train_classifier(
     if verbose:
         summary(model, tuple(train[0].shape[1:]))
     shard = _dist.shard()
-    train_loader = ArrayLoader(train, batch_size, shuffle=True, key=data_key, device=trainer.device, shard=shard)
+    train_loader, val_loader = fit_loaders(train, batch_size=batch_size, validation_split=validation_split,
+                                           key=data_key, device=trainer.device, shard=shard)
     test_loader = ArrayLoader(test, batch_size, device=trainer.device, shard=shard)
     callbacks: list[Any] = []
     checkpoint = None
@@ -116,11 +132,11 @@ def train_classifier(
         os.makedirs(out, exist_ok=True)
         checkpoint = ModelCheckpoint(out, monitor="val_loss", mode="min", save_top_k=1)
         callbacks = [checkpoint, CSVLogger(os.path.join(out, "history.csv"))]  # rank 0 writes
-    history = trainer.fit(train_loader, test_loader, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    history = trainer.fit(train_loader, val_loader, epochs=epochs, callbacks=callbacks, verbose=verbose)
     if checkpoint is not None and checkpoint.best_model_path:
         _dist.barrier()  # rank 0 wrote it
         trainer.load(checkpoint.best_model_path)
-    final = trainer.evaluate(test_loader)
+    final = trainer.evaluate(test_loader, prefix="test_")  # once, after every choice was made
     result: dict[str, Any] = {"final": final, "history": history}
     if checkpoint is not None:
         result["best_model_path"] = checkpoint.best_model_path
@@ -130,7 +146,8 @@ def train_classifier(
             result["plot"] = plot
     if verbose:
         shown = "  ".join(f"{k}={v:.4f}" for k, v in final.items())
-        print(f"final evaluation (best checkpoint): {shown}")
+        print(f"final evaluation on the test set (best checkpoint by val_loss on the {val_loader.num_samples} held-out "
+              f"training samples): {shown}")
         if out is not None:
             print(f"wrote {out}: best checkpoint {os.path.basename(result.get('best_model_path') or '-')}, history.csv"
                   + (", history.png" if "plot" in result else ""))
