@@ -4,6 +4,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ def test_bench_main_prints_table_and_writes_json(tmp_path, capsys):
     table = capsys.readouterr().out
     for word in ("workload", "time/chapter", "matmul", "linreg", "cnn", "chapter-workers0"):
         assert word in table
+    assert "chapter-workers4 (num_workers=4" in table and "a second baseline" in table  # the legend says so
 
     data = json.loads(out.read_text())
     assert data["schema"] == "fnnet-bench/1"
@@ -42,6 +44,18 @@ def test_bench_main_prints_table_and_writes_json(tmp_path, capsys):
         assert base["skipped"] is None and base["ratio"] == pytest.approx(1.0)
     assert rows[("linreg", "chapter")]["size"] == {"n": 10000, "steps": 2}
     assert rows[("cnn", "chapter-workers0")]["size"]["samples"] == 256
+
+
+def test_the_cnn_baseline_is_the_readmes_headline_num_workers_0():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    # the README's CNN rows at 1.00x (CPU and GPU tables): the headline baseline
+    headline = [line for line in readme.splitlines() if "num_workers" in line and line.rstrip().endswith("| 1.00x |")]
+    assert headline and all("num_workers=0" in line for line in headline), headline
+    baseline = W.BASELINE["cnn"]
+    assert W.variants("cnn")[0] == baseline  # the chapter's way first
+    assert W.build("cnn", baseline, "cpu", scale=0.01).size["num_workers"] == 0
+    second = W.build("cnn", W.SECOND_BASELINE["cnn"], "cpu", scale=0.01)
+    assert second.size["num_workers"] == 4 and second.variant != baseline
 
 
 def test_timed_case_reports_work():
@@ -177,7 +191,7 @@ def test_plot_draws_each_ratio_as_a_point_on_a_linear_axis_with_1_marked(tmp_pat
     import matplotlib.pyplot as plt
 
     rows = [_result("linreg", "cpu", "chapter", 2.0, 20), _result("linreg", "cpu", "fnnet-eager", 1.0, 20),
-            _result("cnn", "cpu", "chapter-workers4", 1.0, 256)]
+            _result("cnn", "cpu", W.BASELINE["cnn"], 1.0, 256)]
     bench.add_ratios(rows)
     drawn = []
     real_savefig = plt.Figure.savefig

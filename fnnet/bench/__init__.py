@@ -36,7 +36,7 @@ import torch
 from . import workloads as W
 
 __all__ = ["Result", "measure", "run", "add_ratios", "format_table", "format_markdown", "environment", "to_json",
-           "sort_results", "plot", "command", "main"]
+           "sort_results", "plot", "legend", "command", "main"]
 
 WORKLOADS = ("matmul", "linreg", "cnn")
 DEFAULT_SCALE = 0.05  # about a minute for everything on a 2-core CPU, compilation included
@@ -252,6 +252,17 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def legend(workloads: Sequence[str] = WORKLOADS) -> str:
+    """What the ratio columns compare with: printed under the table."""
+    lines = ["time/chapter: time over the chapter's way on the same device (<1 is faster); "
+             "vs cpu: throughput over the chapter's way on the CPU."]
+    if "cnn" in workloads:
+        lines.append(f"cnn: the chapter's way is {W.BASELINE['cnn']} (its loop with num_workers=0, the README's "
+                     f"headline); {W.SECOND_BASELINE['cnn']} (num_workers=4, the chapter's DataLoader set-up) is a "
+                     f"second baseline, its time/chapter also against {W.BASELINE['cnn']}.")
+    return "\n".join(lines)
+
+
 def format_markdown(results: Sequence[Result]) -> str:
     """The results as a markdown table (for the GPU check's summary and the README)."""
     out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
@@ -378,8 +389,7 @@ def command(args: Any) -> int:
     results = run(workloads, devices, scale=scale, repeats=args.repeats, warmup=args.warmup,
                   compile=args.compile, steps=args.steps, verbose=True)
     print(format_table(results))
-    print("time/chapter: time over the chapter's way on the same device (<1 is faster); "
-          "vs cpu: throughput over the chapter's way on the CPU.")
+    print(legend(workloads))
     if args.json:
         Path(args.json).write_text(json.dumps(to_json(results, scale=scale, repeats=args.repeats, warmup=args.warmup,
                                                       steps=args.steps, devices=[str(d) for d in devices]), indent=2))

@@ -53,6 +53,7 @@ __all__ = [
     "runs_on",
     "COMPILED",
     "BASELINE",
+    "SECOND_BASELINE",
     "variants",
     "build",
 ]
@@ -61,9 +62,13 @@ __all__ = [
 # same device; CUDA_ONLY variants are skipped on CPU, CPU_ONLY ones on CUDA; COMPILED ones go through torch.compile.
 MATMUL_VARIANTS = ("fp32", "tf32", "bf16")
 LINREG_VARIANTS = ("chapter", "fnnet-eager", "fnnet-eager-donate", "fnnet-jit-donate", "fnnet-jit-cudagraphs")
-CNN_VARIANTS = ("chapter-workers4", "chapter-workers0", "fnnet-trainer", "fnnet-trainer-jit",
+CNN_VARIANTS = ("chapter-workers0", "chapter-workers4", "fnnet-trainer", "fnnet-trainer-jit",
                 "fnnet-trainer-contiguous", "fnnet-trainer-channels-last", "fnnet-trainer-bf16")
-BASELINE = {"matmul": "fp32", "linreg": "chapter", "cnn": "chapter-workers4"}
+# The CNN's baseline is the chapter's loop with num_workers=0, the README's headline (the stricter
+# one: faster than 4 workers on small machines). The chapter's own num_workers=4 set-up is kept as
+# a second baseline, labelled so in the report; its ratio is against the first.
+BASELINE = {"matmul": "fp32", "linreg": "chapter", "cnn": "chapter-workers0"}
+SECOND_BASELINE = {"cnn": "chapter-workers4"}
 CUDA_ONLY = frozenset({"tf32", "bf16", "fnnet-jit-cudagraphs", "fnnet-trainer-channels-last", "fnnet-trainer-bf16"})
 # The Trainer's layout option on the device where it is not the default (channels-last is the CPU's).
 CPU_ONLY = frozenset({"fnnet-trainer-contiguous"})
@@ -267,10 +272,10 @@ def cnn_case(variant: str, device: torch.device | str, *, samples: int = 12_800,
              lr: float = 0.02, seed: int = 0) -> Case:
     """One training epoch of the chapter's CNN over ``samples`` random MNIST-shaped samples.
 
-    Variants: ``chapter-workers4`` (the chapter: ``DataLoader(TensorDataset, shuffle=True,
-    num_workers=4)``, batches moved with ``.to(device)``, nn.Module + torch.optim.Adam +
-    nn.CrossEntropyLoss), ``chapter-workers0`` (the same loop, no worker processes),
-    ``fnnet-trainer`` (``fnnet.Trainer.fit`` over an ``ArrayLoader`` whose data lives on the
+    Variants: ``chapter-workers0`` (the baseline: the chapter's loop, ``DataLoader(TensorDataset,
+    shuffle=True, num_workers=0)``, batches moved with ``.to(device)``, nn.Module +
+    torch.optim.Adam + nn.CrossEntropyLoss), ``chapter-workers4`` (a second baseline: the same
+    loop with the chapter's ``num_workers=4``), ``fnnet-trainer`` (``fnnet.Trainer.fit`` over an ``ArrayLoader`` whose data lives on the
     device) and ``fnnet-trainer-jit`` (the same with ``jit=True``); and the eager Trainer's
     options, measured as options: on CPU ``fnnet-trainer-contiguous``
     (``memory_format="contiguous"``, NCHW as the chapter; channels-last is the CPU default),
