@@ -79,7 +79,8 @@ CELLS = [
 
     DEVICE = fnnet.default_device()  # cuda:0 when there is a GPU, else cpu
     ON_GPU = DEVICE.type == "cuda"
-    WORK = Path(tempfile.mkdtemp(prefix="fnnet-chapter-"))  # files this notebook writes go here
+    work_dir = tempfile.TemporaryDirectory(prefix="fnnet-chapter-")  # removed by the last cell
+    WORK = Path(work_dir.name)  # files this notebook writes go here
     print(f"fnnet {fnnet.__version__}, torch {torch.__version__}; computing on {DEVICE}; files in {WORK}")
     """),
     md("""
@@ -541,6 +542,16 @@ CELLS = [
     | `optimizer.zero_grad(); loss.backward(); optimizer.step()` | `state, metrics = train_step(state, batch)` |
     | global RNG, `pl.seed_everything` | explicit keys for init, shuffling and dropout |
     | torchkeras `compile(device=)` / Lightning `gpus=` | `fnnet.Trainer(..., devices="auto")`, `ModelCheckpoint`, `History` |
+    """),
+    md("""
+    ## Clean up
+
+    The files this notebook wrote (the saved `nn.Linear`, the CNN's checkpoints) were in a temporary
+    folder: remove it. (Were a cell to fail first, the folder goes when the kernel stops.)
+    """),
+    code("""
+    work_dir.cleanup()
+    print(f"removed {WORK}: {not WORK.exists()}")
     """),
 ]
 

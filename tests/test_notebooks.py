@@ -134,7 +134,14 @@ def test_cnn_trains_checkpoints_and_reloads(executed):
     assert reloaded == pytest.approx(best, abs=1e-5)
     accuracy = float(_find(nb, rf"plain nn.Module with the best checkpoint's params: accuracy {NUMBER}").group(1))
     assert accuracy > 0.5  # 10 classes: chance is 0.1
-    work = Path(_find(nb, r"files in (\S+)").group(1))
-    assert list((work / "cnn").glob("*.safetensors")), "ModelCheckpoint wrote no file"
+    _find(nb, r"best checkpoint: \S+/cnn/epoch=\d+-val_loss=\S+\.safetensors")  # the file reloaded above
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # plot_samples twice, plot_history twice
+
+
+@pytest.mark.slow
+def test_the_notebook_removes_its_temporary_folder(executed):
+    nb, _ = executed
+    work = Path(_find(nb, r"files in (\S+)").group(1))
+    assert not work.exists(), f"the notebook left {work} behind"
+    _find(nb, r"removed \S+: True")
