@@ -279,13 +279,14 @@ def test_seed_everything():
     assert torch.equal(a, torch.rand(3))
 
 
-# The digits bar, measured: 10 epochs of train_digits on CPU (torch 2.13, 2-core Xeon) reach a
-# final validation accuracy of 0.869-0.923 over seeds 0-9 (mean 0.906, sd 0.016; the validation
-# set has 297 images, so one image is 0.0034). A single run's accuracy is that noisy, so a bar
-# of 0.90 on one run fails for 2 seeds in 10 on a CPU, and the same trajectory computed with a
-# GPU's different rounding is another draw from the spread (the H200 run that gave 0.899).
-# The tests average three seeds: the mean of three has sd ~0.0094, so a bar of 0.88 sits ~2.8 sd
-# below the measured mean, and a broken trainer (chance is 0.10) is far below it.
+# The digits bar, measured: 10 epochs of train_digits on CPU (torch 2.13, 2-core Xeon), the best
+# epoch chosen on the 150 training images held out for validation, reach a test accuracy of
+# 0.848-0.909 over seeds 0-9 (mean 0.882, sd 0.024; the test set has 297 images, so one image is
+# 0.0034). (Before the recipe held out a validation split it chose its epoch on the test set
+# itself and trained on 150 more images: 0.869-0.923, mean 0.906, an optimistic number.) A single
+# run is that noisy, and the same trajectory computed with a GPU's different rounding is another
+# draw from the spread. The tests average three seeds: the mean of three has sd ~0.014, so a bar
+# of 0.84 sits ~3 sd below the measured mean, and a broken trainer (chance is 0.10) is far below it.
 DIGITS_SEEDS = (0, 1, 2)
 
 
@@ -300,7 +301,7 @@ def _digits_accuracies(device):
 
 def test_digits_learn_in_10_epochs():
     accs = _digits_accuracies("cpu")
-    assert sum(accs) / len(accs) >= 0.88 and min(accs) >= 0.85, accs
+    assert sum(accs) / len(accs) >= 0.84 and min(accs) >= 0.80, accs
 
 
 def test_cli_train_digits_one_epoch(tmp_path):
@@ -329,9 +330,9 @@ def test_cli_usage_errors():
 @requires_cuda
 def test_trainer_on_cuda_digits_learns_as_well_as_on_cpu():
     cuda, cpu = _digits_accuracies("cuda"), _digits_accuracies("cpu")
-    assert sum(cuda) / len(cuda) >= 0.88 and min(cuda) >= 0.85, cuda
-    # The difference of two 3-seed means has sd ~0.013: 0.04 is 3 of them.
-    assert abs(sum(cuda) / len(cuda) - sum(cpu) / len(cpu)) <= 0.04, (cuda, cpu)
+    assert sum(cuda) / len(cuda) >= 0.84 and min(cuda) >= 0.80, cuda
+    # The difference of two 3-seed means has sd ~0.019: 0.06 is 3 of them.
+    assert abs(sum(cuda) / len(cuda) - sum(cpu) / len(cpu)) <= 0.06, (cuda, cpu)
 
 
 @pytest.mark.parametrize("precision, low", [("bf16", torch.bfloat16), ("16-mixed", torch.float16)])
