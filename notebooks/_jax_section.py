@@ -80,6 +80,10 @@ if HAVE_JAX:
 **flax -> torch.** flax initialises the variables; `from_flax` returns fnnet `(params, buffers)`
 keyed like `net.state_dict()`. `to_jax` / `from_jax` move arrays through DLPack (no copy where the
 layout allows: `x.permute(0, 2, 3, 1)` is a view, so `to_jax` copies it into NHWC order).
+Matching shapes are not matching models: a flax `x.reshape((n, -1))` flattens NHWC arrays, so its
+torch twin must flatten as `einops.rearrange(x, "n c h w -> n (h w c)")`, not `x.flatten(1)` (the
+chapter's CNN max-pools to 1x1 before flattening, so its order does not matter).
+`check=(flax_model, sample)` runs both models and names the first layer whose output differs.
 """),
     ("code", """\
 if HAVE_JAX:
@@ -90,7 +94,7 @@ if HAVE_JAX:
         return to_jax(images.permute(0, 2, 3, 1))  # N C H W -> N H W C
 
     variables = jax.jit(flax_cnn.init)(jax.random.key(0), nhwc(X[:16]))
-    params, buffers = from_flax(variables, net)
+    params, buffers = from_flax(variables, net, check=(flax_cnn, nhwc(X[:16])))
     print({k: tuple(v.shape) for k, v in params.items()})
 
     logits_torch = model.apply(params, X[:16])                      # eval mode: dropout off
