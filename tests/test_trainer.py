@@ -83,6 +83,14 @@ def test_progress_output(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_the_banner_names_every_data_parallel_replica(capsys):
+    trainer = fnnet.Trainer(mlp(), F.cross_entropy, optim.adam(0.05), devices=["cpu", "cpu"])
+    train, _ = loaders()
+    trainer.fit(train, epochs=1, verbose=1)
+    banner = next(line for line in capsys.readouterr().out.splitlines() if "training on" in line)
+    assert "2 data-parallel replicas (cpu, cpu)" in banner, banner
+
+
 def test_progress_bars_show_the_running_loss_and_metrics_in_training_and_validation():
     # tqdm reads TQDM_* overrides of its defaults when it is imported: in a fresh process, make
     # it redraw on every update, so the test sees each frame.
