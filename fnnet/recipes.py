@@ -94,9 +94,10 @@ def train_classifier(
     """Train the chapter's CNN with Adam on ``train``; choose on a validation split; test once.
 
     The last ``validation_split`` of ``train`` (Keras' ``validation_split``: the tail, before
-    shuffling) is held out and evaluated after every epoch; the best epoch by its ``val_loss``
-    is the result. ``test`` is evaluated once, at the end, with that best state: it takes no
-    part in any choice, so its numbers are an unbiased estimate.
+    shuffling) is held out and evaluated after every epoch; with ``out``, the best epoch by its
+    ``val_loss`` is checkpointed and loaded back at the end (without ``out`` the last epoch is
+    the result). ``test`` is evaluated once, at the end, with that state: it takes no part in
+    any choice, so its numbers are an unbiased estimate.
 
     Writes into ``out`` (when given): the best checkpoint by ``val_loss``
     (``epoch=...-val_loss=....safetensors``), ``history.csv`` and ``history.png`` (the loss
@@ -146,8 +147,9 @@ def train_classifier(
             result["plot"] = plot
     if verbose:
         shown = "  ".join(f"{k}={v:.4f}" for k, v in final.items())
-        print(f"final evaluation on the test set (best checkpoint by val_loss on the {val_loader.num_samples} held-out "
-              f"training samples): {shown}")
+        chosen = (f"best checkpoint by val_loss on the {val_loader.num_samples} held-out training samples"
+                  if checkpoint is not None and checkpoint.best_model_path else "last epoch")
+        print(f"final evaluation on the test set ({chosen}): {shown}")
         if out is not None:
             print(f"wrote {out}: best checkpoint {os.path.basename(result.get('best_model_path') or '-')}, history.csv"
                   + (", history.png" if "plot" in result else ""))
