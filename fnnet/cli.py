@@ -91,7 +91,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: one device per process, chosen by rank
         devices = ["auto"]
     common = dict(epochs=args.epochs or 10, device=devices if len(devices) > 1 else devices[0], out=args.out, batch_size=args.batch_size,
-                  lr=args.lr if args.lr is not None else 0.01, jit=args.jit, precision=args.precision, seed=args.seed)
+                  lr=args.lr if args.lr is not None else 0.01, jit=args.jit, precision=args.precision, seed=args.seed,
+                  accumulate=args.accumulate)
     if args.task == "digits":
         recipes.train_digits(size=args.size, **common)
         return 0
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="folder for the checkpoint (the best, for digits/mnist), history.csv and history.png")
     p_train.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (default 128)")
     p_train.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default 0.01; linreg 0.1)")
+    p_train.add_argument("--accumulate", type=_positive_int, default=1, metavar="K",
+                         help="digits/mnist: one optimizer update per K batches (gradient accumulation; default 1)")
     p_train.add_argument("--jit", action="store_true", help="compile the training step with torch.compile")
     p_train.add_argument("--precision", choices=["32", "bf16", "16-mixed"], default="32")
     p_train.add_argument("--seed", type=int, default=0, help="the key everything random derives from")

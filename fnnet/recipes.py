@@ -90,6 +90,7 @@ def train_classifier(
     seed: int = 0,
     validation_split: float = 0.1,
     verbose: int = 1,
+    accumulate: int = 1,
 ) -> tuple[Trainer, dict[str, Any]]:
     """Train the chapter's CNN with Adam on ``train``; choose on a validation split; test once.
 
@@ -104,7 +105,8 @@ def train_classifier(
     and the accuracy per epoch, training and validation). Returns the trainer (holding the
     best state) and ``{"final": {"test_loss", "test_accuracy"}, "history", "best_model_path"}``.
     Under ``torchrun`` every rank trains on its part of each batch (the batch size is per
-    rank) and rank 0 prints and writes.
+    rank) and rank 0 prints and writes. ``accumulate=k`` updates once per ``k`` batches
+    (``Trainer(accumulate_grad_batches=k)``).
 
     Raises:
         ValueError: a ``validation_split`` outside (0, 1), or one that leaves no sample to
@@ -120,7 +122,8 @@ def train_classifier(
     init_key, data_key, dropout_key = _random.split(_random.key(seed), 3)
     model = functional(CnnModel())
     trainer = Trainer(model, F.cross_entropy, optim.adam(lr), metrics={"accuracy": _metrics.accuracy},
-                      devices=device, jit=jit, key=dropout_key, precision=precision, params=model.init(init_key))
+                      devices=device, jit=jit, key=dropout_key, precision=precision, params=model.init(init_key),
+                      accumulate_grad_batches=accumulate)
     if verbose:
         summary(model, tuple(train[0].shape[1:]))
     shard = _dist.shard()

@@ -79,3 +79,14 @@ def test_validation_split_must_leave_data_to_train_and_to_validate():
     with pytest.raises(ValueError, match="leaves no samples to train or to validate on"):
         recipes.train_classifier((train[0][:3], train[1][:3]), test, epochs=1, device="cpu", verbose=0,
                                  validation_split=0.1)
+
+
+def test_train_digits_accumulate_updates_once_per_k_batches(capsys):
+    from fnnet import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "digits", "--accumulate", "0"])
+    assert "--accumulate" in capsys.readouterr().err
+    trainer, _ = recipes.train_digits(size=SIZE, epochs=1, batch_size=128, accumulate=3, device="cpu", verbose=0)
+    batches = -(-int(1500 * 0.9) // 128)  # 1,350 training images in batches of 128: 11 batches
+    assert trainer.accumulate == 3 and trainer.state.step == -(-batches // 3) and trainer.state.accum is None
