@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -87,8 +88,11 @@ def main() -> None:
     if distributed.is_main():
         print(json.dumps({"model": args.model, "parameters": params, "world_size": distributed.world_size(),
                           "batch_per_rank": BATCH, "fnnet_s": medians["fnnet"], "ddp_s": medians["ddp"],
-                          "ratio": medians["fnnet"] / medians["ddp"], "steps": args.steps}))
-    distributed.shutdown()
+                          "ratio": medians["fnnet"] / medians["ddp"], "steps": args.steps}), flush=True)
+    # gloo's destroy_process_group sometimes leaves one rank waiting after the other has gone (torch
+    # 2.13): every rank is done after this barrier, and nothing is left to clean up but the process
+    dist.barrier()
+    os._exit(0)
 
 
 if __name__ == "__main__":

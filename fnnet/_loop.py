@@ -144,21 +144,34 @@ def banner(devices: list[torch.device], precision: str, jit: bool) -> str:
     return f"fnnet.Trainer: training on {where}, precision {precision}, jit {'on' if jit else 'off'}"
 
 
+_SHOWN_LEAVES = 8  # an error names this many leaves of a batch at most: a message never embeds the data
+_SHOWN_CHARS = 2000  # and quotes at most this much of torch's own message
+
+
 def _describe_batch(batch: Any) -> str:
-    parts = []
-    for p, x in _tree.leaves_with_path(batch):
-        parts.append(f"{p}: {str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor)
-                     else f"{p}: {type(x).__name__}")
+    leaves = _tree.leaves_with_path(batch)
+    parts = [f"{p}: {str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor)
+             else f"{p}: {type(x).__name__}" for p, x in leaves[:_SHOWN_LEAVES]]
+    if len(leaves) > _SHOWN_LEAVES:
+        parts.append(f"... {len(leaves) - _SHOWN_LEAVES} more leaves (a batch is a few tensors: is this the data "
+                     "itself where a loader of batches was expected?)")
     return ", ".join(parts)
 
 
 _HINTS = (
     ("Expected more than 1 value per channel", "a BatchNorm layer got a batch of one sample in training; drop the "
-     "last, smaller batch (ArrayLoader(..., drop_last=True) or DataLoader(..., drop_last=True))"),
+     "last, smaller batch (ArrayLoader(..., drop_last=True) or DataLoader(..., drop_last=True)). With several devices "
+     "or ranks a shard can be that one sample: a batch of 3 on 2 devices is split into shards of 2 and 1"),
+    ("positional argument", "a Trainer loss is called as loss(outputs, targets), e.g. F.cross_entropy"),
+    ("not implemented for 'Long'", "a floating-point op got int64 data: a Trainer loss is called as "
+     "loss(outputs, targets) (check the order), and inputs must be floating point (x.float())"),
     ("out of bounds", "the targets must be class indices in [0, number of classes)"),
-    ("expected scalar type Long", "class-index targets must be int64: pass y.long()"),
-    ("Expected floating point type for target", "class-index targets must be int64: pass y.long()"),
-    ("expected target dtype to be Long", "class-index targets must be int64: pass y.long()"),
+    ("expected scalar type Long", "class-index targets must be int64: pass y.long() (and a Trainer loss is called "
+     "as loss(outputs, targets): check the order)"),
+    ("Expected floating point type for target", "class-index targets must be int64: pass y.long() (and a Trainer "
+     "loss is called as loss(outputs, targets): check the order)"),
+    ("expected target dtype to be Long", "class-index targets must be int64: pass y.long() (and a Trainer loss is "
+     "called as loss(outputs, targets): check the order)"),
     ("shapes cannot be multiplied", "the inputs' feature size does not match the model's first layer"),
     ("to match target batch_size", "the inputs and the targets hold different numbers of samples"),
 )
@@ -168,6 +181,8 @@ def with_context(err: Exception, what: str, epoch: int, index: int, batch: Any) 
     """``err`` (the same type) with fnnet's context: where, the batch's shapes and dtypes, the fix."""
     text = str(err)
     hint = next((h for pattern, h in _HINTS if pattern in text), None)
+    if len(text) > _SHOWN_CHARS:
+        text = text[:_SHOWN_CHARS] + f" ... ({len(text) - _SHOWN_CHARS} more characters)"
     message = (f"{text}\n\nfnnet.Trainer: {what} failed in epoch {epoch + 1} at batch {index} "
                f"({_describe_batch(batch)})" + (f": {hint}" if hint else ""))
     try:

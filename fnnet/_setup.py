@@ -61,15 +61,20 @@ class Steps(NamedTuple):
 
 
 def build_steps(model: Model, loss: Callable, optimizer: Any, devices: list[torch.device], *, distributed: bool,
-                jit: bool, precision: str, donate: bool, compile_options: Mapping[str, Any] | None, accumulate: int = 1) -> Steps:
+                jit: bool, precision: str, donate: bool, compile_options: Mapping[str, Any] | None, accumulate: int = 1,
+                shard_optimizer: bool = False) -> Steps:
     """The Trainer's train, eval and predict steps: ``supervised_loss(model, loss)`` through
     :func:`fnnet.make_train_step` and friends (data parallel over several devices, one rank of a
     process group with ``distributed``), non-finite updates skipped."""
     loss_fn = supervised_loss(model, loss)
     options = dict(jit=jit, precision=precision, compile_options=compile_options,
                    devices=devices if len(devices) > 1 else None)
+    if shard_optimizer and not distributed:
+        raise ValueError("shard_optimizer=True splits the optimizer state over the ranks of a torch.distributed run: "
+                         "start the script with torchrun (and fnnet.distributed.init()), or drop shard_optimizer")
+    sharding = {"shard_optimizer": True} if shard_optimizer else {}
     train = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True, distributed=distributed,
-                            accumulate=accumulate, **options)
+                            accumulate=accumulate, **sharding, **options)
     evaluate = make_eval_step(loss_fn, **options)  # per rank: the metric states are summed at the end
     predict = make_predict_step(lambda p, batch, buffers=None: model.apply(p, split_batch(batch)[0], buffers=buffers),
                                 **options)

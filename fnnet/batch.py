@@ -9,6 +9,7 @@ tells the data itself (``(X, y)`` arrays) from a loader of batches.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping
 
 import numpy as np
@@ -63,8 +64,39 @@ def batch_size_of(batch: Any) -> int:
 
 def as_arrays(data: Any) -> tuple | None:
     """``data`` as a tuple of tensors when it is the data itself (a tuple or list of tensors or
-    NumPy arrays), else ``None`` (a loader, or any other iterable of batches)."""
+    NumPy arrays, or Keras' ``(X, y)`` as Python lists of numbers), else ``None`` (a loader, or
+    any other iterable of batches).
+
+    Python lists become arrays at once (floats as float32, Keras' default; integers as int64);
+    lists that do not form a rectangular array of numbers are a ``ValueError`` right away, before
+    any training, naming which part and what would work.
+    """
     if isinstance(data, (tuple, list)) and data and all(isinstance(a, (torch.Tensor, np.ndarray)) for a in data):
         return tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in data)
+    if isinstance(data, tuple) and 1 <= len(data) <= 2 and all(_number_list(a) for a in data):
+        return tuple(_from_list(a, name) for a, name in zip(data, ("X", "y")))
     return None
 
+
+def _number_list(a: Any) -> bool:
+    """A Python list of numbers, or of lists of them (not a list of batches: those hold tensors)."""
+    if not isinstance(a, list) or not a:
+        return False
+    first = a[0]
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    return isinstance(first, numbers.Number)
+
+
+def _from_list(a: list, name: str) -> torch.Tensor:
+    try:
+        arr = np.asarray(a)
+    except (ValueError, TypeError) as err:
+        arr, why = None, type(err).__name__
+    else:
+        why = "" if arr.dtype.kind in "biuf" else f"elements of type {arr.dtype}"
+    if arr is None or why:
+        raise ValueError(f"fit((X, y)) got {name} as a Python list that is not a rectangular array of numbers "
+                         f"({why or 'ragged'}: rows of different lengths, or mixed types); pass NumPy arrays or "
+                         "tensors, e.g. np.asarray(X, dtype=np.float32)")
+    return torch.as_tensor(arr.astype(np.float32) if arr.dtype.kind == "f" else arr)

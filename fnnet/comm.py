@@ -11,6 +11,8 @@ future's overhead):
 
 * :func:`all_reduce` (the default): the sum over ranks, which is the weighted mean gradient
   because every rank weighted its part;
+* :func:`reduce_scatter`: the sum over ranks, each rank receiving only the chunk it owns (the
+  sharded optimizer step, :mod:`fnnet.shard`);
 * :func:`local`: no communication; each rank keeps its own weighted gradient (``n_r / N``
   times its local mean). What a micro-batch that does not synchronise needs, and a baseline
   for measuring what communication costs;
@@ -29,7 +31,11 @@ from typing import Any, Callable, NamedTuple, Protocol
 import torch
 import torch.distributed as dist
 
-__all__ = ["Bucket", "Reduction", "all_reduce", "local", "GradBuckets"]
+# torch 2.13 renamed the tensor-in, tensor-out collectives (the old names warn): use what this torch has
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+__all__ = ["Bucket", "Reduction", "all_reduce", "reduce_scatter", "local", "GradBuckets", "pack"]
 
 
 class Bucket(NamedTuple):
@@ -69,9 +75,42 @@ def all_reduce(bucket: Bucket) -> Callable[[], torch.Tensor]:
     return wait
 
 
+def reduce_scatter(bucket: Bucket) -> Callable[[], torch.Tensor]:
+    """The sharded step's reduction (ZeRO-2): the sum over ranks, of which this rank receives its
+    chunk only (``bucket.buffer``, padded to a multiple of the world size, split in equal parts).
+    ``wait()`` returns that chunk, not a bucket-sized tensor."""
+    world = dist.get_world_size()
+    chunk = torch.empty(bucket.buffer.numel() // world, dtype=bucket.buffer.dtype, device=bucket.buffer.device)
+    work = _REDUCE_SCATTER(chunk, bucket.buffer, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return chunk
+
+    return wait
+
+
 def local(bucket: Bucket) -> Callable[[], torch.Tensor]:
     """A :class:`Reduction` that communicates nothing: each rank keeps ``(n_r / N) * g_r``."""
     return lambda: bucket.buffer
+
+
+def pack(leaves: list[torch.Tensor], order: list[int], limit: int) -> list[list[int]]:
+    """Leaf indices in ``order``, packed into buckets of at most ``limit`` bytes (a larger leaf
+    alone) and of one dtype each."""
+    buckets: list[list[int]] = []
+    size, current, dtype = 0, [], None
+    for i in order:
+        x = leaves[i]
+        nbytes = x.numel() * x.element_size()
+        if current and (size + nbytes > limit or x.dtype != dtype):
+            buckets.append(current)
+            size, current = 0, []
+        current.append(i)
+        size, dtype = size + nbytes, x.dtype
+    if current:
+        buckets.append(current)
+    return buckets
 
 
 class GradBuckets:
@@ -82,24 +121,18 @@ class GradBuckets:
     Buckets follow ``order``, the order in which gradients became ready in the previous step
     (the backward pass's order), as DDP rebuilds its buckets after the first iteration.
     ``weight`` may be a function: it is called when the first bucket is filled, so the
-    sample count's all-reduce can run during the backward pass.
+    sample count's all-reduce can run during the backward pass. ``cache`` (a dict the step keeps)
+    reuses the last step's bucket buffers: the reduced gradients are views into them, consumed by
+    the update before the next step fills them again.
     """
 
-    def __init__(self, leaves: list[torch.Tensor], order: list[int], limit: int, reduction: Reduction):
+    def __init__(self, leaves: list[torch.Tensor], order: list[int], limit: int, reduction: Reduction,
+                 pad_to: int = 1, cache: dict[int, torch.Tensor] | None = None):
         self.leaves = leaves
+        self.cache = cache  # bucket buffers kept from the last step (fresh memory costs page faults every step)
+        self.pad_to = pad_to  # a bucket's buffer is a multiple of this (reduce-scatter: the world size)
         self.reduction = reduction
-        self.buckets: list[list[int]] = []
-        size, current, dtype = 0, [], None
-        for i in order:
-            x = leaves[i]
-            nbytes = x.numel() * x.element_size()
-            if current and (size + nbytes > limit or x.dtype != dtype):
-                self.buckets.append(current)
-                size, current = 0, []
-            current.append(i)
-            size, dtype = size + nbytes, x.dtype
-        if current:
-            self.buckets.append(current)
+        self.buckets = pack(leaves, order, limit)
         self.bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
         self.sizes = [tuple(leaves[i].numel() for i in idx) for idx in self.buckets]
         self.waiting = [len(b) for b in self.buckets]
@@ -130,7 +163,14 @@ class GradBuckets:
             self.addend_weight = self.addend_weight()
         idx, sizes = self.buckets[b], self.sizes[b]
         first = self.leaves[idx[0]]
-        flat = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+        total = sum(sizes)
+        padded = -(-total // self.pad_to) * self.pad_to
+        flat = self.cache.get(b) if self.cache is not None else None
+        if flat is None or flat.numel() != padded or flat.dtype != first.dtype or flat.device != first.device:
+            flat = torch.empty(padded, dtype=first.dtype, device=first.device)
+            if self.cache is not None:
+                self.cache[b] = flat
+        flat[total:].zero_()
         offset = 0
         for i, n in zip(idx, sizes):  # weighted and flattened in one pass: the bucket is the scaled gradients
             g, part = self.grads[i], flat[offset:offset + n]
@@ -143,16 +183,20 @@ class GradBuckets:
             offset += n
         self.pending[b] = self.reduction(Bucket(b, flat, tuple(idx), sizes))
 
-    def finish(self, grads: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
-        """Launch what the hooks did not (unused params; ``None`` where there is no gradient, only an
-        addend); returns ``wait() -> the reduced gradients`` (``sum_r (n_r / N) g_r`` under
-        :func:`all_reduce`), views into the reduced buckets."""
+    def launch_rest(self, grads: list[torch.Tensor | None]) -> None:
+        """Launch the buckets the hooks did not (unused params; ``None`` where there is no gradient)."""
         for i, g in enumerate(grads):
             if self.grads[i] is None and i in self.bucket_of and g is not None:  # unused or frozen: no hook ran
                 self.grads[i] = g * self.scale_back
         for b in range(self.launched, len(self.buckets)):
             self._launch(b)
         self.launched = len(self.buckets)
+
+    def finish(self, grads: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+        """Launch what the hooks did not (unused params; ``None`` where there is no gradient, only an
+        addend); returns ``wait() -> the reduced gradients`` (``sum_r (n_r / N) g_r`` under
+        :func:`all_reduce`), views into the reduced buckets."""
+        self.launch_rest(grads)
 
         def wait() -> list[torch.Tensor]:
             out = list(grads)

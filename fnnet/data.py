@@ -336,9 +336,10 @@ def fit_loaders(train: Any, val: Any = None, *, batch_size: int | None = None, v
     any other iterable of batches) pass through unchanged; ``batch_size`` and
     ``validation_split`` are then an error, since a loader brings its own batches.
     """
-    if not (isinstance(validation_split, (int, float)) and not isinstance(validation_split, bool)
+    if not (isinstance(validation_split, numbers.Real) and not isinstance(validation_split, bool)
             and 0 <= validation_split < 1):
         raise ValueError(f"validation_split must be a fraction in [0, 1), got {validation_split!r}")
+    validation_split = float(validation_split)  # np.float32(0.2) as 0.2
     arrays = as_arrays(train)
     if arrays is None:
         if batch_size is not None or validation_split:
@@ -347,6 +348,8 @@ def fit_loaders(train: Any, val: Any = None, *, batch_size: int | None = None, v
         return train, val
     if len(arrays) != 2:
         raise ValueError(f"fit((X, y)) takes inputs and targets; got {len(arrays)} arrays")
+    if len(arrays[0]) != len(arrays[1]):  # before any split: the lengths the caller passed
+        raise ValueError(f"fit((X, y)): X holds {len(arrays[0])} samples and y {len(arrays[1])}; they must match")
     size = 32 if batch_size is None else batch_size
     if validation_split:
         if val is not None:

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm as _comm
+from . import shard as _shard
 from . import random as _random
 from . import tree as _tree
 from .batch import batch_size_of
@@ -304,8 +305,8 @@ def _rank_batch_size(batch: Any, me: int) -> int:
 def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, donate: bool = False,
                     precision: str = "32", compile_options: Mapping[str, Any] | None = None,
                     skip_nonfinite: bool = False, bucket_mb: float = BUCKET_MB,
-                    reduction: _comm.Reduction | None = None, sync_state: bool = True, accumulate: int = 1
-                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
+                    reduction: _comm.Reduction | None = None, sync_state: bool = True, accumulate: int = 1,
+                    shard_optimizer: bool = False) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """The multi-process training step ``step(state, batch) -> (state, metrics)``; each rank passes its shard.
 
     The arguments mean what they mean in :func:`fnnet.make_train_step` (``distributed=True``
@@ -330,6 +331,14 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     first micro-batches run a compiled gradient function and its last one runs eagerly (its
     buckets fill during the eager backward pass).
 
+    With ``shard_optimizer=True`` (ZeRO-2, :mod:`fnnet.shard`) each rank keeps the optimizer
+    state of its part of the parameters only (``state.opt_state`` holds 1-D parts; a whole state
+    passed in is cut on the first call), the buckets are reduce-scattered so a rank receives its
+    part of the gradients only, the update runs on that part and the parameters are
+    all-gathered. ``step.gather_state(state)`` (every rank) gives the state with its whole
+    optimizer state, for a checkpoint that loads anywhere. Equal to the unsharded step up to
+    the order of float additions.
+
     With ``sync_state`` (default) a state's first step (``state.step == 0``) first calls
     :func:`broadcast_state`: every rank checks that its state has rank 0's structure and takes
     rank 0's values, so every rank starts from one state.
@@ -346,6 +355,11 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     if reduction is not None and not callable(reduction):
         raise TypeError(f"reduction must be a callable reduction(bucket) -> wait (fnnet.comm.all_reduce, "
                         f"fnnet.comm.local, or your own), got {type(reduction).__name__}")
+    if shard_optimizer:
+        _shard.check_backend()
+        if jit or reduction is not None:
+            raise ValueError("shard_optimizer=True runs eager steps with its own reduction (reduce-scatter, then an "
+                             "all-gather of the params): pass jit=False and no reduction=")
     if reduction is not None and jit:
         raise ValueError("a custom reduction runs in eager steps; jit=True all-reduces inside the compiled graph "
                          "(pass jit=False to use reduction=)")
@@ -356,19 +370,27 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     limit = int(bucket_mb * 2**20)
     me = rank()
     order: list[int] = []  # the order gradients became ready last time: a performance cache only
+    bucket_cache: dict[int, torch.Tensor] = {}  # the bucket buffers, reused from step to step
 
     def eager(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
               carry: Accumulation | None = None) -> GradResult:
         """This rank's gradients flattened into buckets as the backward pass makes them, weighted by
         ``n_r / N``, each bucket handed to the reduction at once; with ``carry``, the window's sums
-        are added to the buckets as they fill (``batch=None``: the window alone)."""
+        are added to the buckets as they fill (``batch=None``: the window alone). Sharded: the
+        buckets follow the fixed layout and are reduce-scattered; this rank's part comes back."""
         n = _rank_batch_size(batch, me) if batch is not None else 0
         samples = n + (carry.samples if carry is not None else 0)
         leaves, spec = _tree.flatten(params)
-        first = not order
+        lay = layout_of(params) if shard_optimizer else None
+        first = not order and lay is None
         if first:
             order.extend(reversed(range(len(leaves))))
-        buckets = _comm.GradBuckets(leaves, list(order), limit, reduce_bucket)
+        if lay is not None:
+            buckets = _comm.GradBuckets(leaves, lay.order, lay.limit, _comm.reduce_scatter, pad_to=lay.world,
+                                        cache=bucket_cache)
+        else:
+            buckets = _comm.GradBuckets(leaves, list(order), limit, reduce_bucket,
+                                        cache=None if first else bucket_cache)
         total, counting = _counted(samples, leaves[0].device)
 
         def per_sample() -> Any:  # 1 / N, over the loss scale: the hooks see gradients of the scaled loss
@@ -392,12 +414,18 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
             box = [buckets.ready if len(buckets.ready) == len(leaves) else list(order)]
             dist.broadcast_object_list(box, src=0)
             order[:] = box[0]
-        reduced = buckets.finish(grad_leaves)
+        if lay is not None:
+            buckets.launch_rest(grad_leaves)
+        else:
+            reduced = buckets.finish(grad_leaves)
         counting.wait()
         # after every bucket: the same order of collectives on all ranks
         extras = _reduce_extras(torch.as_tensor(loss_sum, dtype=torch.float64, device=leaves[0].device), samples,
                                 float(total[0]), new_buffers)
-        grads = _tree.unflatten(spec, reduced())
+        if lay is not None:
+            grads = lay.gradient([wait() for wait in buckets.pending])  # type: ignore[misc]
+        else:
+            grads = _tree.unflatten(spec, reduced())
         loss, new_buffers = extras()
         return GradResult(grads, loss, aux, new_buffers)
 
@@ -449,15 +477,57 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
             return eager(params, batch, buffers, key, loss_scale, carry)
         return (traced if jit else eager)(params, batch, buffers, key, loss_scale)
 
+    shards: dict[str, Any] = {}  # the sharded step's layout, its update, and the part state's shapes
+
+    def layout_of(params: Any) -> Any:
+        if "layout" not in shards:
+            shards["layout"] = _shard.layout(params, world_size(), me, bucket_mb)
+            shards["update"] = _shard.sharded_update(shards["layout"])
+        return shards["layout"]
+
+    def sharded_update(*args: Any, **kwargs: Any) -> Any:
+        return shards["update"](*args, **kwargs)
+
     step = build_train_step(rank_gradients, optimizer, parts, donate=donate, jit=jit,
                             compile_options=compile_options, name="distributed_train_step",
-                            accumulate=accumulate, accumulate_fn=accumulate_rank)
+                            accumulate=accumulate, accumulate_fn=accumulate_rank,
+                            **({"update": sharded_update} if shard_optimizer else {}))
+
+    def shard_state(state: TrainState) -> TrainState:
+        """``state`` with its optimizer state cut to this rank's part (unless it is that already)."""
+        if state.opt_state is shards.get("last"):
+            return state
+        lay = layout_of(state.params)
+        if "shapes" not in shards:
+            shards["shapes"] = [tuple(x.shape) for x in _tree.leaves(optimizer.init(lay.part(state.params)))
+                                if isinstance(x, torch.Tensor)]
+        shapes = [tuple(x.shape) for x in _tree.leaves(state.opt_state) if isinstance(x, torch.Tensor)]
+        if shapes == shards["shapes"]:
+            return state
+        return state.replace(opt_state=_shard.shard_opt_state(state.opt_state, state.params, lay))
+
+    def gather_state(state: TrainState) -> TrainState:
+        """``state`` with its whole optimizer state, gathered from every rank's part (every rank
+        calls it; a checkpoint of a sharded run loads into any number of ranks, sharded or not)."""
+        if not shard_optimizer:
+            return state
+        state = shard_state(state)
+        lay = layout_of(state.params)
+        return state.replace(opt_state=_shard.unshard_opt_state(state.opt_state, state.params, lay, optimizer))
 
     @functools.wraps(step)
     def distributed_train_step(state: TrainState, batch: Any, **options: Any) -> tuple[TrainState, dict[str, Any]]:
         if sync_state and isinstance(state, TrainState) and state.step == 0 and state.accum is None:
             state = broadcast_state(state, donate=donate)
+        if shard_optimizer and isinstance(state, TrainState):
+            state = shard_state(state)
+            state, metrics = step(state, batch, **options)
+            shards["last"] = state.opt_state
+            return state, metrics
         return step(state, batch, **options)
+
+    distributed_train_step.gather_state = gather_state  # type: ignore[attr-defined]
+    distributed_train_step.shard_state = shard_state  # type: ignore[attr-defined]
 
     distributed_train_step.precision, distributed_train_step.distributed = precision, True  # type: ignore[attr-defined]
     distributed_train_step.flush = step.flush  # type: ignore[attr-defined]

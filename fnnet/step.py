@@ -174,7 +174,8 @@ def window_mean(window: Accumulation, loss_scale: Any, *, owned: bool) -> tuple[
 
 def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, donate: bool, jit: bool = False,
                      compile_options: Mapping[str, Any] | None = None, compile_whole: bool = False,
-                     name: str = "train_step", accumulate: int = 1, accumulate_fn: Accumulate | None = None
+                     name: str = "train_step", accumulate: int = 1, accumulate_fn: Accumulate | None = None,
+                     update: Callable[..., tuple[Any, Any, Any, Any, Any]] = apply_update
                      ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """The training step ``train_step(state, batch) -> (state, metrics)`` around a gradient source.
 
@@ -193,6 +194,9 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
     end_window=True)`` makes ``batch`` the last micro-batch of its window however short the
     window is (the last batch of an epoch).
 
+    ``update`` replaces :func:`fnnet.state.apply_update` where the update itself is distributed
+    (the sharded optimizer step: :func:`fnnet.shard.sharded_update`).
+
     ``compile_whole`` (with ``jit``) compiles gradients and update as one graph (the
     one-device step without accumulation); other sources compile their own part. ``name``
     names the returned function (``data_parallel_train_step``, ``distributed_train_step``), so
@@ -206,7 +210,7 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
     def body(params, opt_state, buffers, loss_scale, batch, key, carry=None):
         grads, loss, aux, new_buffers = gradients(params, batch, buffers, key, loss_scale, carry, donate) \
             if carry is not None else gradients(params, batch, buffers, key, loss_scale)
-        params, opt_state, new_buffers, loss_scale, finite = apply_update(
+        params, opt_state, new_buffers, loss_scale, finite = update(
             optimizer, grads, params, opt_state, buffers=buffers, new_buffers=new_buffers, loss_scale=loss_scale,
             check_finite=checks, donate=donate)
         metrics = {"loss": loss, **aux}

@@ -30,13 +30,19 @@ itself); the gradients are all-reduced, epoch metrics summed over ranks, and onl
 rank (:func:`fnnet.distributed.is_main`) prints and writes checkpoints. ``devices="auto"`` is
 then this rank's device.
 
-**Gradient accumulation.** ``accumulate_grad_batches=k`` makes one optimizer update of every
+**Gradient accumulation.** ``accumulate_grad_batches=k`` makes one optimizer update per
 ``k`` batches (``make_train_step(accumulate=k)``: exact for uneven batches, one reduction
 across devices or ranks per update). ``trainer.state.step``, schedules, per-step
 ``LearningRateSchedule`` callbacks and the progress bar count optimizer updates; epoch losses
 and metrics average over every sample. An epoch whose batches do not fill its last window
 applies that partial window as one update, weighted by its samples (as Lightning does), so no
 window spans two epochs and a checkpoint at an epoch's end holds no unfinished window.
+
+**Sharded optimizer state.** ``Trainer(..., shard_optimizer=True)`` under ``torchrun`` builds
+``make_train_step(..., distributed=True, shard_optimizer=True)`` (:mod:`fnnet.shard`):
+``trainer.state.opt_state`` holds this rank's part; :meth:`checkpoint`, :meth:`save` and
+``ModelCheckpoint`` gather the whole optimizer state first, so the file loads into a run on any
+number of ranks, sharded or not, or into one process, and :meth:`load` cuts it again.
 
 **Memory layout.** ``memory_format="auto"`` picks channels-last on CPU for conv models;
 ``"contiguous"`` (NCHW) is bit-comparable with the chapter's loop. It is chosen when the trainer
@@ -129,8 +135,9 @@ class Trainer:
         memory_format: the layout of 4-D parameters, optimizer state and image batches:
             ``"auto"`` (default), ``"channels_last"``, ``"contiguous"`` or ``"preserve"`` (see the
             module docstring).
-        accumulate_grad_batches: one optimizer update per this many batches (Lightning's name;
-            see the module docstring).
+        accumulate_grad_batches: one optimizer update per this many batches (Lightning's name).
+        shard_optimizer: under torchrun, each rank keeps the optimizer state of its part of the
+            parameters only (ZeRO-2; see the module docstring).
 
     Attributes:
         state: the :class:`TrainState` (params, optimizer state, step, buffers, key).
@@ -144,7 +151,7 @@ class Trainer:
                  key: _random.Key | int | None = None, precision: str = "32", donate: bool = True,
                  params: Any = None, compile_options: Mapping[str, Any] | None = None,
                  memory_format: str | torch.memory_format = "auto", distributed: bool | None = None,
-                 accumulate_grad_batches: int = 1):
+                 accumulate_grad_batches: int = 1, shard_optimizer: bool = False):
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(outputs, targets), got {type(loss).__name__}")
         self.distributed, self.devices = resolve_devices(devices, distributed)
@@ -163,7 +170,8 @@ class Trainer:
         self._layout_request = memory_format
         self.train_step, self.eval_step, self.predict_step = build_steps(
             self.model, loss, self.optimizer, self.devices, distributed=self.distributed, jit=jit, precision=precision,
-            donate=donate, compile_options=compile_options, accumulate=accumulate_grad_batches)
+            donate=donate, compile_options=compile_options, accumulate=accumulate_grad_batches,
+            shard_optimizer=shard_optimizer)
         self.accumulate = accumulate_grad_batches
         state, self.memory_format = initial_state(self.model, self.module, params, self.optimizer, self.key,
                                                   precision=precision, device=self.device, memory_format=memory_format)
@@ -348,42 +356,39 @@ class Trainer:
 
     # -- checkpoints and the module ------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:
-        """What :meth:`save` writes: ``{"state": trainer.state, "epoch": epochs completed}``."""
-        return {"state": self.state, "epoch": self.epoch}
+        """What :meth:`save` writes: ``{"state": trainer.state, "epoch": epochs completed}``, the optimizer
+        state whole (gathered from every rank's part under ``shard_optimizer``: every rank calls this)."""
+        return {"state": getattr(self.train_step, "gather_state", lambda s: s)(self.state), "epoch": self.epoch}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`checkpoint` to ``path`` (``fnnet.save``: one atomic, checksummed safetensors file).
-
-        ``fnnet.load(path)["state"]`` is the ``TrainState``; its ``params`` load into the
-        ``nn.Module`` with ``load_state_dict``. A state holding a non-finite value is refused
-        (``ValueError``): a checkpoint is always a state training can resume from.
-        """
+        """Write :meth:`checkpoint` to ``path`` (``fnnet.save``: atomic, checksummed): ``fnnet.load(path)["state"]``
+        is the ``TrainState`` (its ``params`` load into the module with ``load_state_dict``). A non-finite state
+        is refused (``ValueError``): a checkpoint is always a state training can resume from."""
         from .checkpoint import save
 
+        checkpoint = self.checkpoint()  # on every rank: a sharded optimizer state is gathered
         if not _dist.is_main():
             return  # every rank holds the same state: the writing rank writes it
-        if not bool(all_finite(self.state)):
-            raise ValueError(f"Trainer.save: the state holds non-finite values at {nonfinite_paths(self.state)}; "
-                             f"not written to '{path}'")
-        save(path, self.checkpoint())
+        if not bool(all_finite(checkpoint["state"])):
+            raise ValueError(f"Trainer.save: the state holds non-finite values at {nonfinite_paths(checkpoint['state'])}"
+                             f"; not written to '{path}'")
+        save(path, checkpoint)
 
     def load(self, path: str | os.PathLike) -> "Trainer":
-        """Restore the state and epoch count saved by :meth:`save` (or ``ModelCheckpoint``).
-
-        The file is validated against the current state (structure, shapes, dtypes: every
-        mismatch is named), lands on the trainer's device in its layout, and training resumes
-        exactly where it stopped: the epoch count drives the loader's shuffling order and
-        per-epoch schedules. A file holding a bare ``TrainState`` (``fnnet.save(path, state)``)
-        loads too, without changing the epoch count. A trained module is brought up to date.
+        """Restore the state and epoch count saved by :meth:`save` (or ``ModelCheckpoint``), validated against
+        the current state (structure, shapes, dtypes: every mismatch named), on the trainer's device in its
+        layout; the epoch count drives the loader's order and per-epoch schedules, so training resumes where
+        it stopped. A bare ``TrainState`` file (``fnnet.save(path, state)``) loads too, keeping the epoch count.
         """
         from .checkpoint import load
 
+        like = self.checkpoint()  # every rank: a sharded optimizer state is gathered, and cut again by the step
         try:
-            saved = load(path, like=self.checkpoint(), device=self.device)
+            saved = load(path, like=like, device=self.device)
             state, self.epoch = saved["state"], int(saved["epoch"])
         except ValueError as full_error:
             try:
-                state = load(path, like=self.state, device=self.device)
+                state = load(path, like=like["state"], device=self.device)
             except ValueError:
                 raise full_error from None
         self._adopt(place(state, self.device, memory_format=self.memory_format))

@@ -207,6 +207,107 @@ def run_seam(out: Path) -> None:
     (out / f"seam{me}.json").write_text(json.dumps(result))
 
 
+class ShardNet(nn.Module):
+    """Parameters that test a sharding's edges: 99 trainable elements (a count no world size of 2 or 4
+    divides), a zero-size and a one-element parameter, and a frozen one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc1, self.fc2 = nn.Linear(3, 16), nn.Linear(16, 2)
+        self.empty = nn.Parameter(torch.zeros(0))
+        self.one = nn.Parameter(torch.ones(1))
+        self.frozen = nn.Parameter(torch.randn(2), requires_grad=False)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)) * self.one + self.empty.sum()) + self.frozen
+
+
+SHARD_OPTIMIZERS = {
+    "adam": lambda: optim.adam(0.01),
+    "sgd": lambda: optim.sgd(0.05, momentum=0.9, nesterov=True),
+    "rmsprop": lambda: optim.rmsprop(0.01),
+    "adagrad": lambda: optim.adagrad(0.1),
+    "clip+adamw": lambda: optim.chain(optim.clip_by_global_norm(0.05), optim.adamw(0.01, weight_decay=0.1)),
+}
+SHARD_STEPS = 12
+
+
+def shard_sizes(world: int) -> tuple[int, ...]:
+    return (5, 7, 4, 6)[:world]
+
+
+def shard_data(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(200 + step)
+    n = sum(shard_sizes(world))
+    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+def shard_part(batch, rank: int, world: int):
+    sizes = shard_sizes(world)
+    lo = sum(sizes[:rank])
+    return tuple(t[lo:lo + sizes[rank]] for t in batch)
+
+
+def shard_setup(name: str):
+    model = fnnet.functional(ShardNet().double())
+    opt = optim.masked(SHARD_OPTIMIZERS[name](), model.trainable)
+    return model, opt, (lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]))
+
+
+def run_shard(out: Path) -> None:
+    """The sharded optimizer step (W = this launch's ranks) for every optimizer of SHARD_OPTIMIZERS,
+    and a checkpoint written halfway (adam) through gather_state."""
+    me, world = distributed.rank(), distributed.world_size()
+    result = {}
+    for name in SHARD_OPTIMIZERS:
+        model, opt, loss_fn = shard_setup(name)
+        step = fnnet.make_train_step(loss_fn, opt, distributed=True, shard_optimizer=True, bucket_mb=0.0003,
+                                     donate=name == "adam")
+        state = fnnet.TrainState.create(model.params, opt)
+        full_bytes = sum(x.numel() * x.element_size() for x in fnnet.tree.leaves(state.opt_state)
+                         if isinstance(x, torch.Tensor))
+        for i in range(SHARD_STEPS):
+            state, metrics = step(state, shard_part(shard_data(i, world), me, world))
+            if name == "adam" and i == SHARD_STEPS // 2 - 1:
+                whole = step.gather_state(state)
+                if me == 0:
+                    fnnet.save(out / "sharded-half.safetensors", whole)
+        part_bytes = sum(x.numel() * x.element_size() for x in fnnet.tree.leaves(state.opt_state)
+                         if isinstance(x, torch.Tensor))
+        result[name] = {"full_bytes": full_bytes, "part_bytes": part_bytes}
+        fnnet.save(out / f"shard-{name}-{me}.safetensors", state.params)
+    (out / f"shard{me}.json").write_text(json.dumps(result))
+    if world == 2:  # the Trainer with a sharded optimizer state, and its checkpoint
+        g = torch.Generator().manual_seed(3)
+        x, y = torch.randn(45, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (45,), generator=g)
+        loader = fnnet.ArrayLoader((x, y), 4, shuffle=True, key=fnnet.random.key(1), shard=distributed.shard())
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+        trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), shard_optimizer=True)
+        trainer.fit(loader, epochs=2, verbose=0)
+        trainer.save(out / "sharded-trainer.safetensors")
+        fnnet.save(out / f"sharded-trainer-params{me}.safetensors", trainer.state.params)
+
+
+def run_shard_resume(out: Path) -> None:
+    """Load the checkpoint a 2-rank sharded run wrote halfway and finish its training on this launch's ranks."""
+    me, world = distributed.rank(), distributed.world_size()
+    model, opt, loss_fn = shard_setup("adam")
+    state = fnnet.load(out / "sharded-half.safetensors")
+    step = fnnet.make_train_step(loss_fn, opt, distributed=True, shard_optimizer=True, bucket_mb=0.0003)
+    for i in range(SHARD_STEPS // 2, SHARD_STEPS):
+        state, _ = step(state, _resume_part(i, me, world))
+    fnnet.save(out / f"resumed-{world}-{me}.safetensors", state.params)
+
+
+def _resume_part(step: int, rank: int, world: int):
+    """The 2-rank run's global batch of ``step``, split over this launch's ranks."""
+    x, y = shard_data(step, 2)
+    bounds = [len(x) * r // world for r in range(world + 1)]
+    return x[bounds[rank]:bounds[rank + 1]], y[bounds[rank]:bounds[rank + 1]]
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     import datetime
@@ -217,6 +318,10 @@ def main() -> None:
             run_step(out, jit=scenario == "step-jit")
         elif scenario == "trainer":
             run_trainer(out)
+        elif scenario == "shard":
+            run_shard(out)
+        elif scenario == "shard-resume":
+            run_shard_resume(out)
         elif scenario == "seam":
             run_seam(out)
         elif scenario == "fail":

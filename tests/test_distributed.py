@@ -178,6 +178,67 @@ def test_the_reduction_seam_broadcast_state_and_cross_rank_checks(tmp_path):
                 assert seam["accumulate_loss"] == pytest.approx(float(metrics["loss"]), rel=1e-6)
 
 
+def _one_process(name: str, world: int, steps: range, state=None):
+    model, opt, loss_fn = W.shard_setup(name)
+    step = fnnet.make_train_step(loss_fn, opt)
+    state = fnnet.TrainState.create(model.params, opt) if state is None else state
+    for i in steps:
+        state, _ = step(state, W.shard_data(i, world))
+    return state
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_optimizer_state_equals_one_process_and_its_checkpoint_loads_anywhere(tmp_path, world):
+    """ZeRO-2 on W gloo ranks: every optimizer equals single-process training on the concatenated
+    batch (float64, 1e-10), each rank holds about 1/W of the optimizer state, and a checkpoint
+    written halfway by 2 sharded ranks continues on 1 process and on 3 sharded ranks."""
+    proc = launch("shard", tmp_path, nproc=world)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in W.SHARD_OPTIMIZERS:
+        expected = _one_process(name, world, range(W.SHARD_STEPS))
+        for rank in range(world):
+            got = fnnet.load(tmp_path / f"shard-{name}-{rank}.safetensors")
+            for k in expected.params:
+                torch.testing.assert_close(got[k], expected.params[k], rtol=1e-10, atol=1e-10, msg=f"{name} {k}")
+    for rank in range(world):
+        sizes = json.loads((tmp_path / f"shard{rank}.json").read_text())
+        for name in ("adam", "rmsprop"):
+            full, part = sizes[name]["full_bytes"], sizes[name]["part_bytes"]
+            # 101 elements in buckets of 37: a rank's part of every bucket rounds up by at most one element
+            assert part <= full / world + 8 * 8 * 2 + 64, (name, rank, full, part)
+    if world != 2:
+        return
+    # the Trainer, sharded on 2 ranks, equals one process on the global batches; its file is whole
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(45, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (45,), generator=g)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    one = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), devices="cpu")
+    one.fit(fnnet.ArrayLoader((x, y), 8, shuffle=True, key=fnnet.random.key(1)), epochs=2, verbose=0)
+    saved = fnnet.load(tmp_path / "sharded-trainer.safetensors")
+    assert saved["epoch"] == 2
+    assert fnnet.tree.structure(saved["state"].opt_state) == fnnet.tree.structure(one.state.opt_state)
+    for a, b in zip(fnnet.tree.leaves(saved["state"]), fnnet.tree.leaves(one.state)):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for rank in range(2):
+        got = fnnet.load(tmp_path / f"sharded-trainer-params{rank}.safetensors")
+        for k in one.state.params:
+            torch.testing.assert_close(got[k], one.state.params[k], rtol=1e-10, atol=1e-10)
+    # the halfway checkpoint of the 2-rank sharded run is an ordinary whole state
+    whole = fnnet.load(tmp_path / "sharded-half.safetensors")
+    reference = _one_process("adam", 2, range(W.SHARD_STEPS))
+    on_one = _one_process("adam", 2, range(W.SHARD_STEPS // 2, W.SHARD_STEPS), state=whole)
+    for k in reference.params:
+        torch.testing.assert_close(on_one.params[k], reference.params[k], rtol=1e-10, atol=1e-10)
+    proc = launch("shard-resume", tmp_path, nproc=3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in range(3):
+        got = fnnet.load(tmp_path / f"resumed-3-{rank}.safetensors")
+        for k in reference.params:
+            torch.testing.assert_close(got[k], reference.params[k], rtol=1e-10, atol=1e-10)
+
+
 def test_a_rank_that_raises_ends_the_run_with_its_error(tmp_path):
     proc = launch("fail", tmp_path)
     assert proc.returncode != 0

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -855,3 +856,63 @@ def test_compiled_trainer_trains_the_chapters_cnn_as_the_eager_trainer_does_on_c
     eager, jitted = _fit_pair(_cnn_without_dropout, data, "cuda", optim.sgd(0.05, momentum=0.9))
     assert jitted.state.params["layers.0.weight"].is_cuda
     _assert_same_training(eager, jitted, rtol=1e-3, atol=1e-4)
+
+
+# -- inputs a hostile or hurried user passes (issue 26) ----------------------------------------------
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def test_fit_takes_python_lists_as_arrays_and_refuses_ragged_lists_at_once():
+    import time as _time
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(60, 4, generator=g), torch.randint(0, 3, (60,), generator=g)
+    by_lists = fnnet.Trainer(_small_net(), F.cross_entropy, optim.adam(0.01), devices="cpu")
+    by_arrays = fnnet.Trainer(_small_net(), F.cross_entropy, optim.adam(0.01), devices="cpu")
+    by_lists.fit((X.tolist(), y.tolist()), epochs=2, batch_size=16, verbose=0)
+    by_arrays.fit((X.numpy(), y.numpy()), epochs=2, batch_size=16, verbose=0)
+    assert fnnet.tree.all_equal(by_lists.state.params, by_arrays.state.params)
+    ragged = [[0.0] * 4] * 19_999 + [[0.0] * 3]
+    start = _time.perf_counter()
+    with pytest.raises(ValueError, match="not a rectangular array of numbers") as info:
+        by_lists.fit((ragged, [0] * 20_000), epochs=1, verbose=0)
+    assert _time.perf_counter() - start < 5 and len(str(info.value)) < 1000
+
+
+def test_an_error_message_never_embeds_the_data():
+    trainer = fnnet.Trainer(_small_net(), F.cross_entropy, optim.adam(0.01), devices="cpu")
+    batch = ([torch.zeros(4)] * 5000, torch.zeros(5000, dtype=torch.long))  # a list of rows, not a tensor
+    with pytest.raises((TypeError, ValueError, RuntimeError)) as info:
+        trainer.fit([batch], epochs=1, verbose=0)
+    assert len(str(info.value)) < 5000 and "more leaves" in str(info.value)
+
+
+def test_fit_arguments_say_what_is_wrong():
+    X, y = np.zeros((50, 4), np.float32), np.zeros(40, np.int64)
+    trainer = fnnet.Trainer(_small_net(), F.cross_entropy, optim.adam(0.01), devices="cpu")
+    with pytest.raises(ValueError, match="X holds 50 samples and y 40"):
+        trainer.fit((X, y), validation_split=0.2, verbose=0)
+    y = np.zeros(50, np.int64)
+    history = trainer.fit((X, y), validation_split=np.float32(0.2), epochs=1, verbose=0)  # as np.float64 is
+    assert "val_loss" in history
+    with pytest.raises(TypeError, match="metrics must be a dict of name -> metric"):
+        fnnet.Trainer(_small_net(), F.cross_entropy, optim.adam(0.01), metrics=[fnnet.metrics.accuracy])
+    swapped = fnnet.Trainer(_small_net(), lambda out, y: F.cross_entropy(y, out), optim.adam(0.01), devices="cpu")
+    with pytest.raises(RuntimeError, match=r"loss\(outputs, targets\)"):
+        swapped.fit((X, y), epochs=1, verbose=0)
+    one_arg = fnnet.Trainer(_small_net(), lambda out: out.sum(), optim.adam(0.01), devices="cpu")
+    with pytest.raises(TypeError, match=r"loss\(outputs, targets\)"):
+        one_arg.fit((X, y), epochs=1, verbose=0)
+
+
+def test_a_batchnorm_shard_of_one_sample_is_explained():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.01), devices=["cpu", "cpu"])
+    X, y = torch.randn(3, 4), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="shards of 2 and 1"):
+        trainer.fit([(X, y)], epochs=1, verbose=0)

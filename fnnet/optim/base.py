@@ -10,7 +10,10 @@ and state the caller hands over, the way ``jax.jit(donate_argnums=...)`` does.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol, Union
+import contextlib
+import contextvars
+
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Union
 
 import optree
 import torch
@@ -20,6 +23,9 @@ from . import _foreach
 from ._common import EmptyState, check_learning_rate, init_empty
 
 __all__ = [
+    "global_sum",
+    "sharded",
+    "sharded_now",
     "Params",
     "Updates",
     "OptState",
@@ -95,6 +101,37 @@ class ScaleByScheduleState(NamedTuple):
 
     count: torch.Tensor
     learning_rate: torch.Tensor
+
+
+_GLOBAL_SUM: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = \
+    contextvars.ContextVar("fnnet_optim_global_sum", default=None)
+
+
+def sharded_now() -> bool:
+    """Whether the update runs on a shard of the parameters (inside :func:`sharded`)."""
+    return _GLOBAL_SUM.get() is not None
+
+
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over every shard of the parameters (identity when the tree is whole).
+
+    How a transform *declares* that it needs a global view: ``clip_by_global_norm`` sums its
+    squared norms through this, so under optimizer-state sharding (each rank updates a part of
+    the parameters: ``make_train_step(..., distributed=True, shard_optimizer=True)``) the norm is
+    the norm of the whole gradient. A transform that reduces over leaves must do the same.
+    """
+    fn = _GLOBAL_SUM.get()
+    return x if fn is None else fn(x)
+
+
+@contextlib.contextmanager
+def sharded(sum_across: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within this block, :func:`global_sum` uses ``sum_across`` (the sharded step's all-reduce)."""
+    token = _GLOBAL_SUM.set(sum_across)
+    try:
+        yield
+    finally:
+        _GLOBAL_SUM.reset(token)
 
 
 def identity() -> GradientTransformation:

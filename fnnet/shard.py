@@ -1,0 +1,231 @@
+"""Optimizer-state sharding across ranks (ZeRO-2): each rank owns a part of the parameters, keeps
+the optimizer state of that part only, receives only its part of the gradients, updates it, and
+the parameters are all-gathered.
+
+The layout (:class:`Layout`) is fixed by the parameters' structure, the world size and the
+bucket size: the leaves, in reverse order (about the order the backward pass makes their
+gradients), are packed into buckets of about ``bucket_mb``; each bucket, padded to a multiple
+of the world size ``W``, is cut into ``W`` equal chunks, and rank ``r`` owns chunk ``r`` of every
+bucket. So every rank owns about ``1 / W`` of every bucket (balanced by elements, parameters split
+where a chunk boundary falls), and a leaf's part on a rank is one contiguous range of its
+flattened elements (possibly empty).
+
+A rank's *part* of a tree with the params' structure is the same tree with each leaf replaced
+by the 1-D range of it this rank owns (:meth:`Layout.part`): the optimizer runs on it as on any
+tree (``optimizer.init(part)``, ``optimizer.update(part_grads, state, part)``), so masks by key
+path work, and transforms that reduce over leaves sum across ranks through
+:func:`fnnet.optim.global_sum` (``clip_by_global_norm`` does). A step:
+
+* the backward pass fills buckets (weighted by ``n_r / N``) and each full bucket is
+  reduce-scattered at once (:func:`fnnet.comm.reduce_scatter`): a rank receives only its chunk;
+* the update runs on the rank's part (every rank skips the same non-finite steps: the finite
+  flag is all-reduced);
+* every bucket's chunks are all-gathered into the parameters.
+
+``reduce_scatter_tensor`` and ``all_gather_into_tensor`` exist for NCCL and, since torch 2.13,
+for gloo; the step checks for them and says so when a backend lacks them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from . import optim as _optim
+from .comm import _REDUCE_SCATTER, ALL_GATHER, pack
+from . import tree as _tree
+from .state import apply_update, grads_finite
+
+__all__ = ["Layout", "layout", "shard_opt_state", "unshard_opt_state", "sharded_update", "check_backend"]
+
+
+class LeafPart(NamedTuple):
+    bucket: int  # the bucket holding the leaf
+    offset: int  # the leaf's first element in the bucket
+    lo: int  # this rank's range of the leaf's flattened elements: [lo, hi)
+    hi: int
+
+
+class Layout:
+    """Which elements of every parameter this rank owns (see the module docstring)."""
+
+    def __init__(self, leaves: list[torch.Tensor], spec: Any, world: int, rank: int, limit: int):
+        self.spec, self.world, self.rank = spec, world, rank
+        self.shapes = [tuple(x.shape) for x in leaves]
+        self.order = list(reversed(range(len(leaves))))
+        self.limit = limit
+        self.buckets = pack(leaves, self.order, limit)  # what GradBuckets makes of the same order and limit
+        self.totals = [sum(leaves[i].numel() for i in idx) for idx in self.buckets]
+        self.chunks = [-(-t // world) for t in self.totals]  # chunk size per bucket
+        self.parts: list[LeafPart] = [LeafPart(0, 0, 0, 0)] * len(leaves)
+        for b, idx in enumerate(self.buckets):
+            offset, c = 0, self.chunks[b]
+            mine_lo, mine_hi = rank * c, (rank + 1) * c
+            for i in idx:
+                n = leaves[i].numel()
+                lo, hi = max(offset, mine_lo) - offset, min(offset + n, mine_hi) - offset
+                self.parts[i] = LeafPart(b, offset, lo, max(lo, hi))
+                offset += n
+        self.owned = sum(p.hi - p.lo for p in self.parts)
+
+    def part(self, tree: Any) -> Any:
+        """The tree with each leaf replaced by the 1-D range this rank owns (a view of a contiguous leaf)."""
+        leaves = _tree.leaves(tree)
+        return _tree.unflatten(self.spec, [x.reshape(-1)[p.lo:p.hi] for x, p in zip(leaves, self.parts)])
+
+    def chunk(self, b: int, part_leaves: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's chunk of bucket ``b`` from its part of each leaf (zero-padded at the end)."""
+        c = self.chunks[b]
+        first = part_leaves[self.buckets[b][0]]
+        out = torch.zeros(c, dtype=first.dtype, device=first.device)
+        base = self.rank * c
+        for i in self.buckets[b]:
+            p = self.parts[i]
+            if p.hi > p.lo:
+                start = p.offset + p.lo - base
+                out[start:start + p.hi - p.lo].copy_(part_leaves[i])
+        return out
+
+    def gather(self, part: Any, into: Any = None) -> Any:
+        """The whole tree from every rank's part (an all-gather per bucket, all started before any
+        wait). ``into``: a tree of whole tensors to write the result into (else new tensors)."""
+        part_leaves = _tree.leaves(part)
+        flats, works = [], []
+        for b in range(len(self.buckets)):
+            mine = self.chunk(b, part_leaves)
+            flat = torch.empty(mine.numel() * self.world, dtype=mine.dtype, device=mine.device)
+            works.append(ALL_GATHER(flat, mine, async_op=True))
+            flats.append(flat)
+        out: list[Any] = list(_tree.leaves(into)) if into is not None else [None] * len(self.parts)
+        for b, (idx, work) in enumerate(zip(self.buckets, works)):
+            work.wait()
+            for i in idx:
+                p = self.parts[i]
+                n = 1
+                for s in self.shapes[i]:
+                    n *= s
+                piece = flats[b][p.offset:p.offset + n].view(self.shapes[i])
+                if into is not None:
+                    with torch.no_grad():
+                        out[i].copy_(piece)
+                else:
+                    out[i] = piece
+        return _tree.unflatten(self.spec, out)
+
+    def gradient(self, chunks: list[torch.Tensor]) -> Any:
+        """This rank's part of the gradients, as views into the reduce-scattered chunks."""
+        out = []
+        for i, p in enumerate(self.parts):
+            base = self.rank * self.chunks[p.bucket]
+            start = p.offset + p.lo - base
+            out.append(chunks[p.bucket][start:start + p.hi - p.lo])
+        return _tree.unflatten(self.spec, out)
+
+
+def layout(params: Any, world: int, rank: int, bucket_mb: float) -> Layout:
+    leaves, spec = _tree.flatten(params)
+    return Layout(leaves, spec, world, rank, int(bucket_mb * 2**20))
+
+
+def check_backend() -> None:
+    """A clear error where the process group's backend lacks reduce-scatter or all-gather."""
+    backend = dist.get_backend()
+    if _REDUCE_SCATTER is None or ALL_GATHER is None:
+        raise RuntimeError(f"shard_optimizer=True needs torch.distributed.reduce_scatter_tensor and "
+                           f"all_gather_into_tensor (torch >= 2.13 with gloo, or NCCL); backend {backend!r} here "
+                           "has neither: train with shard_optimizer=False")
+
+
+def _state_param_map(opt_state: Any, params: Any) -> list[int | None]:
+    """For each leaf of ``opt_state``: the index of the parameter it mirrors (its key path ends with
+    that parameter's, its shape is the parameter's), or ``None`` (a count, a learning rate)."""
+    names = [p for p, _ in _tree.leaves_with_path(params)]
+    shapes = [tuple(x.shape) for x in _tree.leaves(params)]
+    by_length = sorted(range(len(names)), key=lambda i: -len(names[i]))
+    out: list[int | None] = []
+    for path, x in _tree.leaves_with_path(opt_state):
+        found = None
+        if isinstance(x, torch.Tensor):
+            for i in by_length:
+                if (path == names[i] or path.endswith("." + names[i])) and x.dim() > 0 and tuple(x.shape) == shapes[i]:
+                    found = i
+                    break
+        out.append(found)
+    return out
+
+
+def shard_opt_state(opt_state: Any, params: Any, lay: Layout) -> Any:
+    """A whole optimizer state (``optimizer.init(params)``, or loaded from a file) cut to this rank's
+    part: every leaf that mirrors a parameter becomes its owned range (a copy); the rest is kept."""
+    mapping = _state_param_map(opt_state, params)
+    leaves, spec = _tree.flatten(opt_state)
+    out = []
+    for x, i in zip(leaves, mapping):
+        if i is None:
+            out.append(x)
+        else:
+            p = lay.parts[i]
+            out.append(x.reshape(-1)[p.lo:p.hi].clone())
+    return _tree.unflatten(spec, out)
+
+
+def unshard_opt_state(part_state: Any, params: Any, lay: Layout, optimizer: Any) -> Any:
+    """The whole optimizer state from every rank's part (collective: every rank calls it). The
+    structure comes from ``optimizer.init`` on meta tensors, so nothing state-sized is allocated
+    but the result. A state field that mirrors only some parameters (``masked``) works too."""
+    template = optimizer.init(_tree.map(lambda x: torch.empty_like(x, device="meta"), params))
+    mapping = _state_param_map(template, params)
+    names = [p for p, _ in _tree.leaves_with_path(params)]
+    t_paths = [p for p, _ in _tree.leaves_with_path(template)]
+    spec = _tree.structure(template)
+    p_leaves = _tree.leaves(part_state)
+    if len(p_leaves) != len(t_paths):
+        raise ValueError(f"the optimizer state has {len(p_leaves)} leaves where this optimizer's has "
+                         f"{len(t_paths)}: not a state of this optimizer")
+    fields: dict[str, dict[int, int]] = {}  # a state field (its key path's prefix) -> {param index: leaf index}
+    for k, i in enumerate(mapping):
+        if i is not None:
+            fields.setdefault(t_paths[k][:len(t_paths[k]) - len(names[i])], {})[i] = k
+    out: list[Any] = list(p_leaves)
+    for members in fields.values():
+        some = p_leaves[next(iter(members.values()))]
+        parts = [p_leaves[members[i]] if i in members else
+                 torch.zeros(p.hi - p.lo, dtype=some.dtype, device=some.device) for i, p in enumerate(lay.parts)]
+        whole = _tree.leaves(lay.gather(_tree.unflatten(lay.spec, parts)))
+        for i, k in members.items():
+            out[k] = whole[i].clone()
+    return _tree.unflatten(spec, out)
+
+
+def _sum_across(x: torch.Tensor) -> torch.Tensor:
+    y = x.clone()
+    dist.all_reduce(y)
+    return y
+
+
+def sharded_update(lay: Layout) -> Callable[..., tuple[Any, Any, Any, Any, Any]]:
+    """The update of a sharded step (in place of :func:`fnnet.state.apply_update`): the optimizer on
+    this rank's part, the same skip decision on every rank, then the parameters all-gathered."""
+
+    def update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buffers: Any = None,
+               new_buffers: Any = None, loss_scale: Any = None, check_finite: bool = False, donate: bool = False):
+        part = lay.part(params)
+        finite = None
+        if check_finite or loss_scale is not None:
+            bad = (~grads_finite(grads)).to(torch.float32).reshape(1)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
+            finite = bad[0] == 0
+        contiguous = all(x.is_contiguous() for x in _tree.leaves(params))
+        with _optim.sharded(_sum_across):
+            new_part, opt_state, new_buffers, loss_scale, finite = apply_update(
+                optimizer, grads, part, opt_state, buffers=buffers, new_buffers=new_buffers, loss_scale=loss_scale,
+                finite=finite, donate=donate and contiguous)
+        if donate:
+            new_params = lay.gather(new_part, into=params)
+        else:
+            new_params = lay.gather(new_part)
+        return new_params, opt_state, new_buffers, loss_scale, finite
+
+    return update
