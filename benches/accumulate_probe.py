@@ -102,8 +102,11 @@ def timing(updates: int, warmup: int = 2) -> dict | None:
               "s_per_sample_k4": medians[4], "ratio_k4_to_k1": medians[4] / medians[1], "spread": spread,
               "updates": updates}
     if distributed:
-        fnnet.distributed.shutdown()
-    return result if me == 0 else None
+        if me == 0:
+            print(json.dumps(result), flush=True)
+        fnnet.distributed.barrier()
+        os._exit(0)  # gloo's destroy_process_group can leave a rank waiting after another has gone (torch 2.13)
+    return result
 
 
 def main() -> None:

@@ -81,10 +81,12 @@ def check_reiterable(epochs: int, **loaders: Any) -> None:
                             f"for epoch 2; pass a list, an fnnet.ArrayLoader or a torch DataLoader")
 
 
-def check_same_batch_count(count: int | None, epoch: int) -> None:
+def check_same_batch_count(count: int | None, epoch: int, distributed: bool) -> None:
     """Every rank of a distributed run must take the same number of steps in an epoch: one more step
     on one rank would wait for a collective the others never start. One small all-reduce checks it
-    (``None``, a loader without a length, is checked as -1)."""
+    (``None``, a loader without a length, is checked as -1); nothing to check outside a run."""
+    if not distributed:
+        return
     n = -1 if count is None else int(count)
     t = torch.tensor([n, -n], dtype=torch.int64)
     dist_t = _dist.all_reduce_max(t)

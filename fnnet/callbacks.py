@@ -125,6 +125,10 @@ class ModelCheckpoint(Callback):
         save_top_k: keep the best ``k`` checkpoints (``-1``: all, ``0``: none by score).
         save_last: also keep ``last.safetensors``, overwritten each epoch.
         filename: a format string over ``epoch`` and the logs.
+        every_n_steps: also save ``step.safetensors`` (overwritten) every this many optimizer
+            updates, inside epochs: what ``fit(resume="auto")`` continues from after a crash.
+            Every rank calls ``trainer.save`` (a sharded optimizer state is gathered), the writing
+            rank writes, and every rank waits until the file is complete.
 
     Attributes ``best_model_path`` and ``best_model_score`` name the best so far; a NaN score
     never counts as best. Files are ``trainer.save`` checkpoints (atomic safetensors holding the
@@ -139,10 +143,16 @@ class ModelCheckpoint(Callback):
     """
 
     def __init__(self, dirpath: str | os.PathLike, monitor: str = "val_loss", mode: str = "min",
-                 save_top_k: int = 1, save_last: bool = False, filename: str = "epoch={epoch:03d}-{monitor}={score:.4f}"):
+                 save_top_k: int = 1, save_last: bool = False, filename: str = "epoch={epoch:03d}-{monitor}={score:.4f}",
+                 every_n_steps: int | None = None):
         _check_mode(mode)
         if not isinstance(save_top_k, int) or save_top_k < -1:
             raise ValueError(f"save_top_k must be an int >= -1, got {save_top_k!r}")
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.step_model_path: str | None = None
         self.dirpath = os.fspath(dirpath)
         self.monitor, self.mode, self.save_top_k, self.save_last = monitor, mode, save_top_k, save_last
         self.filename = filename
@@ -154,8 +164,9 @@ class ModelCheckpoint(Callback):
         if self._warned_foreign or not _dist.is_main():
             return
         own = {os.path.abspath(p) for _, p in self.best_k}
-        if self.last_model_path is not None:
-            own.add(os.path.abspath(self.last_model_path))
+        for path in (self.last_model_path, self.step_model_path):
+            if path is not None:
+                own.add(os.path.abspath(path))
         foreign = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(self.dirpath), "*.safetensors"))
                          if os.path.abspath(f) not in own)
         if foreign:
@@ -165,6 +176,29 @@ class ModelCheckpoint(Callback):
                           f"this callback did not write ({shown}), from another run; they are kept, but a checkpoint "
                           "of this run with the same name replaces its file. Use a new folder per run to keep them "
                           "apart", UserWarning, stacklevel=user_stacklevel())
+
+    def on_train_batch_end(self, trainer: Any, step: int, metrics: dict) -> None:
+        n = self.every_n_steps
+        if n is None or not metrics.get("updated", True) or trainer.state.step % n:
+            return
+        if not bool(all_finite(trainer.state)):
+            warnings.warn(f"ModelCheckpoint: the state after step {trainer.state.step} holds non-finite values; not "
+                          "saved (the last good checkpoint is kept)", stacklevel=user_stacklevel())
+            return
+        if _dist.is_main():
+            os.makedirs(self.dirpath, exist_ok=True)
+        self.step_model_path = os.path.join(self.dirpath, "step.safetensors")
+        trainer.save(self.step_model_path)
+        _dist.barrier()  # no rank goes on before the file is complete
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records of this callback, so a resumed run keeps its book."""
+        return {"best_k": [[score, path] for score, path in self.best_k], "last_model_path": self.last_model_path,
+                "step_model_path": self.step_model_path}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_k = [(float(score), str(path)) for score, path in state.get("best_k", [])]
+        self.last_model_path, self.step_model_path = state.get("last_model_path"), state.get("step_model_path")
 
     @property
     def best_model_path(self) -> str | None:
@@ -227,8 +261,19 @@ class EarlyStopping(Callback):
         self._best_state: Any = None
 
     def on_fit_start(self, trainer: Any) -> None:
-        # Each fit is a fresh watch (Keras resets in on_train_begin too).
-        self.best, self.best_epoch, self.wait, self.stopped_epoch, self._best_state = None, None, 0, None, None
+        # Each fit is a fresh watch (Keras resets in on_train_begin too), but a resumed one goes on watching.
+        if not getattr(self, "_restored", False):
+            self.best, self.best_epoch, self.wait, self.stopped_epoch, self._best_state = None, None, 0, None, None
+        self._restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The watch so far (the best state for ``restore_best`` is not kept: after a resume it is the best
+        seen since)."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.wait = state.get("best"), state.get("best_epoch"), int(state.get("wait", 0))
+        self._restored = True
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
         score = _monitored(logs, self.monitor, "EarlyStopping")
@@ -345,6 +390,15 @@ class ReduceLROnPlateau(Callback):
         self.num_bad_epochs = 0
         self.cooldown_counter = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """The plateau watch so far (the learning rate itself is in the optimizer state)."""
+        return {"best": self.best, "num_bad_epochs": self.num_bad_epochs, "cooldown_counter": self.cooldown_counter}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = float(state["best"])
+        self.num_bad_epochs, self.cooldown_counter = int(state["num_bad_epochs"]), int(state["cooldown_counter"])
+        self._restored = True
+
     def _is_better(self, value: float) -> bool:
         if self.mode == "min":
             return value < (self.best * (1 - self.threshold) if self.threshold_mode == "rel" else self.best - self.threshold)
@@ -353,7 +407,9 @@ class ReduceLROnPlateau(Callback):
     def on_fit_start(self, trainer: Any) -> None:
         from .optim import get_learning_rate, set_learning_rate
 
-        self._reset()
+        if not getattr(self, "_restored", False):  # a resumed fit goes on watching
+            self._reset()
+        self._restored = False
         _check_torch_scheduler(self, trainer)
         lr = get_learning_rate(trainer.state.opt_state)
         if lr is None:

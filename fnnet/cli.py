@@ -67,6 +67,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         parser.error(f"argument --size: {args.size} is out of range: the chapter's CNN needs images of at least "
                      f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, and above {MAX_IMAGE_SIZE} the 8x8 digits only get blurrier "
                      f"(use {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}; the chapter's MNIST size is 28)")
+    if (args.resume is not None or args.every_n_steps is not None) and args.out is None:
+        parser.error("--resume and --every-n-steps need --out DIR: the folder checkpoints go to and come back from")
     if args.task == "mnist":
         if args.data_dir is None:
             parser.error("fnnet train mnist needs --data-dir DIR holding the MNIST IDX files "
@@ -92,7 +94,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         devices = ["auto"]
     common = dict(epochs=args.epochs or 10, device=devices if len(devices) > 1 else devices[0], out=args.out, batch_size=args.batch_size,
                   lr=args.lr if args.lr is not None else 0.01, jit=args.jit, precision=args.precision, seed=args.seed,
-                  accumulate=args.accumulate)
+                  accumulate=args.accumulate, resume=args.resume, every_n_steps=args.every_n_steps)
     if args.task == "digits":
         recipes.train_digits(size=args.size, **common)
         return 0
@@ -186,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default 0.01; linreg 0.1)")
     p_train.add_argument("--accumulate", type=_positive_int, default=1, metavar="K",
                          help="digits/mnist: one optimizer update per K batches (gradient accumulation; default 1)")
+    p_train.add_argument("--resume", default=None, metavar="auto|PATH",
+                         help="digits/mnist: continue from a checkpoint ('auto': the newest in --out; none: start)")
+    p_train.add_argument("--every-n-steps", type=_positive_int, default=None, metavar="N",
+                         help="digits/mnist: also checkpoint every N optimizer steps inside epochs (needs --out)")
     p_train.add_argument("--jit", action="store_true", help="compile the training step with torch.compile")
     p_train.add_argument("--precision", choices=["32", "bf16", "16-mixed"], default="32")
     p_train.add_argument("--seed", type=int, default=0, help="the key everything random derives from")

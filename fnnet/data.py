@@ -108,6 +108,12 @@ class ArrayLoader:
             gets part ``rank``. The parts are disjoint and cover the data, every rank gets the
             same number of batches, and no part is empty (a last global batch smaller than
             ``world_size`` joins the one before it).
+        global_batch: ``batch_size`` is the batch of all ranks together, split over them by
+            ``shard`` (default: ``batch_size`` per rank, a global batch of ``batch_size *
+            world_size``). With a global batch, every step covers the same samples whatever the
+            number of ranks, so a run can resume on another number of processes with the same
+            data order (:meth:`fnnet.Trainer.fit`'s ``resume``); a global batch smaller than the
+            number of ranks is a ``ValueError``.
 
     Iterating yields batches with the structure of ``arrays``. Each ``iter(loader)`` runs the
     next epoch: the first gives epoch 0, the second epoch 1, and so on; :attr:`epoch` is the
@@ -133,8 +139,10 @@ class ArrayLoader:
         device: DeviceLike | None = None,
         stream: bool = False,
         shard: tuple[int, int] | None = None,
+        global_batch: bool = False,
     ) -> None:
         self.batch_size = _check_batch_size(batch_size)
+        self.global_batch = bool(global_batch)
         if shuffle and key is None:
             raise ValueError(
                 "ArrayLoader(shuffle=True) needs key=fnnet.random.key(seed): fnnet never shuffles from "
@@ -172,6 +180,10 @@ class ArrayLoader:
         else:
             self.arrays = place(arrays, self.device) if self.device is not None else arrays
         self.shard = _check_shard(shard, n)
+        if self.global_batch and self.shard and self.batch_size < self.shard[1]:
+            raise ValueError(f"ArrayLoader: a global batch of {self.batch_size} cannot give each of {self.shard[1]} "
+                             f"ranks a sample; use batch_size >= {self.shard[1]} (global_batch=True: batch_size is "
+                             "the batch of all ranks together)")
         self.num_samples = n
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -191,6 +203,8 @@ class ArrayLoader:
         self._epoch = int(epoch)
 
     def _global_batch(self) -> int:
+        if self.global_batch:
+            return self.batch_size
         return self.batch_size * (self.shard[1] if self.shard else 1)
 
     def __len__(self) -> int:

@@ -333,7 +333,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
 
     With ``shard_optimizer=True`` (ZeRO-2, :mod:`fnnet.shard`) each rank keeps the optimizer
     state of its part of the parameters only (``state.opt_state`` holds 1-D parts; a whole state
-    passed in is cut on the first call), the buckets are reduce-scattered so a rank receives its
+    passed in is cut on the first call; ``TrainState(params, None)`` makes the step initialise
+    the part alone, never the whole), the buckets are reduce-scattered so a rank receives its
     part of the gradients only, the update runs on that part and the parameters are
     all-gathered. ``step.gather_state(state)`` (every rank) gives the state with its whole
     optimizer state, for a checkpoint that loads anywhere. Equal to the unsharded step up to
@@ -371,6 +372,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     me = rank()
     order: list[int] = []  # the order gradients became ready last time: a performance cache only
     bucket_cache: dict[int, torch.Tensor] = {}  # the bucket buffers, reused from step to step
+    phase = ["the step"]  # the collective this rank waits for now: named when the process group's timeout ends it
 
     def eager(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
               carry: Accumulation | None = None) -> GradResult:
@@ -394,6 +396,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         total, counting = _counted(samples, leaves[0].device)
 
         def per_sample() -> Any:  # 1 / N, over the loss scale: the hooks see gradients of the scaled loss
+            phase[0] = "the all-reduce of the step's sample count"
             counting.wait()
             return 1.0 / float(total[0]) if loss_scale is None else 1.0 / float(total[0]) / loss_scale.scale
 
@@ -422,11 +425,15 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         # after every bucket: the same order of collectives on all ranks
         extras = _reduce_extras(torch.as_tensor(loss_sum, dtype=torch.float64, device=leaves[0].device), samples,
                                 float(total[0]), new_buffers)
+        phase[0] = f"the gradient reduction ({len(buckets.buckets)} bucket(s))"
         if lay is not None:
             grads = lay.gradient([wait() for wait in buckets.pending])  # type: ignore[misc]
         else:
             grads = _tree.unflatten(spec, reduced())
+        phase[0] = "the all-reduce of the loss and buffers"
         loss, new_buffers = extras()
+        phase[0] = "the sharded update (finite flag, global norms, parameter all-gather)" if lay is not None else \
+            "the update"
         return GradResult(grads, loss, aux, new_buffers)
 
     def accumulate_rank(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any, carry: Any,
@@ -498,6 +505,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         if state.opt_state is shards.get("last"):
             return state
         lay = layout_of(state.params)
+        if state.opt_state is None:  # TrainState(params, None): the part's state only, nothing whole allocated
+            return state.replace(opt_state=optimizer.init(lay.part(state.params)))
         if "shapes" not in shards:
             shards["shapes"] = [tuple(x.shape) for x in _tree.leaves(optimizer.init(lay.part(state.params)))
                                 if isinstance(x, torch.Tensor)]
@@ -515,9 +524,9 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         lay = layout_of(state.params)
         return state.replace(opt_state=_shard.unshard_opt_state(state.opt_state, state.params, lay, optimizer))
 
-    @functools.wraps(step)
-    def distributed_train_step(state: TrainState, batch: Any, **options: Any) -> tuple[TrainState, dict[str, Any]]:
+    def run(state: TrainState, batch: Any, **options: Any) -> tuple[TrainState, dict[str, Any]]:
         if sync_state and isinstance(state, TrainState) and state.step == 0 and state.accum is None:
+            phase[0] = "broadcast_state (the first step's synchronisation)"
             state = broadcast_state(state, donate=donate)
         if shard_optimizer and isinstance(state, TrainState):
             state = shard_state(state)
@@ -525,6 +534,21 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
             shards["last"] = state.opt_state
             return state, metrics
         return step(state, batch, **options)
+
+    @functools.wraps(step)
+    def distributed_train_step(state: TrainState, batch: Any, **options: Any) -> tuple[TrainState, dict[str, Any]]:
+        phase[0] = "the step"
+        try:
+            return run(state, batch, **options)
+        except RuntimeError as err:
+            if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+                raise
+            raise RuntimeError(
+                f"fnnet.distributed: rank {me} waited past the process group's timeout in {phase[0]} of step "
+                f"{getattr(state, 'step', '?')}: another rank never started that collective (it took fewer steps, "
+                "or failed, or is far slower). Every rank must take the same steps: shard one loader over the "
+                "ranks (fnnet.ArrayLoader(..., shard=fnnet.distributed.shard())); init(timeout=...) sets the limit"
+            ) from err
 
     distributed_train_step.gather_state = gather_state  # type: ignore[attr-defined]
     distributed_train_step.shard_state = shard_state  # type: ignore[attr-defined]

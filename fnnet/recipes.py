@@ -91,6 +91,8 @@ def train_classifier(
     validation_split: float = 0.1,
     verbose: int = 1,
     accumulate: int = 1,
+    resume: str | None = None,
+    every_n_steps: int | None = None,
 ) -> tuple[Trainer, dict[str, Any]]:
     """Train the chapter's CNN with Adam on ``train``; choose on a validation split; test once.
 
@@ -134,9 +136,11 @@ def train_classifier(
     checkpoint = None
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        checkpoint = ModelCheckpoint(out, monitor="val_loss", mode="min", save_top_k=1)
-        callbacks = [checkpoint, CSVLogger(os.path.join(out, "history.csv"))]  # rank 0 writes
-    history = trainer.fit(train_loader, val_loader, epochs=epochs, callbacks=callbacks, verbose=verbose)
+        checkpoint = ModelCheckpoint(out, monitor="val_loss", mode="min", save_top_k=1, every_n_steps=every_n_steps)
+        callbacks = [checkpoint, CSVLogger(os.path.join(out, "history.csv"), append=resume is not None)]  # rank 0 writes
+    elif resume is not None or every_n_steps is not None:
+        raise ValueError("resume and every_n_steps need out=: the folder the checkpoints go to and come back from")
+    history = trainer.fit(train_loader, val_loader, epochs=epochs, callbacks=callbacks, verbose=verbose, resume=resume)
     if checkpoint is not None and checkpoint.best_model_path:
         _dist.barrier()  # rank 0 wrote it
         trainer.load(checkpoint.best_model_path)

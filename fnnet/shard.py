@@ -88,6 +88,46 @@ class Layout:
                 out[start:start + p.hi - p.lo].copy_(part_leaves[i])
         return out
 
+    def home(self, params: Any) -> Any:
+        """``params`` copied into one flat buffer per bucket (padded, kept by the layout), as views: the
+        donated step's parameters from then on, so the all-gather lands in them directly (no copy out)."""
+        leaves = _tree.leaves(params)
+        self.homes = []
+        for b, idx in enumerate(self.buckets):
+            first = leaves[idx[0]]
+            self.homes.append(torch.zeros(self.chunks[b] * self.world, dtype=first.dtype, device=first.device))
+        self.sends = [h[:self.chunks[b]].clone() for b, h in enumerate(self.homes)]
+        out: list[Any] = [None] * len(leaves)
+        for b, idx in enumerate(self.buckets):
+            for i in idx:
+                p = self.parts[i]
+                n = leaves[i].numel()
+                view = self.homes[b][p.offset:p.offset + n].view(self.shapes[i])
+                with torch.no_grad():
+                    view.copy_(leaves[i])
+                out[i] = view
+        return _tree.unflatten(self.spec, out)
+
+    def at_home(self, params: Any) -> bool:
+        """Whether ``params`` are the views :meth:`home` made (the state was not replaced since)."""
+        homes = getattr(self, "homes", None)
+        if homes is None:
+            return False
+        ptrs = [h.untyped_storage().data_ptr() for h in homes]
+        return all(x.untyped_storage().data_ptr() == ptrs[p.bucket]
+                   for x, p in zip(_tree.leaves(params), self.parts))
+
+    def gather_home(self) -> None:
+        """Every bucket's chunks all-gathered into the home buffers (this rank's chunk, updated in place,
+        is sent from a copy: a collective's input and output do not overlap)."""
+        works = []
+        for b, home in enumerate(self.homes):
+            c = self.chunks[b]
+            self.sends[b].copy_(home[self.rank * c:(self.rank + 1) * c])
+            works.append(ALL_GATHER(home, self.sends[b], async_op=True))
+        for work in works:
+            work.wait()
+
     def gather(self, part: Any, into: Any = None) -> Any:
         """The whole tree from every rank's part (an all-gather per bucket, all started before any
         wait). ``into``: a tree of whole tensors to write the result into (else new tensors)."""
@@ -211,21 +251,21 @@ def sharded_update(lay: Layout) -> Callable[..., tuple[Any, Any, Any, Any, Any]]
 
     def update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buffers: Any = None,
                new_buffers: Any = None, loss_scale: Any = None, check_finite: bool = False, donate: bool = False):
+        if donate and not lay.at_home(params):
+            params = lay.home(params)  # once: the donated params move into the all-gather's buffers
         part = lay.part(params)
         finite = None
         if check_finite or loss_scale is not None:
             bad = (~grads_finite(grads)).to(torch.float32).reshape(1)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
             finite = bad[0] == 0
-        contiguous = all(x.is_contiguous() for x in _tree.leaves(params))
         with _optim.sharded(_sum_across):
             new_part, opt_state, new_buffers, loss_scale, finite = apply_update(
                 optimizer, grads, part, opt_state, buffers=buffers, new_buffers=new_buffers, loss_scale=loss_scale,
-                finite=finite, donate=donate and contiguous)
-        if donate:
-            new_params = lay.gather(new_part, into=params)
-        else:
-            new_params = lay.gather(new_part)
-        return new_params, opt_state, new_buffers, loss_scale, finite
+                finite=finite, donate=donate)
+        if donate:  # the part was updated in place, inside the home buffers
+            lay.gather_home()
+            return params, opt_state, new_buffers, loss_scale, finite
+        return lay.gather(new_part), opt_state, new_buffers, loss_scale, finite
 
     return update

@@ -44,6 +44,18 @@ window spans two epochs and a checkpoint at an epoch's end holds no unfinished w
 ``ModelCheckpoint`` gather the whole optimizer state first, so the file loads into a run on any
 number of ranks, sharded or not, or into one process, and :meth:`load` cuts it again.
 
+**Fault tolerance.** A checkpoint (``Trainer.save``, ``ModelCheckpoint``, also every ``N``
+optimizer steps with ``ModelCheckpoint(every_n_steps=N)``) records the state, the epoch, the
+batches done in it, the world size, the loader's global batch and the callbacks' state.
+``fit(..., epochs=E, resume="auto")`` (or a path) loads the newest one and continues from the
+next batch of that epoch until epoch ``E``: the loader's order is a pure function of its key and
+the epoch, so the rest of training is the uninterrupted run's (bit for bit on the same number
+of CPU processes). With ``ArrayLoader(..., global_batch=True)`` a step covers the same samples on
+any number of ranks, so a checkpoint of ``N`` ranks resumes on ``M`` (to the order of float
+additions); another global batch is refused mid-epoch. A file of an older fnnet (no position)
+resumes at the start of the next epoch, with a warning. Under ``torchrun --max-restarts R`` a
+script with ``resume="auto"`` picks up after a killed rank by itself.
+
 **Memory layout.** ``memory_format="auto"`` picks channels-last on CPU for conv models;
 ``"contiguous"`` (NCHW) is bit-comparable with the chapter's loop. It is chosen when the trainer
 is built (:func:`fnnet.layout.choose_memory_format`) and checked once, on the first batch
@@ -67,6 +79,7 @@ from . import random as _random
 from ._loop import (Bar, EpochMetrics, banner, check_fit_options, check_reiterable, check_same_batch_count,
                     deferred_interrupt, epoch_line, input_batches, learning_rate, report_nonfinite, with_context)
 from .callbacks import CallbackList
+from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit
 from ._setup import build_steps, initial_state, resolve_devices, resolve_optimizer, sync_module
 from .batch import as_arrays
 from .data import ArrayLoader, fit_loaders, num_batches, set_epoch
@@ -178,7 +191,7 @@ class Trainer:
         self._layout_verified = False
         self._adopt(state)
         self.history = History()
-        self.epoch = 0
+        self.epoch, self._batch_in_epoch, self._position, self._global_batch, self._callbacks = 0, 0, None, -1, []
         self.stop_training = False
         self._announced = False
 
@@ -201,8 +214,7 @@ class Trainer:
              interrupted: Callable[[], bool] = lambda: False) -> tuple[dict[str, Any], int]:
         """One pass over ``data`` (fit's epoch or evaluate): ``(metric states, skipped updates)``; early, when a
         check (every ``every`` steps: one host sync) finds a non-finite step."""
-        states = self._book.init()
-        skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        states, skipped = self._book.init(), torch.zeros((), dtype=torch.int64, device=self.device)
         count = updates = shown = 0  # batches; optimizer updates (the bar's unit), and those the bar shows
         last = (num_batches(data) or 0) - 1  # an epoch's last batch ends its accumulation window
         for index, batch in enumerate(self._batches(data)):
@@ -210,6 +222,7 @@ class Trainer:
                 if train:
                     callbacks("on_train_batch_start", self, self.state.step)
                     self.state, out = self.train_step(self.state, batch, end_window=index == last)
+                    self._batch_in_epoch += 1
                     if self._stops_on_skips and "finite" in out:  # float16 skips overflow steps routinely
                         skipped = skipped + (~out["finite"]).to(torch.int64)
                 else:
@@ -242,7 +255,7 @@ class Trainer:
     def fit(self, train_data: Iterable | tuple, val_data: Iterable | tuple | None = None, *, epochs: int = 1,
             callbacks: Sequence[Any] = (), log_every: int | None = None, verbose: int = 1,
             on_nonfinite: str = "stop", batch_size: int | None = None, validation_split: float = 0.0,
-            shuffle: bool = True) -> History:
+            shuffle: bool = True, resume: str | os.PathLike | None = None) -> History:
         """Train for ``epochs`` epochs, validating on ``val_data`` after each; returns the history.
 
         Args:
@@ -267,6 +280,9 @@ class Trainer:
                 and no ``on_epoch_end`` (no checkpoint of the broken epoch); ``"raise"`` then raises
                 ``FloatingPointError``. (float16 skips overflow steps routinely: only a non-finite
                 loss stops it.)
+            resume: a checkpoint path, or ``"auto"``: the newest file in the ``ModelCheckpoint`` folders
+                (none: start afresh), so a restarted script resumes by itself, from the next batch of
+                the saved epoch; ``epochs`` then counts from the start of training (module docstring).
 
         The logged ``lr`` is the learning rate of the epoch's last update. Ctrl-C (SIGINT) ends
         training after the current step: ``on_fit_end`` callbacks still run and the history so
@@ -279,6 +295,9 @@ class Trainer:
                                            shard=self._rank_shard)
         check_reiterable(epochs, train_data=train_data, val_data=val_data)
         cbs = CallbackList(callbacks)
+        self._global_batch, self._callbacks = global_batch_of(train_data), cbs.callbacks
+        if resume is not None:  # epochs is then the total (Lightning's max_epochs): a restarted script runs as is
+            epochs = resume_fit(self, resume, cbs.callbacks, epochs)
         verbose = verbose if _dist.is_main() else 0  # one rank prints
         if verbose and not self._announced:
             print(banner(self.devices, self.precision, self.jit))
@@ -289,16 +308,20 @@ class Trainer:
         try:
             with deferred_interrupt() as interrupted:
                 for i in range(epochs):
-                    epoch = self.epoch
+                    epoch, skip = self.epoch, (self._position or {}).get("batch", 0)
                     set_epoch(train_data, epoch)
+                    data = rest_of_epoch(train_data, epoch, skip, (self._position or {}).get("global_batch", -1))
+                    self._batch_in_epoch, self._position = skip, None
+                    if data is None:  # a checkpoint after the epoch's last step: its end did not happen, skip it
+                        self.epoch += 1
+                        continue
                     cbs("on_epoch_start", self, epoch)
                     start = time.perf_counter()
-                    total = num_batches(train_data)
-                    if self.distributed:
-                        check_same_batch_count(total, epoch)  # a rank with more steps would wait forever
+                    total = num_batches(data)
+                    check_same_batch_count(total, epoch, self.distributed)  # a rank with more steps would wait forever
                     every = log_every or max(1, (total or 100) // 10)
                     with Bar(total and -(-total // self.accumulate), f"epoch {epoch + 1}", bool(verbose)) as bar:
-                        states, skipped = self._run(train_data, train=True, callbacks=cbs, bar=bar, every=every,
+                        states, skipped = self._run(data, train=True, callbacks=cbs, bar=bar, every=every,
                                                     interrupted=interrupted)
                     logs = self._book.logs(states)
                     if skipped or not math.isfinite(logs["loss"]):
@@ -309,7 +332,7 @@ class Trainer:
                         logs.update(self.evaluate(val_data, callbacks=cbs, verbose=verbose))
                     logs["lr"] = learning_rate(self.state.opt_state)
                     logs["time"] = time.perf_counter() - start
-                    self.epoch += 1
+                    self.epoch, self._batch_in_epoch = self.epoch + 1, 0
                     self.history.append({"epoch": epoch + 1, **logs})
                     if verbose:
                         print(epoch_line(epoch, i, epochs, logs))
@@ -330,8 +353,7 @@ class Trainer:
                  batch_size: int = 256) -> dict[str, float]:
         """Loss and metrics over ``data`` (exact over all samples): ``{"val_loss": ..., "val_accuracy": ...}``.
 
-        ``data``: batches, as for ``fit``, or ``(X, y)`` (tensors or NumPy arrays) in batches of
-        ``batch_size``.
+        ``data``: batches, as for ``fit``, or ``(X, y)`` (tensors or arrays) in batches of ``batch_size``.
         """
         arrays = as_arrays(data)
         if arrays is not None:
@@ -358,7 +380,8 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         """What :meth:`save` writes: ``{"state": trainer.state, "epoch": epochs completed}``, the optimizer
         state whole (gathered from every rank's part under ``shard_optimizer``: every rank calls this)."""
-        return {"state": getattr(self.train_step, "gather_state", lambda s: s)(self.state), "epoch": self.epoch}
+        return {"state": getattr(self.train_step, "gather_state", lambda s: s)(self.state), "epoch": self.epoch,
+                "position": position(self._batch_in_epoch, _dist.world_size(), self._global_batch, self._callbacks)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`checkpoint` to ``path`` (``fnnet.save``: atomic, checksummed): ``fnnet.load(path)["state"]``
@@ -380,17 +403,8 @@ class Trainer:
         layout; the epoch count drives the loader's order and per-epoch schedules, so training resumes where
         it stopped. A bare ``TrainState`` file (``fnnet.save(path, state)``) loads too, keeping the epoch count.
         """
-        from .checkpoint import load
-
-        like = self.checkpoint()  # every rank: a sharded optimizer state is gathered, and cut again by the step
-        try:
-            saved = load(path, like=like, device=self.device)
-            state, self.epoch = saved["state"], int(saved["epoch"])
-        except ValueError as full_error:
-            try:
-                state = load(path, like=like["state"], device=self.device)
-            except ValueError:
-                raise full_error from None
+        state, epoch, self._position = load_checkpoint(path, self.checkpoint(), self.device)  # every rank
+        self.epoch = self.epoch if epoch is None else epoch
         self._adopt(place(state, self.device, memory_format=self.memory_format))
         return self
 

@@ -308,16 +308,102 @@ def _resume_part(step: int, rank: int, world: int):
     return x[bounds[rank]:bounds[rank + 1]], y[bounds[rank]:bounds[rank + 1]]
 
 
+def run_timeout(out: Path) -> None:
+    """Rank 1 takes one step where rank 0 takes three, then waits: rank 0's second step times out."""
+    import os
+    import time
+
+    me = distributed.rank()
+    model = fnnet.functional(mlp())
+    opt = optim.sgd(0.1)
+    step = fnnet.make_train_step(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]), opt, distributed=True)
+    state = fnnet.TrainState.create(model.params, opt)
+    message = None
+    try:
+        for i in range(3 if me == 0 else 1):
+            state, _ = step(state, my_part(data(i), me))
+    except RuntimeError as err:
+        message = str(err)
+    (out / f"timeout{me}.json").write_text(json.dumps(message))
+    if me == 1:
+        time.sleep(12)  # alive but silent: rank 0 meets the timeout, not a closed connection
+    os._exit(0)
+
+
+def resume_trainer():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    return fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), key=7)
+
+
+def resume_data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(45, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (45,), generator=g)
+
+
+def resume_loader():
+    """Global batches of 8 (6 per epoch, the last of 5) split over however many ranks there are."""
+    return fnnet.ArrayLoader(resume_data(), 8, shuffle=True, key=fnnet.random.key(1), shard=distributed.shard(),
+                             global_batch=True)
+
+
+class _StopAt(fnnet.callbacks.Callback):
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, step, metrics):
+        if trainer.state.step == self.steps:
+            raise KeyboardInterrupt
+
+
+def run_resume(out: Path, world: int) -> None:
+    """2 ranks: train until step 4 of epoch 1 with a checkpoint every step, then stop. Other worlds:
+    resume from that checkpoint and finish 2 epochs."""
+    trainer = resume_trainer()
+    ckpt = fnnet.callbacks.ModelCheckpoint(out / "ckpt", monitor="loss", every_n_steps=1)
+    if world == 2:
+        trainer.fit(resume_loader(), epochs=2, verbose=0, callbacks=[ckpt, _StopAt(4)])
+    else:
+        trainer.fit(resume_loader(), epochs=2, verbose=0, resume=out / "ckpt" / "step.safetensors", callbacks=[ckpt])
+        fnnet.save(out / f"resumed-{world}-{distributed.rank()}.safetensors", trainer.state.params)
+
+
+def run_restart(out: Path) -> None:
+    """Under torchrun --max-restarts 1: rank 1 kills itself in step 8 of the first attempt; the restarted
+    group resumes from the newest checkpoint by itself."""
+    import os
+    import signal
+
+    class KillOnce(fnnet.callbacks.Callback):
+        def on_train_batch_start(self, trainer, step):
+            if step == 8 and distributed.rank() == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer = resume_trainer()
+    ckpt = fnnet.callbacks.ModelCheckpoint(out / "ckpt", monitor="loss", every_n_steps=3)
+    trainer.fit(resume_loader(), epochs=2, verbose=0, resume="auto", callbacks=[ckpt, KillOnce()])
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    fnnet.save(out / f"restart-{distributed.rank()}.safetensors", trainer.state.params)
+    (out / f"restart-{distributed.rank()}.json").write_text(json.dumps({"attempt": attempt,
+                                                                         "step": trainer.state.step}))
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     import datetime
 
-    distributed.init(timeout=datetime.timedelta(seconds=60))
+    distributed.init(timeout=datetime.timedelta(seconds=4 if scenario == "timeout" else 60))
     try:
         if scenario in ("step", "step-jit"):
             run_step(out, jit=scenario == "step-jit")
         elif scenario == "trainer":
             run_trainer(out)
+        elif scenario == "resume":
+            run_resume(out, distributed.world_size())
+        elif scenario == "restart":
+            run_restart(out)
+        elif scenario == "timeout":
+            run_timeout(out)
         elif scenario == "shard":
             run_shard(out)
         elif scenario == "shard-resume":

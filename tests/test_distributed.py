@@ -34,11 +34,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+def launch(scenario: str, out: Path, nproc: int = 2, restarts: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(WORKER), scenario, str(out)]
+    # restarts need a rendezvous that starts a new round (c10d, as --standalone sets up): under the static
+    # --master-addr one, the restarted ranks read the dead ones' addresses
+    where = ["--standalone"] if restarts else ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *where,
+           "--max-restarts", str(restarts), str(WORKER), scenario, str(out)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
 
 
@@ -237,6 +240,54 @@ def test_sharded_optimizer_state_equals_one_process_and_its_checkpoint_loads_any
         got = fnnet.load(tmp_path / f"resumed-3-{rank}.safetensors")
         for k in reference.params:
             torch.testing.assert_close(got[k], reference.params[k], rtol=1e-10, atol=1e-10)
+
+
+def test_a_collective_that_times_out_names_itself_and_the_step(tmp_path):
+    proc = launch("timeout", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    message = json.loads((tmp_path / "timeout0.json").read_text())
+    assert message and "rank 0 waited past the process group's timeout in" in message, message
+    assert "of step 1" in message and "shard=fnnet.distributed.shard()" in message
+    assert json.loads((tmp_path / "timeout1.json").read_text()) is None  # rank 1's one step went through
+
+
+def _uninterrupted_resume_run():
+    t = W.resume_trainer()
+    t.fit(fnnet.ArrayLoader(W.resume_data(), 8, shuffle=True, key=fnnet.random.key(1), global_batch=True), epochs=2,
+          verbose=0)
+    return t.state
+
+
+def test_a_checkpoint_of_two_ranks_resumes_inside_its_epoch_on_one_and_on_three(tmp_path):
+    proc = launch("resume", tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = fnnet.load(tmp_path / "ckpt" / "step.safetensors")
+    assert saved["epoch"] == 0 and saved["position"]["batch"] == 4 and saved["position"]["world_size"] == 2
+    assert saved["position"]["global_batch"] == 8
+    expected = _uninterrupted_resume_run()
+    one = W.resume_trainer()  # M = 1: this process
+    one.fit(fnnet.ArrayLoader(W.resume_data(), 8, shuffle=True, key=fnnet.random.key(1), global_batch=True),
+            epochs=2, verbose=0, resume=tmp_path / "ckpt" / "step.safetensors")
+    for k in expected.params:
+        torch.testing.assert_close(one.state.params[k], expected.params[k], rtol=1e-10, atol=1e-10)
+    proc = launch("resume", tmp_path, nproc=3)  # M = 3
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in range(3):
+        got = fnnet.load(tmp_path / f"resumed-3-{rank}.safetensors")
+        for k in expected.params:
+            torch.testing.assert_close(got[k], expected.params[k], rtol=1e-10, atol=1e-10)
+
+
+def test_a_rank_killed_under_torchrun_restarts_and_the_run_resumes_by_itself(tmp_path):
+    proc = launch("restart", tmp_path, nproc=2, restarts=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected = _uninterrupted_resume_run()
+    for rank in range(2):
+        info = json.loads((tmp_path / f"restart-{rank}.json").read_text())
+        assert info["attempt"] == "1" and info["step"] == expected.step  # the second attempt finished the run
+        got = fnnet.load(tmp_path / f"restart-{rank}.safetensors")
+        for k in expected.params:
+            torch.testing.assert_close(got[k], expected.params[k], rtol=1e-10, atol=1e-10)
 
 
 def test_a_rank_that_raises_ends_the_run_with_its_error(tmp_path):

@@ -237,3 +237,24 @@ def test_data_parallel_on_gpus_equals_one_device(devices):
         assert dp.params[k].device == primary
         torch.testing.assert_close(dp.params[k], single.params[k], rtol=1e-10, atol=1e-10)
     assert model  # built on the CPU too
+
+
+def test_a_per_batch_scalar_aux_is_weighted_by_shard_size_on_an_uneven_batch():
+    """A scalar aux (a per-batch mean) over shards of 3, 2 and 2 samples equals the one-device value."""
+    model = fnnet.functional(_mlp(torch.float64))
+
+    def loss_fn(p, b):
+        out = model.apply(p, b[0])
+        per_sample = ((out - b[1]) ** 2).mean(dim=1)
+        return per_sample.mean(), {"abs_mean": out.abs().mean(), "first_out": out[:, 0]}
+
+    g = torch.Generator().manual_seed(7)
+    batch = (torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64))
+    opt = optim.sgd(0.1)
+    one = fnnet.make_train_step(loss_fn, opt)
+    three = fnnet.make_train_step(loss_fn, opt, devices=["cpu", "cpu", "cpu"])
+    _, m1 = one(fnnet.TrainState.create(model.params, opt), batch)
+    _, m3 = three(fnnet.TrainState.create(model.params, opt), batch)
+    torch.testing.assert_close(m3["abs_mean"], m1["abs_mean"], rtol=1e-12, atol=1e-12)  # weighted 3/7, 2/7, 2/7
+    torch.testing.assert_close(m3["first_out"], m1["first_out"], rtol=1e-12, atol=1e-12)  # gathered in order
+    torch.testing.assert_close(m3["loss"], m1["loss"], rtol=1e-12, atol=1e-12)
