@@ -502,11 +502,11 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
 
     def shard_state(state: TrainState) -> TrainState:
         """``state`` with its optimizer state cut to this rank's part (unless it is that already)."""
+        if state.opt_state is None:  # TrainState(params, None): the part's state only, nothing whole allocated
+            return state.replace(opt_state=optimizer.init(layout_of(state.params).part(state.params)))
         if state.opt_state is shards.get("last"):
             return state
         lay = layout_of(state.params)
-        if state.opt_state is None:  # TrainState(params, None): the part's state only, nothing whole allocated
-            return state.replace(opt_state=optimizer.init(lay.part(state.params)))
         if "shapes" not in shards:
             shards["shapes"] = [tuple(x.shape) for x in _tree.leaves(optimizer.init(lay.part(state.params)))
                                 if isinstance(x, torch.Tensor)]

@@ -267,6 +267,8 @@ def run_shard(out: Path) -> None:
         state = fnnet.TrainState.create(model.params, opt)
         full_bytes = sum(x.numel() * x.element_size() for x in fnnet.tree.leaves(state.opt_state)
                          if isinstance(x, torch.Tensor))
+        if name == "sgd":  # no whole state at all: the step initialises this rank's part
+            state = fnnet.TrainState(model.params, None)
         for i in range(SHARD_STEPS):
             state, metrics = step(state, shard_part(shard_data(i, world), me, world))
             if name == "adam" and i == SHARD_STEPS // 2 - 1:
