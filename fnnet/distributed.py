@@ -388,7 +388,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         if first:
             order.extend(reversed(range(len(leaves))))
         if lay is not None:
-            buckets = _comm.GradBuckets(leaves, lay.order, lay.limit, _comm.reduce_scatter, pad_to=lay.world,
+            buckets = _comm.GradBuckets(leaves, lay.order, lay.limit, lay.reduction(), pad_to=lay.world,
                                         cache=bucket_cache)
         else:
             buckets = _comm.GradBuckets(leaves, list(order), limit, reduce_bucket,
@@ -427,7 +427,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
                                 float(total[0]), new_buffers)
         phase[0] = f"the gradient reduction ({len(buckets.buckets)} bucket(s))"
         if lay is not None:
-            grads = lay.gradient([wait() for wait in buckets.pending])  # type: ignore[misc]
+            grads = lay.gradient([lay.my_chunk(b, wait()) for b, wait in enumerate(buckets.pending)])  # type: ignore
         else:
             grads = _tree.unflatten(spec, reduced())
         phase[0] = "the all-reduce of the loss and buffers"

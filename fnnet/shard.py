@@ -53,6 +53,10 @@ class Layout:
 
     def __init__(self, leaves: list[torch.Tensor], spec: Any, world: int, rank: int, limit: int):
         self.spec, self.world, self.rank = spec, world, rank
+        # gloo's reduce_scatter and all_gather are 2-3x slower than its all_reduce and broadcasts
+        # (measured: benches/results/2026-12-03-cpu-xeon-2core-gloo-collectives.json): there the
+        # gradients are all-reduced (each rank keeps its chunk) and each rank broadcasts its chunk
+        self.gloo = dist.is_initialized() and dist.get_backend() == "gloo"
         self.shapes = [tuple(x.shape) for x in leaves]
         self.order = list(reversed(range(len(leaves))))
         self.limit = limit
@@ -118,41 +122,55 @@ class Layout:
                    for x, p in zip(_tree.leaves(params), self.parts))
 
     def gather_home(self) -> None:
-        """Every bucket's chunks all-gathered into the home buffers (this rank's chunk, updated in place,
-        is sent from a copy: a collective's input and output do not overlap)."""
+        """Every rank's chunk of every bucket into the home buffers (this rank's was updated in place)."""
+        self._sync(self.homes, self.sends)
+
+    def _sync(self, flats: list[torch.Tensor], sends: list[torch.Tensor] | None = None) -> None:
+        """Fill every bucket's flat buffer from the ranks' chunks, this rank's being in place already:
+        broadcasts from each chunk's owner on gloo, an all-gather elsewhere (its input is a copy of this
+        rank's chunk: a collective's input and output do not overlap)."""
         works = []
-        for b, home in enumerate(self.homes):
+        for b, flat in enumerate(flats):
             c = self.chunks[b]
-            self.sends[b].copy_(home[self.rank * c:(self.rank + 1) * c])
-            works.append(ALL_GATHER(home, self.sends[b], async_op=True))
+            if self.gloo:
+                works += [dist.broadcast(flat[k * c:(k + 1) * c], src=k, async_op=True) for k in range(self.world)]
+            else:
+                send = sends[b] if sends is not None else torch.empty(c, dtype=flat.dtype, device=flat.device)
+                send.copy_(flat[self.rank * c:(self.rank + 1) * c])
+                works.append(ALL_GATHER(flat, send, async_op=True))
         for work in works:
             work.wait()
 
-    def gather(self, part: Any, into: Any = None) -> Any:
-        """The whole tree from every rank's part (an all-gather per bucket, all started before any
-        wait). ``into``: a tree of whole tensors to write the result into (else new tensors)."""
+    def gather(self, part: Any) -> Any:
+        """The whole tree (new tensors, views into one buffer per bucket) from every rank's part."""
         part_leaves = _tree.leaves(part)
-        flats, works = [], []
+        flats = []
         for b in range(len(self.buckets)):
             mine = self.chunk(b, part_leaves)
             flat = torch.empty(mine.numel() * self.world, dtype=mine.dtype, device=mine.device)
-            works.append(ALL_GATHER(flat, mine, async_op=True))
+            flat[self.rank * mine.numel():(self.rank + 1) * mine.numel()].copy_(mine)
             flats.append(flat)
-        out: list[Any] = list(_tree.leaves(into)) if into is not None else [None] * len(self.parts)
-        for b, (idx, work) in enumerate(zip(self.buckets, works)):
-            work.wait()
+        self._sync(flats)
+        out: list[Any] = [None] * len(self.parts)
+        for b, idx in enumerate(self.buckets):
             for i in idx:
                 p = self.parts[i]
                 n = 1
                 for s in self.shapes[i]:
                     n *= s
-                piece = flats[b][p.offset:p.offset + n].view(self.shapes[i])
-                if into is not None:
-                    with torch.no_grad():
-                        out[i].copy_(piece)
-                else:
-                    out[i] = piece
+                out[i] = flats[b][p.offset:p.offset + n].view(self.shapes[i])
         return _tree.unflatten(self.spec, out)
+
+    def reduction(self) -> Any:
+        """How the step reduces a bucket: reduce-scatter (a chunk back), or on gloo all-reduce."""
+        from .comm import all_reduce, reduce_scatter
+
+        return all_reduce if self.gloo else reduce_scatter
+
+    def my_chunk(self, b: int, reduced: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk of bucket ``b`` from what the reduction returned (a chunk, or the whole bucket)."""
+        c = self.chunks[b]
+        return reduced if reduced.numel() == c and not self.gloo else reduced[self.rank * c:(self.rank + 1) * c]
 
     def gradient(self, chunks: list[torch.Tensor]) -> Any:
         """This rank's part of the gradients, as views into the reduce-scattered chunks."""
