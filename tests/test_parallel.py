@@ -257,4 +257,4 @@ def test_a_per_batch_scalar_aux_is_weighted_by_shard_size_on_an_uneven_batch():
     _, m3 = three(fnnet.TrainState.create(model.params, opt), batch)
     torch.testing.assert_close(m3["abs_mean"], m1["abs_mean"], rtol=1e-12, atol=1e-12)  # weighted 3/7, 2/7, 2/7
     torch.testing.assert_close(m3["first_out"], m1["first_out"], rtol=1e-12, atol=1e-12)  # gathered in order
-    torch.testing.assert_close(m3["loss"], m1["loss"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m3["loss"], m1["loss"], rtol=1e-6, atol=1e-7)  # the step reports a float32 loss

@@ -916,3 +916,17 @@ def test_a_batchnorm_shard_of_one_sample_is_explained():
     X, y = torch.randn(3, 4), torch.zeros(3, dtype=torch.long)
     with pytest.raises(ValueError, match="shards of 2 and 1"):
         trainer.fit([(X, y)], epochs=1, verbose=0)
+
+
+def test_the_progress_bar_labels_one_ranks_own_values_in_a_distributed_run():
+    """The bar shows this rank's running values; in a distributed run they are labelled so (the epoch
+    line shows the global ones), outside one they are the global values themselves."""
+    from fnnet._loop import EpochMetrics
+
+    for distributed, label in ((True, " (rank 0)"), (False, "")):
+        book = EpochMetrics({"accuracy": fnnet.metrics.accuracy}, torch.device("cpu"), distributed)
+        states = book.update(book.init(), {"loss": torch.tensor(0.5), "outputs": torch.eye(3), "targets":
+                                           torch.tensor([0, 1, 1])})
+        shown = book.logs(states, all_ranks=False)
+        assert sorted(shown) == sorted([f"loss{label}", f"accuracy{label}"])
+        assert shown[f"accuracy{label}"] == pytest.approx(2 / 3)

@@ -670,7 +670,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
             norms = torch._foreach_norm([leaves[i] for i in idx])
             group_norms.append(torch.linalg.vector_norm(torch.stack(norms)).to(device=device, dtype=dtype))
         total = group_norms[0] if len(group_norms) == 1 else torch.linalg.vector_norm(torch.stack(group_norms))
-        total = global_sum(total * total).sqrt() if sharded_now() else total  # the norm of every shard's part
+        if not torch.compiler.is_compiling() and sharded_now():  # sharded steps never compile
+            total = global_sum(total * total).sqrt()  # the norm of every shard's part
         # max_norm / 0 = inf, clamped to 1: an all-zero gradient stays zero.
         factor = torch.clamp(max_norm / total, max=1.0)
         return _scale_updates(updates, factor, donate)
