@@ -82,6 +82,11 @@ class CallbackList:
                 raise TypeError(f"a callback is an object with some of the methods {', '.join(HOOKS)}; "
                                 f"got {cb!r}" + (" (a class: instantiate it)" if isinstance(cb, type) else ""))
         self._bound = {h: [getattr(cb, h) for cb in self.callbacks if callable(getattr(cb, h, None))] for h in HOOKS}
+        # checkpoints last at an epoch's end: the file then records every other callback's book after
+        # this epoch (EarlyStopping's wait, ReduceLROnPlateau's watch), as a resumed run needs them
+        ends = [cb for cb in self.callbacks if callable(getattr(cb, "on_epoch_end", None))]
+        ends.sort(key=lambda cb: isinstance(cb, ModelCheckpoint))
+        self._bound["on_epoch_end"] = [cb.on_epoch_end for cb in ends]
 
     def __call__(self, hook: str, *args: Any) -> None:
         for fn in self._bound[hook]:
@@ -89,6 +94,15 @@ class CallbackList:
 
     def has(self, hook: str) -> bool:
         return bool(self._bound[hook])
+
+
+def _finite_everywhere(trainer: Any) -> bool:
+    """Whether the trainer's state is finite on every rank (one small all-reduce in a distributed run:
+    every rank must take the same save decision, since a save gathers a sharded optimizer state)."""
+    bad = torch.tensor([0.0 if bool(all_finite(trainer.state)) else 1.0])
+    if getattr(trainer, "distributed", False):
+        bad = _dist.all_reduce_max(bad)
+    return float(bad[0]) == 0.0
 
 
 def _check_mode(mode: str) -> None:
@@ -181,7 +195,7 @@ class ModelCheckpoint(Callback):
         n = self.every_n_steps
         if n is None or not metrics.get("updated", True) or trainer.state.step % n:
             return
-        if not bool(all_finite(trainer.state)):
+        if not _finite_everywhere(trainer):
             warnings.warn(f"ModelCheckpoint: the state after step {trainer.state.step} holds non-finite values; not "
                           "saved (the last good checkpoint is kept)", stacklevel=user_stacklevel())
             return
@@ -215,7 +229,7 @@ class ModelCheckpoint(Callback):
         if main:
             os.makedirs(self.dirpath, exist_ok=True)
         score = _monitored(logs, self.monitor, "ModelCheckpoint")
-        if not bool(all_finite(trainer.state)):
+        if not _finite_everywhere(trainer):
             warnings.warn(f"ModelCheckpoint: epoch {epoch + 1}'s state holds non-finite values; not saved "
                           "(the last good checkpoint is kept)", stacklevel=user_stacklevel())
             return
@@ -225,16 +239,15 @@ class ModelCheckpoint(Callback):
             if not full or _improves(score, worst, self.mode):
                 name = self.filename.format(**{**logs, "epoch": epoch + 1, "monitor": self.monitor, "score": score}) + ".safetensors"
                 path = os.path.join(self.dirpath, name)
+                # the book first, so the file records it as it stands after this epoch (a resume keeps it)
+                book = sorted(self.best_k + [(score, path)], key=lambda sp: sp[0], reverse=self.mode == "max")
+                keep = book if self.save_top_k == -1 else book[: self.save_top_k]
+                drop, self.best_k = [p for _, p in book if (_, p) not in keep], keep
                 trainer.save(path)
-                self.best_k.append((score, path))
-                self.best_k.sort(key=lambda sp: sp[0], reverse=self.mode == "max")
-                if self.save_top_k != -1:
-                    keep, drop = self.best_k[: self.save_top_k], self.best_k[self.save_top_k:]
-                    kept = {p for _, p in keep}
-                    for _, stale in drop:
-                        if main and stale not in kept and os.path.exists(stale):
-                            os.remove(stale)
-                    self.best_k = keep
+                kept = {p for _, p in keep}
+                for stale in drop:
+                    if main and stale not in kept and os.path.exists(stale):
+                        os.remove(stale)
         if self.save_last:
             self.last_model_path = os.path.join(self.dirpath, "last.safetensors")
             trainer.save(self.last_model_path)

@@ -91,8 +91,19 @@ def init(backend: str | None = None, *, timeout: datetime.timedelta = DEFAULT_TI
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timeout, rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))
+    rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timeout, rank=rank_, world_size=world)
+        return
+    # Under torchrun, a restarted group meets in a store that may still hold the dead ranks' addresses
+    # (seen here: the new ranks connected to them and hung in gloo's connectFullMesh): every attempt
+    # gets keys of its own.
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank_, world, timeout)
+    store = dist.PrefixStore(f"fnnet/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt{attempt}", store)
+    dist.init_process_group(backend, timeout=timeout, rank=rank_, world_size=world, store=store)
 
 
 def shutdown() -> None:
@@ -359,8 +370,9 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     if shard_optimizer:
         _shard.check_backend()
         if jit or reduction is not None:
-            raise ValueError("shard_optimizer=True runs eager steps with its own reduction (reduce-scatter, then an "
-                             "all-gather of the params): pass jit=False and no reduction=")
+            raise ValueError("shard_optimizer=True runs eager steps with its own reduction (fnnet.shard: the "
+                             "gradients reduced to each part's owner, the params gathered): pass jit=False and no "
+                             "reduction=")
     if reduction is not None and jit:
         raise ValueError("a custom reduction runs in eager steps; jit=True all-reduces inside the compiled graph "
                          "(pass jit=False to use reduction=)")
@@ -372,6 +384,7 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     me = rank()
     order: list[int] = []  # the order gradients became ready last time: a performance cache only
     bucket_cache: dict[int, torch.Tensor] = {}  # the bucket buffers, reused from step to step
+    cached: dict[str, Any] = {"signature": None}  # the params' structure and shapes the caches were made for
     phase = ["the step"]  # the collective this rank waits for now: named when the process group's timeout ends it
 
     def eager(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
@@ -412,15 +425,16 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
             if carry is not None:
                 aux = {**aux, "batch_loss": loss}  # this rank's micro-batch, for epoch means
         else:
-            grad_leaves = [None] * len(leaves)
-        if first:  # later steps bucket in the order the gradients came, rank 0's (DDP's rebuild)
-            box = [buckets.ready if len(buckets.ready) == len(leaves) else list(order)]
-            dist.broadcast_object_list(box, src=0)
-            order[:] = box[0]
+            grad_leaves, new_buffers = [None] * len(leaves), buffers  # a flushed window: average this rank's
         if lay is not None:
             buckets.launch_rest(grad_leaves)
         else:
             reduced = buckets.finish(grad_leaves)
+        if first:  # later steps bucket in the order the gradients came, rank 0's (DDP's rebuild); after every
+            # bucket is launched, so a rank whose forward skipped a parameter issues its collectives in order too
+            box = [buckets.ready if len(buckets.ready) == len(leaves) else list(order)]
+            dist.broadcast_object_list(box, src=0)
+            order[:] = box[0]
         counting.wait()
         # after every bucket: the same order of collectives on all ranks
         extras = _reduce_extras(torch.as_tensor(loss_sum, dtype=torch.float64, device=leaves[0].device), samples,
@@ -525,6 +539,12 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         return state.replace(opt_state=_shard.unshard_opt_state(state.opt_state, state.params, lay, optimizer))
 
     def run(state: TrainState, batch: Any, **options: Any) -> tuple[TrainState, dict[str, Any]]:
+        if isinstance(state, TrainState):
+            leaves, spec = _tree.flatten(state.params)
+            signature = (spec, tuple((x.shape, x.dtype, x.device) for x in leaves if isinstance(x, torch.Tensor)))
+            if signature != cached["signature"]:  # another model: nothing learned about the last one applies
+                order.clear(), bucket_cache.clear(), shards.clear()
+                cached["signature"] = signature
         if sync_state and isinstance(state, TrainState) and state.step == 0 and state.accum is None:
             phase[0] = "broadcast_state (the first step's synchronisation)"
             state = broadcast_state(state, donate=donate)

@@ -22,8 +22,12 @@ path work, and transforms that reduce over leaves sum across ranks through
   flag is all-reduced);
 * every bucket's chunks are all-gathered into the parameters.
 
-``reduce_scatter_tensor`` and ``all_gather_into_tensor`` exist for NCCL and, since torch 2.13,
-for gloo; the step checks for them and says so when a backend lacks them.
+That is the NCCL path. On gloo, whose ``reduce_scatter`` and ``all_gather`` take 2-3 times as
+long as its ``all_reduce`` and broadcasts (``benches/gloo_collectives.py``), the buckets are
+all-reduced (each rank keeps its chunk of the result) and each rank broadcasts its updated
+chunk: the same state and numbers, with whole buckets in flight. The step refuses a torch
+without the tensor collectives (``reduce_scatter_tensor``/``all_gather_into_tensor`` or their
+2.13 names).
 """
 
 from __future__ import annotations

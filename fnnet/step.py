@@ -141,7 +141,9 @@ def accumulate_tree(acc: Any, grads: Any, n: int, donate: bool) -> Any:
     """``acc + n * grads``: in ``grads``' own tensors when there is no ``acc`` yet (fresh gradients
     the caller owns), in ``acc``'s with ``donate``, else in new tensors."""
     if acc is None:
-        return _tree.map(lambda g: g.mul_(n) if isinstance(g, torch.Tensor) else g, grads)
+        # in place where the gradient owns its memory (an expanded one, stride 0, does not)
+        return _tree.map(lambda g: (g.mul_(n) if g.is_contiguous() else g * n) if isinstance(g, torch.Tensor) else g,
+                         grads)
     if donate:
         torch._foreach_add_([a for a in _tree.leaves(acc) if isinstance(a, torch.Tensor)],
                             [g for g in _tree.leaves(grads) if isinstance(g, torch.Tensor)], alpha=n)

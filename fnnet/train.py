@@ -109,7 +109,8 @@ def make_train_step(
             reduces the window and updates once. The update equals one step on the
             concatenated micro-batches for a mean-reduced loss, uneven sizes included;
             ``clip_by_global_norm`` and the finite check see the accumulated gradient, float16
-            unscales it once and a non-finite window is skipped whole. ``metrics["updated"]``
+            unscales it once and a non-finite window's update is skipped whole (buffers such as
+            BatchNorm statistics that its micro-batches updated keep those updates). ``metrics["updated"]``
             says whether a call updated, ``metrics["loss"]`` is the window's mean loss so far
             (the true mean over the window on the updating call), ``metrics["batch_loss"]`` the
             micro-batch's; ``state.step`` counts updates. ``step.flush(state)`` applies an

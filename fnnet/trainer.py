@@ -42,7 +42,7 @@ window spans two epochs and a checkpoint at an epoch's end holds no unfinished w
 ``make_train_step(..., distributed=True, shard_optimizer=True)`` (:mod:`fnnet.shard`):
 ``trainer.state.opt_state`` holds this rank's part; :meth:`checkpoint`, :meth:`save` and
 ``ModelCheckpoint`` gather the whole optimizer state first, so the file loads into a run on any
-number of ranks, sharded or not, or into one process, and :meth:`load` cuts it again.
+number of ranks, sharded or not, or into one process; after :meth:`load` the next step cuts it again.
 
 **Fault tolerance.** A checkpoint (``Trainer.save``, ``ModelCheckpoint``, also every ``N``
 optimizer steps with ``ModelCheckpoint(every_n_steps=N)``) records the state, the epoch, the
@@ -389,13 +389,12 @@ class Trainer:
         is refused (``ValueError``): a checkpoint is always a state training can resume from."""
         from .checkpoint import save
 
-        checkpoint = self.checkpoint()  # on every rank: a sharded optimizer state is gathered
-        if not _dist.is_main():
-            return  # every rank holds the same state: the writing rank writes it
-        if not bool(all_finite(checkpoint["state"])):
+        checkpoint = self.checkpoint()  # on every rank: a sharded optimizer state is gathered, the same everywhere
+        if not bool(all_finite(checkpoint["state"])):  # so every rank decides alike
             raise ValueError(f"Trainer.save: the state holds non-finite values at {nonfinite_paths(checkpoint['state'])}"
                              f"; not written to '{path}'")
-        save(path, checkpoint)
+        if _dist.is_main():  # every rank holds the same state: the writing rank writes it
+            save(path, checkpoint)
 
     def load(self, path: str | os.PathLike) -> "Trainer":
         """Restore the state and epoch count saved by :meth:`save` (or ``ModelCheckpoint``), validated against
