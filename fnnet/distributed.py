@@ -392,7 +392,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
         """This rank's gradients flattened into buckets as the backward pass makes them, weighted by
         ``n_r / N``, each bucket handed to the reduction at once; with ``carry``, the window's sums
         are added to the buckets as they fill (``batch=None``: the window alone). Sharded: the
-        buckets follow the fixed layout and are reduce-scattered; this rank's part comes back."""
+        buckets follow the fixed layout and the layout's reduction (reduce-scatter; all-reduce on
+        gloo); this rank's part comes back."""
         n = _rank_batch_size(batch, me) if batch is not None else 0
         samples = n + (carry.samples if carry is not None else 0)
         leaves, spec = _tree.flatten(params)

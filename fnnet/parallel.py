@@ -286,9 +286,9 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
         for i, (r, n) in enumerate(zip(results, sizes)):
             sums[i] = accumulate_tree(sums[i], r.grads, n, donate_carry)
         n = sum(sizes)
-        loss_sum = loss.double() * n + (carry.loss_sum if carry is not None else 0.0)
-        samples, micro = (carry.samples, carry.micro) if carry is not None else (0, 0)
-        return Accumulation(tuple(sums), samples + n, loss_sum, micro + 1), loss, aux, new_buffers
+        before = carry if carry is not None else Accumulation(None, 0, 0.0, 0)
+        return (Accumulation(tuple(sums), before.samples + n, before.loss_sum + loss.double() * n, before.micro + 1),
+                loss, aux, new_buffers)
 
     def shard_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
                         carry: Accumulation | None = None, donate_carry: bool = False) -> GradResult:

@@ -155,10 +155,9 @@ def add_to_window(carry: Accumulation | None, grads: Any, n: int, loss: torch.Te
     """The window after one more micro-batch of ``n`` samples with mean gradient ``grads`` (fresh
     tensors this function may reuse) and mean ``loss``: ``sum n_m g_m`` grows by ``n * grads``
     (:func:`accumulate_tree`)."""
-    if carry is None:
-        return Accumulation(accumulate_tree(None, grads, n, donate), n, loss.double() * n, 1)
-    return Accumulation(accumulate_tree(carry.grads, grads, n, donate), carry.samples + n,
-                        carry.loss_sum + loss.double() * n, carry.micro + 1)
+    before = carry if carry is not None else Accumulation(None, 0, 0.0, 0)
+    return Accumulation(accumulate_tree(before.grads, grads, n, donate), before.samples + n,
+                        before.loss_sum + loss.double() * n, before.micro + 1)
 
 
 def window_mean(window: Accumulation, loss_scale: Any, *, owned: bool) -> tuple[Any, torch.Tensor]:

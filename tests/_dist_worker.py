@@ -349,7 +349,9 @@ def resume_loader():
                              global_batch=True)
 
 
-class _StopAt(fnnet.callbacks.Callback):
+class StopAt(fnnet.callbacks.Callback):
+    """Ends fit after ``steps`` optimizer steps, as a crash would (after that step's checkpoint)."""
+
     def __init__(self, steps):
         self.steps = steps
 
@@ -364,7 +366,7 @@ def run_resume(out: Path, world: int) -> None:
     trainer = resume_trainer()
     ckpt = fnnet.callbacks.ModelCheckpoint(out / "ckpt", monitor="loss", every_n_steps=1)
     if world == 2:
-        trainer.fit(resume_loader(), epochs=2, verbose=0, callbacks=[ckpt, _StopAt(4)])
+        trainer.fit(resume_loader(), epochs=2, verbose=0, callbacks=[ckpt, StopAt(4)])
     else:
         trainer.fit(resume_loader(), epochs=2, verbose=0, resume=out / "ckpt" / "step.safetensors", callbacks=[ckpt])
         fnnet.save(out / f"resumed-{world}-{distributed.rank()}.safetensors", trainer.state.params)

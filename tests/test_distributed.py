@@ -181,6 +181,14 @@ def test_the_reduction_seam_broadcast_state_and_cross_rank_checks(tmp_path):
                 assert seam["accumulate_loss"] == pytest.approx(float(metrics["loss"]), rel=1e-6)
 
 
+def assert_ranks_hold(tmp_path, name: str, expected: dict, world: int, tol: float = 1e-10) -> None:
+    """Every rank's saved params (``name.format(rank=...)``) equal ``expected``."""
+    for rank in range(world):
+        got = fnnet.load(tmp_path / name.format(rank=rank))
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=tol, atol=tol, msg=f"rank {rank} {name} {k}")
+
+
 def _one_process(name: str, world: int, steps: range, state=None):
     model, opt, loss_fn = W.shard_setup(name)
     step = fnnet.make_train_step(loss_fn, opt)
@@ -236,10 +244,7 @@ def test_sharded_optimizer_state_equals_one_process_and_its_checkpoint_loads_any
         torch.testing.assert_close(on_one.params[k], reference.params[k], rtol=1e-10, atol=1e-10)
     proc = launch("shard-resume", tmp_path, nproc=3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for rank in range(3):
-        got = fnnet.load(tmp_path / f"resumed-3-{rank}.safetensors")
-        for k in reference.params:
-            torch.testing.assert_close(got[k], reference.params[k], rtol=1e-10, atol=1e-10)
+    assert_ranks_hold(tmp_path, "resumed-3-{rank}.safetensors", reference.params, 3)
 
 
 def test_a_collective_that_times_out_names_itself_and_the_step(tmp_path):
@@ -272,10 +277,7 @@ def test_a_checkpoint_of_two_ranks_resumes_inside_its_epoch_on_one_and_on_three(
         torch.testing.assert_close(one.state.params[k], expected.params[k], rtol=1e-10, atol=1e-10)
     proc = launch("resume", tmp_path, nproc=3)  # M = 3
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for rank in range(3):
-        got = fnnet.load(tmp_path / f"resumed-3-{rank}.safetensors")
-        for k in expected.params:
-            torch.testing.assert_close(got[k], expected.params[k], rtol=1e-10, atol=1e-10)
+    assert_ranks_hold(tmp_path, "resumed-3-{rank}.safetensors", expected.params, 3)
 
 
 def test_a_rank_killed_under_torchrun_restarts_and_the_run_resumes_by_itself(tmp_path):
@@ -289,9 +291,7 @@ def test_a_rank_killed_under_torchrun_restarts_and_the_run_resumes_by_itself(tmp
     for rank in range(2):
         info = json.loads((tmp_path / f"restart-{rank}.json").read_text())
         assert info["attempt"] in ("1", "2") and info["step"] == expected.step  # a restarted attempt finished
-        got = fnnet.load(tmp_path / f"restart-{rank}.safetensors")
-        for k in expected.params:
-            torch.testing.assert_close(got[k], expected.params[k], rtol=1e-10, atol=1e-10)
+    assert_ranks_hold(tmp_path, "restart-{rank}.safetensors", expected.params, 2)
 
 
 def test_a_rank_that_raises_ends_the_run_with_its_error(tmp_path):

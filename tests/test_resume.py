@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import fnnet
 from fnnet import optim
+from _dist_worker import StopAt  # noqa: E402  (tests/ is on the path, as for conftest)
 
 N, BATCH, EPOCHS = 45, 8, 3  # 6 batches per epoch, the last one short (5 samples)
 
@@ -28,16 +29,6 @@ def trainer():
 def loader():
     return fnnet.ArrayLoader(data(), BATCH, shuffle=True, key=fnnet.random.key(1))
 
-
-class StopAt(fnnet.callbacks.Callback):
-    """Ends fit after ``steps`` optimizer steps, as a crash would (after that step's checkpoint)."""
-
-    def __init__(self, steps):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, step, metrics):
-        if trainer.state.step == self.steps:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="module")
