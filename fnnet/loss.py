@@ -302,3 +302,13 @@ def supervised_loss(model: Model, loss: Callable[[torch.Tensor, torch.Tensor], t
 
     loss_fn.__name__ = f"supervised_loss[{model.module_type}]"
     return loss_fn
+
+
+# Package-internal names (not in __all__) for the step skeleton, fnnet.step, which calls a loss function
+# the way make_grad_fn does: the convention lives here, once.
+declared_keywords = _declared
+normalise_output = _normalise
+call_loss = _call
+check_buffers_declared = _check_buffers_declared
+check_precision = _check_precision
+rng_scope = _rng_scope
