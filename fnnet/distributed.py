@@ -7,7 +7,7 @@ that sets its environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_AD
 
     torchrun --nproc-per-node 4 train.py          # in train.py:
     fnnet.distributed.init()                      # join the process group (NCCL or gloo)
-    step = fnnet.make_train_step(loss_fn, optimizer, distributed=True)
+    step = fnnet.make_train_step(loss_fn, optimizer, strategy="ddp")   # or DDP(group), ZeRO(2), HSDP(mesh)
     loader = fnnet.ArrayLoader(data, 64, shuffle=True, key=key, shard=fnnet.distributed.shard())
     for batch in loader:                          # each rank gets its part of every batch
         state, metrics = step(state, batch)       # the same state on every rank
@@ -19,6 +19,11 @@ batch. Eager steps put the gradients into buckets of about 25 MB (as DDP) and st
 bucket's all-reduce as soon as its gradients are ready, while the backward pass goes on;
 compiled steps (``jit=True``) use torch's traceable functional collectives, so the all-reduce
 is part of the compiled graph.
+
+The strategies (:class:`DDP`, :class:`ZeRO`, :class:`HSDP`) describe the layout; each builds a
+rank step (``_RankStep``, ``_ShardedStep``: the gradient source, its caches as named fields, the
+checks of a first call) around :func:`fnnet.step.build_train_step`. Every collective runs on the
+strategy's process group or mesh dimension (:class:`Topology`).
 """
 
 from __future__ import annotations

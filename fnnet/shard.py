@@ -13,8 +13,10 @@ flattened elements (possibly empty).
 A rank's *part* of a tree with the params' structure is the same tree with each leaf replaced
 by the 1-D range of it this rank owns (:meth:`Layout.part`): the optimizer runs on it as on any
 tree (``optimizer.init(part)``, ``optimizer.update(part_grads, state, part)``), so masks by key
-path work, and transforms that reduce over leaves sum across ranks through
-:func:`fnnet.optim.global_sum` (``clip_by_global_norm`` does). A step:
+path work; the update gets the whole tree's view explicitly, ``shards=``:class:`fnnet.optim.Shards`
+(a sum over the shard group: ``clip_by_global_norm``'s norm; the whole shapes: a mask function).
+The ranks are those of a shard group (:class:`fnnet.distributed.ZeRO`'s group, or
+:class:`fnnet.distributed.HSDP`'s mesh dimension, whose replicas then all-reduce each part). A step:
 
 * the backward pass fills buckets (weighted by ``n_r / N``) and each full bucket is
   reduce-scattered at once (:func:`fnnet.comm.reduce_scatter`): a rank receives only its chunk;

@@ -15,9 +15,10 @@ multi-process training) is built from two public pieces::
     for batch in loader:
         state, metrics = step(state, batch)
 
-This module is the level above the ways to train: it picks the gradient source (one device,
-:mod:`fnnet.parallel`, :mod:`fnnet.distributed`) and hands it to the one skeleton,
-:func:`fnnet.step.build_train_step`. The loss function's calling convention is described in
+This module is the level above the ways to train: it resolves the strategy
+(:mod:`fnnet.strategy`: one device, :class:`fnnet.parallel.Replicate`,
+:class:`fnnet.distributed.DDP`, ``ZeRO``, ``HSDP``; a string shorthand or the old flags), whose
+``build`` hands its gradient source to the one skeleton, :func:`fnnet.step.build_train_step`. The loss function's calling convention is described in
 :mod:`fnnet.loss` (re-exported here: ``make_grad_fn``, ``supervised_loss``, ``GradResult``).
 """
 
@@ -112,7 +113,7 @@ def make_train_step(
             concatenated micro-batches for a mean-reduced loss, uneven sizes included;
             ``clip_by_global_norm`` and the finite check see the accumulated gradient, float16
             unscales it once and a non-finite window's update is skipped whole (buffers such as
-            BatchNorm statistics that its micro-batches updated keep those updates). ``metrics["updated"]``
+            BatchNorm statistics stay as they were at the window's start). ``metrics["updated"]``
             says whether a call updated, ``metrics["loss"]`` is the window's mean loss so far
             (the true mean over the window on the updating call), ``metrics["batch_loss"]`` the
             micro-batch's; ``state.step`` counts updates. ``step.flush(state)`` applies an
