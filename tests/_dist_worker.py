@@ -417,6 +417,20 @@ def run_strategy_checks(out: Path, me: int, result: dict) -> None:
         result["maskfn_part_init"] = str(err)
 
 
+def run_jit_strategies(out: Path) -> None:
+    """jit=True where it was refused before strategies: ZeRO-2 (compiled gradient function, eager
+    reduce-scatter/update/all-gather) and DDP with a custom reduction (the same split)."""
+    from fnnet import comm
+
+    me, world = distributed.rank(), distributed.world_size()
+    model, opt, loss_fn = shard_setup("clip+adamw")
+    for label, strategy in (("zero2", distributed.ZeRO(2, bucket_mb=0.0003)),
+                            ("reduction", distributed.DDP(bucket_mb=0.0003, reduction=comm.all_reduce))):
+        step = fnnet.make_train_step(loss_fn, opt, strategy=strategy, jit=True)
+        state, _ = _train(step, fnnet.TrainState.create(model.params, opt), world, me, steps=4)
+        fnnet.save(out / f"jit-{label}-{me}.safetensors", state.params)
+
+
 def run_shard_resume(out: Path) -> None:
     """Load the checkpoint a 2-rank sharded run wrote halfway and finish its training on this launch's ranks."""
     me, world = distributed.rank(), distributed.world_size()
@@ -535,6 +549,8 @@ def main() -> None:
             run_timeout(out)
         elif scenario == "shard":
             run_shard(out)
+        elif scenario == "jit-strategies":
+            run_jit_strategies(out)
         elif scenario == "strategies":
             run_strategies(out)
         elif scenario == "shard-resume":

@@ -290,6 +290,15 @@ def test_strategies_on_four_ranks_hsdp_two_groups_shorthands_and_the_rank_checks
         assert len({r["draws"][m] for r in got}) == 4, [r["draws"] for r in got]
 
 
+@pytest.mark.extended
+def test_the_sharded_step_and_a_custom_reduction_compile_with_jit(tmp_path):
+    proc = launch("jit-strategies", tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected = _one_process("clip+adamw", 2, range(4)).params
+    for label in ("zero2", "reduction"):
+        assert_ranks_hold(tmp_path, f"jit-{label}-{{rank}}.safetensors", expected, 2)
+
+
 def test_a_collective_that_times_out_names_itself_and_the_step(tmp_path):
     proc = launch("timeout", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
