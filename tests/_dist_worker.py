@@ -286,7 +286,7 @@ def run_shard(out: Path) -> None:
         loader = fnnet.ArrayLoader((x, y), 4, shuffle=True, key=fnnet.random.key(1), shard=distributed.shard())
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
-        trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), shard_optimizer=True)
+        trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), strategy="zero2")
         trainer.fit(loader, epochs=2, verbose=0)
         trainer.save(out / "sharded-trainer.safetensors")
         fnnet.save(out / f"sharded-trainer-params{me}.safetensors", trainer.state.params)
