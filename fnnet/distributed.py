@@ -499,10 +499,14 @@ def _reduce_extras(loss_sum: torch.Tensor, n: float, total: float, buffers: Any,
     flat = torch.cat([loss_sum.double().reshape(1)] + [buf_leaves[i].double().reshape(-1) * n for i in floats])
     summed = _sum_async(flat, groups)
     ints = {i: b.clone() for i, b in enumerate(buf_leaves) if isinstance(b, torch.Tensor) and i not in floats}
+    # rank 0 of each group in turn (the first group's broadcasts start now): the strategy's rank 0's everywhere
+    int_works = [dist.broadcast(t, src=_global(groups[0], 0), group=groups[0], async_op=True) for t in ints.values()]
 
     def wait() -> tuple[torch.Tensor, Any]:
         summed()
-        for g in groups:  # rank 0 of each group in turn: the strategy's rank 0's everywhere
+        for w in int_works:
+            w.wait()
+        for g in groups[1:]:
             for t in ints.values():
                 dist.broadcast(t, src=_global(g, 0), group=g)
         out, offset = list(buf_leaves), 1
@@ -698,7 +702,7 @@ class _RankStep:
 
     def settings(self) -> dict[str, Any]:
         """What every rank's step must agree on (compared across ranks on the first call)."""
-        return {"strategy": repr(self.strategy).split("(")[0], "accumulate": self.o.accumulate, "jit": self.o.jit,
+        return {"strategy": type(self.strategy).__name__, "accumulate": self.o.accumulate, "jit": self.o.jit,
                 "precision": str(self.o.precision), "bucket_mb": self.strategy.bucket_mb,
                 "skip_nonfinite": self.o.skip_nonfinite}
 

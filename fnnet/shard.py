@@ -226,9 +226,9 @@ def check_backend() -> None:
     """A clear error where the process group's backend lacks reduce-scatter or all-gather."""
     backend = dist.get_backend()
     if REDUCE_SCATTER is None or ALL_GATHER is None:
-        raise RuntimeError(f"shard_optimizer=True needs torch.distributed.reduce_scatter_tensor and "
-                           f"all_gather_into_tensor (torch >= 2.13 with gloo, or NCCL); backend {backend!r} here "
-                           "has neither: train with shard_optimizer=False")
+        raise RuntimeError(f"the ZeRO and HSDP strategies (shard_optimizer=True) need "
+                           f"torch.distributed.reduce_scatter_tensor and all_gather_into_tensor (torch >= 2.13 with "
+                           f"gloo, or NCCL); backend {backend!r} here has neither: train with strategy='ddp'")
 
 
 def _state_param_map(opt_state: Any, params: Any) -> list[int | None]:
