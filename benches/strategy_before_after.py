@@ -48,11 +48,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--probes", nargs="*", default=list(PROBES))
+    parser.add_argument("--start", type=int, default=0, help="the first round's number (more rounds of a run)")
     args = parser.parse_args()
     codes = {"before": args.base.resolve(), "after": ROOT}
     ratios: dict[tuple[str, str], list[float]] = {}
     with args.out.open("a") as out:
-        for r in range(args.rounds):
+        for r in range(args.start, args.start + args.rounds):
             for name in args.probes:
                 order = ("before", "after") if r % 2 == 0 else ("after", "before")
                 for label in order:
