@@ -43,13 +43,31 @@ def callback_states(callbacks: Iterable[Any]) -> str:
     return json.dumps(out)
 
 
-def restore_callbacks(callbacks: Iterable[Any], text: str) -> None:
-    """Give each callback its saved state back (the same callbacks, in the same order, as when saved)."""
-    saved = json.loads(text) if text else {}
+def restore_callbacks(callbacks: Iterable[Any], text: str, source: Any = "the checkpoint") -> None:
+    """Give each callback its saved state back (the same callbacks, in the same order, as when saved); each
+    callback decides whether the book it is given fits its settings. ``source`` (the file) names errors.
+
+    Raises:
+        ValueError: the books are not the JSON fnnet writes (a damaged or crafted ``position.callbacks``),
+            naming ``source`` and the callback.
+    """
+    try:
+        saved = json.loads(text) if text else {}
+    except ValueError as err:
+        raise ValueError(f"'{source}': the callbacks' books (position.callbacks) are not valid JSON ({err}); the file "
+                         "is damaged or was not written by fnnet. Resume from another checkpoint, or load its state "
+                         "alone with trainer.load") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"'{source}': the callbacks' books (position.callbacks) are a JSON {type(saved).__name__}, "
+                         "not the object fnnet writes; the file is damaged or crafted")
     for i, cb in enumerate(callbacks):
         name = f"{i}:{type(cb).__name__}"
         if name in saved and callable(getattr(cb, "load_state_dict", None)):
-            cb.load_state_dict(saved[name])
+            try:
+                cb.load_state_dict(saved[name])
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+                raise ValueError(f"'{source}': the book of callback {name} is malformed ({type(err).__name__}: {err}); "
+                                 "the file is damaged or crafted. Resume from another checkpoint") from None
 
 
 def find_latest(callbacks: Iterable[Any]) -> str | None:
@@ -145,5 +163,5 @@ def resume_fit(trainer: Any, resume: Any, callbacks: list[Any], epochs: int) -> 
     path = find_latest(callbacks) if resume == "auto" else resume
     if path is not None:
         trainer.load(path)
-        restore_callbacks(callbacks, (trainer._position or {}).get("callbacks", ""))
+        restore_callbacks(callbacks, (trainer._position or {}).get("callbacks", ""), path)
     return max(0, epochs - trainer.epoch)

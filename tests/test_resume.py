@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,10 @@ def data():
     return torch.randn(N, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (N,), generator=g)
 
 
-def trainer():
+def trainer(**kwargs):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 2))
-    return fnnet.Trainer(net.double(), F.cross_entropy, optim.adam(0.05), devices="cpu", key=7)
+    return fnnet.Trainer(net.double(), F.cross_entropy, optim.adam(0.05), devices="cpu", key=7, **kwargs)
 
 
 def loader():
@@ -100,3 +102,95 @@ def test_callbacks_keep_their_book_across_a_resume(tmp_path):
     assert fresh[0].best_k == ckpt.best_k
     assert (fresh[1].best, fresh[1].wait) == (stopper.best, stopper.wait)
     assert (fresh[2].best, fresh[2].num_bad_epochs) == (plateau.best, plateau.num_bad_epochs)
+
+
+# -- issue 34 item 1: a checkpoint callback deletes only its own files ------------------------------------------
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_run_resumed_into_another_folder_deletes_nothing_of_the_first_run(tmp_path):
+    run_a, run_b = tmp_path / "runA", tmp_path / "runB"
+    trainer().fit(loader(), epochs=1, verbose=0,  # epoch 2 then improves on epoch 1's loss
+                  callbacks=[fnnet.callbacks.ModelCheckpoint(run_a, monitor="loss", save_last=True)])
+    before = _files(run_a)
+    ckpt = fnnet.callbacks.ModelCheckpoint(run_b, monitor="loss")
+    with pytest.warns(UserWarning, match="dirpath"):  # another folder: another book
+        trainer().fit(loader(), epochs=EPOCHS, verbose=0, resume=run_a / "last.safetensors", callbacks=[ckpt])
+    assert _files(run_a) == before
+    assert ckpt.best_model_path is not None and ckpt.best_model_path.startswith(str(run_b))
+
+
+def test_a_copied_run_folder_resumed_deletes_nothing_of_the_original(tmp_path):
+    import shutil
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    trainer().fit(loader(), epochs=1, verbose=0,
+                  callbacks=[fnnet.callbacks.ModelCheckpoint(original, monitor="loss", save_last=True)])
+    before = _files(original)
+    shutil.copytree(original, copy)
+    with pytest.warns(UserWarning, match="not restored"):
+        trainer().fit(loader(), epochs=EPOCHS, verbose=0, resume=copy / "last.safetensors",
+                      callbacks=[fnnet.callbacks.ModelCheckpoint(copy, monitor="loss")])
+    assert _files(original) == before
+
+
+def test_a_crafted_book_never_names_a_file_to_delete(tmp_path):
+    import json
+
+    folder = tmp_path / "run"
+    ckpt = fnnet.callbacks.ModelCheckpoint(folder, monitor="loss", save_last=True)
+    t = trainer()
+    t.fit(loader(), epochs=1, verbose=0, callbacks=[ckpt])
+    victims = [tmp_path / "victim.safetensors", folder / "notes.safetensors", tmp_path / "epoch=009-loss=9.0000.safetensors"]
+    for v in victims:
+        v.write_text("precious")
+    saved = fnnet.load(folder / "last.safetensors")
+    books = json.loads(saved["position"]["callbacks"])
+    (name, book), = books.items()
+    book["best_k"] = [[9e9, str(victims[0])], [9e9, "notes.safetensors"], [9e9, "../epoch=009-loss=9.0000.safetensors"]]
+    saved["position"]["callbacks"] = json.dumps({name: book})
+    fnnet.save(folder / "crafted.safetensors", saved)
+    fresh = fnnet.callbacks.ModelCheckpoint(folder, monitor="loss", save_top_k=1, save_last=True)
+    with pytest.warns(UserWarning, match="never deleted"):
+        trainer().fit(loader(), epochs=3, verbose=0, resume=folder / "crafted.safetensors", callbacks=[fresh])
+    assert all(v.read_text() == "precious" for v in victims)
+    assert fresh.best_model_path.startswith(str(folder)) and len(fresh.best_k) == 1
+
+
+def test_crafted_books_that_are_not_json_name_the_file(tmp_path):
+    t = trainer()
+    t.fit(loader(), epochs=1, verbose=0)
+    saved = t.checkpoint()
+    saved["position"]["callbacks"] = "{not json"
+    fnnet.save(tmp_path / "bad.safetensors", saved)
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*not valid JSON"):
+        trainer().fit(loader(), epochs=2, verbose=0, resume=tmp_path / "bad.safetensors")
+
+
+# -- issue 34 item 2: a book is restored only under the settings it was kept with ----------------------------
+
+
+def test_books_kept_under_other_settings_start_fresh_with_a_warning(tmp_path):
+    zero = {"zero": lambda outputs, targets: outputs.sum() * 0}  # a score below every loss
+    t = trainer(metrics=zero)
+    t.fit(loader(), epochs=2, verbose=0, callbacks=[
+        fnnet.callbacks.ModelCheckpoint(tmp_path, monitor="loss", mode="min"),
+        fnnet.callbacks.EarlyStopping(monitor="loss", mode="min", patience=5),
+        fnnet.callbacks.ReduceLROnPlateau(monitor="loss", mode="min", patience=0)])
+    t.save(tmp_path / "here.safetensors")
+    # another monitor, maximised: the old book's best (a loss) would block every save and count every epoch bad
+    ckpt = fnnet.callbacks.ModelCheckpoint(tmp_path, monitor="zero", mode="max")
+    stopper = fnnet.callbacks.EarlyStopping(monitor="zero", mode="max", patience=5)
+    plateau = fnnet.callbacks.ReduceLROnPlateau(monitor="zero", mode="max", patience=0)
+    again = trainer(metrics=zero)
+    with pytest.warns(UserWarning, match="monitor='loss', mode='min'.*this callback has monitor='zero', mode='max'.*"
+                      "starts fresh") as seen:
+        again.fit(loader(), epochs=3, verbose=0, resume=tmp_path / "here.safetensors", callbacks=[ckpt, stopper, plateau])
+    assert {str(w.message).split(":")[0] for w in seen if "starts fresh" in str(w.message)} == {
+        "ModelCheckpoint", "EarlyStopping", "ReduceLROnPlateau"}
+    assert [s for s, _ in ckpt.best_k] == [0.0] and os.path.exists(ckpt.best_model_path)
+    assert (stopper.best, stopper.wait) == (0.0, 0)
+    assert (plateau.best, plateau.num_bad_epochs) == (0.0, 0)
