@@ -872,3 +872,71 @@ def test_every_single_byte_of_the_header_is_covered(tmp_path):
         bad.write_bytes(raw[:cut])
         with pytest.raises(ValueError):
             checkpoint.load(bad)
+
+
+# -- issue 34 items 7, 8: sizes checked before anything is allocated; only regular files are read ---------------
+
+
+def _peak_rss_kb() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+
+
+def _sparse_crafted(tmp_path, nbytes):
+    """An fnnet checkpoint declaring one float32 tensor of ``nbytes`` over a sparse file: its digest recomputed
+    (it is unkeyed: anyone can), its CRC-32 that of the 4 bytes-long tensor it replaced."""
+    import hashlib
+
+    small = tmp_path / "small.safetensors"
+    checkpoint.save(small, {"w": torch.zeros(4)})
+    data = small.read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    name = next(k for k in header if k != "__metadata__")
+    header[name] = {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}
+    meta = header["__metadata__"]
+    h = hashlib.sha256()  # the digest as _file.py documents it: every metadata entry, then each tensor's name/dtype/shape
+    for key in sorted(k for k in meta if k != "fnnet.checksum"):
+        h.update(key.encode() + b"\0" + meta[key].encode() + b"\0")
+    h.update(f"{name}\0torch.float32\0{[nbytes // 4]}\0".encode())
+    meta["fnnet.checksum"] = h.hexdigest()
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "sparse.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + nbytes)  # a hole: no disk used
+    return path
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory read from Linux's /proc")
+def test_a_crafted_size_is_refused_before_it_is_allocated(tmp_path):
+    nbytes = 1 << 28
+    path = _sparse_crafted(tmp_path, nbytes)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size
+    before = _peak_rss_kb()
+    with pytest.raises(ValueError, match=r"sparse\.safetensors.*fails its CRC-32"):
+        checkpoint.load(path)
+    assert (_peak_rss_kb() - before) * 1024 < nbytes // 4  # the 256 MB declared were never allocated
+    cut = tmp_path / "cut.safetensors"  # a declared size past the file's end: refused from the header alone
+    with open(path, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(4096))
+    with pytest.raises(ValueError, match=r"cut\.safetensors.*declared at bytes \[0, 268435456\)"):
+        checkpoint.load(cut)
+
+
+def test_a_fifo_or_a_broken_link_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    # in a child process: the old behaviour blocked in open(), holding the interpreter, until a writer came
+    code = ("import fnnet\ntry:\n    fnnet.load(%r)\nexcept ValueError as err:\n    print(err)" % str(fifo))
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail("fnnet.load waited on a FIFO")
+    assert "pipe.safetensors' is a FIFO (named pipe), not a regular file" in out
+    with pytest.raises(ValueError, match="FIFO"):
+        checkpoint.load_state_dict(fifo)
+    link = tmp_path / "link.safetensors"
+    os.symlink(tmp_path / "gone.safetensors", link)
+    with pytest.raises(FileNotFoundError, match=r"link\.safetensors.*broken link"):
+        checkpoint.load(link)
