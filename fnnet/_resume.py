@@ -81,6 +81,39 @@ def find_latest(callbacks: Iterable[Any]) -> str | None:
     return max(files, key=os.path.getmtime) if files else None
 
 
+def _batches_on(loader: ArrayLoader, world: int) -> int:
+    """How many batches an epoch of a ``global_batch`` loader has on ``world`` ranks (``ArrayLoader.__len__``'s rule:
+    a last global batch smaller than the world joins the one before it)."""
+    n, b = loader.num_samples, loader.batch_size
+    if loader.drop_last:
+        return n // b
+    count = -(-n // b)
+    return count - 1 if world > 1 and count > 1 and n - (count - 1) * b < world else count
+
+
+def check_world(loader: Any, saved: dict[str, Any] | None, path: Any) -> None:
+    """Refuse to resume a ``global_batch`` run on a number of ranks where an epoch has another number of batches
+    than on the ranks that wrote the checkpoint: the rest of training would be another run's.
+
+    Raises:
+        ValueError: naming the file, both worlds, both batch counts and what would resume exactly.
+    """
+    if not (isinstance(loader, ArrayLoader) and loader.global_batch and saved):
+        return
+    then, now = int(saved.get("world_size", 0)), loader.shard[1] if loader.shard else 1
+    if then < 1 or then == now or _batches_on(loader, then) == _batches_on(loader, now):
+        return
+    last = loader.num_samples - (-(-loader.num_samples // loader.batch_size) - 1) * loader.batch_size
+    raise ValueError(
+        f"'{path}' was written by {then} rank(s), where an epoch of this loader has {_batches_on(loader, then)} batches; "
+        f"on {now} ranks it has {_batches_on(loader, now)}: its last global batch ({last} samples) "
+        f"{'is smaller than' if last < now else 'covers'} the {now} ranks, and a last global batch smaller than the "
+        "ranks joins the batch before it (no rank can take an empty part). Resuming would run other steps than the "
+        f"uninterrupted run. Resume on {then} ranks (any number of ranks {'<=' if then <= last else '>'} {last} "
+        "gives the same batches), or start a run whose "
+        "loader drops the short batch (ArrayLoader(..., drop_last=True)) or whose batch_size divides the samples")
+
+
 class _Rest:
     """The batches of ``epoch`` from batch ``start`` on, with a length (the Trainer counts on it)."""
 
@@ -156,12 +189,13 @@ def load_checkpoint(path: Any, like: dict[str, Any], device: Any) -> tuple[Any, 
     raise first_error  # type: ignore[misc]
 
 
-def resume_fit(trainer: Any, resume: Any, callbacks: list[Any], epochs: int) -> int:
+def resume_fit(trainer: Any, resume: Any, callbacks: list[Any], epochs: int, loader: Any = None) -> int:
     """Load ``resume`` (a path, or ``"auto"``: the newest checkpoint of the ``ModelCheckpoint`` folders,
     none on a first run) into ``trainer`` with its callbacks' state; returns the epochs left of ``epochs``
     (the total)."""
     path = find_latest(callbacks) if resume == "auto" else resume
     if path is not None:
         trainer.load(path)
+        check_world(loader, trainer._position, path)
         restore_callbacks(callbacks, (trainer._position or {}).get("callbacks", ""), path)
     return max(0, epochs - trainer.epoch)

@@ -297,7 +297,7 @@ class Trainer:
         cbs = CallbackList(callbacks)
         self._global_batch, self._callbacks = global_batch_of(train_data), cbs.callbacks
         if resume is not None:  # epochs is then the total (Lightning's max_epochs): a restarted script runs as is
-            epochs = resume_fit(self, resume, cbs.callbacks, epochs)
+            epochs = resume_fit(self, resume, cbs.callbacks, epochs, train_data)
         verbose = verbose if _dist.is_main() else 0  # one rank prints
         if verbose and not self._announced:
             print(banner(self.devices, self.precision, self.jit))

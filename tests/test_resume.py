@@ -194,3 +194,31 @@ def test_books_kept_under_other_settings_start_fresh_with_a_warning(tmp_path):
     assert [s for s, _ in ckpt.best_k] == [0.0] and os.path.exists(ckpt.best_model_path)
     assert (stopper.best, stopper.wait) == (0.0, 0)
     assert (plateau.best, plateau.num_bad_epochs) == (0.0, 0)
+
+
+# -- issue 34 item 6: a global batch resumed on a world where an epoch has other batches is refused ----------------
+
+
+def test_a_global_batch_resume_onto_a_world_that_changes_the_epoch_is_refused(tmp_path):
+    # 50 samples in global batches of 12: 5 batches on 2 ranks (the last, of 2 samples, split 1 + 1), 4 on 3
+    # ranks (2 samples cannot give 3 ranks one each: the last joins the one before), so a resume would run 8
+    # steps in 2 epochs where the 2-rank run ran 10. The position is the one a 2-rank run writes (world_size 2).
+    g = torch.Generator().manual_seed(5)
+    arrays = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (50,), generator=g)
+
+    def part(rank, world):
+        return fnnet.ArrayLoader(arrays, 12, shuffle=True, key=fnnet.random.key(1), global_batch=True,
+                                 shard=(rank, world))
+
+    t = trainer()
+    t.fit(part(0, 2), epochs=1, verbose=0, callbacks=[StopAt(2)])
+    saved = t.checkpoint()
+    saved["position"]["world_size"] = 2
+    fnnet.save(tmp_path / "two.safetensors", saved)
+    with pytest.raises(ValueError, match=r"two\.safetensors' was written by 2 rank\(s\), where an epoch of this loader "
+                                         r"has 5 batches; on 3 ranks it has 4.*Resume on 2 ranks"):
+        trainer().fit(part(0, 3), epochs=2, verbose=0, resume=tmp_path / "two.safetensors")
+    for world in (1, 2):  # where an epoch has the same 5 batches, the resume goes on
+        again = trainer()
+        again.fit(part(0, world), epochs=2, verbose=0, resume=tmp_path / "two.safetensors")
+        assert again.state.step == 10  # 5 batches in each of the 2 epochs
