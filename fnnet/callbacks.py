@@ -282,6 +282,19 @@ class ModelCheckpoint(Callback):
                           f"never deleted (it deletes only its own files in '{self.dirpath}')", UserWarning,
                           stacklevel=user_stacklevel())
 
+    def checkpoint_files(self) -> list[str]:
+        """The regular files in ``dirpath`` named as this callback names its files (``filename``'s form,
+        ``last.safetensors``, ``step.safetensors``): what ``fit(resume="auto")`` chooses from. Another file there
+        (pretrained weights, a broken link) is never one of them."""
+        pattern = _name_pattern(self.filename, self.monitor)
+        try:
+            names = os.listdir(self.dirpath)
+        except OSError:
+            return []
+        return [os.path.join(self.dirpath, n) for n in sorted(names)
+                if (n in ("last.safetensors", "step.safetensors") or pattern.fullmatch(n))
+                and os.path.isfile(os.path.join(self.dirpath, n))]
+
     @property
     def best_model_path(self) -> str | None:
         return self.best_k[0][1] if self.best_k else None

@@ -79,7 +79,7 @@ from . import random as _random
 from ._loop import (Bar, EpochMetrics, banner, check_fit_options, check_reiterable, check_same_batch_count,
                     deferred_interrupt, epoch_line, input_batches, learning_rate, report_nonfinite, with_context)
 from .callbacks import CallbackList
-from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit
+from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit, samples_of
 from ._setup import build_steps, initial_state, resolve_devices, resolve_optimizer, sync_module
 from .batch import as_arrays
 from .data import ArrayLoader, fit_loaders, num_batches, set_epoch
@@ -167,6 +167,10 @@ class Trainer:
                  accumulate_grad_batches: int = 1, shard_optimizer: bool = False):
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(outputs, targets), got {type(loss).__name__}")
+        if (isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int)
+                or accumulate_grad_batches < 1):
+            raise ValueError(f"Trainer: accumulate_grad_batches must be an int >= 1 (one optimizer update per this many "
+                             f"batches; 1: no accumulation), got {accumulate_grad_batches!r}")
         self.distributed, self.devices = resolve_devices(devices, distributed)
         self._rank_shard = _dist.shard() if self.distributed else None  # this rank's part of arrays fit batches
         self.device = self.devices[0]  # where the state lives; with several devices, the first
@@ -192,6 +196,7 @@ class Trainer:
         self._adopt(state)
         self.history = History()
         self.epoch, self._batch_in_epoch, self._position, self._global_batch, self._callbacks = 0, 0, None, -1, []
+        self._samples = -1
         self.stop_training = False
         self._announced = False
 
@@ -296,9 +301,10 @@ class Trainer:
         check_reiterable(epochs, train_data=train_data, val_data=val_data)
         cbs = CallbackList(callbacks)
         self._global_batch, self._callbacks = global_batch_of(train_data), cbs.callbacks
-        if resume is not None:  # epochs is then the total (Lightning's max_epochs): a restarted script runs as is
-            epochs = resume_fit(self, resume, cbs.callbacks, epochs, train_data)
+        self._samples = samples_of(train_data)
         verbose = verbose if _dist.is_main() else 0  # one rank prints
+        if resume is not None:  # epochs is then the total (Lightning's max_epochs): a restarted script runs as is
+            epochs = resume_fit(self, resume, cbs.callbacks, epochs, train_data, verbose)
         if verbose and not self._announced:
             print(banner(self.devices, self.precision, self.jit))
             self._announced = True
@@ -381,7 +387,8 @@ class Trainer:
         """What :meth:`save` writes: ``{"state": trainer.state, "epoch": epochs completed}``, the optimizer
         state whole (gathered from every rank's part under ``shard_optimizer``: every rank calls this)."""
         return {"state": getattr(self.train_step, "gather_state", lambda s: s)(self.state), "epoch": self.epoch,
-                "position": position(self._batch_in_epoch, _dist.world_size(), self._global_batch, self._callbacks)}
+                "position": position(self._batch_in_epoch, _dist.world_size(), self._global_batch, self._callbacks,
+                                     self._samples)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`checkpoint` to ``path`` (``fnnet.save``: atomic, checksummed): ``fnnet.load(path)["state"]``

@@ -222,3 +222,64 @@ def test_a_global_batch_resume_onto_a_world_that_changes_the_epoch_is_refused(tm
         again = trainer()
         again.fit(part(0, world), epochs=2, verbose=0, resume=tmp_path / "two.safetensors")
         assert again.state.step == 10  # 5 batches in each of the 2 epochs
+
+
+# -- issue 34, weak messages: resume says what it does, picks only its own files, refuses what would not continue --
+
+
+def test_resume_auto_takes_only_the_callbacks_files_and_says_where_it_continues(tmp_path, capsys):
+    folder = tmp_path / "run"
+    trainer().fit(loader(), epochs=1, verbose=0, callbacks=[
+        fnnet.callbacks.ModelCheckpoint(folder, monitor="loss", every_n_steps=1), StopAt(4)])
+    fnnet.save(folder / "pretrained.safetensors", trainer().state.params)  # newer, and no checkpoint of this run
+    os.symlink(folder / "gone.safetensors", folder / "epoch=009-loss=0.1000.safetensors")  # a broken link
+    again = trainer()
+    again.fit(loader(), epochs=2, verbose=1, resume="auto",
+              callbacks=[fnnet.callbacks.ModelCheckpoint(folder, monitor="loss", every_n_steps=1)])
+    out = capsys.readouterr().out
+    assert f"resuming from '{folder / 'step.safetensors'}' (step 4): continuing at epoch 1 after batch 4 of 6" in out
+    assert again.state.step == 12
+    done = trainer()
+    done.fit(loader(), epochs=2, verbose=1, resume=folder / "step.safetensors")
+    assert "2 of 2 epochs done, nothing to do" in capsys.readouterr().out and done.state.step == 12
+
+
+def test_resume_refuses_what_would_not_continue_the_saved_run(tmp_path):
+    t = trainer()
+    t.fit(loader(), epochs=2, verbose=0, callbacks=[StopAt(9)])  # epoch 2, after batch 3
+    t.save(tmp_path / "mid.safetensors")
+    with pytest.raises(TypeError, match="pass resume='auto'"):
+        trainer().fit(loader(), epochs=3, verbose=0, resume=True)
+    with pytest.raises(ValueError, match=r"has already completed 1 epochs; with resume=, epochs is the total"):
+        trainer().fit(loader(), epochs=0, verbose=0, resume=tmp_path / "mid.safetensors")
+    g = torch.Generator().manual_seed(3)
+    longer = fnnet.ArrayLoader((torch.randn(53, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (53,))),
+                               BATCH, shuffle=True, key=fnnet.random.key(1))
+    with pytest.raises(ValueError, match=r"mid\.safetensors' stopped after batch 3 of epoch 2 of a dataset of 45 "
+                                         r"samples; train_data has 53"):
+        trainer().fit(longer, epochs=3, verbose=0, resume=tmp_path / "mid.safetensors")
+    with pytest.raises(ValueError, match="accumulate_grad_batches must be an int >= 1"):
+        trainer(accumulate_grad_batches=0)
+
+
+def test_a_file_saved_inside_an_accumulation_window_says_why_it_does_not_resume(tmp_path):
+    class StopInsideAWindow(fnnet.callbacks.Callback):
+        def on_train_batch_end(self, trainer, step, metrics):
+            if trainer.state.accum is not None:
+                raise KeyboardInterrupt
+
+    t = trainer(accumulate_grad_batches=2)
+    t.fit(loader(), epochs=1, verbose=0, callbacks=[StopInsideAWindow()])
+    t.save(tmp_path / "window.safetensors")
+    with pytest.raises(ValueError, match=r"window\.safetensors' was saved inside a gradient-accumulation window"):
+        trainer(accumulate_grad_batches=2).fit(loader(), epochs=1, verbose=0, resume=tmp_path / "window.safetensors")
+    with pytest.raises(ValueError, match="inside a gradient-accumulation window"):
+        trainer(accumulate_grad_batches=2).load(tmp_path / "window.safetensors")
+
+
+def test_the_cli_says_in_one_line_that_a_resume_file_is_missing(tmp_path, capsys):
+    from fnnet import cli
+
+    assert cli.main(["train", "digits", "--out", str(tmp_path), "--resume", str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" in err and "missing.safetensors': no such file" in err
