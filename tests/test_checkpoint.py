@@ -924,16 +924,33 @@ def test_a_crafted_size_is_refused_before_it_is_allocated(tmp_path):
         checkpoint.load(cut)
 
 
-def test_a_fifo_or_a_broken_link_is_refused_at_once(tmp_path):
-    fifo = tmp_path / "pipe.safetensors"
+def test_a_fifo_is_refused_at_once_and_a_full_disk_names_the_file_and_what_was_kept(tmp_path):
+    fifo, target = tmp_path / "pipe.safetensors", tmp_path / "kept.safetensors"
     os.mkfifo(fifo)
-    # in a child process: the old behaviour blocked in open(), holding the interpreter, until a writer came
-    code = ("import fnnet\ntry:\n    fnnet.load(%r)\nexcept ValueError as err:\n    print(err)" % str(fifo))
+    checkpoint.save(target, {"w": torch.ones(4)})
+    # in a child process: the old behaviour blocked in open(), holding the interpreter, until a writer came; and a
+    # file size limit (RLIMIT_FSIZE) makes writes fail as a full disk does, without filling one
+    code = f"""
+import resource, signal, torch, fnnet
+try:
+    fnnet.load({str(fifo)!r})
+except ValueError as err:
+    print(err)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    fnnet.save({str(target)!r}, {{"w": torch.zeros(1 << 16)}})
+except OSError as err:
+    print(err)
+"""
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     except subprocess.TimeoutExpired:
         pytest.fail("fnnet.load waited on a FIFO")
     assert "pipe.safetensors' is a FIFO (named pipe), not a regular file" in out
+    assert "could not write '" + str(target) + "' (File too large" in out and "the file already there is kept" in out
+    assert torch.equal(checkpoint.load(target)["w"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
     with pytest.raises(ValueError, match="FIFO"):
         checkpoint.load_state_dict(fifo)
     link = tmp_path / "link.safetensors"

@@ -22,6 +22,7 @@ compute it; what makes loading a crafted file safe is that nothing in it is impo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -137,6 +138,17 @@ def _check_target(path: str) -> str:
     return folder
 
 
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # full disk, quota, file size limit
+
+
+def _storage_error(exc: BaseException) -> int | None:
+    """The errno of a write that ran out of room (an ``OSError``, or safetensors' error quoting "os error N")."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRORS:
+        return exc.errno
+    match = re.search(r"os error (\d+)", str(exc)) if isinstance(exc, safetensors.SafetensorError) else None
+    return int(match[1]) if match and int(match[1]) in _STORAGE_ERRORS else None
+
+
 def write(path: str, tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> None:
     """Write ``tensors`` and ``structure`` (a JSON node) to ``path`` atomically, with checksums."""
     folder = _check_target(path)  # before the checksums: a bad target fails without a pass over the data
@@ -162,8 +174,16 @@ def write(path: str, tensors: dict[str, torch.Tensor], structure: dict[str, Any]
         with open(data, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(data, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _storage_error(exc)
+        if full is not None:
+            kept = ("the file already there is kept as it was" if os.path.exists(path)
+                    else "nothing was written at that path")
+            raise OSError(full, f"save: could not write '{path}' ({os.strerror(full)}, while writing "
+                                f"{sum(t.nbytes for t in tensors.values())} bytes of tensors into '{folder}'); the "
+                                f"partial temporary was removed and {kept}. Free space on that file system or save "
+                                "elsewhere") from None
         raise
     try:
         os.rmdir(tmp)
