@@ -35,7 +35,8 @@ then this rank's device.
 across devices or ranks per update). ``trainer.state.step``, schedules, per-step
 ``LearningRateSchedule`` callbacks and the progress bar count optimizer updates; epoch losses
 and metrics average over every sample. An epoch whose batches do not fill its last window
-applies that partial window as one update, weighted by its samples (as Lightning does), so no
+applies that partial window as one update, weighted by its samples (Lightning updates there too, but
+divides each micro-batch's loss by ``k``, so its numbers differ: see README), so no
 window spans two epochs and a checkpoint at an epoch's end holds no unfinished window.
 
 **Sharded optimizer state.** ``Trainer(..., shard_optimizer=True)`` under ``torchrun`` builds
@@ -275,7 +276,8 @@ class Trainer:
             validation_split: with ``(X, y)`` and no ``val_data``, the last fraction of the samples
                 (taken before any shuffling, as Keras does) validates instead of training.
             epochs: how many epochs to run in this call; calling ``fit`` again continues from the
-                current state (epochs keep counting, and so does a loaded checkpoint's).
+                current state (epochs keep counting, and so does a loaded checkpoint's: after
+                :meth:`load`, ``epochs`` more). With ``resume=`` it is the total instead (below).
             callbacks: objects with hook methods (see ``fnnet.callbacks``).
             log_every: check the loss and refresh the progress bar every this many steps; each
                 check reads from the device, a sync. Default: about ten times per epoch.
@@ -287,7 +289,10 @@ class Trainer:
                 loss stops it.)
             resume: a checkpoint path, or ``"auto"``: the newest file in the ``ModelCheckpoint`` folders
                 (none: start afresh), so a restarted script resumes by itself, from the next batch of
-                the saved epoch; ``epochs`` then counts from the start of training (module docstring).
+                the saved epoch; ``epochs`` then counts from the start of training (module docstring):
+                Lightning's ``max_epochs``, so a restarted script runs as is. Below the epochs the file has
+                done it is a ``ValueError``; equal, there is nothing to do (said with ``verbose``). With
+                ``verbose``, says which file, epoch and batch it continues from.
 
         The logged ``lr`` is the learning rate of the epoch's last update. Ctrl-C (SIGINT) ends
         training after the current step: ``on_fit_end`` callbacks still run and the history so
@@ -408,6 +413,8 @@ class Trainer:
         the current state (structure, shapes, dtypes: every mismatch named), on the trainer's device in its
         layout; the epoch count drives the loader's order and per-epoch schedules, so training resumes where
         it stopped. A bare ``TrainState`` file (``fnnet.save(path, state)``) loads too, keeping the epoch count.
+        A later ``fit(epochs=n)`` runs ``n`` more epochs; ``fit(epochs=E, resume=path)`` instead loads the file
+        and the callbacks' books and runs until epoch ``E`` in total.
         """
         state, epoch, self._position = load_checkpoint(path, self.checkpoint(), self.device)  # every rank
         self.epoch = self.epoch if epoch is None else epoch
