@@ -957,3 +957,34 @@ except OSError as err:
     os.symlink(tmp_path / "gone.safetensors", link)
     with pytest.raises(FileNotFoundError, match=r"link\.safetensors.*broken link"):
         checkpoint.load(link)
+
+
+@dataclasses.dataclass
+class Grown:
+    """A state class that gained fields since a file was written (as TrainState gained ``accum``)."""
+
+    a: torch.Tensor
+    b: Any = None
+    c: int = 3
+    d: list = dataclasses.field(default_factory=lambda: [1, 2])
+
+
+tree.register_dataclass(Grown)
+checkpoint.register("tests.Grown", Grown)
+
+
+def test_an_older_file_loads_into_a_class_with_added_fields_with_their_defaults(tmp_path):
+    path = tmp_path / "new.safetensors"
+    checkpoint.save(path, Grown(torch.arange(3.0), b=torch.ones(2), c=7, d=[5]))
+    with safetensors.safe_open(str(path), "pt") as f:
+        structure = json.loads(f.metadata()["fnnet.tree"])
+    tensors = {"a": torch.arange(3.0)}
+    for kept in (1, 2):  # written when the class had fields a (then b too): the others were added since
+        older = {**structure, "entries": structure["entries"][:kept], "children": structure["children"][:kept]}
+        _craft(tmp_path / "old.safetensors", {**tensors, **({"b": torch.ones(2)} if kept == 2 else {})}, older)
+        got = checkpoint.load(tmp_path / "old.safetensors")
+        assert isinstance(got, Grown) and torch.equal(got.a, torch.arange(3.0))
+        assert (got.b is None) if kept == 1 else torch.equal(got.b, torch.ones(2))
+        assert (got.c, got.d) == (3, [1, 2])
+        again = checkpoint.load(tmp_path / "old.safetensors")
+        assert again.d is not got.d  # a default_factory gives each load its own
