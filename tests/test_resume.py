@@ -283,3 +283,55 @@ def test_the_cli_says_in_one_line_that_a_resume_file_is_missing(tmp_path, capsys
     assert cli.main(["train", "digits", "--out", str(tmp_path), "--resume", str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--resume" in err and "missing.safetensors': no such file" in err
+
+
+# -- issue 34, tests that could not fail ---------------------------------------------------------------------------
+
+
+def test_a_run_resumed_twice_inside_one_epoch_equals_the_uninterrupted_run(tmp_path, uninterrupted):
+    # the second stop is a checkpoint written by the resumed run itself: its position counts the batches before
+    # the first resume too (a mutant that restarts the count at the resume, seen here, passes the one-resume test)
+    callbacks = lambda *extra: [fnnet.callbacks.ModelCheckpoint(tmp_path, monitor="loss", every_n_steps=1), *extra]  # noqa: E731
+    trainer().fit(loader(), epochs=EPOCHS, verbose=0, callbacks=callbacks(StopAt(8)))   # epoch 2, batch 2
+    second = trainer()
+    second.fit(loader(), epochs=EPOCHS, verbose=0, resume="auto", callbacks=callbacks(StopAt(10)))  # batch 4
+    assert fnnet.load(tmp_path / "step.safetensors")["position"]["batch"] == 4
+    last = trainer()
+    last.fit(loader(), epochs=EPOCHS, verbose=0, resume="auto", callbacks=callbacks())
+    expected, _ = uninterrupted
+    assert last.state.step == expected.step and last.epoch == EPOCHS
+    assert fnnet.tree.all_equal(last.state.params, expected.params)
+    assert fnnet.tree.all_equal(last.state.opt_state, expected.opt_state)
+
+
+def test_every_n_steps_keeps_the_last_multiple_of_n(tmp_path):
+    t = trainer()
+    t.fit(loader(), epochs=1, verbose=0, callbacks=[
+        fnnet.callbacks.ModelCheckpoint(tmp_path, monitor="loss", every_n_steps=3), StopAt(5)])
+    at3 = trainer()
+    at3.fit(loader(), epochs=1, verbose=0, callbacks=[StopAt(3)])
+    saved = fnnet.load(tmp_path / "step.safetensors")
+    assert saved["state"].step == 3 and saved["position"]["batch"] == 3 and t.state.step == 5
+    assert fnnet.tree.all_equal(saved["state"].params, at3.state.params)
+
+
+def test_an_epochs_file_records_that_epochs_books(tmp_path):
+    import json
+
+    # ModelCheckpoint first in the list: the callback list still runs it last at an epoch's end, so its file holds
+    # EarlyStopping's and ReduceLROnPlateau's books after this epoch (a mutant that keeps the list's order fails)
+    ckpt = fnnet.callbacks.ModelCheckpoint(tmp_path, monitor="loss", save_top_k=-1)
+    stopper = fnnet.callbacks.EarlyStopping(monitor="loss", patience=50)
+    plateau = fnnet.callbacks.ReduceLROnPlateau(monitor="loss", patience=5)
+    history = trainer().fit(loader(), epochs=3, verbose=0, callbacks=[ckpt, stopper, plateau])
+    losses = history["loss"]
+    for epoch in (1, 2, 3):
+        (path,) = [p for p in tmp_path.iterdir() if p.name.startswith(f"epoch={epoch:03d}-")]
+        books = json.loads(fnnet.load(path)["position"]["callbacks"])
+        seen = losses[:epoch]
+        best = min(seen)
+        assert books["1:EarlyStopping"]["best"] == best
+        assert books["1:EarlyStopping"]["wait"] == epoch - 1 - seen.index(best)
+        assert books["2:ReduceLROnPlateau"]["best"] == best
+        assert sorted(s for s, _ in books["0:ModelCheckpoint"]["best_k"]) == sorted(seen)
+        assert books["0:ModelCheckpoint"]["best_k"][0][1] == os.path.basename(ckpt.best_k[[s for s, _ in ckpt.best_k].index(best)][1])
