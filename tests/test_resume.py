@@ -335,3 +335,18 @@ def test_an_epochs_file_records_that_epochs_books(tmp_path):
         assert books["2:ReduceLROnPlateau"]["best"] == best
         assert sorted(s for s, _ in books["0:ModelCheckpoint"]["best_k"]) == sorted(seen)
         assert books["0:ModelCheckpoint"]["best_k"][0][1] == os.path.basename(ckpt.best_k[[s for s, _ in ckpt.best_k].index(best)][1])
+
+
+def test_a_position_without_samples_still_resumes_inside_its_epoch(tmp_path, uninterrupted):
+    import warnings
+
+    t = trainer()
+    t.fit(loader(), epochs=EPOCHS, verbose=0, callbacks=[StopAt(8)])
+    saved = t.checkpoint()
+    del saved["position"]["samples"]  # what fnnet 0.3 wrote
+    fnnet.save(tmp_path / "v03.safetensors", saved)
+    again = trainer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "older fnnet" fallback to the next epoch
+        again.fit(loader(), epochs=EPOCHS, verbose=0, resume=tmp_path / "v03.safetensors")
+    assert fnnet.tree.all_equal(again.state.params, uninterrupted[0].params)
