@@ -324,7 +324,7 @@ class Trainer:
                     data = rest_of_epoch(train_data, epoch, skip, (self._position or {}).get("global_batch", -1))
                     self._batch_in_epoch, self._position = skip, None
                     if data is None:  # a checkpoint after the epoch's last step: its end did not happen, skip it
-                        self.epoch += 1
+                        self.epoch, self._batch_in_epoch = self.epoch + 1, 0  # a later file: the next epoch's start
                         continue
                     cbs("on_epoch_start", self, epoch)
                     start = time.perf_counter()

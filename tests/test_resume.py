@@ -350,3 +350,16 @@ def test_a_position_without_samples_still_resumes_inside_its_epoch(tmp_path, uni
         warnings.simplefilter("error")  # no "older fnnet" fallback to the next epoch
         again.fit(loader(), epochs=EPOCHS, verbose=0, resume=tmp_path / "v03.safetensors")
     assert fnnet.tree.all_equal(again.state.params, uninterrupted[0].params)
+
+
+def test_a_file_after_an_epochs_last_step_resumes_at_the_next_epoch_and_records_its_start(tmp_path, uninterrupted):
+    # found by the soak (benches/soak_restarts.py): the skipped epoch end kept its batch count, so the next file
+    # claimed 6 batches of the following epoch done
+    trainer().fit(loader(), epochs=EPOCHS, verbose=0, callbacks=[
+        fnnet.callbacks.ModelCheckpoint(tmp_path, monitor="loss", every_n_steps=1), StopAt(12)])  # epoch 2's last step
+    assert fnnet.load(tmp_path / "step.safetensors")["position"]["batch"] == 6
+    again = trainer()
+    again.fit(loader(), epochs=2, verbose=0, resume=tmp_path / "step.safetensors")
+    assert again.epoch == 2 and again.checkpoint()["position"]["batch"] == 0
+    again.fit(loader(), epochs=1, verbose=0)
+    assert fnnet.tree.all_equal(again.state.params, uninterrupted[0].params)
