@@ -174,7 +174,9 @@ def main() -> None:
         kills.append(kill)
         print(json.dumps(kill), flush=True)
     rc = proc.wait()
-    result = {"kills": kills, "reference_rc": ref_rc, "soak_rc": rc, "reference_s": round(ref_s, 1),
+    import torch
+
+    result = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "kills": kills, "reference_rc": ref_rc, "soak_rc": rc, "reference_s": round(ref_s, 1),
               "soak_s": round(time.monotonic() - t0 - ref_s, 1),
               "setup": {"ranks": 2, "epochs": EPOCHS, "samples": SAMPLES, "global_batch": BATCH,
                         "accumulate_grad_batches": ACCUMULATE, "shard_optimizer": True, "every_n_steps": 1,
