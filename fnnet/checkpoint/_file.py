@@ -22,6 +22,7 @@ compute it; what makes loading a crafted file safe is that nothing in it is impo
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import json
@@ -220,16 +221,9 @@ def _damaged(path: str, why: str) -> ValueError:
     return ValueError(f"'{path}' is corrupted or not an fnnet checkpoint: {why}")
 
 
-def _check_header(path: str) -> None:
-    """The header must be exactly what safetensors writes: compact JSON, then spaces up to 8 bytes."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _damaged(path, f"{os.path.getsize(path)} bytes, shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > os.path.getsize(path) - 8:
-            raise _damaged(path, "the header length runs past the end of the file (truncated?)")
-        raw = f.read(n)
+def _check_header(path: str, raw: bytes) -> None:
+    """The header (``raw``, as read) must be exactly what safetensors writes: compact JSON, then spaces up to 8
+    bytes."""
     text = raw.rstrip(b" ")
     try:
         canonical = json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False).encode()
@@ -246,6 +240,7 @@ _DTYPES = {name: getattr(torch, attr) for name, attr in (
     ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"),
     ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"))
     if hasattr(torch, attr)}
+_Declared = collections.namedtuple("_Declared", "dtype shape")  # what the digest reads of a tensor, from the header
 _CHUNK = 1 << 24  # the bytes read at a time to check a tensor's CRC before anything is allocated for it
 
 
@@ -254,8 +249,8 @@ def _unreadable(path: str, why: str) -> ValueError:
                       f"truncated, corrupted or another format ({why})")
 
 
-def _declared(path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """``(start of the data, {name: header entry}, metadata)`` from the header alone, after checking that every
+def _declared(path: str) -> tuple[bytes, dict[str, Any], dict[str, str]]:
+    """``(the header as read, {name: header entry}, metadata)`` from the header alone, after checking that every
     tensor's declared size fits its dtype and shape and lies inside the file (nothing is allocated yet)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -289,20 +284,21 @@ def _declared(path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         if dtype is not None and math.prod(shape) * dtype.itemsize != end - begin:
             raise _damaged(path, f"tensor {name!r} is declared as {entry['dtype']}{shape} "
                            f"({math.prod(shape) * dtype.itemsize} bytes) over {end - begin} bytes")
-    return 8 + n, header, metadata
+    return raw, header, metadata
 
 
-def _check_before_reading(path: str, start: int, header: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+def _check_before_reading(path: str, raw: bytes, header: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
     """An fnnet file's header, digest and every tensor's CRC-32, from the file in chunks of :data:`_CHUNK`
     bytes: a file whose sizes or bytes are wrong fails here, before a tensor is allocated."""
-    _check_header(path)
+    _check_header(path, raw)
+    start = 8 + len(raw)
     digest = metadata.get(META_DIGEST)
     if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
         raise _damaged(path, "its checksum entry is missing or malformed")
     unknown = sorted(k for k, e in header.items() if e["dtype"] not in _DTYPES)
     if unknown:
         raise _damaged(path, f"tensors {unknown} have dtypes fnnet never writes")
-    shapes = {k: torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]], device="meta") for k, e in header.items()}
+    shapes = {k: _Declared(_DTYPES[e["dtype"]], e["shape"]) for k, e in header.items()}
     if _digest(metadata, shapes) != digest:
         raise _damaged(path, "the metadata (structure, checksums, tensor names, dtypes or shapes) fails its checksum")
     try:
@@ -336,7 +332,7 @@ def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     the file in chunks. A damaged or crafted file is refused without allocating what it declares.
     """
     check_exists(path, "checkpoint")
-    start, header, declared = _declared(path)
+    raw, header, declared = _declared(path)
     version = declared.get(META_FORMAT)
     fnnet_file = version is not None or any(k.startswith("fnnet.") for k in declared)
     if fnnet_file and version not in READABLE_FORMATS:
@@ -346,7 +342,7 @@ def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             "their metadata: load them with that release and save them again)"
         )
     if fnnet_file:
-        _check_before_reading(path, start, header, declared)
+        _check_before_reading(path, raw, header, declared)
     try:
         with safetensors.safe_open(path, framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
