@@ -77,7 +77,7 @@ from torch import nn
 
 from . import distributed as _dist
 from . import random as _random
-from ._loop import (Bar, EpochMetrics, banner, check_fit_options, check_reiterable, check_same_batch_count,
+from ._loop import (Bar, EpochMetrics, together, banner, check_fit_options, check_reiterable, check_same_batch_count,
                     deferred_interrupt, epoch_line, input_batches, learning_rate, report_nonfinite, with_context)
 from .callbacks import CallbackList
 from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit, samples_of
@@ -371,9 +371,9 @@ class Trainer:
             data = ArrayLoader(arrays, batch_size, device=self.device, shard=self._rank_shard)
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         total = num_batches(data)
-        with Bar(total, "validation", bool(verbose)) as bar:
+        with Bar(total, "validation", bool(verbose)) as bar, together("Trainer.evaluate", self.distributed):
             states, _ = self._run(data, train=False, callbacks=cbs, bar=bar, every=max(1, (total or 100) // 10))
-        return self._book.logs(states, prefix)
+            return self._book.logs(states, prefix)  # sums every rank's: every rank evaluates
 
     def predict(self, data: Iterable | torch.Tensor, *, device: Any = "cpu", batch_size: int = 256) -> torch.Tensor:
         """The model's outputs (eval mode, the trainer's precision) for every batch of ``data``, concatenated.
@@ -391,7 +391,9 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         """What :meth:`save` writes: ``{"state": trainer.state, "epoch": epochs completed}``, the optimizer
         state whole (gathered from every rank's part under ``shard_optimizer``: every rank calls this)."""
-        return {"state": getattr(self.train_step, "gather_state", lambda s: s)(self.state), "epoch": self.epoch,
+        with together("Trainer.checkpoint/save (gathering the sharded optimizer state)", self.distributed):
+            state = getattr(self.train_step, "gather_state", lambda s: s)(self.state)
+        return {"state": state, "epoch": self.epoch,
                 "position": position(self._batch_in_epoch, _dist.world_size(), self._global_batch, self._callbacks,
                                      self._samples)}
 
