@@ -17,8 +17,30 @@ from . import distributed as _dist
 from . import metrics as _metrics
 from . import tree as _tree
 
-__all__ = ["EpochMetrics", "check_fit_options", "check_reiterable", "check_same_batch_count", "input_batches",
+__all__ = ["together", "EpochMetrics", "check_fit_options", "check_reiterable", "check_same_batch_count", "input_batches",
            "report_nonfinite", "learning_rate", "epoch_line", "banner", "with_context", "Bar", "deferred_interrupt"]
+
+
+_STALLED = ("timed out", "timeout", "connection reset", "connection closed", "broken pipe")
+
+
+@contextlib.contextmanager
+def together(what: str, distributed: bool) -> Iterator[None]:
+    """Run ``what`` (a Trainer call that holds collectives: a sharded save, an evaluation) and turn a collective
+    that timed out, or a peer that went away, into an error naming this rank and what every rank must do."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err).lower()
+        if not distributed or not any(s in text for s in _STALLED):
+            raise
+        why = ("a peer rank exited (its connection closed)" if "timeout" not in text and "timed out" not in text
+               else "the other ranks did not join it within the process group's timeout")
+        raise RuntimeError(
+            f"fnnet.Trainer: rank {_dist.rank()} of {_dist.world_size()} stopped in {what}: {why}. {what} holds "
+            "collectives, so every rank must call it at the same point (a callback that saves or evaluates on rank "
+            "0 alone waits for the others until the timeout); let every rank call it, and only the writing rank "
+            "writes. A rank that exited: see its own error above") from err
 
 
 class EpochMetrics:

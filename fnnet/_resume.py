@@ -11,7 +11,6 @@ number of processes or another.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import warnings
@@ -20,7 +19,7 @@ from typing import Any, Iterable, Iterator
 from ._warnings import user_stacklevel
 from .data import ArrayLoader, num_batches
 
-__all__ = ["position", "global_batch_of", "callback_states", "restore_callbacks", "find_latest", "rest_of_epoch",
+__all__ = ["position", "samples_of", "check_world", "global_batch_of", "callback_states", "restore_callbacks", "find_latest", "rest_of_epoch",
            "load_checkpoint", "resume_fit"]
 
 
@@ -29,9 +28,21 @@ def global_batch_of(loader: Any) -> int:
     return loader._global_batch() if isinstance(loader, ArrayLoader) else -1
 
 
-def position(batch: int, world_size: int, global_batch: int, callbacks: Iterable[Any]) -> dict[str, Any]:
+def samples_of(loader: Any) -> int:
+    """The samples an epoch of ``loader`` draws from (an ArrayLoader's, a DataLoader's dataset's), or -1 where the
+    loader does not say: a resume checks it, since another dataset length gives other batches."""
+    if isinstance(loader, ArrayLoader):
+        return loader.num_samples
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return -1
+
+
+def position(batch: int, world_size: int, global_batch: int, callbacks: Iterable[Any],
+             samples: int = -1) -> dict[str, Any]:
     return {"batch": int(batch), "world_size": int(world_size), "global_batch": int(global_batch),
-            "callbacks": callback_states(callbacks)}
+            "callbacks": callback_states(callbacks), "samples": int(samples)}
 
 
 def callback_states(callbacks: Iterable[Any]) -> str:
@@ -43,24 +54,82 @@ def callback_states(callbacks: Iterable[Any]) -> str:
     return json.dumps(out)
 
 
-def restore_callbacks(callbacks: Iterable[Any], text: str) -> None:
-    """Give each callback its saved state back (the same callbacks, in the same order, as when saved)."""
-    saved = json.loads(text) if text else {}
+def restore_callbacks(callbacks: Iterable[Any], text: str, source: Any = "the checkpoint") -> None:
+    """Give each callback its saved state back (the same callbacks, in the same order, as when saved); each
+    callback decides whether the book it is given fits its settings. ``source`` (the file) names errors.
+
+    Raises:
+        ValueError: the books are not the JSON fnnet writes (a damaged or crafted ``position.callbacks``),
+            naming ``source`` and the callback.
+    """
+    try:
+        saved = json.loads(text) if text else {}
+    except ValueError as err:
+        raise ValueError(f"'{source}': the callbacks' books (position.callbacks) are not valid JSON ({err}); the file "
+                         "is damaged or was not written by fnnet. Resume from another checkpoint, or load its state "
+                         "alone with trainer.load") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"'{source}': the callbacks' books (position.callbacks) are a JSON {type(saved).__name__}, "
+                         "not the object fnnet writes; the file is damaged or crafted")
     for i, cb in enumerate(callbacks):
         name = f"{i}:{type(cb).__name__}"
         if name in saved and callable(getattr(cb, "load_state_dict", None)):
-            cb.load_state_dict(saved[name])
+            try:
+                cb.load_state_dict(saved[name])
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+                raise ValueError(f"'{source}': the book of callback {name} is malformed ({type(err).__name__}: {err}); "
+                                 "the file is damaged or crafted. Resume from another checkpoint") from None
 
 
 def find_latest(callbacks: Iterable[Any]) -> str | None:
-    """The newest checkpoint in the folders of ``fit``'s ``ModelCheckpoint`` callbacks (writes are atomic:
-    every file there is complete), or ``None`` when there is none yet."""
-    folders = [cb.dirpath for cb in callbacks if isinstance(getattr(cb, "dirpath", None), str)]
-    if not folders:
+    """The newest checkpoint among the files the ``ModelCheckpoint`` callbacks of ``fit`` name as theirs in their
+    folders (:meth:`~fnnet.callbacks.ModelCheckpoint.checkpoint_files`: writes are atomic, so every such file is
+    complete; other files there, pretrained weights or broken links, are never taken), or ``None`` when there is
+    none yet."""
+    owners = [cb for cb in callbacks if callable(getattr(cb, "checkpoint_files", None))]
+    if not owners:
         raise ValueError("fit(resume='auto') looks for checkpoints in the folder of a ModelCheckpoint callback; "
                          "pass one in callbacks=, or resume=<path of a checkpoint>")
-    files = [f for folder in folders for f in glob.glob(os.path.join(glob.escape(folder), "*.safetensors"))]
-    return max(files, key=os.path.getmtime) if files else None
+    dated = []
+    for path in (f for cb in owners for f in cb.checkpoint_files()):
+        try:
+            dated.append((os.path.getmtime(path), path))
+        except OSError:  # removed meanwhile
+            continue
+    return max(dated)[1] if dated else None
+
+
+def _batches_on(loader: ArrayLoader, world: int) -> int:
+    """How many batches an epoch of a ``global_batch`` loader has on ``world`` ranks (``ArrayLoader.__len__``'s rule:
+    a last global batch smaller than the world joins the one before it)."""
+    n, b = loader.num_samples, loader.batch_size
+    if loader.drop_last:
+        return n // b
+    count = -(-n // b)
+    return count - 1 if world > 1 and count > 1 and n - (count - 1) * b < world else count
+
+
+def check_world(loader: Any, saved: dict[str, Any] | None, path: Any) -> None:
+    """Refuse to resume a ``global_batch`` run on a number of ranks where an epoch has another number of batches
+    than on the ranks that wrote the checkpoint: the rest of training would be another run's.
+
+    Raises:
+        ValueError: naming the file, both worlds, both batch counts and what would resume exactly.
+    """
+    if not (isinstance(loader, ArrayLoader) and loader.global_batch and saved):
+        return
+    then, now = int(saved.get("world_size", 0)), loader.shard[1] if loader.shard else 1
+    if then < 1 or then == now or _batches_on(loader, then) == _batches_on(loader, now):
+        return
+    last = loader.num_samples - (-(-loader.num_samples // loader.batch_size) - 1) * loader.batch_size
+    raise ValueError(
+        f"'{path}' was written by {then} rank(s), where an epoch of this loader has {_batches_on(loader, then)} batches; "
+        f"on {now} ranks it has {_batches_on(loader, now)}: its last global batch ({last} samples) "
+        f"{'is smaller than' if last < now else 'covers'} the {now} ranks, and a last global batch smaller than the "
+        "ranks joins the batch before it (no rank can take an empty part). Resuming would run other steps than the "
+        f"uninterrupted run. Resume on {then} ranks (any number of ranks {'<=' if then <= last else '>'} {last} "
+        "gives the same batches), or start a run whose "
+        "loader drops the short batch (ArrayLoader(..., drop_last=True)) or whose batch_size divides the samples")
 
 
 class _Rest:
@@ -115,12 +184,18 @@ def rest_of_epoch(loader: Any, epoch: int, start: int, saved_global_batch: int) 
 
 def load_checkpoint(path: Any, like: dict[str, Any], device: Any) -> tuple[Any, int | None, dict | None]:
     """``(state, epoch, position)`` from a Trainer checkpoint, validated against ``like`` (what
-    ``Trainer.checkpoint()`` gives now). A file of an older fnnet (``{"state", "epoch"}``, no
-    position) resumes at the start of the next epoch, with a warning; a bare ``TrainState`` file
-    gives ``epoch=None``."""
+    ``Trainer.checkpoint()`` gives now). A position without ``samples`` (fnnet 0.3) loads as it is; a file of an
+    older fnnet (``{"state", "epoch"}``, no position) resumes at the start of the next epoch, with a warning; a
+    bare ``TrainState`` file gives ``epoch=None``.
+
+    Raises:
+        ValueError: the file does not match ``like`` (every mismatch named), or it was saved inside a
+            gradient-accumulation window (``state.accum`` holds a partial window), which is said so.
+    """
     from .checkpoint import load
 
-    forms = (like, {"state": like["state"], "epoch": like["epoch"]}, like["state"])
+    older = {k: v for k, v in like["position"].items() if k != "samples"}
+    forms = (like, {**like, "position": older}, {"state": like["state"], "epoch": like["epoch"]}, like["state"])
     first_error = None
     for i, form in enumerate(forms):
         try:
@@ -128,22 +203,71 @@ def load_checkpoint(path: Any, like: dict[str, Any], device: Any) -> tuple[Any, 
         except ValueError as err:
             first_error = first_error or err
             continue
-        if i == 2:
+        if i == 3:
             return saved, None, None
-        if i == 1:
+        if i == 2:
             warnings.warn(f"'{path}' was written by an older fnnet, without the position inside its epoch: training "
                           f"resumes at the start of epoch {int(saved['epoch']) + 1}", UserWarning,
                           stacklevel=user_stacklevel())
         return saved["state"], int(saved["epoch"]), saved.get("position")
+    if "state.accum" in str(first_error) and like["state"].accum is None:
+        raise ValueError(
+            f"'{path}' was saved inside a gradient-accumulation window (trainer.save between the batches of a window: "
+            "Ctrl-C or a callback with accumulate_grad_batches > 1): it holds that window's partial gradients "
+            "(state.accum), which a Trainer does not resume into. Resume from a checkpoint written after an update "
+            "(ModelCheckpoint(every_n_steps=...) or at an epoch's end); its parameters alone load with "
+            f"fnnet.load('{path}')['state'].params") from None
     raise first_error  # type: ignore[misc]
 
 
-def resume_fit(trainer: Any, resume: Any, callbacks: list[Any], epochs: int) -> int:
+def _check_resume(path: Any, trainer: Any, loader: Any, epochs: int) -> None:
+    """Refuse a resume that would not continue the saved run: fewer epochs than done, another dataset length."""
+    done, saved = trainer.epoch, trainer._position or {}
+    if epochs < done:
+        raise ValueError(f"fit(epochs={epochs}, resume=...): '{path}' has already completed {done} epochs; with resume=, "
+                         f"epochs is the total to reach (Lightning's max_epochs), not a count of more: pass epochs >= "
+                         f"{done} (epochs={done + epochs} for {epochs} more)")
+    then, now = int(saved.get("samples", -1)), samples_of(loader)
+    if then > 0 and now > 0 and then != now:
+        where = f"after batch {saved.get('batch', 0)} of epoch {done + 1}"
+        if saved.get("batch", 0):
+            raise ValueError(f"'{path}' stopped {where} of a dataset of {then} samples; train_data has {now}, so its "
+                             "batches are other samples and resuming would not continue that run. Resume with the same "
+                             "data, or load the state alone (trainer.load) and start a new epoch")
+        warnings.warn(f"resuming '{path}' with train_data of {now} samples where the saved run had {then}: the epochs "
+                      "from here are not those of the saved run", UserWarning, stacklevel=user_stacklevel())
+
+
+def resume_fit(trainer: Any, resume: Any, callbacks: list[Any], epochs: int, loader: Any = None,
+               verbose: int = 0) -> int:
     """Load ``resume`` (a path, or ``"auto"``: the newest checkpoint of the ``ModelCheckpoint`` folders,
     none on a first run) into ``trainer`` with its callbacks' state; returns the epochs left of ``epochs``
-    (the total)."""
+    (the total). With ``verbose``, says which file, epoch and batch it continues from, or that nothing is left.
+
+    Raises:
+        TypeError: ``resume`` is neither a path nor ``"auto"`` (``resume=True`` included).
+        ValueError: see :func:`check_world`, :func:`load_checkpoint`; ``epochs`` below the epochs the file
+            has done; a changed dataset length in the middle of an epoch.
+    """
+    if isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike)):
+        raise TypeError(f"fit(resume=...) takes the path of a checkpoint or 'auto' (the newest checkpoint of the "
+                        f"ModelCheckpoint callbacks' folders), got {resume!r}"
+                        + (": for 'resume if there is a checkpoint', pass resume='auto'" if resume is True else ""))
     path = find_latest(callbacks) if resume == "auto" else resume
-    if path is not None:
-        trainer.load(path)
-        restore_callbacks(callbacks, (trainer._position or {}).get("callbacks", ""))
-    return max(0, epochs - trainer.epoch)
+    if path is None:
+        if verbose:
+            print("fnnet.Trainer: resume='auto' found no checkpoint of this run's ModelCheckpoint; starting afresh")
+        return epochs
+    trainer.load(path)
+    check_world(loader, trainer._position, path)
+    _check_resume(path, trainer, loader, epochs)
+    restore_callbacks(callbacks, (trainer._position or {}).get("callbacks", ""), path)
+    if verbose:
+        batch, total = (trainer._position or {}).get("batch", 0), num_batches(loader) if loader is not None else None
+        where = (f"epoch {trainer.epoch + 1} after batch {batch}" + (f" of {total}" if total else "") if batch
+                 else f"the start of epoch {trainer.epoch + 1}")
+        done = trainer.epoch + (1 if batch and total and batch >= total else 0)  # an epoch's steps all done
+        print(f"fnnet.Trainer: resuming from '{path}' (step {trainer.state.step}): " + (
+            f"{done} of {epochs} epochs done, nothing to do" if done == epochs and (not batch or done > trainer.epoch)
+            else f"continuing at {where}, until epoch {epochs}"))
+    return epochs - trainer.epoch

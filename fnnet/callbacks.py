@@ -30,6 +30,8 @@ import csv
 import glob
 import math
 import os
+import re
+import string
 import warnings
 from typing import Any, Callable
 
@@ -125,6 +127,32 @@ def _improves(score: float, best: float | None, mode: str, min_delta: float = 0.
     return score < best - min_delta if mode == "min" else score > best + min_delta
 
 
+def _same_settings(who: str, settings: dict[str, Any], state: Any) -> bool:
+    """Whether a saved book was kept under ``settings`` (what the callback watches and how); if not, warn that
+    the book starts fresh. A book of other settings means something else (a best ``loss`` is no best ``accuracy``)."""
+    saved = state.get("settings") if isinstance(state, dict) else None
+    if saved == settings:
+        return True
+    if not isinstance(saved, dict):
+        why = "it records no settings (written by an older fnnet or crafted)"
+    else:
+        why = "it was kept with " + ", ".join(f"{k}={saved.get(k)!r}" for k in settings if saved.get(k) != settings[k])
+        why += ", this callback has " + ", ".join(f"{k}={v!r}" for k, v in settings.items() if saved.get(k) != v)
+    warnings.warn(f"{who}: the checkpoint's book of this callback is not restored, {why}; it starts fresh",
+                  UserWarning, stacklevel=user_stacklevel())
+    return False
+
+
+def _name_pattern(filename: str, monitor: str) -> re.Pattern:
+    """The names ``ModelCheckpoint`` gives files: ``filename``'s literal text, a field any text without a slash."""
+    parts = []
+    for literal, field, spec, _ in string.Formatter().parse(filename):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(re.escape(monitor) if field == "monitor" and not spec else r"[^/\\]+")
+    return re.compile("".join(parts) + r"\.safetensors")
+
+
 def _clone(t: Any) -> Any:
     return _tree.map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, t)
 
@@ -154,6 +182,13 @@ class ModelCheckpoint(Callback):
     callback did not write (another run's), it warns once (a ``UserWarning``, as Lightning's
     "Checkpoint directory ... exists and is not empty"): they are left alone, but a file of
     this run with the same name replaces one of them. Give each run its own folder.
+
+    A checkpoint records this callback's book (the best files and their scores) and the settings it
+    was kept under. A resumed run takes the book back only with the same ``dirpath`` (absolute),
+    ``monitor``, ``mode``, ``save_top_k`` and ``filename`` (Lightning keeps its book only in the
+    same ``dirpath`` too); otherwise it starts a fresh book and warns. The book holds names, not
+    paths, and the callback deletes only files it names as it names them, inside ``dirpath``: a book
+    from another folder, a copied run or a crafted file never makes it delete anything else.
     """
 
     def __init__(self, dirpath: str | os.PathLike, monitor: str = "val_loss", mode: str = "min",
@@ -205,14 +240,60 @@ class ModelCheckpoint(Callback):
         trainer.save(self.step_model_path)
         _dist.barrier()  # no rank goes on before the file is complete
 
+    def _settings(self) -> dict[str, Any]:
+        return {"dirpath": os.path.abspath(self.dirpath), "monitor": self.monitor, "mode": self.mode,
+                "save_top_k": self.save_top_k, "filename": self.filename}
+
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint records of this callback, so a resumed run keeps its book."""
-        return {"best_k": [[score, path] for score, path in self.best_k], "last_model_path": self.last_model_path,
-                "step_model_path": self.step_model_path}
+        """What a checkpoint records of this callback, so a resumed run keeps its book: the settings it was
+        kept under and the names (not paths) of its files in ``dirpath``."""
+        def name(path: str | None) -> str | None:
+            return None if path is None else os.path.relpath(path, self.dirpath)
+
+        return {"settings": self._settings(), "best_k": [[score, name(path)] for score, path in self.best_k],
+                "last_model_path": name(self.last_model_path), "step_model_path": name(self.step_model_path)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_k = [(float(score), str(path)) for score, path in state.get("best_k", [])]
-        self.last_model_path, self.step_model_path = state.get("last_model_path"), state.get("step_model_path")
+        """Take a saved book back, only when it was kept under this callback's settings (``dirpath``, ``monitor``,
+        ``mode``, ``save_top_k``, ``filename``), else start fresh with a warning. A book is never trusted as a
+        list of paths: an entry is kept only when it is a name this callback gives its files (``filename``'s
+        form, ``last.safetensors``, ``step.safetensors``), and stands for that name in ``dirpath``; the
+        callback deletes only such files."""
+        if not _same_settings("ModelCheckpoint", self._settings(), state):
+            self.best_k, self.last_model_path, self.step_model_path = [], None, None
+            return
+        pattern, dropped = _name_pattern(self.filename, self.monitor), []
+
+        def own(name: Any, fixed: str | None = None) -> str | None:
+            ok = isinstance(name, str) and (name == fixed if fixed else (
+                pattern.fullmatch(name) is not None and not os.path.isabs(name)
+                and os.path.normpath(name) == name and ".." not in name.replace("\\", "/").split("/")))
+            if not ok and name is not None:
+                dropped.append(name)
+            return os.path.join(self.dirpath, name) if ok else None
+
+        book = [(float(score), own(name)) for score, name in state.get("best_k", [])]
+        self.best_k = [(score, path) for score, path in book if path is not None]
+        self.last_model_path = own(state.get("last_model_path"), "last.safetensors")
+        self.step_model_path = own(state.get("step_model_path"), "step.safetensors")
+        if dropped:
+            warnings.warn(f"ModelCheckpoint: the checkpoint's book names {len(dropped)} file(s) this callback does not "
+                          f"name its files ({', '.join(map(repr, dropped[:3]))}); they are left out of its book and "
+                          f"never deleted (it deletes only its own files in '{self.dirpath}')", UserWarning,
+                          stacklevel=user_stacklevel())
+
+    def checkpoint_files(self) -> list[str]:
+        """The regular files in ``dirpath`` named as this callback names its files (``filename``'s form,
+        ``last.safetensors``, ``step.safetensors``): what ``fit(resume="auto")`` chooses from. Another file there
+        (pretrained weights, a broken link) is never one of them."""
+        pattern = _name_pattern(self.filename, self.monitor)
+        try:
+            names = os.listdir(self.dirpath)
+        except OSError:
+            return []
+        return [os.path.join(self.dirpath, n) for n in sorted(names)
+                if (n in ("last.safetensors", "step.safetensors") or pattern.fullmatch(n))
+                and os.path.isfile(os.path.join(self.dirpath, n))]
 
     @property
     def best_model_path(self) -> str | None:
@@ -282,10 +363,19 @@ class EarlyStopping(Callback):
     def state_dict(self) -> dict[str, Any]:
         """The watch so far (the best state for ``restore_best`` is not kept: after a resume it is the best
         seen since)."""
-        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+        return {"settings": self._settings(), "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def _settings(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "mode": self.mode, "min_delta": float(self.min_delta)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_epoch, self.wait = state.get("best"), state.get("best_epoch"), int(state.get("wait", 0))
+        """Take the watch back when it was kept with this callback's ``monitor``, ``mode`` and ``min_delta``;
+        otherwise the watch starts fresh, with a warning (``patience`` may change across a resume)."""
+        if not _same_settings("EarlyStopping", self._settings(), state):
+            return
+        best = state.get("best")
+        self.best = None if best is None else float(best)
+        self.best_epoch, self.wait = state.get("best_epoch"), int(state.get("wait", 0))
         self._restored = True
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
@@ -405,9 +495,18 @@ class ReduceLROnPlateau(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The plateau watch so far (the learning rate itself is in the optimizer state)."""
-        return {"best": self.best, "num_bad_epochs": self.num_bad_epochs, "cooldown_counter": self.cooldown_counter}
+        return {"settings": self._settings(), "best": self.best, "num_bad_epochs": self.num_bad_epochs,
+                "cooldown_counter": self.cooldown_counter}
+
+    def _settings(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "mode": self.mode, "threshold": self.threshold,
+                "threshold_mode": self.threshold_mode}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the watch back when it was kept with this callback's ``monitor``, ``mode``, ``threshold`` and
+        ``threshold_mode``; otherwise it starts fresh, with a warning."""
+        if not _same_settings("ReduceLROnPlateau", self._settings(), state):
+            return
         self.best = float(state["best"])
         self.num_bad_epochs, self.cooldown_counter = int(state["num_bad_epochs"]), int(state["cooldown_counter"])
         self._restored = True

@@ -69,6 +69,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      f"(use {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}; the chapter's MNIST size is 28)")
     if (args.resume is not None or args.every_n_steps is not None) and args.out is None:
         parser.error("--resume and --every-n-steps need --out DIR: the folder checkpoints go to and come back from")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        what = "a folder" if os.path.isdir(args.resume) else "no such file"
+        print(f"fnnet train: --resume {args.resume!r}: {what}; give the path of a checkpoint file (in --out, "
+              "last.safetensors or step.safetensors), or --resume auto for the newest one there", file=sys.stderr)
+        return 2
     if args.task == "mnist":
         if args.data_dir is None:
             parser.error("fnnet train mnist needs --data-dir DIR holding the MNIST IDX files "

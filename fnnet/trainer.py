@@ -35,7 +35,8 @@ then this rank's device.
 across devices or ranks per update). ``trainer.state.step``, schedules, per-step
 ``LearningRateSchedule`` callbacks and the progress bar count optimizer updates; epoch losses
 and metrics average over every sample. An epoch whose batches do not fill its last window
-applies that partial window as one update, weighted by its samples (as Lightning does), so no
+applies that partial window as one update, weighted by its samples (Lightning updates there too, but
+divides each micro-batch's loss by ``k``, so its numbers differ: see README), so no
 window spans two epochs and a checkpoint at an epoch's end holds no unfinished window.
 
 **Sharded optimizer state.** ``Trainer(..., shard_optimizer=True)`` under ``torchrun`` builds
@@ -76,10 +77,10 @@ from torch import nn
 
 from . import distributed as _dist
 from . import random as _random
-from ._loop import (Bar, EpochMetrics, banner, check_fit_options, check_reiterable, check_same_batch_count,
+from ._loop import (Bar, EpochMetrics, together, banner, check_fit_options, check_reiterable, check_same_batch_count,
                     deferred_interrupt, epoch_line, input_batches, learning_rate, report_nonfinite, with_context)
 from .callbacks import CallbackList
-from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit
+from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit, samples_of
 from ._setup import build_steps, initial_state, resolve_devices, resolve_optimizer, sync_module
 from .train import resolve_strategy
 from .batch import as_arrays
@@ -173,6 +174,10 @@ class Trainer:
                  accumulate_grad_batches: int = 1, shard_optimizer: bool = False, strategy: Any = None):
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(outputs, targets), got {type(loss).__name__}")
+        if (isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int)
+                or accumulate_grad_batches < 1):
+            raise ValueError(f"Trainer: accumulate_grad_batches must be an int >= 1 (one optimizer update per this many "
+                             f"batches; 1: no accumulation), got {accumulate_grad_batches!r}")
         strategy = resolve_strategy(strategy) if strategy is not None else None
         self.distributed, self.devices = resolve_devices(devices, distributed, strategy)
         self._rank_shard = _dist.shard() if self.distributed else None  # this rank's part of arrays fit batches
@@ -199,6 +204,7 @@ class Trainer:
         self._adopt(state)
         self.history = History()
         self.epoch, self._batch_in_epoch, self._position, self._global_batch, self._callbacks = 0, 0, None, -1, []
+        self._samples = -1
         self.stop_training = False
         self._announced = False
 
@@ -277,7 +283,8 @@ class Trainer:
             validation_split: with ``(X, y)`` and no ``val_data``, the last fraction of the samples
                 (taken before any shuffling, as Keras does) validates instead of training.
             epochs: how many epochs to run in this call; calling ``fit`` again continues from the
-                current state (epochs keep counting, and so does a loaded checkpoint's).
+                current state (epochs keep counting, and so does a loaded checkpoint's: after
+                :meth:`load`, ``epochs`` more). With ``resume=`` it is the total instead (below).
             callbacks: objects with hook methods (see ``fnnet.callbacks``).
             log_every: check the loss and refresh the progress bar every this many steps; each
                 check reads from the device, a sync. Default: about ten times per epoch.
@@ -289,7 +296,10 @@ class Trainer:
                 loss stops it.)
             resume: a checkpoint path, or ``"auto"``: the newest file in the ``ModelCheckpoint`` folders
                 (none: start afresh), so a restarted script resumes by itself, from the next batch of
-                the saved epoch; ``epochs`` then counts from the start of training (module docstring).
+                the saved epoch; ``epochs`` then counts from the start of training (module docstring):
+                Lightning's ``max_epochs``, so a restarted script runs as is. Below the epochs the file has
+                done it is a ``ValueError``; equal, there is nothing to do (said with ``verbose``). With
+                ``verbose``, says which file, epoch and batch it continues from.
 
         The logged ``lr`` is the learning rate of the epoch's last update. Ctrl-C (SIGINT) ends
         training after the current step: ``on_fit_end`` callbacks still run and the history so
@@ -303,9 +313,10 @@ class Trainer:
         check_reiterable(epochs, train_data=train_data, val_data=val_data)
         cbs = CallbackList(callbacks)
         self._global_batch, self._callbacks = global_batch_of(train_data), cbs.callbacks
-        if resume is not None:  # epochs is then the total (Lightning's max_epochs): a restarted script runs as is
-            epochs = resume_fit(self, resume, cbs.callbacks, epochs)
+        self._samples = samples_of(train_data)
         verbose = verbose if _dist.is_main() else 0  # one rank prints
+        if resume is not None:  # epochs is then the total (Lightning's max_epochs): a restarted script runs as is
+            epochs = resume_fit(self, resume, cbs.callbacks, epochs, train_data, verbose)
         if verbose and not self._announced:
             print(banner(self.devices, self.precision, self.jit))
             self._announced = True
@@ -320,7 +331,7 @@ class Trainer:
                     data = rest_of_epoch(train_data, epoch, skip, (self._position or {}).get("global_batch", -1))
                     self._batch_in_epoch, self._position = skip, None
                     if data is None:  # a checkpoint after the epoch's last step: its end did not happen, skip it
-                        self.epoch += 1
+                        self.epoch, self._batch_in_epoch = self.epoch + 1, 0  # a later file: the next epoch's start
                         continue
                     cbs("on_epoch_start", self, epoch)
                     start = time.perf_counter()
@@ -367,9 +378,9 @@ class Trainer:
             data = ArrayLoader(arrays, batch_size, device=self.device, shard=self._rank_shard)
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         total = num_batches(data)
-        with Bar(total, "validation", bool(verbose)) as bar:
+        with Bar(total, "validation", bool(verbose)) as bar, together("Trainer.evaluate", self.distributed):
             states, _ = self._run(data, train=False, callbacks=cbs, bar=bar, every=max(1, (total or 100) // 10))
-        return self._book.logs(states, prefix)
+            return self._book.logs(states, prefix)  # sums every rank's: every rank evaluates
 
     def predict(self, data: Iterable | torch.Tensor, *, device: Any = "cpu", batch_size: int = 256) -> torch.Tensor:
         """The model's outputs (eval mode, the trainer's precision) for every batch of ``data``, concatenated.
@@ -387,8 +398,11 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         """What :meth:`save` writes: ``{"state": trainer.state, "epoch": epochs completed}``, the optimizer
         state whole (gathered from every rank's part under ``shard_optimizer``: every rank calls this)."""
-        return {"state": self.train_step.gather_state(self.state), "epoch": self.epoch,
-                "position": position(self._batch_in_epoch, _dist.world_size(), self._global_batch, self._callbacks)}
+        with together("Trainer.checkpoint/save (gathering the sharded optimizer state)", self.distributed):
+            state = self.train_step.gather_state(self.state)
+        return {"state": state, "epoch": self.epoch,
+                "position": position(self._batch_in_epoch, _dist.world_size(), self._global_batch, self._callbacks,
+                                     self._samples)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`checkpoint` to ``path`` (``fnnet.save``: atomic, checksummed): ``fnnet.load(path)["state"]``
@@ -408,6 +422,8 @@ class Trainer:
         the current state (structure, shapes, dtypes: every mismatch named), on the trainer's device in its
         layout; the epoch count drives the loader's order and per-epoch schedules, so training resumes where
         it stopped. A bare ``TrainState`` file (``fnnet.save(path, state)``) loads too, keeping the epoch count.
+        A later ``fit(epochs=n)`` runs ``n`` more epochs; ``fit(epochs=E, resume=path)`` instead loads the file
+        and the callbacks' books and runs until epoch ``E`` in total.
         """
         state, epoch, self._position = load_checkpoint(path, self.checkpoint(), self.device)  # every rank
         self.epoch = self.epoch if epoch is None else epoch

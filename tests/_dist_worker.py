@@ -471,6 +471,27 @@ def run_timeout(out: Path) -> None:
     os._exit(0)
 
 
+def run_lone_save(out: Path) -> None:
+    """A sharded Trainer whose rank 1 alone calls trainer.save (a callback on one rank would): the gather waits
+    for rank 0, which never joins, until the (short) timeout; rank 0 stays alive and silent meanwhile."""
+    import os
+    import time
+
+    torch.manual_seed(0)
+    trainer = fnnet.Trainer(mlp(), F.mse_loss, optim.adam(0.01), shard_optimizer=True)
+    trainer.fit(my_part(data(0), distributed.rank()), epochs=1, batch_size=4, verbose=0)
+    message = None
+    if distributed.rank() == 1:
+        try:
+            trainer.save(out / "lone.safetensors")
+        except RuntimeError as err:
+            message = str(err)
+        (out / "lone1.json").write_text(json.dumps(message))
+    else:
+        time.sleep(7)  # past rank 1's 4 s timeout: it meets the timeout, not a closed connection
+    os._exit(0)
+
+
 def resume_trainer():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
@@ -535,7 +556,7 @@ def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     import datetime
 
-    distributed.init(timeout=datetime.timedelta(seconds=4 if scenario == "timeout" else 60))
+    distributed.init(timeout=datetime.timedelta(seconds=4 if scenario in ("timeout", "lone-save") else 60))
     try:
         if scenario in ("step", "step-jit"):
             run_step(out, jit=scenario == "step-jit")
@@ -547,6 +568,8 @@ def main() -> None:
             run_restart(out)
         elif scenario == "timeout":
             run_timeout(out)
+        elif scenario == "lone-save":
+            run_lone_save(out)
         elif scenario == "shard":
             run_shard(out)
         elif scenario == "jit-strategies":

@@ -872,3 +872,119 @@ def test_every_single_byte_of_the_header_is_covered(tmp_path):
         bad.write_bytes(raw[:cut])
         with pytest.raises(ValueError):
             checkpoint.load(bad)
+
+
+# -- issue 34 items 7, 8: sizes checked before anything is allocated; only regular files are read ---------------
+
+
+def _peak_rss_kb() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+
+
+def _sparse_crafted(tmp_path, nbytes):
+    """An fnnet checkpoint declaring one float32 tensor of ``nbytes`` over a sparse file: its digest recomputed
+    (it is unkeyed: anyone can), its CRC-32 that of the 4 bytes-long tensor it replaced."""
+    import hashlib
+
+    small = tmp_path / "small.safetensors"
+    checkpoint.save(small, {"w": torch.zeros(4)})
+    data = small.read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    name = next(k for k in header if k != "__metadata__")
+    header[name] = {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}
+    meta = header["__metadata__"]
+    h = hashlib.sha256()  # the digest as _file.py documents it: every metadata entry, then each tensor's name/dtype/shape
+    for key in sorted(k for k in meta if k != "fnnet.checksum"):
+        h.update(key.encode() + b"\0" + meta[key].encode() + b"\0")
+    h.update(f"{name}\0torch.float32\0{[nbytes // 4]}\0".encode())
+    meta["fnnet.checksum"] = h.hexdigest()
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "sparse.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + nbytes)  # a hole: no disk used
+    return path
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory read from Linux's /proc")
+def test_a_crafted_size_is_refused_before_it_is_allocated(tmp_path):
+    nbytes = 1 << 28
+    path = _sparse_crafted(tmp_path, nbytes)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size
+    before = _peak_rss_kb()
+    with pytest.raises(ValueError, match=r"sparse\.safetensors.*fails its CRC-32"):
+        checkpoint.load(path)
+    assert (_peak_rss_kb() - before) * 1024 < nbytes // 4  # the 256 MB declared were never allocated
+    cut = tmp_path / "cut.safetensors"  # a declared size past the file's end: refused from the header alone
+    with open(path, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(4096))
+    with pytest.raises(ValueError, match=r"cut\.safetensors.*declared at bytes \[0, 268435456\)"):
+        checkpoint.load(cut)
+
+
+def test_a_fifo_is_refused_at_once_and_a_full_disk_names_the_file_and_what_was_kept(tmp_path):
+    fifo, target = tmp_path / "pipe.safetensors", tmp_path / "kept.safetensors"
+    os.mkfifo(fifo)
+    checkpoint.save(target, {"w": torch.ones(4)})
+    # in a child process: the old behaviour blocked in open(), holding the interpreter, until a writer came; and a
+    # file size limit (RLIMIT_FSIZE) makes writes fail as a full disk does, without filling one
+    code = f"""
+import resource, signal, torch, fnnet
+try:
+    fnnet.load({str(fifo)!r})
+except ValueError as err:
+    print(err)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    fnnet.save({str(target)!r}, {{"w": torch.zeros(1 << 16)}})
+except OSError as err:
+    print(err)
+"""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail("fnnet.load waited on a FIFO")
+    assert "pipe.safetensors' is a FIFO (named pipe), not a regular file" in out
+    assert "could not write '" + str(target) + "' (File too large" in out and "the file already there is kept" in out
+    assert torch.equal(checkpoint.load(target)["w"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    with pytest.raises(ValueError, match="FIFO"):
+        checkpoint.load_state_dict(fifo)
+    link = tmp_path / "link.safetensors"
+    os.symlink(tmp_path / "gone.safetensors", link)
+    with pytest.raises(FileNotFoundError, match=r"link\.safetensors.*broken link"):
+        checkpoint.load(link)
+
+
+@dataclasses.dataclass
+class Grown:
+    """A state class that gained fields since a file was written (as TrainState gained ``accum``)."""
+
+    a: torch.Tensor
+    b: Any = None
+    c: int = 3
+    d: list = dataclasses.field(default_factory=lambda: [1, 2])
+
+
+tree.register_dataclass(Grown)
+checkpoint.register("tests.Grown", Grown)
+
+
+def test_an_older_file_loads_into_a_class_with_added_fields_with_their_defaults(tmp_path):
+    path = tmp_path / "new.safetensors"
+    checkpoint.save(path, Grown(torch.arange(3.0), b=torch.ones(2), c=7, d=[5]))
+    with safetensors.safe_open(str(path), "pt") as f:
+        structure = json.loads(f.metadata()["fnnet.tree"])
+    tensors = {"a": torch.arange(3.0)}
+    for kept in (1, 2):  # written when the class had fields a (then b too): the others were added since
+        older = {**structure, "entries": structure["entries"][:kept], "children": structure["children"][:kept]}
+        _craft(tmp_path / "old.safetensors", {**tensors, **({"b": torch.ones(2)} if kept == 2 else {})}, older)
+        got = checkpoint.load(tmp_path / "old.safetensors")
+        assert isinstance(got, Grown) and torch.equal(got.a, torch.arange(3.0))
+        assert (got.b is None) if kept == 1 else torch.equal(got.b, torch.ones(2))
+        assert (got.c, got.d) == (3, [1, 2])
+        again = checkpoint.load(tmp_path / "old.safetensors")
+        assert again.d is not got.d  # a default_factory gives each load its own

@@ -299,6 +299,17 @@ def test_the_sharded_step_and_a_custom_reduction_compile_with_jit(tmp_path):
         assert_ranks_hold(tmp_path, f"jit-{label}-{{rank}}.safetensors", expected, 2)
 
 
+@pytest.mark.extended  # a torchrun launch that waits out a timeout: ~30 s on 2 shared cores
+def test_one_rank_alone_saving_a_sharded_trainer_says_every_rank_must_call_it(tmp_path):
+    proc = launch("lone-save", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    message = json.loads((tmp_path / "lone1.json").read_text())
+    assert message and "fnnet.Trainer: rank 1 of 2 stopped in Trainer.checkpoint/save (gathering the sharded " \
+                       "optimizer state): the other ranks did not join it" in message, message
+    assert "every rank must call it at the same point" in message
+    assert not (tmp_path / "lone.safetensors").exists()
+
+
 def test_a_collective_that_times_out_names_itself_and_the_step(tmp_path):
     proc = launch("timeout", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -299,9 +299,10 @@ def decode(node: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: t
     raise CorruptStructure(f"unknown node kind {kind!r}")
 
 
-def _added_fields(cls: type, saved: list[Any]) -> list[None]:
-    """``None`` for each field a dataclass gained after ``saved`` was written, where that field
-    defaults to ``None`` (``TrainState.accum``, new in format 3): older files still load."""
+def _added_fields(cls: type, saved: list[Any]) -> list[Any]:
+    """The default of each field a dataclass gained after ``saved`` was written (its ``default``, or a new
+    ``default_factory()``), so older files still load (``TrainState.accum``, new in format 3); nothing when a
+    gained field has no default (then the class has changed: ``like=`` is needed)."""
     if not dataclasses.is_dataclass(cls):
         return []
     fields = [f for f in dataclasses.fields(cls) if f.init]
@@ -309,7 +310,9 @@ def _added_fields(cls: type, saved: list[Any]) -> list[None]:
     if names[:len(saved)] != saved or len(names) == len(saved):
         return []
     extra = fields[len(saved):]
-    return [None] * len(extra) if all(f.default is None for f in extra) else []
+    if any(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in extra):
+        return []
+    return [f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in extra]
 
 
 def flatten_saved(node: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: tuple[Any, ...] = (),

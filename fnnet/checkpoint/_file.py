@@ -22,12 +22,16 @@ compute it; what makes loading a crafted file safe is that nothing in it is impo
 
 from __future__ import annotations
 
+import collections
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import uuid
 import zlib
@@ -135,6 +139,17 @@ def _check_target(path: str) -> str:
     return folder
 
 
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # full disk, quota, file size limit
+
+
+def _storage_error(exc: BaseException) -> int | None:
+    """The errno of a write that ran out of room (an ``OSError``, or safetensors' error quoting "os error N")."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRORS:
+        return exc.errno
+    match = re.search(r"os error (\d+)", str(exc)) if isinstance(exc, safetensors.SafetensorError) else None
+    return int(match[1]) if match and int(match[1]) in _STORAGE_ERRORS else None
+
+
 def write(path: str, tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> None:
     """Write ``tensors`` and ``structure`` (a JSON node) to ``path`` atomically, with checksums."""
     folder = _check_target(path)  # before the checksums: a bad target fails without a pass over the data
@@ -160,8 +175,16 @@ def write(path: str, tensors: dict[str, torch.Tensor], structure: dict[str, Any]
         with open(data, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(data, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _storage_error(exc)
+        if full is not None:
+            kept = ("the file already there is kept as it was" if os.path.exists(path)
+                    else "nothing was written at that path")
+            raise OSError(full, f"save: could not write '{path}' ({os.strerror(full)}, while writing "
+                                f"{sum(t.nbytes for t in tensors.values())} bytes of tensors into '{folder}'); the "
+                                f"partial temporary was removed and {kept}. Free space on that file system or save "
+                                "elsewhere") from None
         raise
     try:
         os.rmdir(tmp)
@@ -174,10 +197,22 @@ def write(path: str, tensors: dict[str, torch.Tensor], structure: dict[str, Any]
 
 
 def check_exists(path: str, what: str) -> None:
+    """Refuse, naming ``path``, what cannot be read as a file: nothing there, a broken symbolic link, a folder,
+    anything but a regular file (a FIFO would block the reader forever, a device would never end), no
+    permission."""
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise FileNotFoundError(f"no {what} at '{path}': it is a symbolic link to '{os.readlink(path)}', "
+                                    "which does not exist (a broken link)")
         raise FileNotFoundError(f"no {what} at '{path}' (absolute: {os.path.abspath(path)})")
     if os.path.isdir(path):
         raise IsADirectoryError(f"'{path}' is a folder; give the path of a {what} file")
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise ValueError(f"'{path}' is {kind}, not a regular file; a {what} is a file (fnnet reads its size and "
+                         "checks it before reading it): copy the data to a file first")
     if not os.access(path, os.R_OK):
         raise PermissionError(f"cannot read '{path}': permission denied")
 
@@ -186,16 +221,9 @@ def _damaged(path: str, why: str) -> ValueError:
     return ValueError(f"'{path}' is corrupted or not an fnnet checkpoint: {why}")
 
 
-def _check_header(path: str) -> None:
-    """The header must be exactly what safetensors writes: compact JSON, then spaces up to 8 bytes."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _damaged(path, f"{os.path.getsize(path)} bytes, shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > os.path.getsize(path) - 8:
-            raise _damaged(path, "the header length runs past the end of the file (truncated?)")
-        raw = f.read(n)
+def _check_header(path: str, raw: bytes) -> None:
+    """The header (``raw``, as read) must be exactly what safetensors writes: compact JSON, then spaces up to 8
+    bytes."""
     text = raw.rstrip(b" ")
     try:
         canonical = json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False).encode()
@@ -205,8 +233,116 @@ def _check_header(path: str) -> None:
         raise _damaged(path, "the header has been altered (it is not the JSON safetensors wrote)")
 
 
+# safetensors' dtype names (its format's spec); a name missing here is checked by safetensors alone
+_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
+    ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"))
+    if hasattr(torch, attr)}
+_Declared = collections.namedtuple("_Declared", "dtype shape")  # what the digest reads of a tensor, from the header
+_CHUNK = 1 << 24  # the bytes read at a time to check a tensor's CRC before anything is allocated for it
+
+
+def _unreadable(path: str, why: str) -> ValueError:
+    return ValueError(f"'{path}' ({os.path.getsize(path)} bytes) is not a readable safetensors checkpoint: it is "
+                      f"truncated, corrupted or another format ({why})")
+
+
+def _declared(path: str) -> tuple[bytes, dict[str, Any], dict[str, str]]:
+    """``(the header as read, {name: header entry}, metadata)`` from the header alone, after checking that every
+    tensor's declared size fits its dtype and shape and lies inside the file (nothing is allocated yet)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _unreadable(path, "shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise _unreadable(path, f"its header declares {n} bytes, past the end of the file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        raise _unreadable(path, "the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, "the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _damaged(path, "the header's metadata is not a map of strings")
+    room = size - 8 - n
+    for name, entry in header.items():
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+            dtype = _DTYPES.get(entry["dtype"])
+        except (TypeError, ValueError, KeyError):
+            raise _damaged(path, f"the header's entry of tensor {name!r} is malformed") from None
+        if not 0 <= begin <= end <= room or any(d < 0 for d in shape):
+            raise _unreadable(path, f"tensor {name!r} is declared at bytes [{begin}, {end}) of a data section of "
+                              f"{room} bytes")
+        if dtype is not None and math.prod(shape) * dtype.itemsize != end - begin:
+            raise _damaged(path, f"tensor {name!r} is declared as {entry['dtype']}{shape} "
+                           f"({math.prod(shape) * dtype.itemsize} bytes) over {end - begin} bytes")
+    return raw, header, metadata
+
+
+def _check_before_reading(path: str, raw: bytes, header: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+    """An fnnet file's header, digest and every tensor's CRC-32, from the file in chunks of :data:`_CHUNK`
+    bytes: a file whose sizes or bytes are wrong fails here, before a tensor is allocated."""
+    _check_header(path, raw)
+    start = 8 + len(raw)
+    digest = metadata.get(META_DIGEST)
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise _damaged(path, "its checksum entry is missing or malformed")
+    unknown = sorted(k for k, e in header.items() if e["dtype"] not in _DTYPES)
+    if unknown:
+        raise _damaged(path, f"tensors {unknown} have dtypes fnnet never writes")
+    shapes = {k: _Declared(_DTYPES[e["dtype"]], e["shape"]) for k, e in header.items()}
+    if _digest(metadata, shapes) != digest:
+        raise _damaged(path, "the metadata (structure, checksums, tensor names, dtypes or shapes) fails its checksum")
+    try:
+        crcs = json.loads(metadata.get(META_CRC, ""))
+    except ValueError:
+        raise _damaged(path, "the per-tensor checksums are not valid JSON") from None
+    if not isinstance(crcs, dict) or set(crcs) != set(header) or not all(type(v) is int for v in crcs.values()):
+        raise _damaged(path, "the per-tensor checksums do not list every tensor once")
+    bad, buffer = [], bytearray(_CHUNK)
+    with open(path, "rb") as f:
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            f.seek(start + begin)
+            crc, left = 0, end - begin
+            while left:
+                got = f.readinto(memoryview(buffer)[:min(left, _CHUNK)])
+                if not got:
+                    raise _damaged(path, f"the file ends inside tensor {name!r}")
+                crc, left = zlib.crc32(memoryview(buffer)[:got], crc), left - got
+            if crc != crcs[name]:
+                bad.append(name)
+    if bad:
+        raise _damaged(path, f"the data of tensors {sorted(bad)} fails its CRC-32 checksum")
+
+
 def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors (on the CPU) and the metadata, after every check; a plain safetensors file passes unchecked."""
+    """All tensors (on the CPU) and the metadata, after every check; a plain safetensors file passes unchecked.
+
+    The checks come before any tensor is read: the header's declared sizes against the dtypes, the shapes and
+    the file's size, then (an fnnet file) the digest over the header and every tensor's CRC-32, computed from
+    the file in chunks. A damaged or crafted file is refused without allocating what it declares.
+    """
+    check_exists(path, "checkpoint")
+    raw, header, declared = _declared(path)
+    version = declared.get(META_FORMAT)
+    fnnet_file = version is not None or any(k.startswith("fnnet.") for k in declared)
+    if fnnet_file and version not in READABLE_FORMATS:
+        raise ValueError(
+            f"'{path}' has fnnet checkpoint format {version!r}; this fnnet reads formats "
+            f"{' and '.join(map(repr, READABLE_FORMATS))} (format 1 files from fnnet 0.1 carried no checksum over "
+            "their metadata: load them with that release and save them again)"
+        )
+    if fnnet_file:
+        _check_before_reading(path, raw, header, declared)
     try:
         with safetensors.safe_open(path, framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -218,28 +354,6 @@ def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"'{path}' ({os.path.getsize(path)} bytes) is not a readable safetensors checkpoint: it is truncated, "
             f"corrupted or another format ({type(exc).__name__}: {exc})"
         ) from None
-    version = metadata.get(META_FORMAT)
-    if version is None and not any(k.startswith("fnnet.") for k in metadata):
-        return tensors, metadata  # a plain safetensors file (from JAX, from safetensors.torch...)
-    if version not in READABLE_FORMATS:
-        raise ValueError(
-            f"'{path}' has fnnet checkpoint format {version!r}; this fnnet reads formats "
-            f"{' and '.join(map(repr, READABLE_FORMATS))} (format 1 files from fnnet 0.1 carried no checksum over "
-            "their metadata: load them with that release and save them again)"
-        )
-    _check_header(path)
-    digest = metadata.get(META_DIGEST)
-    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
-        raise _damaged(path, "its checksum entry is missing or malformed")
-    if _digest(metadata, tensors) != digest:
-        raise _damaged(path, "the metadata (structure, checksums, tensor names, dtypes or shapes) fails its checksum")
-    try:
-        crcs = json.loads(metadata.get(META_CRC, ""))
-    except ValueError:
-        raise _damaged(path, "the per-tensor checksums are not valid JSON") from None
-    if not isinstance(crcs, dict) or set(crcs) != set(tensors) or not all(type(v) is int for v in crcs.values()):
-        raise _damaged(path, "the per-tensor checksums do not list every tensor once")
-    bad = sorted(k for k, t in tensors.items() if crcs[k] != crc32(t))
-    if bad:
-        raise _damaged(path, f"the data of tensors {bad} fails its CRC-32 checksum")
+    if metadata != declared:  # the file changed between the checks and the read
+        raise _damaged(path, "it changed while it was read")
     return tensors, metadata
