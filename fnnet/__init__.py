@@ -22,6 +22,7 @@ _EXPORTS = {
     "device": ("default_device", "device_count", "device_info", "devices", "empty_cache", "memory_stats",
                "parse_devices", "place", "resolve_device", "synchronize", "tree_device"),
     "_functional": ("Model", "functional", "grad", "jit", "value_and_grad", "vmap"),
+    "_remat": ("remat",),
     "plot": ("plot_history", "plot_samples"),
     "random": ("seed_everything",),
     "state": ("DynamicScale", "TrainState", "all_finite", "grads_finite"),
@@ -30,7 +31,8 @@ _EXPORTS = {
               "supervised_loss"),
     "trainer": ("History", "Trainer"),
 }
-# ``fnnet.functional`` and ``fnnet.summary`` are functions; their modules are ``_functional``, ``_summary``.
+# ``fnnet.functional``, ``fnnet.summary`` and ``fnnet.remat`` are functions; their modules are ``_functional``,
+# ``_summary``, ``_remat``.
 _MODULES = ("batch", "callbacks", "checkpoint", "comm", "compiler", "data", "datasets", "device", "distributed", "interop",
             "layout", "loss", "metrics", "models", "optim", "parallel", "plot", "random", "state", "step", "train",
             "trainer", "tree")
@@ -58,6 +60,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from . import (batch, callbacks, checkpoint, comm, compiler, data, datasets, device, distributed, interop,
                    layout, loss, metrics, models, optim, parallel, plot, random, state, step, train, trainer, tree)
     from ._functional import Model, functional, grad, jit, value_and_grad, vmap
+    from ._remat import remat
     from ._summary import SummaryRow, SummaryTable, summary
     from .checkpoint import load, load_state_dict, save, to_state_dict
     from .data import ArrayLoader, load_digits, load_mnist, split_batch
