@@ -23,6 +23,7 @@ _EXPORTS = {
                "parse_devices", "place", "resolve_device", "synchronize", "tree_device"),
     "_functional": ("Model", "functional", "grad", "jit", "value_and_grad", "vmap"),
     "_remat": ("remat",),
+    "memory": ("MemoryReport", "memory_report"),
     "plot": ("plot_history", "plot_samples"),
     "random": ("seed_everything",),
     "state": ("DynamicScale", "TrainState", "all_finite", "grads_finite"),
@@ -34,8 +35,8 @@ _EXPORTS = {
 # ``fnnet.functional``, ``fnnet.summary`` and ``fnnet.remat`` are functions; their modules are ``_functional``,
 # ``_summary``, ``_remat``.
 _MODULES = ("batch", "callbacks", "checkpoint", "comm", "compiler", "data", "datasets", "device", "distributed", "interop",
-            "layout", "loss", "metrics", "models", "optim", "parallel", "plot", "random", "state", "step", "train",
-            "trainer", "tree")
+            "layout", "loss", "memory", "metrics", "models", "optim", "parallel", "plot", "random", "state", "step",
+            "train", "trainer", "tree")
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted([*_WHERE, *_MODULES])
@@ -58,7 +59,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import (batch, callbacks, checkpoint, comm, compiler, data, datasets, device, distributed, interop,
-                   layout, loss, metrics, models, optim, parallel, plot, random, state, step, train, trainer, tree)
+                   layout, loss, memory, metrics, models, optim, parallel, plot, random, state, step, train, trainer,
+                   tree)
     from ._functional import Model, functional, grad, jit, value_and_grad, vmap
     from ._remat import remat
     from ._summary import SummaryRow, SummaryTable, summary
@@ -66,6 +68,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .data import ArrayLoader, load_digits, load_mnist, split_batch
     from .device import (default_device, device_count, device_info, devices, empty_cache, memory_stats,
                          parse_devices, place, resolve_device, synchronize, tree_device)
+    from .memory import MemoryReport, memory_report
     from .plot import plot_history, plot_samples
     from .random import seed_everything
     from .state import DynamicScale, TrainState, all_finite, grads_finite

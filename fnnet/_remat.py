@@ -52,14 +52,15 @@ DOTS = tuple(
         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable")
     if hasattr(_aten, name)
 )
-"""The aten ops ``"dots_saveable"`` keeps: matrix products and the attention kernels (``linear``
+"""The aten ops (overload packets) ``"dots_saveable"`` keeps: matrix products and the attention kernels (``linear``
 and ``matmul`` reach the dispatcher as ``mm``/``addmm``/``bmm``)."""
 
 POLICIES = ("nothing_saveable", "dots_saveable", "everything_saveable")
 
 
 def _dots_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in DOTS else CheckpointPolicy.PREFER_RECOMPUTE
+    dot = getattr(op, "overloadpacket", op) in DOTS
+    return CheckpointPolicy.MUST_SAVE if dot else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _user_policy(fn: Callable[..., Any]) -> Callable[..., CheckpointPolicy]:

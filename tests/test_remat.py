@@ -65,8 +65,8 @@ def test_torch_checkpoint_fails_inside_the_swap_and_remat_does_not():
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("options", [pytest.param(dict(jit=True), marks=pytest.mark.extended), dict(accumulate=2), dict(accumulate=2, donate=True)],
-                         ids=["jit", "accumulate", "accumulate-donate"])
+@pytest.mark.parametrize("options", [pytest.param(dict(jit=True), marks=pytest.mark.extended), dict(accumulate=2),
+                                     dict(accumulate=2, donate=True)], ids=["jit", "accumulate", "accumulate-donate"])
 def test_training_with_remat_equals_training_without(options):
     """Three steps of AdamW with dropout under the state's key. Under jit=True fnnet compiles forward
     and backward as one graph (torch.func.grad inside torch.compile): remat there runs the block as
