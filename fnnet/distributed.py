@@ -38,6 +38,7 @@ from . import random as _random
 from . import tree as _tree
 from .batch import batch_size_of
 from .loss import GradResult
+from .precision import Precision
 from .state import Accumulation, TrainState
 from .step import add_to_window, build_train_step, compile_step, step_parts, traced_grad_fn
 
@@ -379,6 +380,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
                        compile_options=compile_options)
     grad_fn, declared = parts.grad_fn, parts.declared
+    reduce_dtype = Precision.resolve(precision).reduce_dtype  # None: the gradients' own dtype
+    Precision.resolve(precision).check_backend(dist.get_backend())
     reduce_bucket = _comm.all_reduce if reduction is None else reduction
     limit = int(bucket_mb * 2**20)
     me = rank()
@@ -403,10 +406,10 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
             order.extend(reversed(range(len(leaves))))
         if lay is not None:
             buckets = _comm.GradBuckets(leaves, lay.order, lay.limit, lay.reduction(), pad_to=lay.world,
-                                        cache=bucket_cache)
+                                        cache=bucket_cache, dtype=reduce_dtype)
         else:
             buckets = _comm.GradBuckets(leaves, list(order), limit, reduce_bucket,
-                                        cache=None if first else bucket_cache)
+                                        cache=None if first else bucket_cache, dtype=reduce_dtype)
         total, counting = _counted(samples, leaves[0].device)
 
         def per_sample() -> Any:  # 1 / N, over the loss scale: the hooks see gradients of the scaled loss
@@ -463,7 +466,8 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
 
         grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
         leaves, spec = _tree.flatten(grads)
-        flat = torch.cat([g.reshape(-1) for g in leaves] + [loss.reshape(1).to(leaves[0].dtype)]) * n
+        rd = reduce_dtype or leaves[0].dtype
+        flat = torch.cat([g.reshape(-1).to(rd) for g in leaves] + [loss.reshape(1).to(rd)]) * n
         flat = fc.all_reduce(torch.cat([flat, n.to(flat.dtype).reshape(1)]), "sum", dist.group.WORLD)
         total = flat[-1]
         flat = flat[:-1] / total

@@ -33,7 +33,7 @@ from . import compiler as _compiler
 from . import random as _random
 from . import tree as _tree
 from .loss import (GradResult, _call, _check_buffers_declared, _check_precision, _declared, _normalise, _rng_scope,
-                   autocast, make_grad_fn, PRECISIONS)
+                   autocast, make_grad_fn)
 from .batch import batch_size_of
 from .state import Accumulation, TrainState, apply_update, loss_scale_for
 
@@ -61,16 +61,16 @@ class StepParts(NamedTuple):
     checks: bool  # the update is skipped where the gradients are not finite
 
 
-def step_parts(loss_fn: Callable, *, precision: str, skip_nonfinite: bool, jit: bool,
+def step_parts(loss_fn: Callable, *, precision: Any, skip_nonfinite: bool, jit: bool,
                compile_options: Mapping[str, Any] | None) -> StepParts:
     """The checked arguments and the gradient function a training step is built from."""
     _check_step_options(precision, jit, compile_options)
     grad_fn = make_grad_fn(loss_fn, precision=precision)
-    scaled = PRECISIONS[precision] is torch.float16
+    scaled = _check_precision(precision).loss_scaled
     return StepParts(grad_fn, grad_fn.declared, scaled, skip_nonfinite or scaled)  # type: ignore[attr-defined]
 
 
-def _check_step_options(precision: str, jit: bool, compile_options: Mapping[str, Any] | None) -> None:
+def _check_step_options(precision: Any, jit: bool, compile_options: Mapping[str, Any] | None) -> None:
     _check_precision(precision)
     if compile_options and not jit:
         raise ValueError("compile_options only apply with jit=True")
@@ -270,7 +270,7 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
 # -- the steps that do not train (one device; fnnet.parallel runs them per shard) -----------------------
 
 
-def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: str,
+def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: Any,
                   compile_options: Mapping[str, Any] | None) -> Callable[[TrainState, Any], Any]:
     """``step(state, batch) -> fn(params, batch, buffers)`` under ``no_grad`` and the precision's autocast."""
     _check_step_options(precision, jit, compile_options)
@@ -289,7 +289,7 @@ def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: str,
     return step
 
 
-def eval_step(loss_fn: Callable, *, jit: bool = False, precision: str = "32",
+def eval_step(loss_fn: Callable, *, jit: bool = False, precision: Any = "32",
               compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], dict[str, torch.Tensor]]:
     """The one-device ``eval_step(state, batch) -> metrics`` (see :func:`fnnet.make_eval_step`)."""
     declared = _declared(loss_fn)
@@ -302,14 +302,15 @@ def eval_step(loss_fn: Callable, *, jit: bool = False, precision: str = "32",
     return _no_grad_step(evaluate, "eval_step", jit=jit, precision=precision, compile_options=compile_options)
 
 
-def predict_step(predict_fn: Callable, *, jit: bool = False, precision: str = "32",
+def predict_step(predict_fn: Callable, *, jit: bool = False, precision: Any = "32",
                  compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], Any]:
     """The one-device ``predict_step(state, batch) -> outputs`` (see :func:`fnnet.make_predict_step`)."""
     declared = _declared(predict_fn)
+    output_dtype = _check_precision(precision).output_dtype
 
     def predict(params: Any, batch: Any, buffers: Any) -> Any:
         out = _call(predict_fn, declared, params, batch, buffers, None, False)
-        return _tree.map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
-                         else t, out)
+        return _tree.map(lambda t: t.to(output_dtype) if isinstance(t, torch.Tensor)
+                         and t.dtype in (torch.float16, torch.bfloat16) else t, out)
 
     return _no_grad_step(predict, "predict_step", jit=jit, precision=precision, compile_options=compile_options)

@@ -23,6 +23,7 @@ This module is the level above the ways to train: it picks the gradient source (
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import torch
@@ -30,6 +31,7 @@ import torch
 from . import distributed as _distributed
 from . import parallel as _parallel
 from .loss import PRECISIONS, GradResult, autocast, make_grad_fn, supervised_loss
+from .precision import Precision
 from .state import TrainState
 from .step import (build_train_step, check_accumulate, eval_step, local_gradients, predict_step, step_parts,
                    traced_grad_fn)
@@ -52,7 +54,7 @@ def make_train_step(
     *,
     jit: bool = False,
     donate: bool = False,
-    precision: str = "32",
+    precision: str | Precision = "32",
     compile_options: Mapping[str, Any] | None = None,
     skip_nonfinite: bool = False,
     devices: Any = None,
@@ -88,7 +90,13 @@ def make_train_step(
         precision: ``"32"`` (default), ``"bf16"`` / ``"bf16-mixed"`` (autocast to bfloat16 for
             forward and backward) or ``"16-mixed"`` (float16 autocast with dynamic loss scaling
             kept in ``state.loss_scale``: a step with non-finite gradients is skipped and the
-            scale shrinks). Master params and optimizer state stay in their own dtype.
+            scale shrinks). Master params and optimizer state stay in their own dtype. Or an
+            :class:`fnnet.Precision` (the strings are its named policies): with
+            ``param_dtype=torch.bfloat16`` the step keeps the params in bfloat16 and float32
+            master weights in the optimizer state (:func:`fnnet.optim.master_weights` around
+            ``optimizer``); a state made by ``TrainState.create(params, optimizer)`` from
+            float32 params is converted on its first step (:meth:`fnnet.Precision.prepare`:
+            the float32 params become the master weights, exactly).
         compile_options: extra keyword arguments for ``torch.compile`` when ``jit=True``
             (``mode="reduce-overhead"`` for CUDA graphs, ``fullgraph=True``, inductor
             ``options``, ...; see :func:`fnnet.compiler.compile`).
@@ -119,16 +127,20 @@ def make_train_step(
             :func:`fnnet.distributed.make_train_step` (``reduction=``, ``bucket_mb=``,
             ``sync_state=``).
     """
-    options = dict(jit=jit, donate=donate, precision=precision, compile_options=compile_options,
+    policy = Precision.resolve(precision)  # resolved once, passed down
+    optimizer = policy.optimizer(optimizer)  # float32 master weights under 16-bit params
+    options = dict(jit=jit, donate=donate, precision=policy, compile_options=compile_options,
                    skip_nonfinite=skip_nonfinite, accumulate=check_accumulate(accumulate))
     if distributed_options and not distributed:
         raise TypeError(f"make_train_step: {sorted(distributed_options)} apply with distributed=True only")
     if distributed:
         if devices is not None:
             raise ValueError("make_train_step: distributed=True runs one device per process; devices= does not apply")
-        return _distributed.make_train_step(loss_fn, optimizer, **options, **distributed_options)
+        return _with_master_weights(_distributed.make_train_step(loss_fn, optimizer, **options, **distributed_options),
+                                    policy)
     if devices is not None:
-        return _parallel.make_train_step(loss_fn, optimizer, devices, **options)
+        return _with_master_weights(_parallel.make_train_step(loss_fn, optimizer, devices, **options), policy)
+    precision = policy
     parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
                        compile_options=compile_options)
     compiled = traced_grad_fn(parts, compile_options) if jit and accumulate > 1 else None
@@ -136,7 +148,19 @@ def make_train_step(
     step = build_train_step(reduce, optimizer, parts, donate=donate, jit=jit, compile_options=compile_options,
                             compile_whole=True, accumulate=accumulate, accumulate_fn=accumulate_fn)
     step.precision = precision  # type: ignore[attr-defined]
-    return step
+    return _with_master_weights(step, policy)
+
+
+def _with_master_weights(step: Callable, policy: Precision) -> Callable:
+    """``step`` taking states not yet on master weights (:meth:`Precision.prepare`), under 16-bit params."""
+    if not policy.keeps_master:
+        return step
+
+    @functools.wraps(step)
+    def with_master_weights(state: TrainState, batch: Any, **options: Any) -> tuple[TrainState, dict[str, Any]]:
+        return step(policy.prepare(state), batch, **options)
+
+    return with_master_weights
 
 
 def make_eval_step(

@@ -97,6 +97,35 @@ def train(net: nn.Module, steps: int, batch_of, opt=None, **step_options) -> fnn
     return state
 
 
+def precision_checks(part) -> dict:
+    """bfloat16 params with float32 master weights: ZeRO-2 shards the master weights and equals DDP;
+    a bfloat16 reduction on gloo is refused."""
+    bf16 = fnnet.Precision(param_dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
+    seen = set()
+
+    def reduction(bucket):  # the default all-reduce, noting the dtype the gradients travel in
+        seen.add(str(bucket.buffer.dtype))
+        return fnnet.comm.all_reduce(bucket)
+
+    ddp = train(gpt(torch.float32, dropout=0.0), 3, part, distributed=True, precision=bf16, reduction=reduction)
+    zero = train(gpt(torch.float32, dropout=0.0), 3, part, distributed=True, shard_optimizer=True, precision=bf16)
+    master = fnnet.tree.leaves(zero.opt_state.master)
+    report = {"master_dtypes": sorted({str(m.dtype) for m in master}), "master_ndim": sorted({m.dim() for m in master}),
+              "master_numel": sum(m.numel() for m in master), "params_numel": sum(p.numel() for p in zero.params.values()),
+              "param_dtypes": sorted({str(p.dtype) for p in zero.params.values()}), "reduced_in": sorted(seen),
+              "zero2_equals_ddp": all(torch.equal(zero.params[k], ddp.params[k]) for k in ddp.params),
+              "moved": any(not torch.equal(ddp.params[k], v.to(torch.bfloat16))
+                           for k, v in gpt(torch.float32).state_dict().items())}
+    try:
+        model = fnnet.functional(gpt())
+        fnnet.make_train_step(lm_loss(model), optim.adamw(1e-2), distributed=True,
+                              precision=fnnet.Precision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16))
+        report["refused"] = None
+    except ValueError as err:
+        report["refused"] = str(err)
+    return report
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     fnnet.distributed.init()
@@ -116,6 +145,7 @@ def main() -> None:
                         for policy, s in (("nothing_saveable", remat), ("dots_saveable", dots))}
         report[name]["moved"] = any(not torch.equal(plain.params[k], gpt().state_dict()[k]) for k in plain.params)
     (out / f"remat{rank}.json").write_text(json.dumps(report))
+    (out / f"precision{rank}.json").write_text(json.dumps(precision_checks(part)))
     fnnet.distributed.shutdown()
 
 

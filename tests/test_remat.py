@@ -119,9 +119,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_remat_on_two_gloo_ranks_ddp_accumulation_and_zero2(tmp_path):
-    """One launch: remat (nothing/dots) equals no remat bit for bit on every rank, under
-    distributed=True, with accumulate=2, and with shard_optimizer=True (float64, dropout)."""
+def test_remat_and_master_weights_on_two_gloo_ranks(tmp_path):
+    """One launch for this issue's multi-process checks: remat (nothing/dots) equals no remat bit for
+    bit on every rank, under distributed=True, with accumulate=2, and with shard_optimizer=True
+    (float64, dropout); bfloat16 params with float32 master weights: the gradients reduced in
+    float32, ZeRO-2 holds half of the master weights on each rank (1-D float32 parts) and equals
+    DDP bit for bit; reduce_dtype=bfloat16 on gloo refused."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
@@ -133,3 +136,9 @@ def test_remat_on_two_gloo_ranks_ddp_accumulation_and_zero2(tmp_path):
         report = json.loads((tmp_path / f"remat{rank}.json").read_text())
         for name in ("ddp", "ddp-accumulate", "zero2"):
             assert report[name] == {"nothing_saveable": True, "dots_saveable": True, "moved": True}, (rank, name)
+        mp = json.loads((tmp_path / f"precision{rank}.json").read_text())
+        assert mp["master_dtypes"] == ["torch.float32"] and mp["master_ndim"] == [1]
+        assert mp["param_dtypes"] == ["torch.bfloat16"] and mp["reduced_in"] == ["torch.float32"]
+        assert mp["master_numel"] * 2 == mp["params_numel"]  # 11,056 parameters: an even split, 5,528 each
+        assert mp["zero2_equals_ddp"] and mp["moved"]
+        assert "reduce_dtype=bfloat16 on the gloo backend" in mp["refused"] and "torch.float32" in mp["refused"]
