@@ -62,7 +62,7 @@ def _reference(net, steps, lr):
 
 
 def test_bf16_params_with_float32_master_weights_follow_the_hand_built_reference_exactly():
-    net = W.gpt(torch.float32, dropout=0.0)
+    net = W.gpt(torch.float32, dropout=0.0, depth=1)  # one block: bfloat16 matmuls are slow on this CPU
     model = fnnet.functional(net)
     opt = optim.adamw(1e-2)
     state = fnnet.TrainState.create(model.params, opt)  # float32 params: the first step makes them the master
@@ -79,9 +79,9 @@ def test_bf16_params_with_float32_master_weights_follow_the_hand_built_reference
     # the master weights matter: AdamW applied to the bfloat16 params themselves ends elsewhere
     plain = fnnet.TrainState.create(BF16.cast_params(model.params), opt)
     bf16_step = fnnet.make_train_step(W.lm_loss(model), opt, precision="bf16-mixed")
-    for i in range(20):
+    for i in range(5):
         plain, _ = bf16_step(plain, W.tokens(i))
-    assert any(not torch.equal(plain.params[k], state.params[k]) for k in plain.params)
+    assert any(not torch.equal(plain.params[k], expected[4][0][k]) for k in plain.params)
 
 
 def test_bf16_params_halve_parameter_bytes_and_the_master_weights_are_in_the_optimizer_state():
