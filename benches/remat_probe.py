@@ -1,6 +1,6 @@
 """Rematerialisation and precision on CPU (issue 32): saved-activation bytes and time per step.
 
-    python benches/remat_probe.py [--rounds 5] [--steps 3] [--depth 8] [--out PATH]
+    python benches/remat_probe.py [--rounds 5] [--steps 3] [--depth 8] [--threads 1 --clock cpu] [--out PATH]
 
 The model is the tests' small GPT (``tests/_remat_worker.py``: pre-norm blocks with
 ``scaled_dot_product_attention``, a GELU MLP, dropout 0.1), ``--depth`` blocks of width 128,
@@ -102,11 +102,14 @@ def torch_variant(depth: int, policy: str):
     return run, report
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time, the process's own CPU time
+
+
 def timed(run, steps: int, start: int) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for i in range(steps):
         run(batch(start + i))
-    return (time.perf_counter() - t0) / steps
+    return (CLOCK() - t0) / steps
 
 
 def interleaved(variants: dict, rounds: int, steps: int) -> dict[str, list[float]]:
@@ -131,7 +134,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--out", default="benches/results/2026-12-06-cpu-2core-remat.json")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: the process's CPU time (time.process_time), steadier on a shared machine; "
+                        "meaningful with --threads 1")
+    p.add_argument("--skip-precision", action="store_true")
     args = p.parse_args()
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK = time.process_time
     variants = {}
     for policy in POLICIES:
         variants[f"fnnet/{policy}"] = fnnet_variant(args.depth, policy)
@@ -139,7 +152,8 @@ def main() -> None:
             variants[f"torch/{policy}"] = torch_variant(args.depth, policy)
     times = interleaved(variants, args.rounds, args.steps)
     bytes_ = {name: report()._asdict() for name, (_, report) in variants.items()}  # optimizer states made
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "depth": args.depth, **SHAPE,
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+              "depth": args.depth, **SHAPE,
               "batch": BATCH, "rounds": args.rounds, "steps_per_measurement": args.steps, "remat": {}}
     print(f"{'variant':<28}{'activations':>14}{'x none':>8}{'time/step':>11}{'x none (min-max)':>22}")
     for name in variants:
@@ -157,7 +171,8 @@ def main() -> None:
                                                                                    "ratio_max")}
         print(f"fnnet/{policy} time vs torch/{policy}: {vs['ratio_median']:.3f} "
               f"({vs['ratio_min']:.3f}-{vs['ratio_max']:.3f})")
-    result["precision"] = precision_bench(args)
+    if not args.skip_precision:
+        result["precision"] = precision_bench(args)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     print("wrote", args.out)
 
