@@ -193,6 +193,7 @@ def make_grad_fn(loss_fn: Callable, *, precision: "str | Precision" = "32") -> C
     declared = _declared(loss_fn)
 
     def objective(params: Any, batch: Any, buffers: Any, key: Any, scale: Any) -> tuple[torch.Tensor, dict]:
+        batch = policy.cast_inputs(batch)  # under 16-bit params, float inputs in their dtype
         with policy.autocast(params):
             loss, aux, new_buffers = _normalise(_call(loss_fn, declared, params, batch, buffers, key, True),
                                                 "buffers" in declared)

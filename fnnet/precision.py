@@ -6,7 +6,8 @@ take (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``, ...) are named policies
 (:data:`POLICIES`). A step resolves its ``precision=`` once (:meth:`Precision.resolve`).
 
 * ``param_dtype``: the dtype the parameters live in. ``torch.bfloat16`` (or ``float16``) halves
-  their memory; the optimizer then keeps float32 *master weights* in its state
+  their memory, and the batch's floating-point tensors are cast to it before the forward
+  (:meth:`Precision.cast_inputs`); the optimizer keeps float32 *master weights* in its state
   (:func:`fnnet.optim.master_weights`), applies each update to them and casts them back, so
   small updates are not lost; ZeRO-2 (``shard_optimizer=True``) shards the master weights with
   the rest of the optimizer state.
@@ -112,6 +113,15 @@ class Precision:
             return params
         return _tree.map(lambda x: x.to(self.param_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
                          else x, params)
+
+    def cast_inputs(self, batch: Any) -> Any:
+        """The batch a step of this policy computes on: under 16-bit params, its floating-point
+        tensors cast to ``param_dtype`` (FSDP2's ``cast_forward_inputs``: a float32 input meeting a
+        bfloat16 ``LayerNorm`` weight is an error on the CPU), targets included; else as given."""
+        if not self.keeps_master:
+            return batch
+        return _tree.map(lambda x: x.to(self.param_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                         else x, batch)
 
     def optimizer(self, optimizer: GradientTransformation) -> GradientTransformation:
         """``optimizer`` on float32 master weights when the params are 16-bit, else as is."""

@@ -274,10 +274,11 @@ def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: Any,
                   compile_options: Mapping[str, Any] | None) -> Callable[[TrainState, Any], Any]:
     """``step(state, batch) -> fn(params, batch, buffers)`` under ``no_grad`` and the precision's autocast."""
     _check_step_options(precision, jit, compile_options)
+    policy = _check_precision(precision)
 
     def inner(params, buffers, batch):
-        with torch.no_grad(), autocast(precision, params):
-            return fn(params, batch, buffers)
+        with torch.no_grad(), policy.autocast(params):
+            return fn(params, policy.cast_inputs(batch), buffers)
 
     compiled = compile_step(inner, compile_options) if jit else inner
 
