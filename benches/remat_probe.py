@@ -1,6 +1,7 @@
 """Rematerialisation and precision on CPU (issue 32): saved-activation bytes and time per step.
 
-    python benches/remat_probe.py [--rounds 5] [--steps 3] [--depth 8] [--threads 1 --clock cpu] [--out PATH]
+    python benches/remat_probe.py [--rounds 5] [--steps 3] [--depth 8] [--dim 128] [--threads 1 --clock cpu]
+                                  [--skip-precision] [--out PATH]
 
 The model is the tests' small GPT (``tests/_remat_worker.py``: pre-norm blocks with
 ``scaled_dot_product_attention``, a GELU MLP, dropout 0.1), ``--depth`` blocks of width 128,
@@ -139,7 +140,9 @@ def main() -> None:
                    help="cpu: the process's CPU time (time.process_time), steadier on a shared machine; "
                         "meaningful with --threads 1")
     p.add_argument("--skip-precision", action="store_true")
+    p.add_argument("--dim", type=int, default=SHAPE["dim"], help="block width (heads: dim // 32)")
     args = p.parse_args()
+    SHAPE.update(dim=args.dim, heads=max(1, args.dim // 32))
     global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)
