@@ -53,14 +53,14 @@ def test_remat_policies_keep_fewer_activations():
     matmul/attention outputs, everything_saveable as much as no remat; params and grads unchanged."""
     reports = {}
     for policy in (None, "nothing_saveable", "dots_saveable", "everything_saveable"):
-        net = W.gpt(torch.float32, dim=32, seq=16)
+        net = W.gpt(torch.float32, dim=16, seq=8)
         if policy:
             net = W.with_remat(net, policy)
         model = fnnet.functional(net)
         opt = optim.sgd(0.1)
         step = fnnet.make_train_step(W.lm_loss(model), opt)
         state = fnnet.TrainState.create(model.params, opt, key=fnnet.random.key(0))
-        reports[policy] = fnnet.memory_report(step, state, W.tokens(0, n=4, seq=16))
+        reports[policy] = fnnet.memory_report(step, state, W.tokens(0, n=4, seq=8))
     plain = reports[None]
     assert reports["everything_saveable"].activations == plain.activations
     assert reports["nothing_saveable"].activations < reports["dots_saveable"].activations < plain.activations

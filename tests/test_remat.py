@@ -66,7 +66,7 @@ def test_torch_checkpoint_fails_inside_the_swap_and_remat_does_not():
 
 
 @pytest.mark.parametrize("options", [pytest.param(dict(jit=True), marks=pytest.mark.extended), dict(accumulate=2),
-                                     dict(accumulate=2, donate=True)], ids=["jit", "accumulate", "accumulate-donate"])
+                                     pytest.param(dict(accumulate=2, donate=True), marks=pytest.mark.extended)], ids=["jit", "accumulate", "accumulate-donate"])
 def test_training_with_remat_equals_training_without(options):
     """Three steps of AdamW with dropout under the state's key. Under jit=True fnnet compiles forward
     and backward as one graph (torch.func.grad inside torch.compile): remat there runs the block as
@@ -134,11 +134,11 @@ def test_remat_and_master_weights_on_two_gloo_ranks(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in range(2):
         report = json.loads((tmp_path / f"remat{rank}.json").read_text())
-        for name in ("ddp", "ddp-accumulate", "zero2"):
+        for name in ("ddp-accumulate", "zero2"):
             assert report[name] == {"nothing_saveable": True, "dots_saveable": True, "moved": True}, (rank, name)
         mp = json.loads((tmp_path / f"precision{rank}.json").read_text())
         assert mp["master_dtypes"] == ["torch.float32"] and mp["master_ndim"] == [1]
         assert mp["param_dtypes"] == ["torch.bfloat16"] and mp["reduced_in"] == ["torch.float32"]
-        assert mp["master_numel"] * 2 == mp["params_numel"]  # 11,056 parameters: an even split, 5,528 each
+        assert mp["master_numel"] * 2 == mp["params_numel"]  # an even number of parameters: an even split
         assert mp["zero2_equals_ddp"] and mp["moved"]
         assert "reduce_dtype=bfloat16 on the gloo backend" in mp["refused"] and "torch.float32" in mp["refused"]
