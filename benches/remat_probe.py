@@ -73,9 +73,9 @@ def torch_variant(depth: int, policy: str):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     options = {}
     if policy == "dots_saveable":
-        from fnnet._remat import _dots_policy  # the same op list as fnnet's policy
+        from fnnet._remat import dots_saveable  # the same op list as fnnet's policy
 
-        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _dots_policy)
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, dots_saveable)
 
     def forward(idx):
         x = net.tok(idx) + net.pos(torch.arange(idx.shape[1]))

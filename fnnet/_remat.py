@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["remat", "is_remat", "POLICIES", "DOTS"]
+__all__ = ["remat", "is_remat", "dots_saveable", "POLICIES", "DOTS"]
 
 Policy = Union[str, Callable[..., Any]]
 
@@ -58,7 +58,8 @@ and ``matmul`` reach the dispatcher as ``mm``/``addmm``/``bmm``)."""
 POLICIES = ("nothing_saveable", "dots_saveable", "everything_saveable")
 
 
-def _dots_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+def dots_saveable(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """The ``"dots_saveable"`` policy as torch's selective-checkpoint ``policy_fn`` (keep :data:`DOTS`)."""
     dot = getattr(op, "overloadpacket", op) in DOTS
     return CheckpointPolicy.MUST_SAVE if dot else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -80,7 +81,7 @@ def _context_fn(policy: Policy) -> Callable[[], Any] | None:
     """``checkpoint``'s ``context_fn`` for ``policy``; ``None`` for plain checkpointing."""
     if policy == "nothing_saveable":
         return None
-    fn = _dots_policy if policy == "dots_saveable" else _user_policy(policy)  # type: ignore[arg-type]
+    fn = dots_saveable if policy == "dots_saveable" else _user_policy(policy)  # type: ignore[arg-type]
     return functools.partial(create_selective_checkpoint_contexts, fn)
 
 

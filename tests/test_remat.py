@@ -65,10 +65,12 @@ def test_torch_checkpoint_fails_inside_the_swap_and_remat_does_not():
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("options", [pytest.param(dict(jit=True), marks=pytest.mark.extended), dict(accumulate=2),
-                                     pytest.param(dict(accumulate=2, donate=True), marks=pytest.mark.extended)], ids=["jit", "accumulate", "accumulate-donate"])
+@pytest.mark.parametrize("options", [pytest.param(dict(jit=True), marks=pytest.mark.extended, id="jit"),
+                                     pytest.param(dict(accumulate=2), id="accumulate"),
+                                     pytest.param(dict(accumulate=2, donate=True), marks=pytest.mark.extended,
+                                                  id="accumulate-donate")])
 def test_training_with_remat_equals_training_without(options):
-    """Three steps of AdamW with dropout under the state's key. Under jit=True fnnet compiles forward
+    """AdamW with dropout under the state's key (4 micro-batches, or 2 compiled steps). Under jit=True fnnet compiles forward
     and backward as one graph (torch.func.grad inside torch.compile): remat there runs the block as
     is (nothing is recomputed), so the result is the same bits, not float noise (extended: two
     compilations take about a minute on 2 shared cores)."""
