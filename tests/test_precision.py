@@ -100,3 +100,32 @@ def test_bf16_params_halve_parameter_bytes_and_the_master_weights_are_in_the_opt
     assert half.params * 2 == full.params
     assert half.opt_state == full.opt_state + full.params  # + the float32 master weights
     assert half.grads * 2 == full.grads  # gradients in the params' dtype, cast to float32 in the update
+
+
+def test_a_master_weights_state_saves_loads_and_continues_exactly(tmp_path):
+    model = fnnet.functional(W.gpt(torch.float32, dropout=0.0, depth=1))
+    opt = optim.adamw(1e-2)
+    step = fnnet.make_train_step(W.lm_loss(model), opt, precision=BF16)
+    state, _ = step(fnnet.TrainState.create(model.params, opt), _tokens(0))
+    fnnet.save(tmp_path / "mixed.safetensors", state)
+    back = fnnet.load(tmp_path / "mixed.safetensors")  # no like=: MasterWeightsState is one of fnnet's types
+    assert isinstance(back.opt_state, optim.MasterWeightsState)
+    one, _ = step(state, _tokens(1))
+    two, _ = step(back, _tokens(1))
+    for k in one.params:
+        assert torch.equal(one.params[k], two.params[k]) and torch.equal(one.opt_state.master[k], two.opt_state.master[k])
+
+
+@pytest.mark.extended
+def test_the_trainer_takes_a_precision_policy():
+    """Trainer(precision=fnnet.Precision(...)): its state's params in bfloat16, the master weights in
+    float32, and the module trained (its weights bfloat16 too)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(1e-2), precision=BF16, devices="cpu")
+    history = trainer.fit((x, y), epochs=3, batch_size=16, verbose=0).to_pandas()
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert trainer.state.params["0.weight"].dtype == torch.bfloat16
+    assert trainer.state.opt_state.master["0.weight"].dtype == torch.float32
+    assert trainer.predict(x[:2]).dtype == torch.float32 and net[0].weight.dtype == torch.bfloat16
