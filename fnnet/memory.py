@@ -11,8 +11,10 @@ step is seen by a ``TorchDispatchMode`` and its storage is held on to, deduplica
 starts (the first operation run by an autograd node), the storages made by the forward pass
 that something other than the report still holds are the *activations*: what autograd saved,
 what ``torch.utils.checkpoint`` keeps of a remat block (its inputs, a selective policy's saved
-outputs) and the loss itself. When the backward pass ends, the storages it made that are still
-held are the *gradients*. Tensors the step was given (params, buffers, the batch) are never
+outputs), the loss itself and the backward pass's seed (``ones_like(loss)``, made by
+``torch.autograd.grad`` before the first node runs). When the backward pass ends, the storages
+it made that are still held are the *gradients*. (So the report's own run needs more memory than
+the step: every temporary of the forward pass lives until the backward pass starts.) Tensors the step was given (params, buffers, the batch) are never
 counted as activations: they exist before the step. Recomputation inside the backward pass
 (remat) makes tensors that die within it, so it adds to neither.
 """
