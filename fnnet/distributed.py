@@ -380,8 +380,9 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
     parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
                        compile_options=compile_options)
     grad_fn, declared = parts.grad_fn, parts.declared
-    reduce_dtype = Precision.resolve(precision).reduce_dtype  # None: the gradients' own dtype
-    Precision.resolve(precision).check_backend(dist.get_backend())
+    policy = Precision.resolve(precision)
+    policy.check_backend(dist.get_backend())  # no 16-bit reduction on gloo
+    reduce_dtype = policy.reduce_dtype  # None: the gradients' own dtype
     reduce_bucket = _comm.all_reduce if reduction is None else reduction
     limit = int(bucket_mb * 2**20)
     me = rank()

@@ -33,7 +33,7 @@ from . import compiler as _compiler
 from . import random as _random
 from . import tree as _tree
 from .loss import (GradResult, _call, _check_buffers_declared, _check_precision, _declared, _normalise, _rng_scope,
-                   autocast, make_grad_fn)
+                   make_grad_fn)
 from .batch import batch_size_of
 from .state import Accumulation, TrainState, apply_update, loss_scale_for
 

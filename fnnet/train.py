@@ -140,14 +140,13 @@ def make_train_step(
                                     policy)
     if devices is not None:
         return _with_master_weights(_parallel.make_train_step(loss_fn, optimizer, devices, **options), policy)
-    precision = policy
-    parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
+    parts = step_parts(loss_fn, precision=policy, skip_nonfinite=skip_nonfinite, jit=jit,
                        compile_options=compile_options)
     compiled = traced_grad_fn(parts, compile_options) if jit and accumulate > 1 else None
     reduce, accumulate_fn = local_gradients(parts, compiled)
     step = build_train_step(reduce, optimizer, parts, donate=donate, jit=jit, compile_options=compile_options,
                             compile_whole=True, accumulate=accumulate, accumulate_fn=accumulate_fn)
-    step.precision = precision  # type: ignore[attr-defined]
+    step.precision = policy  # type: ignore[attr-defined]
     return _with_master_weights(step, policy)
 
 
