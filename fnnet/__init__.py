@@ -22,7 +22,10 @@ _EXPORTS = {
     "device": ("default_device", "device_count", "device_info", "devices", "empty_cache", "memory_stats",
                "parse_devices", "place", "resolve_device", "synchronize", "tree_device"),
     "_functional": ("Model", "functional", "grad", "jit", "value_and_grad", "vmap"),
+    "_remat": ("remat",),
+    "memory": ("MemoryReport", "memory_report"),
     "plot": ("plot_history", "plot_samples"),
+    "precision": ("Precision",),
     "random": ("seed_everything",),
     "state": ("DynamicScale", "TrainState", "all_finite", "grads_finite"),
     "_summary": ("SummaryRow", "SummaryTable", "summary"),
@@ -30,9 +33,11 @@ _EXPORTS = {
               "supervised_loss"),
     "trainer": ("History", "Trainer"),
 }
-# ``fnnet.functional`` and ``fnnet.summary`` are functions; their modules are ``_functional``, ``_summary``.
+# ``fnnet.functional``, ``fnnet.summary`` and ``fnnet.remat`` are functions; their modules are ``_functional``,
+# ``_summary``, ``_remat``.
 _MODULES = ("batch", "callbacks", "checkpoint", "comm", "compiler", "data", "datasets", "device", "distributed", "interop",
-            "layout", "loss", "metrics", "models", "optim", "parallel", "plot", "random", "state", "step", "strategy",
+            "layout", "loss", "memory", "metrics", "models", "optim", "parallel", "plot", "precision", "random",
+            "state", "step", "strategy",
             "train", "trainer", "tree")
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -56,15 +61,18 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import (batch, callbacks, checkpoint, comm, compiler, data, datasets, device, distributed, interop,
-                   layout, loss, metrics, models, optim, parallel, plot, random, state, step, strategy, train, trainer,
-                   tree)
+                   layout, loss, memory, metrics, models, optim, parallel, plot, precision, random, state, step,
+                   strategy, train, trainer, tree)
     from ._functional import Model, functional, grad, jit, value_and_grad, vmap
+    from ._remat import remat
     from ._summary import SummaryRow, SummaryTable, summary
     from .checkpoint import load, load_state_dict, save, to_state_dict
     from .data import ArrayLoader, load_digits, load_mnist, split_batch
     from .device import (default_device, device_count, device_info, devices, empty_cache, memory_stats,
                          parse_devices, place, resolve_device, synchronize, tree_device)
+    from .memory import MemoryReport, memory_report
     from .plot import plot_history, plot_samples
+    from .precision import Precision
     from .random import seed_everything
     from .state import DynamicScale, TrainState, all_finite, grads_finite
     from .train import (GradResult, make_eval_step, make_grad_fn, make_predict_step, make_train_step,

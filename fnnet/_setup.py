@@ -18,8 +18,9 @@ from .device import parse_devices, place
 from .layout import choose_memory_format
 from .state import DynamicScale, TrainState
 from .parallel import Replicate
+from .precision import Precision
 from .strategy import Strategy
-from .train import PRECISIONS, make_eval_step, make_predict_step, make_train_step, resolve_strategy, supervised_loss
+from .train import make_eval_step, make_predict_step, make_train_step, resolve_strategy, supervised_loss
 
 __all__ = ["resolve_optimizer", "resolve_devices", "Steps", "build_steps", "initial_state", "sync_module"]
 
@@ -116,7 +117,7 @@ def initial_state(model: Model, module: nn.Module | None, params: Any, optimizer
     buffers = model.buffers or None
     if buffers is not None and module is None:
         buffers = _tree.map(torch.clone, place(buffers, device, memory_format=fmt))
-    loss_scale = DynamicScale.create(device) if PRECISIONS.get(precision) is torch.float16 else None
+    loss_scale = DynamicScale.create(device) if Precision.resolve(precision).loss_scaled else None
     state = TrainState.create(start, optimizer, buffers=buffers, key=key, loss_scale=loss_scale)
     if own and fmt is not None:  # the module's own tensors, laid out
         state = place(state, device, memory_format=fmt)

@@ -130,8 +130,9 @@ class GradBuckets:
     """
 
     def __init__(self, leaves: list[torch.Tensor], order: list[int], limit: int, reduction: Reduction,
-                 pad_to: int = 1, cache: dict[int, torch.Tensor] | None = None):
+                 pad_to: int = 1, cache: dict[int, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
         self.leaves = leaves
+        self.dtype = dtype  # the buckets' dtype, the reduction's (a precision's reduce_dtype); None: the leaves'
         self.cache = cache  # bucket buffers kept from the last step (fresh memory costs page faults every step)
         self.pad_to = pad_to  # a bucket's buffer is a multiple of this (reduce-scatter: the world size)
         self.reduction = reduction
@@ -166,11 +167,12 @@ class GradBuckets:
             self.addend_weight = self.addend_weight()
         idx, sizes = self.buckets[b], self.sizes[b]
         first = self.leaves[idx[0]]
+        dtype = self.dtype or first.dtype
         total = sum(sizes)
         padded = -(-total // self.pad_to) * self.pad_to
         flat = self.cache.get(b) if self.cache is not None else None
-        if flat is None or flat.numel() != padded or flat.dtype != first.dtype or flat.device != first.device:
-            flat = torch.empty(padded, dtype=first.dtype, device=first.device)
+        if flat is None or flat.numel() != padded or flat.dtype != dtype or flat.device != first.device:
+            flat = torch.empty(padded, dtype=dtype, device=first.device)
             if self.cache is not None:
                 self.cache[b] = flat
         flat[total:].zero_()

@@ -43,6 +43,7 @@ from . import random as _random
 from . import tree as _tree
 from .batch import batch_size_of
 from .loss import GradResult
+from .precision import Precision
 from .state import Accumulation, TrainState, apply_update
 from .step import TrainStep, add_to_window, build_train_step, compile_step, step_parts, traced_grad_fn
 from .strategy import StepOptions, Strategy
@@ -553,6 +554,9 @@ class _RankStep:
         self.topo = strategy.topology()
         self.parts = step_parts(loss_fn, precision=o.precision, skip_nonfinite=o.skip_nonfinite, jit=o.jit,
                                 compile_options=o.compile_options)
+        policy = Precision.resolve(o.precision)
+        policy.check_backend(dist.get_backend(self.topo.groups[0]))  # no 16-bit reduction on gloo
+        self.reduce_dtype = policy.reduce_dtype  # the gradients' reduction dtype (None: their own)
         self.limit = int(strategy.bucket_mb * 2**20)
         self.reduce_bucket = strategy.reduction or functools.partial(_comm.all_reduce, group=self.topo.groups[0])
         self.in_graph = o.jit and strategy.reduction is None and not isinstance(strategy, ZeRO)
@@ -601,7 +605,7 @@ class _RankStep:
         if first:
             self.order.extend(reversed(range(len(leaves))))
         return _comm.GradBuckets(leaves, list(self.order), self.limit, self.reduce_bucket,
-                                 cache=None if first else self.bucket_cache), first
+                                 cache=None if first else self.bucket_cache, dtype=self.reduce_dtype), first
 
     def launch(self, buckets: _comm.GradBuckets, grad_leaves: list[Any]) -> Any:
         """Start the buckets the hooks did not; returns what :meth:`collect` waits for."""
@@ -667,7 +671,8 @@ class _RankStep:
 
         grads, loss, aux, new_buffers = self.parts.grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
         leaves, spec = _tree.flatten(grads)
-        flat = torch.cat([g.reshape(-1) for g in leaves] + [loss.reshape(1).to(leaves[0].dtype)]) * n
+        rd = self.reduce_dtype or leaves[0].dtype
+        flat = torch.cat([g.reshape(-1).to(rd) for g in leaves] + [loss.reshape(1).to(rd)]) * n
         flat = fc.all_reduce(torch.cat([flat, n.to(flat.dtype).reshape(1)]), "sum", self.topo.groups[0])
         total = flat[-1]
         flat = flat[:-1] / total
@@ -780,7 +785,7 @@ class _ShardedStep(_RankStep):
         lay = self.layout
         assert lay is not None  # made by shard_state, before the first step
         return _comm.GradBuckets(leaves, lay.order, lay.limit, lay.reduction(), pad_to=lay.world,
-                                 cache=self.bucket_cache), False
+                                 cache=self.bucket_cache, dtype=self.reduce_dtype), False
 
     def launch(self, buckets: _comm.GradBuckets, grad_leaves: list[Any]) -> Any:
         buckets.launch_rest(grad_leaves)

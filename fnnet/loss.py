@@ -34,18 +34,13 @@ from . import random as _random
 from . import tree as _tree
 from ._functional import Model
 from .batch import split_batch
+from .precision import POLICIES, Precision
 from .state import DynamicScale
 
 __all__ = ["GradResult", "make_grad_fn", "supervised_loss", "autocast", "PRECISIONS"]
 
-PRECISIONS = {
-    "32": None,
-    "32-true": None,
-    "bf16": torch.bfloat16,
-    "bf16-mixed": torch.bfloat16,
-    "16-mixed": torch.float16,
-    "16": torch.float16,
-}
+PRECISIONS = {name: policy.compute_dtype for name, policy in POLICIES.items()}
+"""The named precisions and their autocast dtypes (``None``: none); the policies are :data:`fnnet.precision.POLICIES`."""
 
 
 # -- the loss function's calling convention ---------------------------------------------------
@@ -115,36 +110,20 @@ def _check_buffers_declared(declared: frozenset[str], buffers: Any, fn: Callable
 # -- precision --------------------------------------------------------------------------------
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+def _check_precision(precision: "str | Precision") -> Precision:
+    """The policy ``precision`` names (a ``ValueError`` listing the names otherwise)."""
+    return Precision.resolve(precision)
 
 
-def autocast(precision: str, params: Any) -> contextlib.AbstractContextManager:
+def autocast(precision: "str | Precision", params: Any) -> contextlib.AbstractContextManager:
     """The autocast context a step of ``precision`` runs its forward in, on the params' device type.
 
     ``"32"``: full precision; a caller's active autocast is switched off (one context, which
     ``torch.compile`` traces), and nothing is entered otherwise. ``"bf16"``/``"16-mixed"``:
-    ``torch.autocast`` to bfloat16/float16.
+    ``torch.autocast`` to bfloat16/float16. A :class:`fnnet.Precision`: its ``compute_dtype``
+    (:meth:`fnnet.Precision.autocast`).
     """
-    _check_precision(precision)
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        if not active:
-            return contextlib.nullcontext()
-        if len(active) == 1:
-            return torch.autocast(active[0], enabled=False)
-        return _both_autocasts_off()
-    leaves = [x for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
-    device_type = leaves[0].device.type if leaves else "cpu"
-    return torch.autocast(device_type, dtype=dtype)
-
-
-@contextlib.contextmanager
-def _both_autocasts_off():
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        yield
+    return Precision.resolve(precision).autocast(params)
 
 
 def _detached(x: Any) -> Any:
@@ -184,7 +163,7 @@ class GradResult(NamedTuple):
     buffers: Any
 
 
-def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., GradResult]:
+def make_grad_fn(loss_fn: Callable, *, precision: "str | Precision" = "32") -> Callable[..., GradResult]:
     """Build ``grad_fn(params, batch, buffers=None, key=None, *, loss_scale=None) -> GradResult``.
 
     The first half of every training step (``jax.value_and_grad`` with fnnet's loss
@@ -194,7 +173,8 @@ def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., G
     Args:
         loss_fn: see the module docstring for the calling convention.
         precision: ``"32"``, ``"bf16"`` (autocast to bfloat16) or ``"16-mixed"`` (float16
-            autocast; pass ``loss_scale``). Gradients come back in the params' dtype.
+            autocast; pass ``loss_scale``), or an :class:`fnnet.Precision` (its
+            ``compute_dtype``). Gradients come back in the params' dtype.
 
     The returned function takes ``loss_scale=``, a :class:`DynamicScale`: the loss is
     multiplied by its scale before the backward pass and the gradients divided by it, so
@@ -209,11 +189,12 @@ def make_grad_fn(loss_fn: Callable, *, precision: str = "32") -> Callable[..., G
     inside ``torch.compile`` with ``torch.func.grad``, which traces without a graph break.
     Parameters the loss does not use get zero gradients. Nothing passed in is modified.
     """
-    _check_precision(precision)
+    policy = _check_precision(precision)
     declared = _declared(loss_fn)
 
     def objective(params: Any, batch: Any, buffers: Any, key: Any, scale: Any) -> tuple[torch.Tensor, dict]:
-        with autocast(precision, params):
+        batch = policy.cast_inputs(batch)  # under 16-bit params, float inputs in their dtype
+        with policy.autocast(params):
             loss, aux, new_buffers = _normalise(_call(loss_fn, declared, params, batch, buffers, key, True),
                                                 "buffers" in declared)
         loss = loss.float()

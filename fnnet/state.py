@@ -188,19 +188,19 @@ def apply_update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buf
     new_buffers = buffers if new_buffers is None else new_buffers
     if finite is None:
         updates, opt_state = _update(optimizer, grads, opt_state, params, donate, shards)
-        return _apply_updates(params, updates, donate), opt_state, new_buffers, loss_scale, None
+        return _apply_updates(params, updates, donate, opt_state), opt_state, new_buffers, loss_scale, None
     if loss_scale is not None:
         loss_scale = loss_scale.adjust(finite)
     if finite.is_cpu and not torch.compiler.is_compiling():
         if not bool(finite):
             return params, opt_state, buffers, loss_scale, finite
         updates, opt_state = _update(optimizer, grads, opt_state, params, donate, shards)
-        return _apply_updates(params, updates, donate), opt_state, new_buffers, loss_scale, finite
+        return _apply_updates(params, updates, donate, opt_state), opt_state, new_buffers, loss_scale, finite
     # On an accelerator (or inside torch.compile) the choice is made on the device: compute the
     # update out of place, keep it where `finite`. Compiled, inductor fuses the select into the
     # update's kernels; in eager mode this costs one state-sized temporary.
     updates, new_opt = _update(optimizer, grads, opt_state, params, False, shards)
-    new_params = _apply_updates(params, updates, False)
+    new_params = _apply_updates(params, updates, False, new_opt)
     chosen = _select(finite, (new_params, new_opt, new_buffers), (params, opt_state, buffers))
     if donate:
         chosen = _copy_into((params, opt_state, buffers), chosen)
@@ -215,9 +215,13 @@ def _update(optimizer: Any, grads: Any, opt_state: Any, params: Any, donate: boo
     return update_with(optimizer, grads, opt_state, params, donate=donate, shards=shards)
 
 
-def _apply_updates(params: Any, updates: Any, donate: bool) -> Any:
-    from .optim import apply_updates
+def _apply_updates(params: Any, updates: Any, donate: bool, opt_state: Any = None) -> Any:
+    """``params + updates``; under float32 master weights (:func:`fnnet.optim.master_weights`), the new
+    master weights cast to the params' dtype instead (exact, where adding the difference may round)."""
+    from .optim import MasterWeightsState, apply_updates, master_params
 
+    if isinstance(opt_state, MasterWeightsState):
+        return master_params(opt_state, params, donate=donate)
     return apply_updates(params, updates, donate=donate)
 
 

@@ -33,8 +33,8 @@ import torch
 from . import compiler as _compiler
 from . import random as _random
 from . import tree as _tree
-from .loss import (GradResult, autocast, call_loss, check_buffers_declared, check_precision, declared_keywords,
-                   make_grad_fn, normalise_output, rng_scope, PRECISIONS)
+from .loss import (GradResult, call_loss, check_buffers_declared, check_precision, declared_keywords, make_grad_fn,
+                   normalise_output, rng_scope)
 from .batch import batch_size_of
 from .state import Accumulation, TrainState, apply_update, loss_scale_for
 
@@ -63,16 +63,16 @@ class StepParts(NamedTuple):
     loss_fn: Callable  # the user's loss function (named in messages)
 
 
-def step_parts(loss_fn: Callable, *, precision: str, skip_nonfinite: bool, jit: bool,
+def step_parts(loss_fn: Callable, *, precision: Any, skip_nonfinite: bool, jit: bool,
                compile_options: Mapping[str, Any] | None) -> StepParts:
     """The checked arguments and the gradient function a training step is built from."""
     _check_step_options(precision, jit, compile_options)
     grad_fn = make_grad_fn(loss_fn, precision=precision)
-    scaled = PRECISIONS[precision] is torch.float16
+    scaled = check_precision(precision).loss_scaled
     return StepParts(grad_fn, declared_keywords(loss_fn), scaled, skip_nonfinite or scaled, loss_fn)
 
 
-def _check_step_options(precision: str, jit: bool, compile_options: Mapping[str, Any] | None) -> None:
+def _check_step_options(precision: Any, jit: bool, compile_options: Mapping[str, Any] | None) -> None:
     check_precision(precision)
     if compile_options and not jit:
         raise ValueError("compile_options only apply with jit=True")
@@ -201,7 +201,7 @@ class TrainStep:
 
     def __init__(self, call: Callable[..., tuple[TrainState, dict[str, Any]]],
                  flush: Callable[[TrainState], tuple[TrainState, dict[str, Any]] | None], *, strategy: Any,
-                 name: str, precision: str, jit: bool, donate: bool, accumulate: int,
+                 name: str, precision: Any, jit: bool, donate: bool, accumulate: int,
                  gather_state: Callable[[TrainState], TrainState] | None = None,
                  shard_state: Callable[[TrainState], TrainState] | None = None):
         self._call, self._flush = call, flush
@@ -239,7 +239,7 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
                      compile_options: Mapping[str, Any] | None = None, compile_whole: bool = False,
                      name: str = "train_step", accumulate: int = 1, accumulate_fn: Accumulate | None = None,
                      update: Callable[..., tuple[Any, Any, Any, Any, Any]] = apply_update, strategy: Any = None,
-                     precision: str = "32") -> TrainStep:
+                     precision: Any = "32") -> TrainStep:
     """The training step ``train_step(state, batch) -> (state, metrics)`` around a gradient source.
 
     The skeleton every step shares: the state's type checked, its key split once, the loss
@@ -338,14 +338,15 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
 # -- the steps that do not train (one device; fnnet.parallel runs them per shard) -----------------------
 
 
-def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: str,
+def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: Any,
                   compile_options: Mapping[str, Any] | None) -> Callable[[TrainState, Any], Any]:
     """``step(state, batch) -> fn(params, batch, buffers)`` under ``no_grad`` and the precision's autocast."""
     _check_step_options(precision, jit, compile_options)
+    policy = check_precision(precision)
 
     def inner(params, buffers, batch):
-        with torch.no_grad(), autocast(precision, params):
-            return fn(params, batch, buffers)
+        with torch.no_grad(), policy.autocast(params):
+            return fn(params, policy.cast_inputs(batch), buffers)
 
     compiled = compile_step(inner, compile_options) if jit else inner
 
@@ -357,7 +358,7 @@ def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: str,
     return step
 
 
-def eval_step(loss_fn: Callable, *, jit: bool = False, precision: str = "32",
+def eval_step(loss_fn: Callable, *, jit: bool = False, precision: Any = "32",
               compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], dict[str, torch.Tensor]]:
     """The one-device ``eval_step(state, batch) -> metrics`` (see :func:`fnnet.make_eval_step`)."""
     declared = declared_keywords(loss_fn)
@@ -370,14 +371,15 @@ def eval_step(loss_fn: Callable, *, jit: bool = False, precision: str = "32",
     return _no_grad_step(evaluate, "eval_step", jit=jit, precision=precision, compile_options=compile_options)
 
 
-def predict_step(predict_fn: Callable, *, jit: bool = False, precision: str = "32",
+def predict_step(predict_fn: Callable, *, jit: bool = False, precision: Any = "32",
                  compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], Any]:
     """The one-device ``predict_step(state, batch) -> outputs`` (see :func:`fnnet.make_predict_step`)."""
     declared = declared_keywords(predict_fn)
+    output_dtype = check_precision(precision).output_dtype
 
     def predict(params: Any, batch: Any, buffers: Any) -> Any:
         out = call_loss(predict_fn, declared, params, batch, buffers, None, False)
-        return _tree.map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
-                         else t, out)
+        return _tree.map(lambda t: t.to(output_dtype) if isinstance(t, torch.Tensor)
+                         and t.dtype in (torch.float16, torch.bfloat16) else t, out)
 
     return _no_grad_step(predict, "predict_step", jit=jit, precision=precision, compile_options=compile_options)

@@ -33,8 +33,8 @@ __all__ = ["StepOptions", "Strategy", "SingleDevice"]
 class StepOptions(NamedTuple):
     """The options every training step takes, whatever its strategy (see :func:`fnnet.make_train_step`).
 
-    ``precision`` is one value handed down to the gradient function (a string of
-    ``fnnet.PRECISIONS`` today).
+    ``precision`` is one value handed down to the gradient function: an :class:`fnnet.Precision`
+    (``make_train_step`` resolves it once), or one of its named policies' strings.
     """
 
     jit: bool = False

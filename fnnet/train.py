@@ -31,6 +31,7 @@ import torch
 from . import distributed as _distributed
 from . import parallel as _parallel
 from .loss import PRECISIONS, GradResult, autocast, make_grad_fn, supervised_loss
+from .precision import Precision
 from .state import TrainState
 from .step import TrainStep, check_accumulate, eval_step, predict_step
 from .strategy import SingleDevice, StepOptions, Strategy
@@ -54,7 +55,7 @@ def make_train_step(
     *,
     jit: bool = False,
     donate: bool = False,
-    precision: str = "32",
+    precision: str | Precision = "32",
     compile_options: Mapping[str, Any] | None = None,
     skip_nonfinite: bool = False,
     devices: Any = None,
@@ -91,7 +92,13 @@ def make_train_step(
         precision: ``"32"`` (default), ``"bf16"`` / ``"bf16-mixed"`` (autocast to bfloat16 for
             forward and backward) or ``"16-mixed"`` (float16 autocast with dynamic loss scaling
             kept in ``state.loss_scale``: a step with non-finite gradients is skipped and the
-            scale shrinks). Master params and optimizer state stay in their own dtype.
+            scale shrinks). Master params and optimizer state stay in their own dtype. Or an
+            :class:`fnnet.Precision` (the strings are its named policies): with
+            ``param_dtype=torch.bfloat16`` the step keeps the params in bfloat16 and float32
+            master weights in the optimizer state (:func:`fnnet.optim.master_weights` around
+            ``optimizer``); a state made by ``TrainState.create(params, optimizer)`` from
+            float32 params is converted on its first step (:meth:`fnnet.Precision.prepare`:
+            the float32 params become the master weights, exactly).
         compile_options: extra keyword arguments for ``torch.compile`` when ``jit=True``
             (``mode="reduce-overhead"`` for CUDA graphs, ``fullgraph=True``, inductor
             ``options``, ...; see :func:`fnnet.compiler.compile`).
@@ -133,9 +140,26 @@ def make_train_step(
         A :class:`fnnet.step.TrainStep`: call it as ``step(state, batch)``; it also has
         ``flush``, ``gather_state``, ``shard_state`` and ``strategy``.
     """
-    options = StepOptions(jit, donate, precision, compile_options, skip_nonfinite, check_accumulate(accumulate))
+    policy = Precision.resolve(precision)  # resolved once, passed down
+    options = StepOptions(jit, donate, policy, compile_options, skip_nonfinite, check_accumulate(accumulate))
     chosen = resolve_strategy(strategy, devices=devices, distributed=distributed, **distributed_options)
-    return chosen.build(loss_fn, optimizer, options)
+    # float32 master weights under 16-bit params: the optimizer wrapped, every state prepared, whatever the strategy
+    return _with_master_weights(chosen.build(loss_fn, policy.optimizer(optimizer), options), policy)
+
+
+def _with_master_weights(step: TrainStep, policy: Precision) -> TrainStep:
+    """``step`` taking states not yet on master weights (:meth:`Precision.prepare`: the call, ``flush``
+    and ``shard_state``), under 16-bit params; the same :class:`TrainStep` otherwise."""
+    if not policy.keeps_master:
+        return step
+
+    def call(state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
+        return step(policy.prepare(state), batch, end_window=end_window)
+
+    return TrainStep(call, lambda state: step.flush(policy.prepare(state)), strategy=step.strategy,
+                     name=step.__name__, precision=step.precision, jit=step.jit, donate=step.donate,
+                     accumulate=step.accumulate, gather_state=step.gather_state,
+                     shard_state=lambda state: step.shard_state(policy.prepare(state)))
 
 
 SHORTHANDS = {"single": lambda: SingleDevice(), "ddp": lambda: _distributed.DDP(),

@@ -87,7 +87,7 @@ from .batch import as_arrays
 from .data import ArrayLoader, fit_loaders, num_batches, set_epoch
 from .device import place
 from ._functional import Model, functional
-from .loss import PRECISIONS
+from .precision import Precision
 from .layout import verify_memory_format
 from .state import TrainState, all_finite, nonfinite_paths
 
@@ -191,7 +191,7 @@ class Trainer:
         self.metrics = self._book.metrics
         self.key = _as_key(key)
         self.jit, self.precision, self.donate = jit, precision, donate
-        self._stops_on_skips = PRECISIONS.get(precision) is not torch.float16
+        self._stops_on_skips = not Precision.resolve(precision).loss_scaled
         self._layout_request = memory_format
         self.train_step, self.eval_step, self.predict_step = build_steps(
             self.model, loss, self.optimizer, self.devices, distributed=self.distributed, jit=jit, precision=precision,

@@ -40,7 +40,7 @@ def test_a_strategy_object_and_its_shorthand_give_the_old_flags_step_bit_for_bit
             assert torch.equal(a.params[k], b.params[k]), (new, k)
     step = fnnet.make_train_step(loss_fn, opt, strategy=parallel.Replicate(["cpu", "cpu"]), accumulate=2)
     assert isinstance(step, TrainStep) and isinstance(step.strategy, parallel.Replicate)
-    assert step.accumulate == 2 and step.precision == "32" and step.gather_state(5) == 5  # nothing to gather
+    assert step.accumulate == 2 and step.precision == fnnet.Precision.resolve("32") and step.gather_state(5) == 5  # nothing to gather
 
 
 def test_the_trainer_takes_a_strategy():

@@ -18,7 +18,7 @@ import optree
 
 from .. import tree as _tree
 from ..metrics import MeanState
-from ..optim import base as _base, transforms as _transforms
+from ..optim import base as _base, master as _master, transforms as _transforms
 from ..state import Accumulation, DynamicScale, TrainState
 
 _FNNET: dict[str, type] = {
@@ -35,6 +35,7 @@ _FNNET: dict[str, type] = {
     "fnnet.optim.TraceState": _transforms.TraceState,
     "fnnet.optim.MaskedState": _transforms.MaskedState,
     "fnnet.optim.MultiStepsState": _transforms.MultiStepsState,
+    "fnnet.optim.MasterWeightsState": _master.MasterWeightsState,
     "fnnet.metrics.MeanState": MeanState,
 }
 
