@@ -159,6 +159,12 @@ def counts_and_bytes() -> dict:
     persistent = sum(x.numel() * x.element_size() for x in tensors)
     whole = [x for x in fnnet.tree.leaves((m.params, opt.init(m.params))) if isinstance(x, torch.Tensor)]
     unsharded = sum(x.numel() * x.element_size() for x in whole)
+    world = distributed.world_size()
+    assert counts.get("c10d._allgather_base_") == 2 * units - 1, counts  # forward: every unit; backward: all but root
+    assert counts.get("c10d._reduce_scatter_base_") == units, counts  # one per unit
+    # params, Adam's mu and nu: this rank's part of each unit (at most W - 1 elements more than 1 / W), and a count
+    assert unsharded / world - 64 <= persistent <= unsharded / world + 3 * 8 * units * (world - 1) + 64, \
+        (persistent, unsharded)
     return {"counts": counts, "units": units, "persistent": persistent, "unsharded": unsharded}
 
 
@@ -180,6 +186,15 @@ def against_fully_shard() -> dict:
         topt.zero_grad()
         loss.backward()
         topt.step()
+        if i == 1:  # fully_shard's collectives for the same step (CommDebugMode), next to fnnet's
+            from torch.distributed.tensor.debug import CommDebugMode
+
+            mode = CommDebugMode()
+            with mode:
+                loss = F.cross_entropy(net(x).reshape(-1, VOCAB), y.reshape(-1))
+                loss.backward()
+            topt.zero_grad()
+            counts = {str(k): v for k, v in mode.get_comm_counts().items()}
     theirs = {k: v.full_tensor() for k, v in net.state_dict().items()}
     m = model(empty=False)
     opt = optim.adam(0.01)
@@ -206,11 +221,38 @@ def against_fully_shard() -> dict:
     # torch.optim.Adam in one process differs by about as much): fnnet is as close to fully_shard as
     # fully_shard is to one process, and closer to one process than fully_shard is
     assert worst < 1e-9 and mine_off <= theirs_off, (worst, mine_off, theirs_off)
-    return {"fully_shard_max_diff": worst, "fully_shard_vs_one_process": theirs_off,
+    return {"fully_shard_counts": counts, "fully_shard_max_diff": worst, "fully_shard_vs_one_process": theirs_off,
             "fnnet_vs_torch_one_process": mine_off}
 
 
+def errors() -> dict:
+    """A loss that never runs the model, and a weight tied across units: clear errors on every rank."""
+    m = model()
+    opt = optim.sgd(0.1)
+    sizes = sizes_for(distributed.world_size())
+    b = part(batch(0, sizes), sizes, distributed.rank())
+    bare = fnnet.make_train_step(lambda p, b: sum(v.sum() for v in p.values()), opt, strategy="zero3")
+    messages = []
+    try:
+        bare(fnnet.TrainState.create(m.params, opt), b)
+    except ValueError as err:
+        messages.append(str(err))
+    # blocks.0's MLP weight used by blocks.1 too: a tie across units
+    torch.manual_seed(0)
+    net = TinyGPT().double()
+    net.blocks[1].mlp[0].weight = net.blocks[0].mlp[0].weight
+    tied = fnnet.functional(net)
+    step = fnnet.make_train_step(loss_of(tied), opt, strategy="zero3")
+    try:
+        step(fnnet.TrainState.create(tied.params, opt), b)
+    except ValueError as err:
+        messages.append(str(err))
+    assert len(messages) == 2 and "called no module" in messages[0] and "tied across units" in messages[1], messages
+    return {"errors": messages}
+
+
 CASES = {
+    "errors": errors,
     "adam": lambda: check_case("adam", optim.adam(0.01)),
     "sgd": lambda: check_case("sgd-nesterov", optim.sgd(0.05, momentum=0.9, nesterov=True)),
     "clip": lambda: check_case("clip+adamw", optim.chain(optim.clip_by_global_norm(0.05), optim.adamw(0.01))),
