@@ -7,7 +7,8 @@ The model: a pre-LN transformer (``--layers`` blocks in an ``nn.ModuleList``, ``
 vocabulary 8192, context 64, the output tied to the embedding; 29.4 M parameters at the
 defaults), float32, AdamW, batch ``--batch`` sequences per rank. The four variants train in the
 same ranks in turns, one step each per round, the order rotating every round (interleaved), after
-one warm-up step each. Rank 0 writes one JSON object: the median seconds per step of each variant
+one warm-up step each; fnnet's steps are donated (``--donate 1``, in place, as ``torch.optim``
+updates; ``--donate 0``: pure steps, which hold the old and the new state at once). Rank 0 writes one JSON object: the median seconds per step of each variant
 with min and max, the ratios to ``fully_shard`` per round (median, min-max), and per rank the
 *persistent* bytes (parameters + optimizer state kept between steps, counted tensor by tensor)
 and the *peak* bytes during one step (:class:`LiveBytes`: the persistent state's storages plus
@@ -78,14 +79,14 @@ def nbytes(tensors) -> int:
     return total
 
 
-def fnnet_variant(strategy, net: nn.Module, lr: float):
+def fnnet_variant(strategy, net: nn.Module, lr: float, donate: bool):
     model = fnnet.functional(net)
     opt = optim.adamw(lr, weight_decay=0.01)
 
     def loss_fn(params, b):
         return F.cross_entropy(model.apply(params, b[0]).reshape(-1, VOCAB), b[1].reshape(-1))
 
-    step = fnnet.make_train_step(loss_fn, opt, strategy=strategy)
+    step = fnnet.make_train_step(loss_fn, opt, strategy=strategy, donate=donate)
     box = {"state": fnnet.TrainState.create(model.params, opt)}
 
     def run(b):
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--out", type=str, default="")
+    parser.add_argument("--donate", type=int, default=1, help="fnnet's steps update in place (as torch.optim does)")
     args = parser.parse_args()
     distributed.init()
     me, world = distributed.rank(), distributed.world_size()
@@ -184,9 +186,9 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in fresh().parameters())
     variants = {"fully_shard": torch_variant(fresh(), 1e-4),
-                "zero3": fnnet_variant(distributed.ZeRO(3), fresh(), 1e-4),
-                "zero2": fnnet_variant(distributed.ZeRO(2), fresh(), 1e-4),
-                "ddp": fnnet_variant(distributed.DDP(), fresh(), 1e-4)}
+                "zero3": fnnet_variant(distributed.ZeRO(3), fresh(), 1e-4, args.donate),
+                "zero2": fnnet_variant(distributed.ZeRO(2), fresh(), 1e-4, args.donate),
+                "ddp": fnnet_variant(distributed.DDP(), fresh(), 1e-4, args.donate)}
     names = list(variants)
     peaks = {}
     for name in names:  # warm-up step, then one step measured for its peak
@@ -204,7 +206,7 @@ def main() -> None:
     dist.all_gather_object(everyone, {"persistent": persistent, "peak": peaks})
     if me == 0:
         ratios = {n: sorted(a / t for a, t in zip(times[n], times["fully_shard"])) for n in names}
-        out = {"world": world, "params": n_params, "layers": args.layers, "dim": args.dim, "batch_per_rank": args.batch,
+        out = {"world": world, "params": n_params, "layers": args.layers, "dim": args.dim, "batch_per_rank": args.batch, "donate": bool(args.donate),
                "rounds": args.rounds, "torch": torch.__version__,
                "seconds": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)} for n, v in times.items()},
                "ratio_to_fully_shard": {n: {"median": statistics.median(v), "min": v[0], "max": v[-1]}

@@ -853,10 +853,34 @@ class _ParamShardedStep(_RankStep):
         self.updater: Callable[..., Any] | None = None
         self.gather = _zero3.UnitGather(_process_group(strategy.group, "the ZeRO strategy"))
         super().__init__(strategy, _zero3.sharded_loss(loss_fn, self.gather), optimizer, o)
+        self.step.on_parts = self.on_parts  # type: ignore[attr-defined]
 
     def reset(self) -> None:
         super().reset()
         self.layout = self.updater = None
+
+    def on_parts(self, fn: Callable) -> Callable:
+        """``fn`` (a loss or predict function of whole params, running the model) made to take this
+        rank's parts: the units are gathered around their modules' forward, one at a time (every rank
+        calls it alike). What eval and predict run on the sharded state:
+        ``fnnet.make_eval_step(step.on_parts(loss_fn))(state, batch)``."""
+        gather = _zero3.UnitGather(self.gather.group)
+        wrapped = _zero3.sharded_loss(fn, gather)
+
+        @functools.wraps(fn)
+        def on_parts(params: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.layout is None:
+                raise ValueError("step.on_parts: the step has not seen a state yet (no layout): call "
+                                 "step.shard_state(state) or take a step first")
+            if self.is_whole(params):
+                return fn(params, *args, **kwargs)
+            gather.set_layout(self.layout, self.gather.names)
+            try:
+                return wrapped(params, *args, **kwargs)
+            finally:
+                gather.release()
+
+        return on_parts
 
     def layout_of(self, params: Any) -> _shard.Layout:
         """The units' layout, made from the whole params the first time (cached)."""

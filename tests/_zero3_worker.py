@@ -121,6 +121,14 @@ def check_case(name: str, opt, steps: int = 4, accumulate: int = 1, frozen: bool
     for (path, a), b in zip(fnnet.tree.leaves_with_path(whole.opt_state), fnnet.tree.leaves(ref.opt_state)):
         if isinstance(a, torch.Tensor):
             torch.testing.assert_close(a, b, **TOL, msg=lambda s: f"{name}: opt_state {path}: {s}")
+    if name == "adam":  # eval on the sharded state: units gathered on the fly, equal to one process's eval
+        evaluate = fnnet.make_eval_step(step.on_parts(loss_of(model())))
+        sizes = sizes_for(distributed.world_size())
+        b = part(batch(99, sizes), sizes, distributed.rank())
+        got = evaluate(state, b)["loss"]
+        want = fnnet.make_eval_step(loss_of(model()))(ref, b)["loss"]
+        assert abs(float(got) - float(want)) < 1e-10, (float(got), float(want))
+        assert state.params["wte.weight"].dim() == 1  # the state stayed in parts
     # the window's last micro-batch reports the global mean loss (earlier ones: this rank's window so far)
     mine, theirs = losses[accumulate - 1::accumulate], ref_losses[accumulate - 1::accumulate]
     assert max(abs(a - b) for a, b in zip(mine, theirs)) < 1e-6, (name, mine, theirs)
