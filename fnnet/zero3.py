@@ -117,9 +117,9 @@ class GatherUnit(torch.autograd.Function):
     ``weight * grad`` (a rank gets the sum over ranks of its chunk's gradient): torch's SimpleFSDP."""
 
     @staticmethod
-    def forward(ctx: Any, chunk: torch.Tensor, gather: "UnitGather") -> torch.Tensor:
+    def forward(ctx: Any, chunk: torch.Tensor, gather: "UnitGather", unit: int) -> torch.Tensor:
         ctx.gather = gather
-        return gather.all_gather(chunk)
+        return gather.take(unit, gather.pending)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -127,7 +127,7 @@ class GatherUnit(torch.autograd.Function):
         send = torch.mul(grad, g.weight)
         out = torch.empty(send.numel() // g.world, dtype=send.dtype, device=send.device)
         REDUCE_SCATTER(out, send, group=g.group)
-        return out, None
+        return out, None, None
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -147,11 +147,19 @@ class UnitGather:
         self.release()
 
     def set_layout(self, lay: Any, names: list[str]) -> None:
+        if lay is not self.lay:
+            self.order: list[int] = []  # the non-root units in the order the forward opened them (the first step's)
         self.lay, self.names = lay, names
         self.key_unit = {i: b for b, idx in enumerate(lay.buckets) for i in idx}
 
     def release(self) -> None:
-        """Forget the step's buffers (after its backward)."""
+        """Forget the step's buffers (after its backward), waiting for any gather still in flight."""
+        for pending in (getattr(self, "pending", {}), getattr(self, "back_pending", {})):
+            for _, work in pending.values():
+                work.wait()
+        self.pending: dict[int, tuple[torch.Tensor, Any]] = {}  # unit -> a prefetched forward gather in flight
+        self.back_pending: dict[int, tuple[torch.Tensor, Any]] = {}  # the same for the backward
+        self.seen: list[int] = []  # the units this forward opened, in order
         self.chunks: list[torch.Tensor] = []
         self.placeholders: dict[int, int] = {}  # storage pointer -> leaf index
         self.slots: dict[int, list[tuple[dict, str]]] = {}  # unit -> its module slots (owner's _parameters, attr)
@@ -161,10 +169,27 @@ class UnitGather:
         self.back: tuple[int, torch.Tensor] | None = None  # the unit the backward gathered last
         self.entered = False
 
-    def all_gather(self, chunk: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, chunk: torch.Tensor, async_op: bool = False) -> Any:
         full = torch.empty(chunk.numel() * self.world, dtype=chunk.dtype, device=chunk.device)
-        ALL_GATHER(full, chunk.contiguous(), group=self.group)
-        return full
+        work = ALL_GATHER(full, chunk.detach().contiguous(), group=self.group, async_op=async_op)
+        return (full, work) if async_op else full
+
+    def take(self, u: int, pending: dict[int, tuple[torch.Tensor, Any]]) -> torch.Tensor:
+        """Unit ``u``'s gathered buffer: the prefetched one (waited for), or gathered now."""
+        if u in pending:
+            full, work = pending.pop(u)
+            work.wait()
+            return full
+        return self.all_gather(self.chunks[u])
+
+    def prefetch(self, u: int, step: int, pending: dict[int, tuple[torch.Tensor, Any]]) -> None:
+        """Start the gather of the unit after (``step=1``) or before (``-1``) ``u`` in the forward's order,
+        so it travels while ``u`` computes (at most two units' buffers at once)."""
+        if not self.order:
+            return
+        k = self.order.index(u) + step if u in self.order else (0 if step > 0 else -1)
+        if 0 <= k < len(self.order) and self.order[k] not in pending and self.order[k] not in self.open:
+            pending[self.order[k]] = self.all_gather(self.chunks[self.order[k]], async_op=True)
 
     # -- the forward
     def enter(self, part: Any) -> Any:
@@ -214,7 +239,10 @@ class UnitGather:
         if u in self.open:
             self.open[u][0] += 1
             return
-        full = GatherUnit.apply(self.chunks[u], self)
+        full = GatherUnit.apply(self.chunks[u], self, u)
+        if self.names[u] != ROOT:
+            self.seen.append(u)
+        self.prefetch(u, 1, self.pending)
         saved = []
         for store, attr in self.slots.get(u, []):
             ph = store[attr]
@@ -268,7 +296,8 @@ class UnitGather:
         if self.back is None or self.back[0] != u:
             self.back = None  # the last unit's buffer goes before the next one comes
             with torch.no_grad():
-                self.back = (u, self.all_gather(self.chunks[u].detach()))
+                self.back = (u, self.take(u, self.back_pending))
+                self.prefetch(u, -1, self.back_pending)
         return self.back[1].as_strided(shape, stride, offset)
 
 
@@ -287,6 +316,8 @@ def sharded_loss(loss_fn: Callable, gather: UnitGather) -> Callable:
         finally:
             pre.remove()
             post.remove()
+        if not gather.order:
+            gather.order = list(gather.seen)
         if not gather.entered:
             raise ValueError(f"ZeRO(stage=3): the loss {getattr(loss_fn, '__name__', loss_fn)!r} called no module "
                              "holding the parameters it was given: the units are gathered in module forward hooks, "
