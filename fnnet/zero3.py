@@ -27,6 +27,9 @@ The forward (:class:`UnitGather`, around the loss):
   backward moves on to another unit. So between the forward and the backward only the shards,
   the activations and the root unit's buffer are alive (the root is used again at the end of the
   backward, as ``fully_shard`` keeps its root unsharded).
+* prefetch: once the first forward has recorded the order in which it opens the units, opening a
+  unit starts the next one's all-gather (asynchronously), and the backward's regather of a unit
+  starts the previous one's: at most two units' buffers are alive at once.
 
 It is exact: the gathered buffer holds the same numbers as the whole parameter, the forward and
 backward are the one-process computations on them, and the reduce-scatter sums ``n_r g_r`` over

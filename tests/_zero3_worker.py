@@ -259,7 +259,30 @@ def errors() -> dict:
     return {"errors": messages}
 
 
+def resume() -> dict:
+    """A ZeRO-3 run's gathered state (what a whole-file checkpoint holds) continues under ZeRO-2 and in one
+    process to the uninterrupted one-process result; a whole state is cut again by a new ZeRO-3 step."""
+    opt = optim.adam(0.01)
+    world, rank = distributed.world_size(), distributed.rank()
+    sizes = sizes_for(world)
+    _, ref, _ = _single(opt, 4, 1, False)
+    step, state, _ = train(distributed.ZeRO(3), opt, 2)
+    whole = step.gather_state(state)
+    for name, strategy in (("one process", None), ("zero2", distributed.ZeRO(2)), ("zero3", distributed.ZeRO(3))):
+        m = model()
+        go = fnnet.make_train_step(loss_of(m), opt, strategy=strategy)
+        s = whole
+        for i in range(2, 4):
+            b = batch(i, sizes)
+            s, _ = go(s, part(b, sizes, rank) if strategy is not None else b)
+        s = go.gather_state(s)
+        for k, v in ref.params.items():
+            torch.testing.assert_close(s.params[k], v, **TOL, msg=lambda m: f"resumed under {name}: {k}: {m}")
+    return {"resumed": ["one process", "zero2", "zero3"]}
+
+
 CASES = {
+    "resume": resume,
     "errors": errors,
     "adam": lambda: check_case("adam", optim.adam(0.01)),
     "sgd": lambda: check_case("sgd-nesterov", optim.sgd(0.05, momentum=0.9, nesterov=True)),

@@ -46,9 +46,10 @@ def launch(cases: str, out: Path, nproc: int) -> list[dict]:
 def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_bytes(tmp_path):
     # Adam on a pre-LN transformer with a tied embedding, a 1- and a 0-element parameter, uneven
     # shards and batches, to 1e-10; fully_shard's parameters after 10 Adam steps; one step's
-    # collectives (the same as fully_shard's); the persistent bytes; the errors
-    ranks = launch("adam,counts,fully_shard,errors", tmp_path, 2)
-    for adam, counts, fsdp, errors in ranks:
+    # collectives (the same as fully_shard's); the persistent bytes; the errors; the gathered state
+    # continuing in one process, under ZeRO-2 and under ZeRO-3 to the uninterrupted result
+    ranks = launch("adam,counts,fully_shard,errors,resume", tmp_path, 2)
+    for adam, counts, fsdp, errors, resume in ranks:
         assert counts["counts"]["c10d._allgather_base_"] == 2 * counts["units"] - 1
         assert counts["counts"]["c10d._reduce_scatter_base_"] == counts["units"]
         assert {k: v for k, v in counts["counts"].items() if k != "c10d.allreduce_"} == fsdp["fully_shard_counts"]
