@@ -95,11 +95,11 @@ def sizes_for(world: int) -> tuple[int, ...]:
     return tuple(2 + r for r in range(world))  # uneven per rank
 
 
-def train(strategy, opt, steps: int, accumulate: int = 1, frozen: bool = False):
+def train(strategy, opt, steps: int, accumulate: int = 1, frozen: bool = False, donate: bool = False):
     """``steps`` updates; with ``accumulate``, micro-batches of uneven sizes (2 then 1 then 3 per rank...)."""
     m = model(frozen)
     loss_fn = loss_of(m)
-    step = fnnet.make_train_step(loss_fn, opt, strategy=strategy, accumulate=accumulate)
+    step = fnnet.make_train_step(loss_fn, opt, strategy=strategy, accumulate=accumulate, donate=donate)
     state = fnnet.TrainState.create(m.params, opt)
     world, rank = distributed.world_size(), distributed.rank()
     losses = []
@@ -111,10 +111,11 @@ def train(strategy, opt, steps: int, accumulate: int = 1, frozen: bool = False):
     return step, state, losses
 
 
-def check_case(name: str, opt, steps: int = 4, accumulate: int = 1, frozen: bool = False) -> dict:
+def check_case(name: str, opt, steps: int = 4, accumulate: int = 1, frozen: bool = False,
+               donate: bool = False) -> dict:
     if distributed.world_size() > 1:
         ref_step, ref, ref_losses = _single(opt, steps, accumulate, frozen)
-    step, state, losses = train(distributed.ZeRO(3), opt, steps, accumulate, frozen)
+    step, state, losses = train(distributed.ZeRO(3), opt, steps, accumulate, frozen, donate)
     whole = step.gather_state(state)
     for k, v in ref.params.items():
         torch.testing.assert_close(whole.params[k], v, **TOL, msg=lambda s: f"{name}: params[{k}]: {s}")
@@ -281,11 +282,42 @@ def resume() -> dict:
     return {"resumed": ["one process", "zero2", "zero3"]}
 
 
+def dropout_batchnorm() -> dict:
+    """Dropout (keys folded with the rank) and BatchNorm buffers (averaged over ranks): ZeRO-3 equals
+    fnnet's DDP, itself tested against one process, step for step, buffers included."""
+    def net() -> fnnet.Model:
+        torch.manual_seed(0)
+        layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3)),
+                                nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh())])
+        return fnnet.functional(nn.Sequential(*layers, nn.Linear(8, 2)).double())
+
+    world, rank = distributed.world_size(), distributed.rank()
+    sizes = sizes_for(world)
+    out = {}
+    for name in ("ddp", "zero3"):
+        m = net()
+        opt = optim.adam(0.01)
+        step = fnnet.make_train_step(fnnet.supervised_loss(m, F.mse_loss, return_outputs=False), opt, strategy=name)
+        state = fnnet.TrainState.create(m.params, opt, buffers=m.buffers, key=fnnet.random.key(7))
+        for i in range(3):
+            g = torch.Generator().manual_seed(200 + i)
+            x, y = torch.randn(sum(sizes), 4, generator=g, dtype=torch.float64), torch.randn(sum(sizes), 2,
+                                                                                            generator=g, dtype=torch.float64)
+            state, _ = step(state, part((x, y), sizes, rank))
+        out[name] = step.gather_state(state)
+    for k, v in out["ddp"].params.items():
+        torch.testing.assert_close(out["zero3"].params[k], v, **TOL, msg=lambda s: f"dropout/BatchNorm params[{k}]: {s}")
+    for k, v in out["ddp"].buffers.items():
+        torch.testing.assert_close(out["zero3"].buffers[k], v, **TOL, msg=lambda s: f"buffers[{k}]: {s}")
+    return {"dropout_batchnorm": sorted(out["ddp"].buffers)}
+
+
 CASES = {
+    "dropout_bn": dropout_batchnorm,
     "resume": resume,
     "errors": errors,
     "adam": lambda: check_case("adam", optim.adam(0.01)),
-    "sgd": lambda: check_case("sgd-nesterov", optim.sgd(0.05, momentum=0.9, nesterov=True)),
+    "sgd": lambda: check_case("sgd-nesterov", optim.sgd(0.05, momentum=0.9, nesterov=True), donate=True),
     "clip": lambda: check_case("clip+adamw", optim.chain(optim.clip_by_global_norm(0.05), optim.adamw(0.01))),
     "frozen": lambda: check_case("frozen", optim.adam(0.01), frozen=True),
     "accumulate": lambda: check_case("accumulate3", optim.adam(0.01), steps=2, accumulate=3),

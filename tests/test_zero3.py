@@ -44,12 +44,13 @@ def launch(cases: str, out: Path, nproc: int) -> list[dict]:
 
 
 def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_bytes(tmp_path):
-    # Adam on a pre-LN transformer with a tied embedding, a 1- and a 0-element parameter, uneven
+    # Adam (and SGD with Nesterov momentum, donated) on a pre-LN transformer with a tied embedding, a 1- and a 0-element parameter, uneven
     # shards and batches, to 1e-10; fully_shard's parameters after 10 Adam steps; one step's
     # collectives (the same as fully_shard's); the persistent bytes; the errors; the gathered state
-    # continuing in one process, under ZeRO-2 and under ZeRO-3 to the uninterrupted result
-    ranks = launch("adam,counts,fully_shard,errors,resume", tmp_path, 2)
-    for adam, counts, fsdp, errors, resume in ranks:
+    # continuing in one process, under ZeRO-2 and under ZeRO-3 to the uninterrupted result; dropout
+    # and BatchNorm buffers equal to DDP's
+    ranks = launch("adam,sgd,counts,fully_shard,errors,resume,dropout_bn", tmp_path, 2)
+    for adam, sgd, counts, fsdp, errors, resume, dropout_bn in ranks:
         assert counts["counts"]["c10d._allgather_base_"] == 2 * counts["units"] - 1
         assert counts["counts"]["c10d._reduce_scatter_base_"] == counts["units"]
         assert {k: v for k, v in counts["counts"].items() if k != "c10d.allreduce_"} == fsdp["fully_shard_counts"]
@@ -61,7 +62,7 @@ def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_by
 @pytest.mark.extended
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_the_matrix_equals_one_process(tmp_path, nproc):
-    cases = "sgd,clip,frozen,accumulate" + (",adam,counts,fully_shard" if nproc == 3 else "")
+    cases = "clip,frozen,accumulate" + (",adam,sgd,counts,fully_shard,resume,dropout_bn" if nproc == 3 else "")
     launch(cases, tmp_path, nproc)
 
 
