@@ -44,8 +44,8 @@ def launch(cases: str, out: Path, nproc: int) -> list[dict]:
 
 
 def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_bytes(tmp_path):
-    # Adam (and SGD with Nesterov momentum, donated) on a pre-LN transformer with a tied embedding, a 1- and a 0-element parameter, uneven
-    # shards and batches, to 1e-10; fully_shard's parameters after 10 Adam steps; one step's
+    # Adam (and SGD with Nesterov momentum, donated) on a pre-LN transformer with a tied embedding,
+    # a 1- and a 0-element parameter, uneven shards and batches, to 1e-10; fully_shard's parameters after 10 Adam steps; one step's
     # collectives (the same as fully_shard's); the persistent bytes; the errors; the gathered state
     # continuing in one process, under ZeRO-2 and under ZeRO-3 to the uninterrupted result; dropout
     # and BatchNorm buffers equal to DDP's
@@ -56,7 +56,7 @@ def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_by
         assert {k: v for k, v in counts["counts"].items() if k != "c10d.allreduce_"} == fsdp["fully_shard_counts"]
         assert counts["persistent"] < 0.51 * counts["unsharded"]
         assert fsdp["fully_shard_max_diff"] < 1e-9
-    assert sum(r[1]["persistent"] for r in ranks) <= ranks[0][1]["unsharded"] + 64  # nothing is kept twice
+    assert sum(r[2]["persistent"] for r in ranks) <= ranks[0][2]["unsharded"] + 64  # nothing is kept twice
 
 
 @pytest.mark.extended
