@@ -287,7 +287,10 @@ class UnitGather:
 
     # -- what the backward keeps
     def pack(self, t: torch.Tensor) -> Any:
-        u = self.live.get(_ptr(t)) if t.device.type != "meta" else None
+        try:
+            u = self.live.get(_ptr(t)) if t.device.type != "meta" else None
+        except (RuntimeError, NotImplementedError):  # a tensor without a plain storage: not a unit's buffer
+            u = None
         if u is None:
             return t
         return (u, t.storage_offset(), tuple(t.shape), t.stride(), t.requires_grad)
