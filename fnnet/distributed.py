@@ -40,12 +40,14 @@ import torch.distributed as dist
 from . import comm as _comm
 from . import shard as _shard
 from . import random as _random
+from . import zero3 as _zero3
 from . import tree as _tree
 from .batch import batch_size_of
 from .loss import GradResult
 from .precision import Precision
 from .state import Accumulation, TrainState, apply_update
-from .step import TrainStep, add_to_window, build_train_step, compile_step, step_parts, traced_grad_fn
+from .step import (TrainStep, accumulate_tree, add_to_window, build_train_step, compile_step, step_parts,
+                   traced_grad_fn)
 from .strategy import StepOptions, Strategy
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
@@ -387,11 +389,20 @@ class ZeRO(DDP):
     anywhere. With ``jit=True`` the gradient function is compiled; the bucket reductions, the
     update and the all-gather run eagerly after it.
 
+    ``ZeRO(3)`` (``"zero3"``, ``"fsdp"``; torch's ``fully_shard``, DeepSpeed's stage 3) shards the
+    parameters too: ``state.params`` holds this rank's 1-D part of each parameter (a unit's flat
+    buffer cut in ``W`` chunks, :mod:`fnnet.zero3`), and each unit is all-gathered around its
+    module's forward and again in the backward, its gradient reduce-scattered as soon as it is
+    complete (every micro-batch under accumulation: the window then holds parts, ``1 / W``).
+
     Args:
         stage: 2 (default): the gradients are reduce-scattered, a rank receives its part only;
             1: they are all-reduced and each rank keeps its part (what stage 2 does on gloo
-            anyway). 3 (parameters sharded too) is not here: it is the parameter-sharding issue's.
+            anyway); 3: the parameters are sharded too.
         group, bucket_mb, sync_state: as :class:`DDP`.
+        units: stage 3's units (:func:`fnnet.zero3.unit_names`): ``None``, every numbered child
+            (each element of an ``nn.ModuleList``) plus the root; module paths; or a predicate
+            on module paths.
         reduce_scatter: ``True``: reduce-scatter the gradients and all-gather the parameters
             (NCCL's path); ``False``: all-reduce and broadcast each part (gloo's, where those
             collectives are 2-3x faster); ``None``: by the group's backend.
@@ -399,27 +410,34 @@ class ZeRO(DDP):
 
     name = "zero"
 
-    def __init__(self, stage: int = 2, group: Any = None, *, bucket_mb: float = BUCKET_MB, sync_state: bool = True,
-                 reduce_scatter: bool | None = None):
-        if stage == 3:
-            raise NotImplementedError("ZeRO(stage=3) shards the parameters too; fnnet shards the optimizer state "
-                                      "(stages 1 and 2) only: parameter sharding is its own issue. Use ZeRO(2)")
-        if stage not in (1, 2):
-            raise ValueError(f"ZeRO(stage=...) takes 1 or 2 (3 is not implemented), got {stage!r}")
+    def __init__(self, stage: int = 2, group: Any = None, units: Any = None, *, bucket_mb: float = BUCKET_MB,
+                 sync_state: bool = True, reduce_scatter: bool | None = None):
+        if isinstance(stage, bool) or stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO(stage=...) takes 1, 2 or 3, got {stage!r}")
         if stage == 1 and reduce_scatter:
             raise ValueError("ZeRO(stage=1) all-reduces the gradients; reduce_scatter=True is stage 2")
+        if units is not None and stage != 3:
+            raise ValueError(f"ZeRO(stage={stage}, units=...): units are stage 3's (the parameters gathered per unit)")
         super().__init__(group, bucket_mb=bucket_mb, sync_state=sync_state)
         self.stage, self.reduce_scatter = stage, (False if stage == 1 else reduce_scatter)
+        self.units = units
 
     def __repr__(self) -> str:
-        return f"ZeRO(stage={self.stage}, group={'default' if self.group is None else self.group})"
+        units = "" if self.units is None else f", units={self.units!r}"
+        return f"ZeRO(stage={self.stage}, group={'default' if self.group is None else self.group}{units})"
 
     def topology(self) -> Topology:
         g = _process_group(self.group, "the ZeRO strategy")
         return Topology((g,), dist.get_rank(g), dist.get_world_size(g), shard=g)
 
     def build(self, loss_fn: Callable, optimizer: Any, options: StepOptions) -> TrainStep:
+        self.topology()  # a clear error without a process group
         _shard.check_backend()
+        if self.stage == 3:
+            if options.jit:
+                raise ValueError("ZeRO(stage=3) gathers the units in module forward hooks, eagerly: jit=True is not "
+                                 "supported with it (use ZeRO(2) with jit=True, or jit=False)")
+            return _ParamShardedStep(self, loss_fn, optimizer, options.checked()).step
         return _ShardedStep(self, loss_fn, optimizer, options.checked()).step
 
 
@@ -826,3 +844,150 @@ class _ShardedStep(_RankStep):
         state, metrics = super().call(state, batch, end_window=end_window)
         self.last_opt_state = state.opt_state
         return state, metrics
+
+
+class _ParamShardedStep(_RankStep):
+    """One rank's training step under ``ZeRO(3)``: the state's parameters are this rank's parts of the
+    units (:mod:`fnnet.zero3`); the loss runs on placeholders filled unit by unit, the gradients come
+    reduce-scattered out of the backward, the update runs on the parts and nothing is gathered after it."""
+
+    strategy: ZeRO
+
+    def __init__(self, strategy: ZeRO, loss_fn: Callable, optimizer: Any, o: StepOptions):
+        self.layout: _shard.Layout | None = None
+        self.updater: Callable[..., Any] | None = None
+        self.gather = _zero3.UnitGather(_process_group(strategy.group, "the ZeRO strategy"))
+        super().__init__(strategy, _zero3.sharded_loss(loss_fn, self.gather), optimizer, o)
+        self.step.on_parts = self.on_parts  # type: ignore[attr-defined]
+
+    def reset(self) -> None:
+        super().reset()
+        self.layout = self.updater = None
+
+    def on_parts(self, fn: Callable) -> Callable:
+        """``fn`` (a loss or predict function of whole params, running the model) made to take this
+        rank's parts: the units are gathered around their modules' forward, one at a time (every rank
+        calls it alike). What eval and predict run on the sharded state:
+        ``fnnet.make_eval_step(step.on_parts(loss_fn))(state, batch)``."""
+        gather = _zero3.UnitGather(self.gather.group)
+        wrapped = _zero3.sharded_loss(fn, gather)
+
+        @functools.wraps(fn)
+        def on_parts(params: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.layout is None:
+                raise ValueError("step.on_parts: the step has not seen a state yet (no layout): call "
+                                 "step.shard_state(state) or take a step first")
+            if self.is_whole(params):
+                return fn(params, *args, **kwargs)
+            gather.set_layout(self.layout, self.gather.names)
+            try:
+                return wrapped(params, *args, **kwargs)
+            finally:
+                gather.release()
+
+        return on_parts
+
+    def layout_of(self, params: Any) -> _shard.Layout:
+        """The units' layout, made from the whole params the first time (cached)."""
+        if self.layout is None:
+            names, buckets = _zero3.unit_buckets(params, self.strategy.units)
+            g = self.topo.shard
+            self.layout = _shard.layout(params, dist.get_world_size(g), dist.get_rank(g), 0.0, group=g,
+                                        reduce_scatter=True, buckets=buckets)
+            self.gather.set_layout(self.layout, names)
+            self.updater = _zero3.sharded_params_update(self.layout)
+        return self.layout
+
+    def is_whole(self, params: Any) -> bool:
+        leaves = [x for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
+        if self.layout is not None and [tuple(x.shape) for x in leaves] == self.layout.shapes:
+            return True
+        return self.layout is None
+
+    def update(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any, Any]:
+        assert self.updater is not None
+        return self.updater(*args, **kwargs)
+
+    def shard_state(self, state: TrainState) -> TrainState:
+        """``state`` with whole parameters (and optimizer state) cut to this rank's parts; a state already
+        in parts is returned as it is."""
+        if not self.is_whole(state.params):
+            return state
+        lay = self.layout_of(state.params)
+        part = _tree.map(lambda x: x.clone(), lay.part(state.params))  # the whole may be dropped now
+        if state.opt_state is None:
+            _shard.check_part_init(self.optimizer, part, lay)
+            return state.replace(params=part, opt_state=self.optimizer.init(part))
+        return state.replace(params=part, opt_state=_shard.shard_opt_state(state.opt_state, state.params, lay))
+
+    def gather_state(self, state: TrainState) -> TrainState:
+        """``state`` whole (parameters and optimizer state gathered from every rank's parts; every rank
+        calls it): what a checkpoint holds, loadable by any strategy and world size."""
+        state = self.shard_state(state)
+        lay = self.layout
+        assert lay is not None
+        whole = _tree.map(lambda x: x.clone(), lay.gather(state.params))
+        return state.replace(params=whole,
+                             opt_state=_shard.unshard_opt_state(state.opt_state, lay.whole, lay, self.optimizer))
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "stage": 3, "units": repr(self.strategy.units)}
+
+    def prepare(self, state: TrainState) -> TrainState:
+        if not self.checked:
+            self.phase = "the first call's comparison of the ranks' settings"
+            check_same_settings(self.settings(), self.topo.groups, "their training steps")
+            self.checked = True
+        if self.strategy.sync_state and state.step == 0 and state.accum is None and self.is_whole(state.params):
+            self.phase = "broadcast_state (the first step's synchronisation)"
+            state = broadcast_state(state, donate=self.o.donate, group=self.topo.groups[0])
+        return state
+
+    def local(self, params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> tuple[Any, ...]:
+        """This micro-batch's gradients of the scaled loss, weighted by its ``n_r`` and reduce-scattered:
+        this rank's part of ``sum_r n_r g_r``."""
+        n = _rank_batch_size(batch, self.topo.rank)
+        self.gather.weight = float(n)
+        try:
+            self.phase = "the forward and backward (unit all-gathers, gradient reduce-scatters)"
+            grads, loss, aux, new_buffers = self.parts.grad_fn(params, batch, buffers, key, loss_scale=loss_scale,
+                                                               unscale=False)
+        finally:
+            self.gather.release()
+        return grads, loss, aux, new_buffers, n
+
+    def accumulate(self, params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any, carry: Any,
+                   donate_carry: bool) -> tuple[Accumulation, torch.Tensor, dict, Any]:
+        """A micro-batch added to the window: its reduce-scattered part added to the window's parts."""
+        key = _random.fold_in(key, self.topo.rank) if key is not None else None
+        grads, loss, aux, new_buffers, n = self.local(params, batch, buffers, key, loss_scale)
+        before = carry if carry is not None else Accumulation(None, 0, 0.0, 0)
+        window = Accumulation(accumulate_tree(before.grads, grads, 1, donate_carry), before.samples + n,
+                              before.loss_sum + loss.double() * n, before.micro + 1, before.buffers)
+        return window, loss, aux, new_buffers
+
+    def gradients(self, params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
+                  carry: Accumulation | None = None, donate_carry: bool = False) -> GradResult:
+        """The mean gradient's part over every rank's batch (and window): ``sum_r n_r g_r / N``."""
+        key = _random.fold_in(key, self.topo.rank) if key is not None else None
+        dev = _tree.leaves(params)[0].device
+        aux, new_buffers, samples = {}, buffers, 0
+        grads, loss_sum = (carry.grads, carry.loss_sum) if carry is not None else (None, 0.0)
+        if carry is not None:
+            samples = carry.samples
+        if batch is not None:
+            local, loss, aux, new_buffers, n = self.local(params, batch, buffers, key, loss_scale)
+            grads = local if grads is None else accumulate_tree(grads, local, 1, False)
+            samples, loss_sum = samples + n, loss_sum + loss.double() * n
+            if carry is not None:
+                aux = {**aux, "batch_loss": loss}
+        self.phase = "the all-reduce of the step's sample count"
+        total, counting = _counted(samples, dev, self.topo.groups)
+        counting()
+        divisor = float(total[0]) * (1.0 if loss_scale is None else loss_scale.scale)
+        grads = _tree.map(lambda g: g / divisor, grads)
+        self.phase = "the all-reduce of the loss and buffers"
+        loss, new_buffers = _reduce_extras(torch.as_tensor(loss_sum, dtype=torch.float64, device=dev), samples,
+                                           float(total[0]), new_buffers, self.topo.groups)()
+        self.phase = "the update"
+        return GradResult(grads, loss, aux, new_buffers)

@@ -59,7 +59,8 @@ class Layout:
     """Which elements of every parameter this rank owns (see the module docstring)."""
 
     def __init__(self, leaves: list[torch.Tensor], spec: Any, world: int, rank: int, limit: int, *,
-                 group: Any = None, replicate: Any = None, reduce_scatter: bool | None = None):
+                 group: Any = None, replicate: Any = None, reduce_scatter: bool | None = None,
+                 buckets: list[list[int]] | None = None):
         self.spec, self.world, self.rank = spec, world, rank
         self.group, self.replicate = group, replicate  # the shard group; HSDP's replicate group (or None)
         # gloo's reduce_scatter and all_gather are 2-3x slower than its all_reduce and broadcasts
@@ -73,9 +74,11 @@ class Layout:
         self.shapes = [tuple(x.shape) for x in leaves]
         self.order = list(reversed(range(len(leaves))))
         self.limit = limit
-        self.buckets = pack(leaves, self.order, limit)  # what GradBuckets makes of the same order and limit
+        # what GradBuckets makes of the same order and limit; or given (ZeRO-3: one bucket per unit)
+        self.buckets = pack(leaves, self.order, limit) if buckets is None else [list(b) for b in buckets]
         self.totals = [sum(leaves[i].numel() for i in idx) for idx in self.buckets]
-        self.chunks = [-(-t // world) for t in self.totals]  # chunk size per bucket
+        # chunk size per bucket (a unit's chunk is never empty: its collectives then carry one pad element)
+        self.chunks = [max(-(-t // world), 0 if buckets is None else 1) for t in self.totals]
         self.parts: list[LeafPart] = [LeafPart(0, 0, 0, 0)] * len(leaves)
         for b, idx in enumerate(self.buckets):
             offset, c = 0, self.chunks[b]
@@ -213,13 +216,14 @@ class Layout:
 
 
 def layout(params: Any, world: int, rank: int, bucket_mb: float, *, group: Any = None, replicate: Any = None,
-           reduce_scatter: bool | None = None) -> Layout:
+           reduce_scatter: bool | None = None, buckets: list[list[int]] | None = None) -> Layout:
     """The :class:`Layout` of ``params`` over the ``world`` ranks of ``group`` (this one: ``rank``), in
     buckets of about ``bucket_mb``; ``replicate``: HSDP's group of replicas; ``reduce_scatter``: the
-    collectives (``None``: by the backend, all-reduce and broadcasts on gloo)."""
+    collectives (``None``: by the backend, all-reduce and broadcasts on gloo); ``buckets``: the leaf
+    indices of each bucket, given (ZeRO-3's units) instead of packed by size."""
     leaves, spec = _tree.flatten(params)
     return Layout(leaves, spec, world, rank, int(bucket_mb * 2**20), group=group, replicate=replicate,
-                  reduce_scatter=reduce_scatter)
+                  reduce_scatter=reduce_scatter, buckets=buckets)
 
 
 def check_backend() -> None:

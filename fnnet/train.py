@@ -164,7 +164,8 @@ def _with_master_weights(step: TrainStep, policy: Precision) -> TrainStep:
 
 SHORTHANDS = {"single": lambda: SingleDevice(), "ddp": lambda: _distributed.DDP(),
               "zero1": lambda: _distributed.ZeRO(1), "zero2": lambda: _distributed.ZeRO(2),
-              "zero": lambda: _distributed.ZeRO(2), "zero3": lambda: _distributed.ZeRO(3)}
+              "zero": lambda: _distributed.ZeRO(2), "zero3": lambda: _distributed.ZeRO(3),
+              "fsdp": lambda: _distributed.ZeRO(3)}
 """The strategies a string names (on the default process group); HSDP needs a mesh, so it has none."""
 
 

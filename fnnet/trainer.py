@@ -179,6 +179,11 @@ class Trainer:
             raise ValueError(f"Trainer: accumulate_grad_batches must be an int >= 1 (one optimizer update per this many "
                              f"batches; 1: no accumulation), got {accumulate_grad_batches!r}")
         strategy = resolve_strategy(strategy) if strategy is not None else None
+        if getattr(strategy, "stage", None) == 3:
+            raise NotImplementedError("Trainer(strategy=ZeRO(3)) is not supported yet: its state holds each rank's part "
+                                      "of the parameters, which the Trainer's module, eval and predict steps do not "
+                                      "take. Train with fnnet.make_train_step(loss_fn, opt, strategy='zero3') and "
+                                      "step.gather_state(state) for the whole parameters, or use strategy='zero2'")
         self.distributed, self.devices = resolve_devices(devices, distributed, strategy)
         self._rank_shard = _dist.shard() if self.distributed else None  # this rank's part of arrays fit batches
         self.device = self.devices[0]  # where the state lives; with several devices, the first

@@ -1,0 +1,96 @@
+"""ZeRO-3 (``fnnet.distributed.ZeRO(3)``, :mod:`fnnet.zero3`): float64 against one process, against
+torch's ``fully_shard``, the collectives of a step, the persistent bytes, and the errors.
+
+The multi-rank checks run in ``tests/_zero3_worker.py`` under ``torch.distributed.run``: each rank
+computes the one-process reference itself and asserts; one launch of two ranks is in the default
+run, the rest of the matrix (more optimizers, accumulation, frozen parameters, three ranks) is
+``@pytest.mark.extended``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fnnet
+from fnnet import distributed, zero3
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "_zero3_worker.py"
+TIMEOUT = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cases: str, out: Path, nproc: int) -> list[dict]:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), str(WORKER), cases, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_bytes(tmp_path):
+    # Adam (and SGD with Nesterov momentum, donated) on a pre-LN transformer with a tied embedding,
+    # a 1- and a 0-element parameter, uneven shards and batches, to 1e-10; fully_shard's parameters after 10 Adam steps; one step's
+    # collectives (the same as fully_shard's); the persistent bytes; the errors; the gathered state
+    # continuing in one process, under ZeRO-2 and under ZeRO-3 to the uninterrupted result; dropout
+    # and BatchNorm buffers equal to DDP's
+    ranks = launch("adam,sgd,counts,fully_shard,errors,resume,dropout_bn", tmp_path, 2)
+    for adam, sgd, counts, fsdp, errors, resume, dropout_bn in ranks:
+        assert counts["counts"]["c10d._allgather_base_"] == 2 * counts["units"] - 1
+        assert counts["counts"]["c10d._reduce_scatter_base_"] == counts["units"]
+        assert {k: v for k, v in counts["counts"].items() if k != "c10d.allreduce_"} == fsdp["fully_shard_counts"]
+        assert counts["persistent"] < 0.51 * counts["unsharded"]
+        assert fsdp["fully_shard_max_diff"] < 1e-9
+    assert sum(r[2]["persistent"] for r in ranks) <= ranks[0][2]["unsharded"] + 64  # nothing is kept twice
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_the_matrix_equals_one_process(tmp_path, nproc):
+    cases = "clip,frozen,accumulate" + (",adam,sgd,counts,fully_shard,resume,dropout_bn" if nproc == 3 else "")
+    launch(cases, tmp_path, nproc)
+
+
+def test_units_by_default_are_numbered_children_and_the_rest_is_the_root():
+    keys = ["wte.weight", "blocks.0.attn.w", "blocks.0.mlp.0.weight", "blocks.1.ln.bias", "head.bias", "seq.2.w"]
+    assert zero3.unit_names(keys) == ["", "blocks.0", "blocks.0", "blocks.1", "", "seq.2"]
+    assert zero3.unit_names(keys, ["blocks.1", "wte"]) == ["wte", "", "", "blocks.1", "", ""]
+    assert zero3.unit_names(keys, "blocks") == ["", "blocks", "blocks", "blocks", "", ""]
+    assert zero3.unit_names(keys, lambda p: p.endswith("mlp")) == ["", "", "blocks.0.mlp", "", "", ""]
+    with pytest.raises(ValueError, match=r"\['block'\] name no module"):
+        zero3.unit_names(keys, ["block"])
+
+
+def test_unit_buckets_put_the_root_first_and_refuse_mixed_dtypes():
+    params = {"b.0.w": torch.zeros(2), "a": torch.zeros(3), "b.1.w": torch.zeros(1)}
+    names, buckets = zero3.unit_buckets(params)
+    assert names == ["", "b.0", "b.1"] and buckets == [[0], [1], [2]]  # leaves in sorted-key order
+    with pytest.raises(ValueError, match="mixes dtypes"):
+        zero3.unit_buckets({"b.0.w": torch.zeros(2), "b.0.v": torch.zeros(2, dtype=torch.float64)})
+    with pytest.raises(TypeError, match="flat dict of parameter tensors"):
+        zero3.unit_buckets([torch.zeros(2)])
+
+
+def test_stage_three_options_say_clearly_what_is_wrong():
+    assert repr(distributed.ZeRO(3, units=["blocks.0"])) == "ZeRO(stage=3, group=default, units=['blocks.0'])"
+    with pytest.raises(ValueError, match="units are stage 3's"):
+        distributed.ZeRO(2, units=["blocks.0"])
+    with pytest.raises(RuntimeError, match="needs a process group"):
+        fnnet.make_train_step(lambda p, b: p["w"].sum(), fnnet.optim.sgd(0.1), strategy="fsdp")
+    with pytest.raises(NotImplementedError, match="Trainer\\(strategy=ZeRO\\(3\\)\\) is not supported yet"):
+        fnnet.Trainer(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1), strategy="zero3")
