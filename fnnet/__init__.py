@@ -24,6 +24,7 @@ _EXPORTS = {
     "_functional": ("Model", "functional", "grad", "jit", "value_and_grad", "vmap"),
     "plot": ("plot_history", "plot_samples"),
     "random": ("seed_everything",),
+    "sampling": ("generate",),
     "state": ("DynamicScale", "TrainState", "all_finite", "grads_finite"),
     "_summary": ("SummaryRow", "SummaryTable", "summary"),
     "train": ("GradResult", "make_eval_step", "make_grad_fn", "make_predict_step", "make_train_step",
@@ -32,7 +33,7 @@ _EXPORTS = {
 }
 # ``fnnet.functional`` and ``fnnet.summary`` are functions; their modules are ``_functional``, ``_summary``.
 _MODULES = ("batch", "callbacks", "checkpoint", "comm", "compiler", "data", "datasets", "device", "distributed", "interop",
-            "layout", "loss", "metrics", "models", "optim", "parallel", "plot", "random", "state", "step", "train",
+            "layout", "loss", "metrics", "models", "optim", "parallel", "plot", "random", "sampling", "state", "step", "train",
             "trainer", "tree")
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -56,7 +57,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import (batch, callbacks, checkpoint, comm, compiler, data, datasets, device, distributed, interop,
-                   layout, loss, metrics, models, optim, parallel, plot, random, state, step, train, trainer, tree)
+                   layout, loss, metrics, models, optim, parallel, plot, random, sampling, state, step, train,
+                   trainer, tree)
     from ._functional import Model, functional, grad, jit, value_and_grad, vmap
     from ._summary import SummaryRow, SummaryTable, summary
     from .checkpoint import load, load_state_dict, save, to_state_dict
@@ -65,6 +67,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
                          parse_devices, place, resolve_device, synchronize, tree_device)
     from .plot import plot_history, plot_samples
     from .random import seed_everything
+    from .sampling import generate
     from .state import DynamicScale, TrainState, all_finite, grads_finite
     from .train import (GradResult, make_eval_step, make_grad_fn, make_predict_step, make_train_step,
                         supervised_loss)
