@@ -408,7 +408,7 @@ class WindowLoader(ArrayLoader):
         for i in range(start, count):
             lo, hi = self._bounds(i, count)
             window = self.arrays[order[lo:hi, None] + self._offsets]
-            yield window[:, :-1], window[:, 1:]
+            yield window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter(loader)`` run ``epoch`` from its first batch."""
