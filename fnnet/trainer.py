@@ -382,8 +382,10 @@ class Trainer:
         logs["lr"] = learning_rate(self.state.opt_state)
         logs.update(meter.rates(since))
         logs["time"] = time.perf_counter() - start
-        if not checks.stopped:  # max_steps inside an epoch leaves it unfinished: a checkpoint resumes its next batch
+        if not checks.stopped:
             self.epoch, self._batch_in_epoch = self.epoch + 1, 0
+        else:  # max_steps inside an epoch leaves it unfinished: the next fit (or a checkpoint) goes on with its next batch
+            self._position = {"batch": self._batch_in_epoch, "global_batch": self._global_batch}
         if checks.interval is None:
             self.history.append({"epoch": epoch + 1, "step": self.state.step, **logs})
             if verbose:
