@@ -184,3 +184,55 @@ def test_generate_is_reproducible_under_a_key_and_crops_the_context():
         fnnet.generate(model, params, prompt, 1, key=fnnet.random.key(1), top_k=V + 1)
     with pytest.raises(ValueError, match="temperature"):
         fnnet.generate(model, params, prompt, 1, key=fnnet.random.key(1), temperature=0)
+
+
+# -- fnnet train charlm ------------------------------------------------------------------------------
+SMALL = ["--eval-iters", "4", "--max-chars", "30000", "--n-layer", "2", "--n-embd", "64", "--sample-tokens", "40",
+         "--device", "cpu"]
+
+
+def _charlm(out, *args, torchrun=0, timeout=300):
+    import os
+    import subprocess
+    import sys
+
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)]
+              if torchrun else [sys.executable])
+    proc = subprocess.run([*launch, "-m", "fnnet", "train", "charlm", *SMALL, "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _rows(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_charlm_50_steps_loss_goes_down(tmp_path):
+    proc = _charlm(tmp_path, "--steps", "50", "--eval-interval", "25")
+    rows = _rows(tmp_path / "history.csv")
+    assert [int(r["step"]) for r in rows] == [25, 50]
+    val = [float(r["val_loss"]) for r in rows]
+    assert val[1] < val[0] < math.log(95) and float(rows[1]["loss"]) < float(rows[0]["loss"])
+    assert float(rows[1]["tokens_per_sec"]) > 0 and "step 50" in proc.stdout and "tokens_per_sec" in proc.stdout
+    assert len((tmp_path / "sample.txt").read_text(encoding="utf-8")) == 40
+    assert any(p.name.endswith(".safetensors") for p in tmp_path.iterdir()) and (tmp_path / "history.png").exists()
+
+
+def test_cli_charlm_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """--batch-size is the global batch: 2 ranks with 6 windows each take the steps one process takes."""
+    _charlm(tmp_path / "two", "--steps", "6", "--eval-interval", "3", torchrun=2)
+    fnnet.recipes.train_charlm(steps=6, eval_interval=3, eval_iters=4, max_chars=30000, n_layer=2, n_embd=64,
+                               sample_tokens=40, device="cpu", out=tmp_path / "one", verbose=0)
+    one, two = _rows(tmp_path / "one" / "history.csv"), _rows(tmp_path / "two" / "history.csv")
+    for a, b in zip(one, two):
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)
+    [f1] = [p for p in (tmp_path / "one").iterdir() if p.name.startswith("epoch=")]
+    [f2] = [p for p in (tmp_path / "two").iterdir() if p.name.startswith("epoch=")]
+    p1, p2 = fnnet.load(f1)["state"].params, fnnet.load(f2)["state"].params
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
