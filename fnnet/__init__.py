@@ -33,8 +33,8 @@ _EXPORTS = {
 }
 # ``fnnet.functional`` and ``fnnet.summary`` are functions; their modules are ``_functional``, ``_summary``.
 _MODULES = ("batch", "callbacks", "checkpoint", "comm", "compiler", "data", "datasets", "device", "distributed", "interop",
-            "layout", "loss", "metrics", "models", "optim", "parallel", "plot", "random", "sampling", "state", "step", "train",
-            "trainer", "tree")
+            "layout", "loss", "metrics", "models", "optim", "parallel", "plot", "random", "sampling", "state", "step",
+            "train", "trainer", "tree")
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted([*_WHERE, *_MODULES])
