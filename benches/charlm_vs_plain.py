@@ -9,7 +9,8 @@ and optimizer numbers, and evaluate every 250 updates. ``plain`` is ``benches/gp
 ``Plain`` (``nn.Module``, ``torch.optim.AdamW``, ``clip_grad_norm_``, eager); ``fnnet`` and
 ``fnnet-jit`` call :func:`fnnet.recipes.train_charlm` (``--jit``). Wall time: the training loop
 with its evaluations (and, for ``fnnet-jit``, the compilation); the held-out loss after the last
-update. One JSON line per run.
+update; also the process's CPU time over the whole job (text loading included on both sides: on a
+shared, oversubscribed machine the wall time mostly measures the others). One JSON line per run.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("--eval-interval", type=int, default=250)
     ap.add_argument("--jsonl", default=None)
     args = ap.parse_args()
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), time.process_time()
     if args.variant == "plain":
         out = plain_run(args.steps, args.eval_interval)
     else:
@@ -76,6 +77,7 @@ def main() -> None:
                "history": [{"step": s, "loss": l, "val_loss": v, "tokens_per_sec": t}
                            for s, l, v, t in zip(h["step"], h["loss"], h["val_loss"], h["tokens_per_sec"])]}
     out.update(variant=args.variant, steps=args.steps, process_seconds=time.perf_counter() - begin,
+               cpu_seconds=time.process_time() - cpu, load_average=os.getloadavg(),
                torch=torch.__version__, threads=torch.get_num_threads(), finished=time.strftime("%H:%M:%S"))
     line = json.dumps(out)
     print(line)

@@ -117,13 +117,13 @@ def test_dropout_runs_under_the_key_and_bf16_trains():
     def loss_fn(p, batch, key):
         return fnnet.loss.cross_entropy(model.apply(p, batch[0], train=True, key=key), batch[1])
 
-    opt = fnnet.optim.adamw(3e-3)
+    opt = fnnet.optim.adamw(1e-2)
     step = fnnet.make_train_step(loss_fn, opt, precision="bf16-mixed")
     state = fnnet.TrainState.create(model.init(fnnet.random.key(0)), opt, key=fnnet.random.key(5))
     x = torch.randint(0, V, (8, 8))
     batch = (x, x.roll(-1, dims=1))
     first = None
-    for _ in range(30):
+    for _ in range(15):
         state, m = step(state, batch)
         first = float(m["loss"]) if first is None else first
     assert float(m["loss"]) < first - 0.3 and state.params["wte.weight"].dtype == torch.float32
@@ -226,7 +226,9 @@ def test_cli_charlm_50_steps_loss_goes_down(tmp_path):
 def test_cli_charlm_on_two_gloo_ranks_equals_one_process(tmp_path):
     """--batch-size is the global batch: 2 ranks with 6 windows each take the steps one process takes."""
     _charlm(tmp_path / "two", "--steps", "6", "--eval-interval", "3", torchrun=2)
-    fnnet.recipes.train_charlm(steps=6, eval_interval=3, eval_iters=4, max_chars=30000, n_layer=2, n_embd=64,
+    from fnnet import recipes
+
+    recipes.train_charlm(steps=6, eval_interval=3, eval_iters=4, max_chars=30000, n_layer=2, n_embd=64,
                                sample_tokens=40, device="cpu", out=tmp_path / "one", verbose=0)
     one, two = _rows(tmp_path / "one" / "history.csv"), _rows(tmp_path / "two" / "history.csv")
     for a, b in zip(one, two):
