@@ -238,3 +238,30 @@ def test_cli_charlm_on_two_gloo_ranks_equals_one_process(tmp_path):
     p1, p2 = fnnet.load(f1)["state"].params, fnnet.load(f2)["state"].params
     for k in p1:
         torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.extended
+def test_jit_step_equals_the_eager_step():
+    """jit=True compiles gradient, clip and AdamW as one graph: the same losses and params (float32 rounding)."""
+    from fnnet.recipes import charlm_optimizer
+
+    model = fnnet.functional(GPT(V, **CFG))
+    params = model.init(fnnet.random.key(0))
+
+    def loss_fn(p, batch):
+        return fnnet.loss.cross_entropy(model.apply(p, batch[0]), batch[1])
+
+    opt = charlm_optimizer(params, warmup=2, decay_steps=10)
+    x = torch.randint(0, V, (6, 8), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for jit in (False, True):
+        step = fnnet.make_train_step(loss_fn, opt, jit=jit, donate=True)
+        state = fnnet.TrainState.create({k: v.clone() for k, v in params.items()}, opt)
+        losses = []
+        for i in range(4):
+            state, m = step(state, (x.roll(i, 1), x.roll(i + 1, 1)))
+            losses.append(float(m["loss"]))
+        runs.append((losses, state.params))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for k in params:
+        torch.testing.assert_close(runs[0][1][k], runs[1][1][k], rtol=1e-4, atol=1e-5)
