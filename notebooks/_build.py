@@ -546,12 +546,12 @@ CELLS = [
 
     text = fnnet.datasets.load_text(max_chars=300_000)
     print(f"{len(text.train):,} training and {len(text.val):,} held-out characters, {len(text.vocab)} symbols")
-    gpt = fnnet.models.GPT(len(text.vocab), block_size=32, n_layer=2, n_head=2, n_embd=64)
+    gpt = fnnet.models.GPT(len(text.vocab), block_size=32, n_layer=2, n_head=2, n_embd=48)
     gpt_params = fnnet.functional(gpt).init(fnnet.random.key(0))
     lm_trainer = fnnet.Trainer(gpt, fnnet.loss.cross_entropy, charlm_optimizer(gpt_params, lr=3e-3, warmup=30,
                                                                                 decay_steps=200),
                                params=gpt_params, devices="auto")
-    windows = WindowLoader(text.train, 32, 16, key=fnnet.random.key(1), device=lm_trainer.device)
+    windows = WindowLoader(text.train, 32, 12, key=fnnet.random.key(1), device=lm_trainer.device)
     held_out = next(iter(WindowLoader(text.val, 32, 160, key=fnnet.random.key(2), windows_per_epoch=160)))
     lm_history = lm_trainer.fit(windows, fnnet.ArrayLoader(held_out, 32, device=lm_trainer.device),
                                 max_steps=200, val_check_interval=50, verbose=0)
