@@ -89,7 +89,10 @@ class Throughput:
             self._since = None
 
     def count(self, batch: Any) -> None:
-        _, targets = split_batch(batch)
+        try:
+            _, targets = split_batch(batch)
+        except ValueError:  # a batch of another form: its samples only
+            targets = None
         self.samples += batch_size_of(batch)
         if isinstance(targets, torch.Tensor) and targets.ndim >= 2:
             self.tokens += targets.numel()

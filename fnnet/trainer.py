@@ -282,7 +282,8 @@ class Trainer:
                 current state (epochs keep counting, and so does a loaded checkpoint's). Default: 1,
                 or, with ``max_steps``, as many as it takes.
             max_steps: stop once ``trainer.state.step`` (optimizer updates, counted over every ``fit``
-                and a loaded checkpoint, as Lightning's ``max_steps``) reaches this. Stopping inside an
+                and a loaded checkpoint, as Lightning's ``max_steps``) reaches this. ``train_data`` may
+                then be an endless iterator (a generator of batches, nanoGPT's ``get_batch`` loop). Stopping inside an
                 epoch ends it as an epoch's end would (validation, a history row, ``on_epoch_end``), but
                 the epoch counts as unfinished: a checkpoint then records the batches done, and a
                 later ``fit`` (or ``resume``) continues with the epoch's next batch.
@@ -319,7 +320,7 @@ class Trainer:
         train_data, val_data = fit_loaders(train_data, val_data, batch_size=batch_size, validation_split=validation_split,
                                            shuffle=shuffle, key=_random.fold_in(self.key, 0x7A1A), device=self.device,
                                            shard=self._rank_shard)
-        check_reiterable(epochs, train_data=train_data, val_data=val_data)
+        check_reiterable(epochs if max_steps is None else 1, train_data=train_data, val_data=val_data)  # a stream
         cbs = CallbackList(callbacks)
         self._global_batch, self._callbacks = global_batch_of(train_data), cbs.callbacks
         if resume is not None:  # epochs is then the total (Lightning's max_epochs): a restarted script runs as is

@@ -35,6 +35,22 @@ def test_max_steps_and_val_check_interval_rows():
     assert all(v > 0 for v in history["samples_per_sec"]) and "tokens_per_sec" not in history
 
 
+def test_max_steps_takes_an_endless_stream_of_batches():
+    (x, y) = data()
+
+    def stream():  # nanoGPT's loop: a batch drawn at every step, no epochs
+        g = torch.Generator().manual_seed(0)
+        while True:
+            i = torch.randint(0, len(x), (16,), generator=g)
+            yield x[i], y[i]
+
+    trainer = fnnet.Trainer(linear(), F.cross_entropy, optim.adam(0.01))
+    history = trainer.fit(stream(), max_steps=12, val_check_interval=4, verbose=0)
+    assert trainer.state.step == 12 and history["step"] == [4, 8, 12]
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        trainer.fit(stream(), epochs=2, verbose=0)
+
+
 def test_stopping_inside_an_epoch_continues_with_its_next_batch():
     (x, y) = data()
 
