@@ -12,6 +12,16 @@ from fnnet.data import WindowLoader
 from fnnet.models import GPT
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and on a shared, loaded machine two OpenMP threads that wait
+    for each other are several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def data(n=200, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
