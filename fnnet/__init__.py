@@ -34,7 +34,7 @@ _EXPORTS = {
 # ``fnnet.functional`` and ``fnnet.summary`` are functions; their modules are ``_functional``, ``_summary``.
 _MODULES = ("batch", "callbacks", "checkpoint", "comm", "compiler", "data", "datasets", "device", "distributed", "interop",
             "layout", "loss", "metrics", "models", "optim", "parallel", "plot", "random", "sampling", "state", "step",
-            "train", "trainer", "tree")
+            "strategy", "train", "trainer", "tree")
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted([*_WHERE, *_MODULES])
@@ -57,8 +57,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import (batch, callbacks, checkpoint, comm, compiler, data, datasets, device, distributed, interop,
-                   layout, loss, metrics, models, optim, parallel, plot, random, sampling, state, step, train,
-                   trainer, tree)
+                   layout, loss, metrics, models, optim, parallel, plot, random, sampling, state, step, strategy,
+                   train, trainer, tree)
     from ._functional import Model, functional, grad, jit, value_and_grad, vmap
     from ._summary import SummaryRow, SummaryTable, summary
     from .checkpoint import load, load_state_dict, save, to_state_dict

@@ -17,7 +17,9 @@ from .batch import split_batch
 from .device import parse_devices, place
 from .layout import choose_memory_format
 from .state import DynamicScale, TrainState
-from .train import PRECISIONS, make_eval_step, make_predict_step, make_train_step, supervised_loss
+from .parallel import Replicate
+from .strategy import Strategy
+from .train import PRECISIONS, make_eval_step, make_predict_step, make_train_step, resolve_strategy, supervised_loss
 
 __all__ = ["resolve_optimizer", "resolve_devices", "Steps", "build_steps", "initial_state", "sync_module"]
 
@@ -39,9 +41,20 @@ def resolve_optimizer(optimizer: Any, model: Model, module: nn.Module | None) ->
     return optimizer
 
 
-def resolve_devices(devices: Any, distributed: bool | None) -> tuple[bool, list[torch.device]]:
+def resolve_devices(devices: Any, distributed: bool | None, strategy: Strategy | None = None
+                    ) -> tuple[bool, list[torch.device]]:
     """``(distributed, devices)``: whether this is one rank of a process group (``None``: when a group
-    of several ranks exists), and the devices to train on (the first holds the state)."""
+    of several ranks exists, or the ``strategy`` is a rank strategy), and the devices to train on (the
+    first holds the state; a :class:`fnnet.parallel.Replicate` strategy's)."""
+    if strategy is not None:
+        if distributed is not None:
+            raise ValueError(f"Trainer: strategy={strategy!r} says how to train; distributed= is the old flag for the "
+                             "same choice: pass one or the other")
+        distributed = isinstance(strategy, _dist.DDP)
+        if isinstance(strategy, Replicate):
+            if devices != "auto":
+                raise ValueError(f"Trainer: strategy={strategy!r} names its devices; leave devices= out")
+            return False, list(strategy.devices)
     distributed = _dist.is_initialized() and _dist.world_size() > 1 if distributed is None else distributed
     if distributed and not _dist.is_initialized():
         raise RuntimeError("Trainer(distributed=True) needs a process group: call fnnet.distributed.init() first")
@@ -62,19 +75,22 @@ class Steps(NamedTuple):
 
 def build_steps(model: Model, loss: Callable, optimizer: Any, devices: list[torch.device], *, distributed: bool,
                 jit: bool, precision: str, donate: bool, compile_options: Mapping[str, Any] | None, accumulate: int = 1,
-                shard_optimizer: bool = False) -> Steps:
+                shard_optimizer: bool = False, strategy: Strategy | None = None) -> Steps:
     """The Trainer's train, eval and predict steps: ``supervised_loss(model, loss)`` through
-    :func:`fnnet.make_train_step` and friends (data parallel over several devices, one rank of a
-    process group with ``distributed``), non-finite updates skipped."""
+    :func:`fnnet.make_train_step` and friends (``strategy``, or: data parallel over several devices,
+    one rank of a process group with ``distributed``), non-finite updates skipped."""
     loss_fn = supervised_loss(model, loss)
     options = dict(jit=jit, precision=precision, compile_options=compile_options,
                    devices=devices if len(devices) > 1 else None)
-    if shard_optimizer and not distributed:
-        raise ValueError("shard_optimizer=True splits the optimizer state over the ranks of a torch.distributed run: "
-                         "start the script with torchrun (and fnnet.distributed.init()), or drop shard_optimizer")
-    sharding = {"shard_optimizer": True} if shard_optimizer else {}
-    train = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True, distributed=distributed,
-                            accumulate=accumulate, **sharding, **options)
+    if shard_optimizer and (not distributed or strategy is not None):
+        raise ValueError("shard_optimizer=True splits the optimizer state over the ranks of a torch.distributed run "
+                         "(the old flag for strategy='zero2'): start the script with torchrun (and "
+                         "fnnet.distributed.init()), or drop shard_optimizer; with strategy=, pass ZeRO() instead")
+    if strategy is None:
+        strategy = resolve_strategy(distributed=distributed, devices=options["devices"],
+                                    **({"shard_optimizer": True} if shard_optimizer else {}))
+    train = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True, accumulate=accumulate,
+                            strategy=strategy, jit=jit, precision=precision, compile_options=compile_options)
     evaluate = make_eval_step(loss_fn, **options)  # per rank: the metric states are summed at the end
     predict = make_predict_step(lambda p, batch, buffers=None: model.apply(p, split_batch(batch)[0], buffers=buffers),
                                 **options)

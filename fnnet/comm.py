@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 
 # torch 2.13 renamed the tensor-in, tensor-out collectives (the old names warn): use what this torch has
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
-__all__ = ["Bucket", "Reduction", "all_reduce", "reduce_scatter", "local", "GradBuckets", "pack"]
+__all__ = ["REDUCE_SCATTER", "ALL_GATHER", "Bucket", "Reduction", "all_reduce", "reduce_scatter", "local", "GradBuckets", "pack"]
 
 
 class Bucket(NamedTuple):
@@ -64,9 +64,11 @@ class Reduction(Protocol):
     def __call__(self, bucket: Bucket) -> Callable[[], torch.Tensor]: ...
 
 
-def all_reduce(bucket: Bucket) -> Callable[[], torch.Tensor]:
-    """The default :class:`Reduction`: an asynchronous sum over all ranks, in place."""
-    work = dist.all_reduce(bucket.buffer, async_op=True)
+def all_reduce(bucket: Bucket, group: Any = None) -> Callable[[], torch.Tensor]:
+    """The default :class:`Reduction`: an asynchronous sum over the ranks of ``group`` (a
+    ``torch.distributed`` process group; ``None``: the default one), in place. A strategy on a
+    group binds it: ``functools.partial(all_reduce, group=group)``."""
+    work = dist.all_reduce(bucket.buffer, group=group, async_op=True)
 
     def wait() -> torch.Tensor:
         work.wait()
@@ -75,13 +77,14 @@ def all_reduce(bucket: Bucket) -> Callable[[], torch.Tensor]:
     return wait
 
 
-def reduce_scatter(bucket: Bucket) -> Callable[[], torch.Tensor]:
-    """The sharded step's reduction (ZeRO-2): the sum over ranks, of which this rank receives its
-    chunk only (``bucket.buffer``, padded to a multiple of the world size, split in equal parts).
-    ``wait()`` returns that chunk, not a bucket-sized tensor."""
-    world = dist.get_world_size()
+def reduce_scatter(bucket: Bucket, group: Any = None) -> Callable[[], torch.Tensor]:
+    """The sharded step's reduction (ZeRO-2): the sum over the ranks of ``group`` (``None``: the
+    default group), of which this rank receives its chunk only (``bucket.buffer``, padded to a
+    multiple of the group's size, split in equal parts). ``wait()`` returns that chunk, not a
+    bucket-sized tensor."""
+    world = dist.get_world_size(group)
     chunk = torch.empty(bucket.buffer.numel() // world, dtype=bucket.buffer.dtype, device=bucket.buffer.device)
-    work = _REDUCE_SCATTER(chunk, bucket.buffer, async_op=True)
+    work = REDUCE_SCATTER(chunk, bucket.buffer, group=group, async_op=True)
 
     def wait() -> torch.Tensor:
         work.wait()

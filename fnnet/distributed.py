@@ -7,7 +7,7 @@ that sets its environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_AD
 
     torchrun --nproc-per-node 4 train.py          # in train.py:
     fnnet.distributed.init()                      # join the process group (NCCL or gloo)
-    step = fnnet.make_train_step(loss_fn, optimizer, distributed=True)
+    step = fnnet.make_train_step(loss_fn, optimizer, strategy="ddp")   # or DDP(group), ZeRO(2), HSDP(mesh)
     loader = fnnet.ArrayLoader(data, 64, shuffle=True, key=key, shard=fnnet.distributed.shard())
     for batch in loader:                          # each rank gets its part of every batch
         state, metrics = step(state, batch)       # the same state on every rank
@@ -19,6 +19,11 @@ batch. Eager steps put the gradients into buckets of about 25 MB (as DDP) and st
 bucket's all-reduce as soon as its gradients are ready, while the backward pass goes on;
 compiled steps (``jit=True``) use torch's traceable functional collectives, so the all-reduce
 is part of the compiled graph.
+
+The strategies (:class:`DDP`, :class:`ZeRO`, :class:`HSDP`) describe the layout; each builds a
+rank step (``_RankStep``, ``_ShardedStep``: the gradient source, its caches as named fields, the
+checks of a first call) around :func:`fnnet.step.build_train_step`. Every collective runs on the
+strategy's process group or mesh dimension (:class:`Topology`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import datetime
 import functools
 import os
 import socket
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,12 +43,13 @@ from . import random as _random
 from . import tree as _tree
 from .batch import batch_size_of
 from .loss import GradResult
-from .state import Accumulation, TrainState
-from .step import add_to_window, build_train_step, compile_step, step_parts, traced_grad_fn
+from .state import Accumulation, TrainState, apply_update
+from .step import TrainStep, add_to_window, build_train_step, compile_step, step_parts, traced_grad_fn
+from .strategy import StepOptions, Strategy
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main", "barrier", "device",
            "shard", "broadcast", "broadcast_state", "all_reduce_sum", "all_reduce_max", "rank_zero_only", "make_train_step",
-           "DEFAULT_TIMEOUT", "BUCKET_MB"]
+           "DDP", "ZeRO", "HSDP", "Topology", "check_same_settings", "DEFAULT_TIMEOUT", "BUCKET_MB"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 BUCKET_MB = 25.0
@@ -172,22 +178,24 @@ def shard() -> tuple[int, int] | None:
     return (rank(), world_size()) if is_initialized() and world_size() > 1 else None
 
 
-def broadcast(tree: Any, src: int = 0, *, donate: bool = False) -> Any:
-    """``tree`` as rank ``src`` has it, on every rank: tensors and plain leaves (keys, ints).
+def broadcast(tree: Any, src: int = 0, *, donate: bool = False, group: Any = None) -> Any:
+    """``tree`` as rank ``src`` of ``group`` (``None``: the default group) has it, on every rank of
+    the group: tensors and plain leaves (keys, ints).
 
     Tensors are broadcast into copies, or into the tree's own tensors with ``donate=True``.
     """
-    if not is_initialized() or world_size() == 1:
+    if not is_initialized() or dist.get_world_size(group) == 1:
         return tree
+    src = dist.get_global_rank(group, src) if group is not None else src
     leaves, spec = _tree.flatten(tree)
     plain = [None if isinstance(x, torch.Tensor) else x for x in leaves]
     box = [plain]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     out = []
     for x, p in zip(leaves, box[0]):
         if isinstance(x, torch.Tensor):
             t = x if donate else x.clone()
-            dist.broadcast(t, src=src)
+            dist.broadcast(t, src=src, group=group)
             out.append(t)
         else:
             out.append(p)
@@ -237,7 +245,7 @@ def _first_difference(mine: list, theirs: list) -> str | None:
     return None
 
 
-def broadcast_state(state: Any, src: int = 0, *, donate: bool = False) -> Any:
+def broadcast_state(state: Any, src: int = 0, *, donate: bool = False, group: Any = None) -> Any:
     """``state`` as rank ``src`` has it, on every rank, after checking that every rank's state has
     the same structure: key paths, shapes and dtypes.
 
@@ -247,60 +255,267 @@ def broadcast_state(state: Any, src: int = 0, *, donate: bool = False) -> Any:
     loading a checkpoint on one rank, say). It costs one small gather of each rank's
     structure plus one broadcast per tensor.
 
+    ``group``: the process group (``None``: the default one); ``src`` is a rank of it, and
+    messages name global ranks.
+
     Raises:
         ValueError: on every rank, when some rank's state differs from ``src``'s, naming the
             rank and the first difference (a leaf, a shape, a dtype), instead of a collective
             that aborts the process or hangs.
     """
-    if not is_initialized() or world_size() == 1:
+    if not is_initialized() or dist.get_world_size(group) == 1:
         return state
     mine = _signature(state)
-    everyone: list[Any] = [None] * world_size()
-    dist.all_gather_object(everyone, mine)
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
     reference = everyone[src]
+    name = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
     for r, theirs in enumerate(everyone):
         problem = _first_difference(reference, theirs)
         if problem is not None:
-            raise ValueError(f"fnnet.distributed.broadcast_state: rank {r}'s state differs from rank {src}'s: "
-                             f"{problem}. Every rank must build the same model and optimizer (same shapes, dtypes "
-                             "and parameter names) before training")
-    return broadcast(state, src, donate=donate)
+            raise ValueError(f"fnnet.distributed.broadcast_state: rank {name(r)}'s state differs from rank "
+                             f"{name(src)}'s: {problem}. Every rank must build the same model and optimizer (same "
+                             "shapes, dtypes and parameter names) before training")
+    return broadcast(state, src, donate=donate, group=group)
 
 
-# -- the step -------------------------------------------------------------------------------------------
+# -- the strategies ------------------------------------------------------------------------------------
 
 
-def _counted(n: int, dev: torch.device) -> tuple[torch.Tensor, Any]:
+def _global(group: Any, r: int) -> int:
+    """The global rank of rank ``r`` of ``group``."""
+    return dist.get_global_rank(group, r) if group is not dist.group.WORLD else r
+
+
+def _sum_async(t: torch.Tensor, groups: tuple[Any, ...], op: Any = None) -> Callable[[], torch.Tensor]:
+    """Start ``t``'s in-place all-reduce over ``groups[0]``; ``wait()`` finishes it and reduces over the
+    other groups in turn (a mesh: its shard group, then its replicate group), returning ``t``."""
+    op = dist.ReduceOp.SUM if op is None else op
+    work = dist.all_reduce(t, op=op, group=groups[0], async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        for g in groups[1:]:
+            dist.all_reduce(t, op=op, group=g)
+        return t
+
+    return wait
+
+
+class Topology(NamedTuple):
+    """The process groups a rank strategy talks on (every collective of its step is on one of them).
+
+    Attributes:
+        groups: the sum over every rank of the strategy is an all-reduce over each of these in
+            turn: ``(group,)`` for DDP and ZeRO, ``(shard group, replicate group)`` for HSDP.
+        rank: this process's index among the strategy's ranks (dropout keys fold it in).
+        world: how many ranks the strategy spans.
+        shard: the group the optimizer state is cut over (ZeRO, HSDP), or ``None``.
+        replicate: HSDP's group of replicas of this rank's part, or ``None``.
+    """
+
+    groups: tuple[Any, ...]
+    rank: int
+    world: int
+    shard: Any = None
+    replicate: Any = None
+
+
+def _process_group(group: Any, what: str) -> Any:
+    if not is_initialized():
+        raise RuntimeError(f"{what} needs a process group: call fnnet.distributed.init() first (in a process started "
+                           "by torchrun)")
+    return dist.group.WORLD if group is None else group
+
+
+class DDP(Strategy):
+    """Data parallelism over the ranks of a process group (``torch.nn.parallel.DistributedDataParallel``).
+
+    Each rank passes its own part of every batch; the step computes its gradients, sums
+    ``n_r * g_r`` over the group's ranks in buckets of about ``bucket_mb`` MB started during the
+    backward pass, divides by ``sum_r n_r`` (so ranks may hold different batch sizes: the result
+    equals one process on the concatenated batch), and applies the same update on every rank.
+    With ``jit=True`` the gradients and their all-reduce are one compiled graph (torch's
+    functional collectives); with a custom ``reduction`` the gradient function is compiled and
+    the buckets are reduced eagerly after it.
+
+    Args:
+        group: the ``torch.distributed`` process group (``dist.new_group(ranks)``, a mesh
+            dimension's group); ``None``: the default group. Every collective of the step runs
+            on it, so steps on disjoint groups train side by side in one world.
+        bucket_mb: the bucket size (DDP's ``bucket_cap_mb``).
+        reduction: how a bucket is reduced (:class:`fnnet.comm.Reduction`, DDP's comm hook);
+            ``None``: :func:`fnnet.comm.all_reduce` on ``group``. A custom reduction talks on the
+            group it chooses.
+        sync_state: a state's first step (``state.step == 0``) starts from the group's rank 0's
+            state (:func:`broadcast_state`), after checking every rank's has its structure.
+    """
+
+    name = "ddp"
+
+    def __init__(self, group: Any = None, *, bucket_mb: float = BUCKET_MB, reduction: Any = None,
+                 sync_state: bool = True):
+        if reduction is not None and not callable(reduction):
+            raise TypeError(f"reduction must be a callable reduction(bucket) -> wait (fnnet.comm.all_reduce, "
+                            f"fnnet.comm.local, or your own), got {type(reduction).__name__}")
+        self.group, self.bucket_mb, self.reduction, self.sync_state = group, bucket_mb, reduction, sync_state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(group={'default' if self.group is None else self.group})"
+
+    def topology(self) -> Topology:
+        """The groups this strategy's collectives run on (needs a process group)."""
+        g = _process_group(self.group, f"the {self.name} strategy")
+        return Topology((g,), dist.get_rank(g), dist.get_world_size(g))
+
+    def build(self, loss_fn: Callable, optimizer: Any, options: StepOptions) -> TrainStep:
+        return _RankStep(self, loss_fn, optimizer, options.checked()).step
+
+
+class ZeRO(DDP):
+    """DDP with the optimizer state sharded over the group's ranks (ZeRO, DeepSpeed's stages 1-2;
+    ``ZeroRedundancyOptimizer`` with DDP).
+
+    Each rank keeps the optimizer state of its part of the parameters only (:mod:`fnnet.shard`:
+    about ``1 / W`` of every bucket); ``state.opt_state`` holds those 1-D parts (a whole state
+    passed in is cut on the first call; ``TrainState(params, None)`` makes the step initialise
+    the part alone). The update runs on the part, with the whole gradient's view handed to the
+    optimizer explicitly (:class:`fnnet.optim.Shards`: ``clip_by_global_norm`` sums across the
+    group, a mask function sees the whole shapes), then the parameters are all-gathered.
+    ``step.gather_state(state)`` (every rank) is the whole state, for a checkpoint that loads
+    anywhere. With ``jit=True`` the gradient function is compiled; the bucket reductions, the
+    update and the all-gather run eagerly after it.
+
+    Args:
+        stage: 2 (default): the gradients are reduce-scattered, a rank receives its part only;
+            1: they are all-reduced and each rank keeps its part (what stage 2 does on gloo
+            anyway). 3 (parameters sharded too) is not here: it is the parameter-sharding issue's.
+        group, bucket_mb, sync_state: as :class:`DDP`.
+        reduce_scatter: ``True``: reduce-scatter the gradients and all-gather the parameters
+            (NCCL's path); ``False``: all-reduce and broadcast each part (gloo's, where those
+            collectives are 2-3x faster); ``None``: by the group's backend.
+    """
+
+    name = "zero"
+
+    def __init__(self, stage: int = 2, group: Any = None, *, bucket_mb: float = BUCKET_MB, sync_state: bool = True,
+                 reduce_scatter: bool | None = None):
+        if stage == 3:
+            raise NotImplementedError("ZeRO(stage=3) shards the parameters too; fnnet shards the optimizer state "
+                                      "(stages 1 and 2) only: parameter sharding is its own issue. Use ZeRO(2)")
+        if stage not in (1, 2):
+            raise ValueError(f"ZeRO(stage=...) takes 1 or 2 (3 is not implemented), got {stage!r}")
+        if stage == 1 and reduce_scatter:
+            raise ValueError("ZeRO(stage=1) all-reduces the gradients; reduce_scatter=True is stage 2")
+        super().__init__(group, bucket_mb=bucket_mb, sync_state=sync_state)
+        self.stage, self.reduce_scatter = stage, (False if stage == 1 else reduce_scatter)
+
+    def __repr__(self) -> str:
+        return f"ZeRO(stage={self.stage}, group={'default' if self.group is None else self.group})"
+
+    def topology(self) -> Topology:
+        g = _process_group(self.group, "the ZeRO strategy")
+        return Topology((g,), dist.get_rank(g), dist.get_world_size(g), shard=g)
+
+    def build(self, loss_fn: Callable, optimizer: Any, options: StepOptions) -> TrainStep:
+        _shard.check_backend()
+        return _ShardedStep(self, loss_fn, optimizer, options.checked()).step
+
+
+class HSDP(ZeRO):
+    """Hybrid sharding on a 2-D device mesh: the optimizer state sharded within each shard group,
+    the gradients all-reduced across the replicate groups (torch FSDP2's HSDP for the optimizer
+    state, ZeRO++'s hierarchical partitioning).
+
+    ``mesh`` is a ``torch.distributed.device_mesh.DeviceMesh`` of shape ``(R, S)`` with
+    dimensions named ``("replicate", "shard")``: typically ``S`` ranks of one node share the
+    optimizer state, and ``R`` nodes hold a replica each. A bucket is reduce-scattered within
+    the shard group (all-reduced on gloo) and this rank's part is all-reduced across its
+    replicate group, so each rank holds ``1 / S`` of the optimizer state; sample counts, the
+    loss and buffers are summed over both dimensions. Equal to one process on the concatenated
+    batch up to the order of float additions.
+
+    Args:
+        mesh: the 2-D mesh (``init_device_mesh("cpu", (R, S), mesh_dim_names=("replicate", "shard"))``).
+        bucket_mb, sync_state, reduce_scatter: as :class:`ZeRO`.
+    """
+
+    name = "hsdp"
+
+    def __init__(self, mesh: Any, *, bucket_mb: float = BUCKET_MB, sync_state: bool = True,
+                 reduce_scatter: bool | None = None):
+        names = getattr(mesh, "mesh_dim_names", None)
+        if getattr(mesh, "ndim", None) != 2 or tuple(names or ()) != ("replicate", "shard"):
+            raise ValueError(f"HSDP(mesh) takes a 2-D DeviceMesh with mesh_dim_names=('replicate', 'shard'), got "
+                             f"{type(mesh).__name__} with {getattr(mesh, 'ndim', '?')} dimension(s) named {names}")
+        super().__init__(2, None, bucket_mb=bucket_mb, sync_state=sync_state, reduce_scatter=reduce_scatter)
+        self.mesh = mesh
+
+    def __repr__(self) -> str:
+        return f"HSDP(mesh shape {tuple(self.mesh.shape)})"
+
+    def topology(self) -> Topology:
+        shard, replicate = self.mesh.get_group("shard"), self.mesh.get_group("replicate")
+        s, size = dist.get_rank(shard), dist.get_world_size(shard)
+        r, replicas = dist.get_rank(replicate), dist.get_world_size(replicate)
+        return Topology((shard, replicate), r * size + s, replicas * size, shard=shard, replicate=replicate)
+
+
+def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, donate: bool = False,
+                    precision: str = "32", compile_options: Mapping[str, Any] | None = None,
+                    skip_nonfinite: bool = False, bucket_mb: float = BUCKET_MB,
+                    reduction: _comm.Reduction | None = None, sync_state: bool = True, accumulate: int = 1,
+                    shard_optimizer: bool = False) -> TrainStep:
+    """The multi-process training step on the default group: ``DDP(...).build(...)``, or with
+    ``shard_optimizer=True`` ``ZeRO(2, ...).build(...)``. The arguments mean what they mean in
+    :func:`fnnet.make_train_step` and :class:`DDP`; a shorthand kept for one release (pass
+    ``strategy=`` to :func:`fnnet.make_train_step` instead)."""
+    if shard_optimizer and reduction is not None:
+        raise ValueError("shard_optimizer=True (ZeRO) reduces with its own layout (reduce-scatter within the group): "
+                         "pass no reduction=")
+    strategy = ZeRO(2, bucket_mb=bucket_mb, sync_state=sync_state) if shard_optimizer else \
+        DDP(bucket_mb=bucket_mb, reduction=reduction, sync_state=sync_state)
+    return strategy.build(loss_fn, optimizer, StepOptions(jit, donate, precision, compile_options, skip_nonfinite,
+                                                          accumulate))
+
+
+# -- one rank's step: the gradient source, its caches, the checks of a first call ------------------------------
+
+
+def _counted(n: int, dev: torch.device, groups: tuple[Any, ...]) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
     """``N``, the samples of this step over all ranks: an asynchronous all-reduce, waited for only
     when the first bucket needs its weight (so it runs during the backward pass)."""
     t = torch.tensor([float(n)], dtype=torch.float64, device=dev)
-    return t, dist.all_reduce(t, async_op=True)
+    return t, _sum_async(t, groups)
 
 
-def _reduce_extras(loss_sum: torch.Tensor, n: float, total: float, buffers: Any
+def _reduce_extras(loss_sum: torch.Tensor, n: float, total: float, buffers: Any, groups: tuple[Any, ...]
                    ) -> Callable[[], tuple[torch.Tensor, Any]]:
     """Start one all-reduce for the loss (``loss_sum``: this rank's samples times their mean loss)
     and the float buffers (weights ``n / total``); returns ``wait() -> (mean loss, buffers)``.
-    Integer buffers are rank 0's."""
+    Integer buffers are the strategy's rank 0's."""
     buf_leaves, buf_spec = _tree.flatten(buffers) if buffers is not None else ([], None)
     floats = [i for i, b in enumerate(buf_leaves) if isinstance(b, torch.Tensor) and b.is_floating_point()]
     flat = torch.cat([loss_sum.double().reshape(1)] + [buf_leaves[i].double().reshape(-1) * n for i in floats])
-    work = dist.all_reduce(flat, async_op=True)
+    summed = _sum_async(flat, groups)
     ints = {i: b.clone() for i, b in enumerate(buf_leaves) if isinstance(b, torch.Tensor) and i not in floats}
-    int_works = [dist.broadcast(t, src=0, async_op=True) for t in ints.values()]
+    # rank 0 of each group in turn (the first group's broadcasts start now): the strategy's rank 0's everywhere
+    int_works = [dist.broadcast(t, src=_global(groups[0], 0), group=groups[0], async_op=True) for t in ints.values()]
 
     def wait() -> tuple[torch.Tensor, Any]:
-        work.wait()
+        summed()
         for w in int_works:
             w.wait()
+        for g in groups[1:]:
+            for t in ints.values():
+                dist.broadcast(t, src=_global(g, 0), group=g)
         out, offset = list(buf_leaves), 1
         for i in floats:
             k = buf_leaves[i].numel()
             out[i] = (flat[offset:offset + k] / total).view_as(buf_leaves[i]).to(buf_leaves[i].dtype)
             offset += k
         out = [ints.get(i, x) for i, x in enumerate(out)]
-        new_buffers = _tree.unflatten(buf_spec, out) if buf_spec is not None else None
-        return (flat[0] / total).float(), new_buffers
+        return (flat[0] / total).float(), (_tree.unflatten(buf_spec, out) if buf_spec is not None else None)
 
     return wait
 
@@ -313,158 +528,147 @@ def _rank_batch_size(batch: Any, me: int) -> int:
     return n
 
 
-def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, donate: bool = False,
-                    precision: str = "32", compile_options: Mapping[str, Any] | None = None,
-                    skip_nonfinite: bool = False, bucket_mb: float = BUCKET_MB,
-                    reduction: _comm.Reduction | None = None, sync_state: bool = True, accumulate: int = 1,
-                    shard_optimizer: bool = False) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
-    """The multi-process training step ``step(state, batch) -> (state, metrics)``; each rank passes its shard.
+def check_same_settings(settings: Mapping[str, Any], groups: tuple[Any, ...], what: str) -> None:
+    """A ``ValueError`` on every rank when some rank of ``groups`` built its step with other
+    ``settings`` (accumulate, jit, precision...), naming the setting and the ranks, instead of a
+    collective mismatch that aborts gloo or pairs different windows silently."""
+    for g in groups:
+        everyone: list[Any] = [None] * dist.get_world_size(g)
+        dist.all_gather_object(everyone, dict(settings), group=g)
+        for r, theirs in enumerate(everyone):
+            for key, value in everyone[0].items():
+                if theirs.get(key) != value:
+                    raise ValueError(f"fnnet.distributed: the ranks built {what} with different settings: {key}="
+                                     f"{value!r} on rank {_global(g, 0)}, {key}={theirs.get(key)!r} on rank "
+                                     f"{_global(g, r)}. Every rank must build the same step (the same "
+                                     f"{key} on every rank)")
 
-    The arguments mean what they mean in :func:`fnnet.make_train_step` (``distributed=True``
-    there builds this). It is the one skeleton (:func:`fnnet.step.build_train_step`) with a
-    gradient source that, on every rank:
 
-    * computes the gradients of its own batch (dropout keys differ per rank:
-      ``fold_in(step key, rank)``);
-    * sums ``n_r * g_r`` over ranks and divides by ``sum_r n_r`` (``n_r``: this rank's batch
-      size): the gradient of the concatenated batch for a mean-reduced loss. Eager steps
-      flatten the gradients, already weighted, into buckets of about ``bucket_mb`` MB that
-      are handed to ``reduction`` during the backward pass (:mod:`fnnet.comm`: the default
-      :func:`fnnet.comm.all_reduce`; :func:`fnnet.comm.local` communicates nothing; any
-      callable ``reduction(bucket) -> wait``, DDP's comm hook). Compiled steps all-reduce
-      inside the compiled graph (a custom ``reduction`` needs ``jit=False``);
-    * applies the same update (the optimizer's state is the same on every rank).
+class _RankStep:
+    """One rank's training step under :class:`DDP`: the gradient source of the one skeleton, with
+    what it keeps between steps as named fields (a performance cache only: results never depend on it)."""
 
-    With ``accumulate=k`` the window's first ``k - 1`` micro-batches start no collective at all
-    (each rank adds ``n_r * g_r`` to its own window, DDP's ``no_sync``); the last one adds the
-    window to its buckets as they fill, so an update costs one reduction of the gradients (plus
-    the sample count and the loss), as without accumulation. With ``jit=True`` the window's
-    first micro-batches run a compiled gradient function and its last one runs eagerly (its
-    buckets fill during the eager backward pass).
+    def __init__(self, strategy: DDP, loss_fn: Callable, optimizer: Any, o: StepOptions):
+        self.strategy, self.optimizer, self.o = strategy, optimizer, o
+        self.topo = strategy.topology()
+        self.parts = step_parts(loss_fn, precision=o.precision, skip_nonfinite=o.skip_nonfinite, jit=o.jit,
+                                compile_options=o.compile_options)
+        self.limit = int(strategy.bucket_mb * 2**20)
+        self.reduce_bucket = strategy.reduction or functools.partial(_comm.all_reduce, group=self.topo.groups[0])
+        self.in_graph = o.jit and strategy.reduction is None and not isinstance(strategy, ZeRO)
+        self.compiled = compile_step(self._compiled_body, o.compile_options) if self.in_graph else None
+        self.local_grad = traced_grad_fn(self.parts, o.compile_options) if o.jit else self.parts.grad_fn
+        self.order: list[int] = []  # the order gradients became ready last time
+        self.bucket_cache: dict[int, torch.Tensor] = {}  # the bucket buffers, reused from step to step
+        self.signature: Any = None  # the params' structure and shapes the caches were made for
+        self.phase = "the step"  # the collective this rank waits for now: named when the group's timeout ends it
+        self.checked = False  # the ranks' settings compared (the first call)
+        self.inner = build_train_step(self.gradients, optimizer, self.parts, donate=o.donate, jit=o.jit,
+                                      compile_options=o.compile_options, name="distributed_train_step",
+                                      accumulate=o.accumulate, accumulate_fn=self.accumulate, update=self.update,
+                                      strategy=strategy, precision=o.precision)
+        self.step = TrainStep(self.call, self.inner.flush, strategy=strategy, name="distributed_train_step",
+                              precision=o.precision, jit=o.jit, donate=o.donate, accumulate=o.accumulate,
+                              gather_state=self.gather_state, shard_state=self.shard_state)
 
-    With ``shard_optimizer=True`` (ZeRO-2, :mod:`fnnet.shard`) each rank keeps the optimizer
-    state of its part of the parameters only (``state.opt_state`` holds 1-D parts; a whole state
-    passed in is cut on the first call; ``TrainState(params, None)`` makes the step initialise
-    the part alone, never the whole), the buckets are reduce-scattered so a rank receives its
-    part of the gradients only, the update runs on that part and the parameters are
-    all-gathered. ``step.gather_state(state)`` (every rank) gives the state with its whole
-    optimizer state, for a checkpoint that loads anywhere. Equal to the unsharded step up to
-    the order of float additions.
+    # -- the gradient source
+    def gradients(self, params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
+                  carry: Accumulation | None = None, donate_carry: bool = False) -> GradResult:
+        """This rank's gradients (plus its window's, with ``carry``), reduced across the strategy's
+        ranks weighted by samples; dropout keys differ per rank (``fold_in(key, rank)``)."""
+        key = _random.fold_in(key, self.topo.rank) if key is not None else None
+        if carry is None and self.in_graph:
+            return self.traced(params, batch, buffers, key, loss_scale)
+        return self.eager(params, batch, buffers, key, loss_scale, carry)
 
-    With ``sync_state`` (default) a state's first step (``state.step == 0``) first calls
-    :func:`broadcast_state`: every rank checks that its state has rank 0's structure and takes
-    rank 0's values, so every rank starts from one state.
+    def accumulate(self, params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any, carry: Any,
+                   donate_carry: bool) -> tuple[Accumulation, torch.Tensor, dict, Any]:
+        """A micro-batch added to this rank's window: no collective at all (DDP's ``no_sync``)."""
+        key = _random.fold_in(key, self.topo.rank) if key is not None else None
+        grads, loss, aux, new_buffers = self.local_grad(params, batch, buffers, key, loss_scale=loss_scale,
+                                                        unscale=False)
+        n = _rank_batch_size(batch, self.topo.rank)
+        return add_to_window(carry, grads, n, loss, donate_carry), loss, aux, new_buffers
 
-    ``metrics["loss"]`` is the loss of the concatenated batch (a weighted mean over ranks);
-    other aux values are this rank's own (the ``Trainer`` sums its metric states across ranks at
-    the end of an epoch). Float buffers (BatchNorm's running statistics) are averaged over ranks
-    with the same weights; other buffers are rank 0's. A rank with an empty batch is an error:
-    every rank needs at least one sample per step (``ArrayLoader(shard=...)`` guarantees it).
-    """
-    if not is_initialized():
-        raise RuntimeError("the distributed step needs a process group: call fnnet.distributed.init() first "
-                           "(in a process started by torchrun)")
-    if reduction is not None and not callable(reduction):
-        raise TypeError(f"reduction must be a callable reduction(bucket) -> wait (fnnet.comm.all_reduce, "
-                        f"fnnet.comm.local, or your own), got {type(reduction).__name__}")
-    if shard_optimizer:
-        _shard.check_backend()
-        if jit or reduction is not None:
-            raise ValueError("shard_optimizer=True runs eager steps with its own reduction (fnnet.shard: the "
-                             "gradients reduced to each part's owner, the params gathered): pass jit=False and no "
-                             "reduction=")
-    if reduction is not None and jit:
-        raise ValueError("a custom reduction runs in eager steps; jit=True all-reduces inside the compiled graph "
-                         "(pass jit=False to use reduction=)")
-    parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
-                       compile_options=compile_options)
-    grad_fn, declared = parts.grad_fn, parts.declared
-    reduce_bucket = _comm.all_reduce if reduction is None else reduction
-    limit = int(bucket_mb * 2**20)
-    me = rank()
-    order: list[int] = []  # the order gradients became ready last time: a performance cache only
-    bucket_cache: dict[int, torch.Tensor] = {}  # the bucket buffers, reused from step to step
-    cached: dict[str, Any] = {"signature": None}  # the params' structure and shapes the caches were made for
-    phase = ["the step"]  # the collective this rank waits for now: named when the process group's timeout ends it
+    def update(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any, Any]:
+        """The update: the same on every rank (the state is replicated)."""
+        return apply_update(*args, **kwargs)
 
-    def eager(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
+    def buckets(self, leaves: list[torch.Tensor]) -> tuple[_comm.GradBuckets, bool]:
+        """The step's buckets, and whether this is the first step (buckets in reverse order; the order
+        the gradients came is then shared from rank 0, DDP's rebuild)."""
+        first = not self.order
+        if first:
+            self.order.extend(reversed(range(len(leaves))))
+        return _comm.GradBuckets(leaves, list(self.order), self.limit, self.reduce_bucket,
+                                 cache=None if first else self.bucket_cache), first
+
+    def launch(self, buckets: _comm.GradBuckets, grad_leaves: list[Any]) -> Any:
+        """Start the buckets the hooks did not; returns what :meth:`collect` waits for."""
+        return buckets.finish(grad_leaves)
+
+    def collect(self, pending: Any, spec: Any, buckets: _comm.GradBuckets) -> Any:
+        """The reduced gradients, with the params' structure."""
+        return _tree.unflatten(spec, pending())
+
+    def eager(self, params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
               carry: Accumulation | None = None) -> GradResult:
         """This rank's gradients flattened into buckets as the backward pass makes them, weighted by
         ``n_r / N``, each bucket handed to the reduction at once; with ``carry``, the window's sums
-        are added to the buckets as they fill (``batch=None``: the window alone). Sharded: the
-        buckets follow the fixed layout and the layout's reduction (reduce-scatter; all-reduce on
-        gloo); this rank's part comes back."""
-        n = _rank_batch_size(batch, me) if batch is not None else 0
+        are added to the buckets as they fill (``batch=None``: the window alone)."""
+        n = _rank_batch_size(batch, self.topo.rank) if batch is not None else 0
         samples = n + (carry.samples if carry is not None else 0)
         leaves, spec = _tree.flatten(params)
-        lay = layout_of(params) if shard_optimizer else None
-        first = not order and lay is None
-        if first:
-            order.extend(reversed(range(len(leaves))))
-        if lay is not None:
-            buckets = _comm.GradBuckets(leaves, lay.order, lay.limit, lay.reduction(), pad_to=lay.world,
-                                        cache=bucket_cache)
-        else:
-            buckets = _comm.GradBuckets(leaves, list(order), limit, reduce_bucket,
-                                        cache=None if first else bucket_cache)
-        total, counting = _counted(samples, leaves[0].device)
+        buckets, first = self.buckets(leaves)
+        total, counting = _counted(samples, leaves[0].device, self.topo.groups)
 
         def per_sample() -> Any:  # 1 / N, over the loss scale: the hooks see gradients of the scaled loss
-            phase[0] = "the all-reduce of the step's sample count"
-            counting.wait()
+            self.phase = "the all-reduce of the step's sample count"
+            counting()
             return 1.0 / float(total[0]) if loss_scale is None else 1.0 / float(total[0]) / loss_scale.scale
 
         buckets.weight = lambda: n * per_sample()
         buckets.scale_back = 1.0 if loss_scale is None else loss_scale.scale
         if carry is not None:
             buckets.addend, buckets.addend_weight = _tree.leaves(carry.grads), per_sample
-        aux, new_buffers, loss_sum = {}, None, carry.loss_sum if carry is not None else 0.0
+        aux, new_buffers, loss_sum = {}, buffers, carry.loss_sum if carry is not None else 0.0
+        grad_leaves: list[Any] = [None] * len(leaves)  # a flushed window: no batch, this rank's buffers
         if batch is not None:
-            grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale,
-                                                    grad_hook=buckets.hook)
+            if self.o.jit:  # compiled: the buckets start after the gradient function
+                grads, loss, aux, new_buffers = self.local_grad(params, batch, buffers, key, loss_scale=loss_scale)
+            else:
+                grads, loss, aux, new_buffers = self.parts.grad_fn(params, batch, buffers, key, loss_scale=loss_scale,
+                                                                   grad_hook=buckets.hook)
             grad_leaves, loss_sum = _tree.leaves(grads), loss_sum + loss.double() * n
             if carry is not None:
                 aux = {**aux, "batch_loss": loss}  # this rank's micro-batch, for epoch means
-        else:
-            grad_leaves, new_buffers = [None] * len(leaves), buffers  # a flushed window: average this rank's
-        if lay is not None:
-            buckets.launch_rest(grad_leaves)
-        else:
-            reduced = buckets.finish(grad_leaves)
-        if first:  # later steps bucket in the order the gradients came, rank 0's (DDP's rebuild); after every
-            # bucket is launched, so a rank whose forward skipped a parameter issues its collectives in order too
-            box = [buckets.ready if len(buckets.ready) == len(leaves) else list(order)]
-            dist.broadcast_object_list(box, src=0)
-            order[:] = box[0]
-        counting.wait()
-        # after every bucket: the same order of collectives on all ranks
+        pending = self.launch(buckets, grad_leaves)
+        if first:  # after every bucket is launched, so a rank that skipped a parameter issues its collectives in order
+            self.share_order(buckets, len(leaves))
+        counting()
         extras = _reduce_extras(torch.as_tensor(loss_sum, dtype=torch.float64, device=leaves[0].device), samples,
-                                float(total[0]), new_buffers)
-        phase[0] = f"the gradient reduction ({len(buckets.buckets)} bucket(s))"
-        if lay is not None:
-            grads = lay.gradient([lay.my_chunk(b, wait()) for b, wait in enumerate(buckets.pending)])  # type: ignore
-        else:
-            grads = _tree.unflatten(spec, reduced())
-        phase[0] = "the all-reduce of the loss and buffers"
+                                float(total[0]), new_buffers, self.topo.groups)
+        self.phase = f"the gradient reduction ({len(buckets.buckets)} bucket(s))"
+        grads = self.collect(pending, spec, buckets)
+        self.phase = "the all-reduce of the loss and buffers"
         loss, new_buffers = extras()
-        phase[0] = "the sharded update (finite flag, global norms, parameter all-gather)" if lay is not None else \
-            "the update"
+        self.phase = "the update"
         return GradResult(grads, loss, aux, new_buffers)
 
-    def accumulate_rank(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any, carry: Any,
-                        donate_carry: bool) -> tuple[Accumulation, torch.Tensor, dict, Any]:
-        """A micro-batch added to this rank's window: no collective at all (DDP's ``no_sync``)."""
-        key = _random.fold_in(key, me) if key is not None else None
-        grads, loss, aux, new_buffers = local_grad(params, batch, buffers, key, loss_scale=loss_scale, unscale=False)
-        return add_to_window(carry, grads, _rank_batch_size(batch, me), loss, donate_carry), loss, aux, new_buffers
+    def share_order(self, buckets: _comm.GradBuckets, count: int) -> None:
+        """Later steps bucket in the order the gradients came on the group's rank 0."""
+        g = self.topo.groups[0]
+        box = [buckets.ready if len(buckets.ready) == count else list(self.order)]
+        dist.broadcast_object_list(box, src=_global(g, 0), group=g)
+        self.order[:] = box[0]
 
-    def compiled_body(params, batch, buffers, key, loss_scale, n):
+    def _compiled_body(self, params, batch, buffers, key, loss_scale, n):
         from torch.distributed import _functional_collectives as fc
 
-        grads, loss, aux, new_buffers = grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
+        grads, loss, aux, new_buffers = self.parts.grad_fn(params, batch, buffers, key, loss_scale=loss_scale)
         leaves, spec = _tree.flatten(grads)
         flat = torch.cat([g.reshape(-1) for g in leaves] + [loss.reshape(1).to(leaves[0].dtype)]) * n
-        flat = fc.all_reduce(torch.cat([flat, n.to(flat.dtype).reshape(1)]), "sum", dist.group.WORLD)
+        flat = fc.all_reduce(torch.cat([flat, n.to(flat.dtype).reshape(1)]), "sum", self.topo.groups[0])
         total = flat[-1]
         flat = flat[:-1] / total
         out, offset = [], 0
@@ -473,108 +677,147 @@ def make_train_step(loss_fn: Callable, optimizer: Any, *, jit: bool = False, don
             offset += g.numel()
         return _tree.unflatten(spec, out), flat[-1].float(), aux, new_buffers
 
-    compiled = compile_step(compiled_body, compile_options) if jit else None
-    local_grad = traced_grad_fn(parts, compile_options) if jit and accumulate > 1 else grad_fn
-
-    def traced(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
-        n = _rank_batch_size(batch, me)
+    def traced(self, params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> GradResult:
+        """The compiled step's gradients: gradient function and all-reduce in one graph."""
+        n = _rank_batch_size(batch, self.topo.rank)
         dev = _tree.leaves(params)[0].device
-        with _random.rng_scope(key if "key" in declared else None,
+        with _random.rng_scope(key if "key" in self.parts.declared else None,
                                [dev] if dev.type == "cuda" and key is not None else []):
             inner_key = _random.TRACING_KEY if key is not None else None
-            grads, loss, aux, new_buffers = compiled(params, batch, buffers, inner_key, loss_scale,  # type: ignore[misc]
-                                                     torch.tensor(float(n), device=dev))
+            assert self.compiled is not None
+            grads, loss, aux, new_buffers = self.compiled(params, batch, buffers, inner_key, loss_scale,
+                                                          torch.tensor(float(n), device=dev))
         if new_buffers is not None:
-            total, counting = _counted(n, dev)
-            counting.wait()
-            _, new_buffers = _reduce_extras(loss.double() * n, n, float(total[0]), new_buffers)()
+            total, counting = _counted(n, dev, self.topo.groups)
+            counting()
+            _, new_buffers = _reduce_extras(loss.double() * n, n, float(total[0]), new_buffers, self.topo.groups)()
         return GradResult(grads, loss, aux, new_buffers)
 
-    def rank_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
-                       carry: Accumulation | None = None, donate_carry: bool = False) -> GradResult:
-        """The gradient source: this rank's gradients (plus its window's, with ``carry``), reduced
-        across ranks weighted by samples."""
-        key = _random.fold_in(key, me) if key is not None else None
-        if carry is not None:
-            return eager(params, batch, buffers, key, loss_scale, carry)
-        return (traced if jit else eager)(params, batch, buffers, key, loss_scale)
+    # -- the state's layout (replicated: nothing to cut or gather)
+    def shard_state(self, state: TrainState) -> TrainState:
+        return state
 
-    shards: dict[str, Any] = {}  # the sharded step's layout, its update, and the part state's shapes
+    def gather_state(self, state: TrainState) -> TrainState:
+        return state
 
-    def layout_of(params: Any) -> Any:
-        if "layout" not in shards:
-            shards["layout"] = _shard.layout(params, world_size(), me, bucket_mb)
-            shards["update"] = _shard.sharded_update(shards["layout"])
-        return shards["layout"]
+    def settings(self) -> dict[str, Any]:
+        """What every rank's step must agree on (compared across ranks on the first call)."""
+        return {"strategy": type(self.strategy).__name__, "accumulate": self.o.accumulate, "jit": self.o.jit,
+                "precision": str(self.o.precision), "bucket_mb": self.strategy.bucket_mb,
+                "skip_nonfinite": self.o.skip_nonfinite}
 
-    def sharded_update(*args: Any, **kwargs: Any) -> Any:
-        return shards["update"](*args, **kwargs)
+    def prepare(self, state: TrainState) -> TrainState:
+        """Before a step: caches reset for another model, the ranks' settings compared (first call), the
+        state broadcast from rank 0 (a state's first step, with ``sync_state``)."""
+        leaves, spec = _tree.flatten(state.params)
+        signature = (spec, tuple((x.shape, x.dtype, x.device) for x in leaves if isinstance(x, torch.Tensor)))
+        if signature != self.signature:  # another model: nothing learned about the last one applies
+            self.reset()
+            self.signature = signature
+        if not self.checked:
+            self.phase = "the first call's comparison of the ranks' settings"
+            check_same_settings(self.settings(), self.topo.groups, "their training steps")
+            self.checked = True
+        if self.strategy.sync_state and state.step == 0 and state.accum is None:
+            self.phase = "broadcast_state (the first step's synchronisation)"
+            for g in self.topo.groups:
+                state = broadcast_state(state, donate=self.o.donate, group=g)
+        return state
 
-    step = build_train_step(rank_gradients, optimizer, parts, donate=donate, jit=jit,
-                            compile_options=compile_options, name="distributed_train_step",
-                            accumulate=accumulate, accumulate_fn=accumulate_rank,
-                            **({"update": sharded_update} if shard_optimizer else {}))
+    def reset(self) -> None:
+        self.order.clear()
+        self.bucket_cache.clear()
 
-    def shard_state(state: TrainState) -> TrainState:
-        """``state`` with its optimizer state cut to this rank's part (unless it is that already)."""
-        if state.opt_state is None:  # TrainState(params, None): the part's state only, nothing whole allocated
-            return state.replace(opt_state=optimizer.init(layout_of(state.params).part(state.params)))
-        if state.opt_state is shards.get("last"):
-            return state
-        lay = layout_of(state.params)
-        if "shapes" not in shards:
-            shards["shapes"] = [tuple(x.shape) for x in _tree.leaves(optimizer.init(lay.part(state.params)))
-                                if isinstance(x, torch.Tensor)]
-        shapes = [tuple(x.shape) for x in _tree.leaves(state.opt_state) if isinstance(x, torch.Tensor)]
-        if shapes == shards["shapes"]:
-            return state
-        return state.replace(opt_state=_shard.shard_opt_state(state.opt_state, state.params, lay))
-
-    def gather_state(state: TrainState) -> TrainState:
-        """``state`` with its whole optimizer state, gathered from every rank's part (every rank
-        calls it; a checkpoint of a sharded run loads into any number of ranks, sharded or not)."""
-        if not shard_optimizer:
-            return state
-        state = shard_state(state)
-        lay = layout_of(state.params)
-        return state.replace(opt_state=_shard.unshard_opt_state(state.opt_state, state.params, lay, optimizer))
-
-    def run(state: TrainState, batch: Any, **options: Any) -> tuple[TrainState, dict[str, Any]]:
-        if isinstance(state, TrainState):
-            leaves, spec = _tree.flatten(state.params)
-            signature = (spec, tuple((x.shape, x.dtype, x.device) for x in leaves if isinstance(x, torch.Tensor)))
-            if signature != cached["signature"]:  # another model: nothing learned about the last one applies
-                order.clear(), bucket_cache.clear(), shards.clear()
-                cached["signature"] = signature
-        if sync_state and isinstance(state, TrainState) and state.step == 0 and state.accum is None:
-            phase[0] = "broadcast_state (the first step's synchronisation)"
-            state = broadcast_state(state, donate=donate)
-        if shard_optimizer and isinstance(state, TrainState):
-            state = shard_state(state)
-            state, metrics = step(state, batch, **options)
-            shards["last"] = state.opt_state
-            return state, metrics
-        return step(state, batch, **options)
-
-    @functools.wraps(step)
-    def distributed_train_step(state: TrainState, batch: Any, **options: Any) -> tuple[TrainState, dict[str, Any]]:
-        phase[0] = "the step"
+    def call(self, state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
+        """The step: :meth:`prepare`, the skeleton, and a timeout named by the collective it ended."""
+        self.phase = "the step"
         try:
-            return run(state, batch, **options)
+            if isinstance(state, TrainState):
+                state = self.shard_state(self.prepare(state))
+            return self.inner(state, batch, end_window=end_window)
         except RuntimeError as err:
             if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
                 raise
             raise RuntimeError(
-                f"fnnet.distributed: rank {me} waited past the process group's timeout in {phase[0]} of step "
-                f"{getattr(state, 'step', '?')}: another rank never started that collective (it took fewer steps, "
-                "or failed, or is far slower). Every rank must take the same steps: shard one loader over the "
+                f"fnnet.distributed: rank {self.topo.rank} waited past the process group's timeout in {self.phase} of "
+                f"step {getattr(state, 'step', '?')}: another rank never started that collective (it took fewer "
+                "steps, or failed, or is far slower). Every rank must take the same steps: shard one loader over the "
                 "ranks (fnnet.ArrayLoader(..., shard=fnnet.distributed.shard())); init(timeout=...) sets the limit"
             ) from err
 
-    distributed_train_step.gather_state = gather_state  # type: ignore[attr-defined]
-    distributed_train_step.shard_state = shard_state  # type: ignore[attr-defined]
 
-    distributed_train_step.precision, distributed_train_step.distributed = precision, True  # type: ignore[attr-defined]
-    distributed_train_step.flush = step.flush  # type: ignore[attr-defined]
-    distributed_train_step.reduction = reduce_bucket  # type: ignore[attr-defined]
-    return distributed_train_step
+class _ShardedStep(_RankStep):
+    """One rank's training step under :class:`ZeRO` or :class:`HSDP`: buckets in the fixed layout of
+    :mod:`fnnet.shard`, the update on this rank's part, the parameters all-gathered."""
+
+    strategy: ZeRO
+
+    def __init__(self, strategy: ZeRO, loss_fn: Callable, optimizer: Any, o: StepOptions):
+        self.layout: _shard.Layout | None = None  # who owns which elements (fixed by the params' structure)
+        self.updater: Callable[..., Any] | None = None  # the layout's sharded update
+        self.part_shapes: list[tuple[int, ...]] | None = None  # the shapes of a part state's tensors
+        self.last_opt_state: Any = None  # the part state the last step returned (already cut)
+        super().__init__(strategy, loss_fn, optimizer, o)
+
+    def reset(self) -> None:
+        super().reset()
+        self.layout = self.updater = self.part_shapes = self.last_opt_state = None
+
+    def layout_of(self, params: Any) -> _shard.Layout:
+        if self.layout is None:
+            t = self.topo
+            self.layout = _shard.layout(params, dist.get_world_size(t.shard), dist.get_rank(t.shard),
+                                        self.strategy.bucket_mb, group=t.shard, replicate=t.replicate,
+                                        reduce_scatter=self.strategy.reduce_scatter)
+            self.updater = _shard.sharded_update(self.layout)
+        return self.layout
+
+    def update(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any, Any]:
+        assert self.updater is not None
+        return self.updater(*args, **kwargs)
+
+    def buckets(self, leaves: list[torch.Tensor]) -> tuple[_comm.GradBuckets, bool]:
+        lay = self.layout
+        assert lay is not None  # made by shard_state, before the first step
+        return _comm.GradBuckets(leaves, lay.order, lay.limit, lay.reduction(), pad_to=lay.world,
+                                 cache=self.bucket_cache), False
+
+    def launch(self, buckets: _comm.GradBuckets, grad_leaves: list[Any]) -> Any:
+        buckets.launch_rest(grad_leaves)
+        return buckets.pending
+
+    def collect(self, pending: Any, spec: Any, buckets: _comm.GradBuckets) -> Any:
+        lay = self.layout
+        assert lay is not None
+        self.phase = "the sharded update (finite flag, global norms, parameter all-gather)"
+        return lay.gradient([lay.my_chunk(b, wait()) for b, wait in enumerate(pending)])
+
+    def shard_state(self, state: TrainState) -> TrainState:
+        """``state`` with its optimizer state cut to this rank's part (unless it is that already)."""
+        lay = self.layout_of(state.params)
+        if state.opt_state is None:  # TrainState(params, None): the part's state only, nothing whole allocated
+            _shard.check_part_init(self.optimizer, state.params, lay)
+            return state.replace(opt_state=self.optimizer.init(lay.part(state.params)))
+        if state.opt_state is self.last_opt_state:
+            return state
+        if self.part_shapes is None:
+            self.part_shapes = _shard.part_state_shapes(self.optimizer, state.params, lay)
+        shapes = [tuple(x.shape) for x in _tree.leaves(state.opt_state) if isinstance(x, torch.Tensor)]
+        if shapes == self.part_shapes:
+            return state
+        return state.replace(opt_state=_shard.shard_opt_state(state.opt_state, state.params, lay))
+
+    def gather_state(self, state: TrainState) -> TrainState:
+        """``state`` with its whole optimizer state, gathered from every rank's part (every rank calls
+        it; a checkpoint of a sharded run loads into any number of ranks, sharded or not)."""
+        state = self.shard_state(state)
+        lay = self.layout_of(state.params)
+        return state.replace(opt_state=_shard.unshard_opt_state(state.opt_state, state.params, lay, self.optimizer))
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "stage": self.strategy.stage, "reduce_scatter": self.strategy.reduce_scatter}
+
+    def call(self, state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
+        state, metrics = super().call(state, batch, end_window=end_window)
+        self.last_opt_state = state.opt_state
+        return state, metrics

@@ -321,3 +321,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
                          f"{tuple(logits.shape[:-1])} (logits without the class dimension), got {tuple(targets.shape)}")
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                              ignore_index=ignore_index)
+
+
+# Package-internal names (not in __all__) for the step skeleton, fnnet.step, which calls a loss function
+# the way make_grad_fn does: the convention lives here, once.
+declared_keywords = _declared
+normalise_output = _normalise
+call_loss = _call
+check_buffers_declared = _check_buffers_declared
+check_precision = _check_precision
+rng_scope = _rng_scope

@@ -37,11 +37,12 @@ from .batch import batch_size_of
 from .device import DeviceLike, place, resolve_device, tree_device
 from .loss import GradResult
 from .state import Accumulation, TrainState
-from .step import (accumulate_tree, build_train_step, check_state, compile_step, eval_step, predict_step, step_parts,
-                   window_mean)
+from .step import (TrainStep, add_to_window, build_train_step, check_state, compile_step, eval_step, predict_step,
+                   step_parts, window_mean)
+from .strategy import StepOptions, Strategy
 
-__all__ = ["shard_sizes", "scatter", "replicate", "gather", "reduce_mean", "make_train_step", "make_eval_step",
-           "make_predict_step"]
+__all__ = ["Replicate", "shard_sizes", "scatter", "replicate", "gather", "reduce_mean", "make_train_step",
+           "make_eval_step", "make_predict_step"]
 
 
 def shard_sizes(n: int, k: int) -> list[int]:
@@ -216,36 +217,61 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceLike], *, jit: bool = False,
-                    donate: bool = False, precision: str = "32", compile_options: Mapping[str, Any] | None = None,
-                    skip_nonfinite: bool = False, accumulate: int = 1
-                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
-    """The data-parallel training step ``step(state, batch) -> (state, metrics)`` over ``devices``.
+class Replicate(Strategy):
+    """Data parallelism over the devices of one process: ``make_train_step(..., strategy=Replicate(devices))``.
 
-    The same contract and arguments as :func:`fnnet.make_train_step`; ``state`` lives on
-    ``devices[0]``. Each call scatters the batch (:func:`scatter`), runs the gradient function
-    (:func:`fnnet.make_grad_fn`) on every shard with the params' copy on that shard's device,
-    brings the gradients to ``devices[0]`` and averages them weighted by shard size
-    (:func:`reduce_mean`), and applies the update there once
-    (:meth:`fnnet.TrainState.apply_gradients`). The loss, the aux metrics and the buffers
-    (BatchNorm) are combined the same way: per-sample aux values (outputs, targets) are
-    gathered in batch order, per-batch values averaged. Dropout keys differ per shard
-    (``fold_in(step key, shard index)``); the same key gives the same run.
+    The state lives on ``devices[0]``; each call scatters the batch (:func:`scatter`), runs the
+    gradient function (:func:`fnnet.make_grad_fn`) on every shard with the params' copy on that
+    shard's device, brings the gradients to ``devices[0]`` and averages them weighted by shard
+    size (:func:`reduce_mean`), and applies the update there once. The loss, the aux metrics and
+    the buffers (BatchNorm) are combined the same way: per-sample aux values (outputs, targets)
+    are gathered in batch order, per-batch values averaged. Dropout keys differ per shard
+    (``fold_in(step key, shard index)``); the same key gives the same run. ``nn.DataParallel``
+    and ``jax.pmap`` do the same job.
 
-    Shards run in one thread per device, so GPUs overlap (on CPU the replicas share the
-    cores). A loss that draws randomness (it declares ``key``) or a compiled step (``jit``)
-    runs its shards one after the other instead, in the calling thread: torch's global RNG
-    state and torch.compile's caches are shared by all threads. On GPUs the shards still
-    overlap: kernel launches are asynchronous.
+    Shards run in one thread per device, so GPUs overlap (on CPU the replicas share the cores).
+    A loss that draws randomness (it declares ``key``) or a compiled step (``jit``) runs its
+    shards one after the other instead, in the calling thread: torch's global RNG state and
+    torch.compile's caches are shared by all threads. On GPUs the shards still overlap: kernel
+    launches are asynchronous.
 
     Devices may repeat (``["cpu", "cpu"]``, ``["cuda:0", "cuda:0"]``): several shards on one
     device, which shares the params instead of copying them.
 
-    With ``accumulate=k`` each device keeps its own sum of its shards' gradients over a window,
-    and only the window's last micro-batch adds them up across devices.
+    With ``accumulate=k`` each device keeps its own sum of its shards' gradients over a window
+    (:func:`fnnet.step.add_to_window` with one sum per device), and only the window's last
+    micro-batch adds them up across devices.
+
+    Args:
+        devices: a non-empty list of devices (``["cuda:0", "cuda:1"]``).
     """
-    devs = _devices(devices)
-    parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
+
+    name = "replicate"
+
+    def __init__(self, devices: Sequence[DeviceLike]):
+        self.devices = _devices(devices)
+
+    def __repr__(self) -> str:
+        return f"Replicate({[str(d) for d in self.devices]})"
+
+    def build(self, loss_fn: Callable, optimizer: Any, options: StepOptions) -> TrainStep:
+        return _build_replicated(loss_fn, optimizer, self, options.checked())
+
+
+def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceLike], *, jit: bool = False,
+                    donate: bool = False, precision: str = "32", compile_options: Mapping[str, Any] | None = None,
+                    skip_nonfinite: bool = False, accumulate: int = 1) -> TrainStep:
+    """The data-parallel training step over ``devices``: ``Replicate(devices).build(...)`` (the same
+    contract and arguments as :func:`fnnet.make_train_step`; a shorthand kept for one release)."""
+    return Replicate(devices).build(loss_fn, optimizer, StepOptions(jit, donate, precision, compile_options,
+                                                                    skip_nonfinite, accumulate))
+
+
+def _build_replicated(loss_fn: Callable, optimizer: Any, strategy: Replicate, o: StepOptions) -> TrainStep:
+    """:meth:`Replicate.build`: the gradient source over ``strategy.devices`` in the one skeleton."""
+    devs = strategy.devices
+    jit, precision, compile_options = o.jit, o.precision, o.compile_options
+    parts = step_parts(loss_fn, precision=precision, skip_nonfinite=o.skip_nonfinite, jit=jit,
                        compile_options=compile_options)
     shard_grad = compile_step(parts.grad_fn, compile_options) if jit else parts.grad_fn
     params_copies, buffer_copies = _Replicas(devs), _Replicas(devs)
@@ -282,13 +308,10 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
                           donate_carry: bool) -> tuple[Accumulation, torch.Tensor, dict, Any]:
         """A micro-batch added to the window, one sum per device: nothing crosses devices but the loss."""
         results, sizes, _, loss, aux, new_buffers = per_shard(params, batch, buffers, key, loss_scale, unscale=False)
-        sums = list(carry.grads) if carry is not None else [None] * len(devs)
-        for i, (r, n) in enumerate(zip(results, sizes)):
-            sums[i] = accumulate_tree(sums[i], r.grads, n, donate_carry)
-        n = sum(sizes)
-        before = carry if carry is not None else Accumulation(None, 0, 0.0, 0)
-        return (Accumulation(tuple(sums), before.samples + n, before.loss_sum + loss.double() * n, before.micro + 1),
-                loss, aux, new_buffers)
+        grads = [r.grads for r in results] + [None] * (len(devs) - len(results))  # a small batch: fewer shards
+        sizes = list(sizes) + [0] * (len(devs) - len(results))
+        window = add_to_window(carry, grads, sum(sizes), loss, donate_carry, sizes=sizes)
+        return window, loss, aux, new_buffers
 
     def shard_gradients(params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
                         carry: Accumulation | None = None, donate_carry: bool = False) -> GradResult:
@@ -311,10 +334,10 @@ def make_train_step(loss_fn: Callable, optimizer: Any, devices: Sequence[DeviceL
                                   loss_scale, owned=True)
         return GradResult(grads, loss, aux, new_buffers)
 
-    step = build_train_step(shard_gradients, optimizer, parts, donate=donate, jit=jit, compile_options=compile_options,
-                            name="data_parallel_train_step", accumulate=accumulate, accumulate_fn=accumulate_shards)
-    step.precision, step.devices = precision, devs  # type: ignore[attr-defined]
-    return step
+    return build_train_step(shard_gradients, optimizer, parts, donate=o.donate, jit=jit,
+                            compile_options=compile_options, name="data_parallel_train_step",
+                            accumulate=o.accumulate, accumulate_fn=accumulate_shards, strategy=strategy,
+                            precision=precision)
 
 
 def _per_shard(single_step: Callable[[TrainState, Any], Any], devices: Sequence[DeviceLike], combine: Callable,

@@ -13,8 +13,10 @@ flattened elements (possibly empty).
 A rank's *part* of a tree with the params' structure is the same tree with each leaf replaced
 by the 1-D range of it this rank owns (:meth:`Layout.part`): the optimizer runs on it as on any
 tree (``optimizer.init(part)``, ``optimizer.update(part_grads, state, part)``), so masks by key
-path work, and transforms that reduce over leaves sum across ranks through
-:func:`fnnet.optim.global_sum` (``clip_by_global_norm`` does). A step:
+path work; the update gets the whole tree's view explicitly, ``shards=``:class:`fnnet.optim.Shards`
+(a sum over the shard group: ``clip_by_global_norm``'s norm; the whole shapes: a mask function).
+The ranks are those of a shard group (:class:`fnnet.distributed.ZeRO`'s group, or
+:class:`fnnet.distributed.HSDP`'s mesh dimension, whose replicas then all-reduce each part). A step:
 
 * the backward pass fills buckets (weighted by ``n_r / N``) and each full bucket is
   reduce-scattered at once (:func:`fnnet.comm.reduce_scatter`): a rank receives only its chunk;
@@ -32,13 +34,14 @@ without the tensor collectives (``reduce_scatter_tensor``/``all_gather_into_tens
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from . import optim as _optim
-from .comm import _REDUCE_SCATTER, ALL_GATHER, pack
+from .comm import ALL_GATHER, REDUCE_SCATTER, Bucket, all_reduce, pack, reduce_scatter
+from .optim import Shards
 from . import tree as _tree
 from .state import apply_update, grads_finite
 
@@ -55,12 +58,18 @@ class LeafPart(NamedTuple):
 class Layout:
     """Which elements of every parameter this rank owns (see the module docstring)."""
 
-    def __init__(self, leaves: list[torch.Tensor], spec: Any, world: int, rank: int, limit: int):
+    def __init__(self, leaves: list[torch.Tensor], spec: Any, world: int, rank: int, limit: int, *,
+                 group: Any = None, replicate: Any = None, reduce_scatter: bool | None = None):
         self.spec, self.world, self.rank = spec, world, rank
+        self.group, self.replicate = group, replicate  # the shard group; HSDP's replicate group (or None)
         # gloo's reduce_scatter and all_gather are 2-3x slower than its all_reduce and broadcasts
         # (measured: benches/results/2026-12-03-cpu-xeon-2core-gloo-collectives.json): there the
         # gradients are all-reduced (each rank keeps its chunk) and each rank broadcasts its chunk
-        self.gloo = dist.is_initialized() and dist.get_backend() == "gloo"
+        if reduce_scatter is None:
+            reduce_scatter = not (dist.is_initialized() and dist.get_backend(group) == "gloo")
+        self.scatter = reduce_scatter
+        # the whole params' shapes on the meta device: what the optimizer sees of the whole tree (Shards.whole)
+        self.whole = _tree.unflatten(spec, [torch.empty(x.shape, dtype=x.dtype, device="meta") for x in leaves])
         self.shapes = [tuple(x.shape) for x in leaves]
         self.order = list(reversed(range(len(leaves))))
         self.limit = limit
@@ -136,12 +145,13 @@ class Layout:
         works = []
         for b, flat in enumerate(flats):
             c = self.chunks[b]
-            if self.gloo:
-                works += [dist.broadcast(flat[k * c:(k + 1) * c], src=k, async_op=True) for k in range(self.world)]
+            if not self.scatter:
+                works += [dist.broadcast(flat[k * c:(k + 1) * c], src=self._global(k), group=self.group, async_op=True)
+                          for k in range(self.world)]
             else:
                 send = sends[b] if sends is not None else torch.empty(c, dtype=flat.dtype, device=flat.device)
                 send.copy_(flat[self.rank * c:(self.rank + 1) * c])
-                works.append(ALL_GATHER(flat, send, async_op=True))
+                works.append(ALL_GATHER(flat, send, group=self.group, async_op=True))
         for work in works:
             work.wait()
 
@@ -165,16 +175,32 @@ class Layout:
                 out[i] = flats[b][p.offset:p.offset + n].view(self.shapes[i])
         return _tree.unflatten(self.spec, out)
 
-    def reduction(self) -> Any:
-        """How the step reduces a bucket: reduce-scatter (a chunk back), or on gloo all-reduce."""
-        from .comm import all_reduce, reduce_scatter
+    def _global(self, k: int) -> int:
+        return k if self.group is None or self.group is dist.group.WORLD else dist.get_global_rank(self.group, k)
 
-        return all_reduce if self.gloo else reduce_scatter
+    def reduction(self) -> Callable[[Bucket], Callable[[], torch.Tensor]]:
+        """How the step reduces a bucket on the shard group: reduce-scatter (a chunk back), or all-reduce
+        (gloo, ZeRO-1); with a replicate group (HSDP), this rank's chunk is then all-reduced across it."""
+        base = functools.partial(reduce_scatter if self.scatter else all_reduce, group=self.group)
+        if self.replicate is None:
+            return base
+
+        def hierarchical(bucket: Bucket) -> Callable[[], torch.Tensor]:
+            within = base(bucket)
+
+            def across() -> torch.Tensor:
+                chunk = self.my_chunk(bucket.index, within())
+                dist.all_reduce(chunk, group=self.replicate)
+                return chunk
+
+            return across
+
+        return hierarchical
 
     def my_chunk(self, b: int, reduced: torch.Tensor) -> torch.Tensor:
         """This rank's chunk of bucket ``b`` from what the reduction returned (a chunk, or the whole bucket)."""
         c = self.chunks[b]
-        return reduced if reduced.numel() == c and not self.gloo else reduced[self.rank * c:(self.rank + 1) * c]
+        return reduced if reduced.numel() == c else reduced[self.rank * c:(self.rank + 1) * c]
 
     def gradient(self, chunks: list[torch.Tensor]) -> Any:
         """This rank's part of the gradients, as views into the reduce-scattered chunks."""
@@ -186,18 +212,23 @@ class Layout:
         return _tree.unflatten(self.spec, out)
 
 
-def layout(params: Any, world: int, rank: int, bucket_mb: float) -> Layout:
+def layout(params: Any, world: int, rank: int, bucket_mb: float, *, group: Any = None, replicate: Any = None,
+           reduce_scatter: bool | None = None) -> Layout:
+    """The :class:`Layout` of ``params`` over the ``world`` ranks of ``group`` (this one: ``rank``), in
+    buckets of about ``bucket_mb``; ``replicate``: HSDP's group of replicas; ``reduce_scatter``: the
+    collectives (``None``: by the backend, all-reduce and broadcasts on gloo)."""
     leaves, spec = _tree.flatten(params)
-    return Layout(leaves, spec, world, rank, int(bucket_mb * 2**20))
+    return Layout(leaves, spec, world, rank, int(bucket_mb * 2**20), group=group, replicate=replicate,
+                  reduce_scatter=reduce_scatter)
 
 
 def check_backend() -> None:
     """A clear error where the process group's backend lacks reduce-scatter or all-gather."""
     backend = dist.get_backend()
-    if _REDUCE_SCATTER is None or ALL_GATHER is None:
-        raise RuntimeError(f"shard_optimizer=True needs torch.distributed.reduce_scatter_tensor and "
-                           f"all_gather_into_tensor (torch >= 2.13 with gloo, or NCCL); backend {backend!r} here "
-                           "has neither: train with shard_optimizer=False")
+    if REDUCE_SCATTER is None or ALL_GATHER is None:
+        raise RuntimeError(f"the ZeRO and HSDP strategies (shard_optimizer=True) need "
+                           f"torch.distributed.reduce_scatter_tensor and all_gather_into_tensor (torch >= 2.13 with "
+                           f"gloo, or NCCL); backend {backend!r} here has neither: train with strategy='ddp'")
 
 
 def _state_param_map(opt_state: Any, params: Any) -> list[int | None]:
@@ -261,15 +292,43 @@ def unshard_opt_state(part_state: Any, params: Any, lay: Layout, optimizer: Any)
     return _tree.unflatten(spec, out)
 
 
-def _sum_across(x: torch.Tensor) -> torch.Tensor:
-    y = x.clone()
-    dist.all_reduce(y)
-    return y
+def part_state_shapes(optimizer: Any, params: Any, lay: Layout) -> list[tuple[int, ...]]:
+    """The shapes of the tensors of a part state (a whole state cut by :func:`shard_opt_state`), found on
+    the ``meta`` device (nothing allocated)."""
+    whole = optimizer.init(lay.whole)
+    return [tuple(x.shape) for x in _tree.leaves(shard_opt_state(whole, lay.whole, lay)) if isinstance(x, torch.Tensor)]
+
+
+def check_part_init(optimizer: Any, params: Any, lay: Layout) -> None:
+    """A ``ValueError`` when ``optimizer.init`` on this rank's part makes a state of another structure than
+    the whole state cut to the part: a ``masked`` mask given as a function that looks at shapes selects
+    other leaves on 1-D parts. (A whole state cut to parts is exact: the update sees the whole shapes.)"""
+    want = [(p, tuple(x.shape)) for p, x in _tree.leaves_with_path(shard_opt_state(optimizer.init(lay.whole),
+                                                                                     lay.whole, lay))]
+    part = _tree.map(lambda x: torch.empty(x.shape, dtype=x.dtype, device="meta"), lay.part(params))
+    got = [(p, tuple(x.shape)) for p, x in _tree.leaves_with_path(optimizer.init(part))]
+    if want != got:
+        raise ValueError(
+            "a sharded step cannot initialise this optimizer on a rank's part of the parameters "
+            "(TrainState(params, None)): its state there has another structure than the whole state cut to the "
+            f"part (first difference: {next((w, g) for w, g in zip(want + [None], got + [None]) if w != g)}); a "
+            "mask given as a function (masked(..., mask=fn), adamw(mask=fn)) sees 1-D parts there. Create the "
+            "state whole (TrainState.create(params, optimizer)): the step cuts it and evaluates the mask on the "
+            "whole shapes")
 
 
 def sharded_update(lay: Layout) -> Callable[..., tuple[Any, Any, Any, Any, Any]]:
     """The update of a sharded step (in place of :func:`fnnet.state.apply_update`): the optimizer on
-    this rank's part, the same skip decision on every rank, then the parameters all-gathered."""
+    this rank's part, the same skip decision on every rank, then the parameters all-gathered. The
+    optimizer gets the whole tree's view explicitly (:class:`fnnet.optim.Shards`: a sum over the
+    shard group, the whole shapes)."""
+
+    def sum_across(x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y, group=lay.group)
+        return y
+
+    shards = Shards(sum_across, lay.whole)
 
     def update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buffers: Any = None,
                new_buffers: Any = None, loss_scale: Any = None, check_finite: bool = False, donate: bool = False):
@@ -279,12 +338,11 @@ def sharded_update(lay: Layout) -> Callable[..., tuple[Any, Any, Any, Any, Any]]
         finite = None
         if check_finite or loss_scale is not None:
             bad = (~grads_finite(grads)).to(torch.float32).reshape(1)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=lay.group)  # every rank skips the same steps
             finite = bad[0] == 0
-        with _optim.sharded(_sum_across):
-            new_part, opt_state, new_buffers, loss_scale, finite = apply_update(
-                optimizer, grads, part, opt_state, buffers=buffers, new_buffers=new_buffers, loss_scale=loss_scale,
-                finite=finite, donate=donate)
+        new_part, opt_state, new_buffers, loss_scale, finite = apply_update(
+            optimizer, grads, part, opt_state, buffers=buffers, new_buffers=new_buffers, loss_scale=loss_scale,
+            finite=finite, donate=donate, shards=shards)
         if donate:  # the part was updated in place, inside the home buffers
             lay.gather_home()
             return params, opt_state, new_buffers, loss_scale, finite

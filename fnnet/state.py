@@ -85,12 +85,16 @@ class Accumulation:
         samples: ``sum n_m``, a Python int (reading it never syncs).
         loss_sum: ``sum n_m * loss_m`` (float64): the window's mean loss is ``loss_sum / samples``.
         micro: how many micro-batches the window holds.
+        buffers: the buffers (BatchNorm statistics) as they were when the window started: what
+            the state keeps when the window's update is skipped (a non-finite gradient), as a
+            skipped step without accumulation keeps its buffers.
     """
 
     grads: Any
     samples: int
     loss_sum: torch.Tensor
     micro: int = 0
+    buffers: Any = None
 
 
 def _float_leaves(tree: Any) -> list[torch.Tensor]:
@@ -158,7 +162,8 @@ def _copy_into(old: Any, new: Any) -> Any:
 
 def apply_update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buffers: Any = None,
                  new_buffers: Any = None, loss_scale: "DynamicScale | None" = None, check_finite: bool = False,
-                 finite: torch.Tensor | None = None, donate: bool = False) -> tuple[Any, Any, Any, Any, Any]:
+                 finite: torch.Tensor | None = None, donate: bool = False,
+                 shards: Any = None) -> tuple[Any, Any, Any, Any, Any]:
     """The one update every training step ends with, on the state's fields (what
     :meth:`TrainState.apply_gradients` and every step builder call).
 
@@ -170,6 +175,10 @@ def apply_update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buf
     ``torch.compile`` the flag is read in Python (free there, and a skipped donated update
     never starts); elsewhere the choice is made on the device, with no host sync.
 
+    ``shards`` (an :class:`fnnet.optim.Shards`: ``params`` are one rank's part of the whole) is
+    handed to the optimizer's update (:func:`fnnet.optim.update_with`), for the transforms that
+    need the whole tree's view.
+
     Returns ``(params, opt_state, buffers, loss_scale, finite)``: ``buffers`` is
     ``new_buffers`` (or ``buffers`` when that is ``None``) where the update applied, and
     ``finite`` is the 0-dim bool tensor checked, or ``None`` when nothing was checked.
@@ -178,24 +187,32 @@ def apply_update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buf
         finite = grads_finite(grads)
     new_buffers = buffers if new_buffers is None else new_buffers
     if finite is None:
-        updates, opt_state = optimizer.update(grads, opt_state, params, donate=donate)
+        updates, opt_state = _update(optimizer, grads, opt_state, params, donate, shards)
         return _apply_updates(params, updates, donate), opt_state, new_buffers, loss_scale, None
     if loss_scale is not None:
         loss_scale = loss_scale.adjust(finite)
     if finite.is_cpu and not torch.compiler.is_compiling():
         if not bool(finite):
             return params, opt_state, buffers, loss_scale, finite
-        updates, opt_state = optimizer.update(grads, opt_state, params, donate=donate)
+        updates, opt_state = _update(optimizer, grads, opt_state, params, donate, shards)
         return _apply_updates(params, updates, donate), opt_state, new_buffers, loss_scale, finite
     # On an accelerator (or inside torch.compile) the choice is made on the device: compute the
     # update out of place, keep it where `finite`. Compiled, inductor fuses the select into the
     # update's kernels; in eager mode this costs one state-sized temporary.
-    updates, new_opt = optimizer.update(grads, opt_state, params, donate=False)
+    updates, new_opt = _update(optimizer, grads, opt_state, params, False, shards)
     new_params = _apply_updates(params, updates, False)
     chosen = _select(finite, (new_params, new_opt, new_buffers), (params, opt_state, buffers))
     if donate:
         chosen = _copy_into((params, opt_state, buffers), chosen)
     return (*chosen, loss_scale, finite)
+
+
+def _update(optimizer: Any, grads: Any, opt_state: Any, params: Any, donate: bool, shards: Any) -> tuple[Any, Any]:
+    if shards is None:
+        return optimizer.update(grads, opt_state, params, donate=donate)
+    from .optim import update_with
+
+    return update_with(optimizer, grads, opt_state, params, donate=donate, shards=shards)
 
 
 def _apply_updates(params: Any, updates: Any, donate: bool) -> Any:

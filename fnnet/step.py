@@ -25,20 +25,21 @@ run them per shard.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from . import compiler as _compiler
 from . import random as _random
 from . import tree as _tree
-from .loss import (GradResult, _call, _check_buffers_declared, _check_precision, _declared, _normalise, _rng_scope,
-                   autocast, make_grad_fn, PRECISIONS)
+from .loss import (GradResult, autocast, call_loss, check_buffers_declared, check_precision, declared_keywords,
+                   make_grad_fn, normalise_output, rng_scope, PRECISIONS)
 from .batch import batch_size_of
 from .state import Accumulation, TrainState, apply_update, loss_scale_for
 
 __all__ = ["StepParts", "step_parts", "split_step_key", "compile_step", "check_state", "local_gradients",
-           "build_train_step", "eval_step", "predict_step", "Gradients", "Accumulate", "add_to_window",
+           "build_train_step", "TrainStep", "eval_step", "predict_step", "Gradients", "Accumulate", "add_to_window",
            "window_mean", "check_accumulate", "traced_grad_fn",
            "accumulate_tree"]
 
@@ -59,6 +60,7 @@ class StepParts(NamedTuple):
     declared: frozenset  # the keywords the loss takes (buffers, key, train)
     scaled: bool  # float16: a dynamic loss scale
     checks: bool  # the update is skipped where the gradients are not finite
+    loss_fn: Callable  # the user's loss function (named in messages)
 
 
 def step_parts(loss_fn: Callable, *, precision: str, skip_nonfinite: bool, jit: bool,
@@ -67,11 +69,11 @@ def step_parts(loss_fn: Callable, *, precision: str, skip_nonfinite: bool, jit: 
     _check_step_options(precision, jit, compile_options)
     grad_fn = make_grad_fn(loss_fn, precision=precision)
     scaled = PRECISIONS[precision] is torch.float16
-    return StepParts(grad_fn, grad_fn.declared, scaled, skip_nonfinite or scaled)  # type: ignore[attr-defined]
+    return StepParts(grad_fn, declared_keywords(loss_fn), scaled, skip_nonfinite or scaled, loss_fn)
 
 
 def _check_step_options(precision: str, jit: bool, compile_options: Mapping[str, Any] | None) -> None:
-    _check_precision(precision)
+    check_precision(precision)
     if compile_options and not jit:
         raise ValueError("compile_options only apply with jit=True")
 
@@ -125,7 +127,7 @@ def traced_grad_fn(parts: StepParts, compile_options: Mapping[str, Any] | None) 
     compiled = compile_step(parts.grad_fn, compile_options)
 
     def traced(params: Any, batch: Any, buffers: Any = None, key: Any = None, **kwargs: Any) -> GradResult:
-        with _rng_scope(parts.declared, key, params):
+        with rng_scope(parts.declared, key, params):
             return compiled(params, batch, buffers, _random.TRACING_KEY if key is not None else None, **kwargs)
 
     return traced
@@ -151,13 +153,24 @@ def accumulate_tree(acc: Any, grads: Any, n: int, donate: bool) -> Any:
     return _tree.map(lambda a, g: torch.add(a, g, alpha=n) if isinstance(a, torch.Tensor) else a, acc, grads)
 
 
-def add_to_window(carry: Accumulation | None, grads: Any, n: int, loss: torch.Tensor, donate: bool) -> Accumulation:
+def add_to_window(carry: Accumulation | None, grads: Any, n: int, loss: torch.Tensor, donate: bool, *,
+                  sizes: Sequence[int] | None = None) -> Accumulation:
     """The window after one more micro-batch of ``n`` samples with mean gradient ``grads`` (fresh
     tensors this function may reuse) and mean ``loss``: ``sum n_m g_m`` grows by ``n * grads``
-    (:func:`accumulate_tree`)."""
+    (:func:`accumulate_tree`). The one window every gradient source keeps.
+
+    ``sizes``: ``grads`` is one gradient tree per device (a data-parallel step, shard ``i`` of
+    ``sizes[i]`` samples) and the window keeps one sum per device, so nothing crosses devices
+    before the window's last micro-batch; ``n`` is then ``sum(sizes)``.
+    """
     before = carry if carry is not None else Accumulation(None, 0, 0.0, 0)
-    return Accumulation(accumulate_tree(before.grads, grads, n, donate), before.samples + n,
-                        before.loss_sum + loss.double() * n, before.micro + 1)
+    if sizes is None:
+        sums = accumulate_tree(before.grads, grads, n, donate)
+    else:
+        old = list(before.grads) if before.grads is not None else [None] * len(grads)
+        sums = tuple(acc if g is None else accumulate_tree(acc, g, m, donate) for acc, g, m in zip(old, grads, sizes))
+    return Accumulation(sums, before.samples + n, before.loss_sum + loss.double() * n, before.micro + 1,
+                        before.buffers)
 
 
 def window_mean(window: Accumulation, loss_scale: Any, *, owned: bool) -> tuple[Any, torch.Tensor]:
@@ -173,11 +186,60 @@ def window_mean(window: Accumulation, loss_scale: Any, *, owned: bool) -> tuple[
     return grads, (window.loss_sum / window.samples).float()
 
 
+class TrainStep:
+    """A training step: ``step(state, batch, *, end_window=False) -> (state, metrics)``, and what it
+    was built with. What :func:`fnnet.make_train_step` returns, whatever the strategy.
+
+    Call it like a function (``jax.jit``'s compiled function is the model): it is pure in
+    ``state`` unless it was built with ``donate=True``.
+
+    Attributes:
+        strategy: the :class:`fnnet.strategy.Strategy` that built it (its layout of the state
+            over devices or ranks, its reduction of the gradients).
+        precision, jit, donate, accumulate: the options it was built with.
+    """
+
+    def __init__(self, call: Callable[..., tuple[TrainState, dict[str, Any]]],
+                 flush: Callable[[TrainState], tuple[TrainState, dict[str, Any]] | None], *, strategy: Any,
+                 name: str, precision: str, jit: bool, donate: bool, accumulate: int,
+                 gather_state: Callable[[TrainState], TrainState] | None = None,
+                 shard_state: Callable[[TrainState], TrainState] | None = None):
+        self._call, self._flush = call, flush
+        self._gather, self._shard = gather_state, shard_state
+        self.strategy, self.precision, self.jit, self.donate, self.accumulate = strategy, precision, jit, donate, accumulate
+        self.__name__ = self.__qualname__ = name
+
+    def __call__(self, state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
+        """One micro-batch (``accumulate > 1``) or one update: ``(new state, metrics)``.
+        ``end_window=True`` makes ``batch`` the last micro-batch of its window."""
+        return self._call(state, batch, end_window=end_window)
+
+    def flush(self, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+        """Apply the unfinished accumulation window of ``state`` as one update (weighted by its
+        samples); ``None`` when there is none. Under ``torch.distributed`` every rank calls it."""
+        return self._flush(state)
+
+    def gather_state(self, state: TrainState) -> TrainState:
+        """``state`` whole, as one process would hold it: a sharded strategy gathers the optimizer
+        state from every rank's part (every rank calls it); others return ``state``. What a
+        checkpoint holds, so it loads into any strategy and any number of ranks."""
+        return state if self._gather is None else self._gather(state)
+
+    def shard_state(self, state: TrainState) -> TrainState:
+        """``state`` in the strategy's layout (a sharded strategy cuts a whole optimizer state to this
+        rank's part; others return ``state``). The step does it itself on a whole state."""
+        return state if self._shard is None else self._shard(state)
+
+    def __repr__(self) -> str:
+        return f"<{self.__name__}: {self.strategy!r}, precision={self.precision!r}, jit={self.jit}, " \
+               f"accumulate={self.accumulate}>"
+
+
 def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, donate: bool, jit: bool = False,
                      compile_options: Mapping[str, Any] | None = None, compile_whole: bool = False,
                      name: str = "train_step", accumulate: int = 1, accumulate_fn: Accumulate | None = None,
-                     update: Callable[..., tuple[Any, Any, Any, Any, Any]] = apply_update
-                     ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
+                     update: Callable[..., tuple[Any, Any, Any, Any, Any]] = apply_update, strategy: Any = None,
+                     precision: str = "32") -> TrainStep:
     """The training step ``train_step(state, batch) -> (state, metrics)`` around a gradient source.
 
     The skeleton every step shares: the state's type checked, its key split once, the loss
@@ -190,30 +252,30 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
     ``metrics["updated"]`` is False) and the ``k``-th reduces the window and updates
     (``updated`` True); ``metrics["loss"]`` is the window's mean loss so far and
     ``metrics["batch_loss"]`` this micro-batch's (a gradient source adds it to the aux of a
-    window's last micro-batch). ``train_step.flush(state)`` applies an
-    unfinished window as one update, weighted by its samples, and ``train_step(state, batch,
-    end_window=True)`` makes ``batch`` the last micro-batch of its window however short the
-    window is (the last batch of an epoch).
+    window's last micro-batch). Every micro-batch gets its own key (one split per call). A
+    window whose update is skipped (a non-finite gradient) leaves the buffers as they were at
+    its start. ``train_step.flush(state)`` applies an unfinished window as one update,
+    weighted by its samples, and ``train_step(state, batch, end_window=True)`` makes ``batch``
+    the last micro-batch of its window however short the window is (the last batch of an epoch).
 
     ``update`` replaces :func:`fnnet.state.apply_update` where the update itself is distributed
     (the sharded optimizer step: :func:`fnnet.shard.sharded_update`).
 
     ``compile_whole`` (with ``jit``) compiles gradients and update as one graph (the
     one-device step without accumulation); other sources compile their own part. ``name``
-    names the returned function (``data_parallel_train_step``, ``distributed_train_step``), so
-    a traceback or a profiler says which step ran.
+    names the returned :class:`TrainStep`, so a traceback or a profiler says which step ran.
     """
     declared, scaled, checks = parts.declared, parts.scaled, parts.checks
     accumulate = check_accumulate(accumulate)
     if accumulate > 1 and accumulate_fn is None:
         raise ValueError(f"{name} cannot accumulate gradients")
 
-    def body(params, opt_state, buffers, loss_scale, batch, key, carry=None):
+    def body(params, opt_state, buffers, loss_scale, batch, key, carry=None, keep_buffers=None):
         grads, loss, aux, new_buffers = gradients(params, batch, buffers, key, loss_scale, carry, donate) \
             if carry is not None else gradients(params, batch, buffers, key, loss_scale)
         params, opt_state, new_buffers, loss_scale, finite = update(
-            optimizer, grads, params, opt_state, buffers=buffers, new_buffers=new_buffers, loss_scale=loss_scale,
-            check_finite=checks, donate=donate)
+            optimizer, grads, params, opt_state, buffers=buffers if keep_buffers is None else keep_buffers,
+            new_buffers=new_buffers, loss_scale=loss_scale, check_finite=checks, donate=donate)
         metrics = {"loss": loss, **aux}
         if finite is not None:
             metrics["finite"] = finite
@@ -225,11 +287,12 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
     def finish(state: TrainState, batch: Any, next_key: Any, step_key: Any, loss_scale: Any, carry: Any):
         if whole:
             # Inside torch.compile randomness comes from torch's RNG ops, seeded here from the key.
-            with _rng_scope(declared, step_key, state.params):
+            with rng_scope(declared, step_key, state.params):
                 inner_key = _random.TRACING_KEY if step_key is not None else None
                 out = compiled(state.params, state.opt_state, state.buffers, loss_scale, batch, inner_key)
-        else:
-            out = body(state.params, state.opt_state, state.buffers, loss_scale, batch, step_key, carry)
+        else:  # a skipped window keeps the buffers of its start
+            keep = carry.buffers if carry is not None and carry.buffers is not None else None
+            out = body(state.params, state.opt_state, state.buffers, loss_scale, batch, step_key, carry, keep)
         params, opt_state, buffers, loss_scale, metrics = out
         if accumulate > 1:
             if carry is None:  # a window of one micro-batch (accumulate > 1, flushed at once): its loss is the batch's
@@ -238,33 +301,38 @@ def build_train_step(gradients: Gradients, optimizer: Any, parts: StepParts, *, 
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1, buffers=buffers, key=next_key,
                              loss_scale=loss_scale if scaled else state.loss_scale, accum=None), metrics
 
+    def add(state: TrainState, batch: Any, next_key: Any, step_key: Any, loss_scale: Any):
+        """A micro-batch that does not end its window: added to ``state.accum``, no update."""
+        assert accumulate_fn is not None
+        carry = state.accum
+        window, loss, aux, buffers = accumulate_fn(state.params, batch, state.buffers, step_key, loss_scale, carry,
+                                                   donate)
+        start = state.buffers if carry is None else carry.buffers  # the buffers a skipped window keeps
+        window = dataclasses.replace(window, buffers=start)
+        running = (window.loss_sum / window.samples).float()
+        metrics = {"loss": running, "batch_loss": loss, **aux, "updated": False}
+        return state.replace(key=next_key, accum=window, loss_scale=loss_scale if scaled else state.loss_scale,
+                             buffers=state.buffers if buffers is None else buffers), metrics
+
     def train_step(state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
         check_state(state, name)
-        _check_buffers_declared(declared, state.buffers, parts.grad_fn.loss_fn)
+        check_buffers_declared(declared, state.buffers, parts.loss_fn)
         next_key, step_key = split_step_key(state.key)
         loss_scale = loss_scale_for(state, scaled)
         carry = state.accum
         if accumulate > 1 and not end_window and (carry.micro if carry is not None else 0) + 1 < accumulate:
-            window, loss, aux, buffers = accumulate_fn(state.params, batch, state.buffers, step_key,  # type: ignore[misc]
-                                                       loss_scale, carry, donate)
-            running = (window.loss_sum / window.samples).float()
-            metrics = {"loss": running, "batch_loss": loss, **aux, "updated": False}
-            return state.replace(key=next_key, accum=window, loss_scale=loss_scale if scaled else state.loss_scale,
-                                 buffers=state.buffers if buffers is None else buffers), metrics
+            return add(state, batch, next_key, step_key, loss_scale)
         return finish(state, batch, next_key, step_key, loss_scale, carry)
 
     def flush(state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        """Apply the unfinished window of ``state`` as one update (weighted by its samples); ``None``
-        when there is none. Under ``torch.distributed`` every rank must call it."""
         check_state(state, name)
         if state.accum is None:
             return None
         return finish(state, None, state.key, None, loss_scale_for(state, scaled), state.accum)
 
     train_step.__name__ = train_step.__qualname__ = name
-    train_step.jit, train_step.donate, train_step.accumulate = jit, donate, accumulate  # type: ignore[attr-defined]
-    train_step.flush = flush  # type: ignore[attr-defined]
-    return train_step
+    return TrainStep(train_step, flush, strategy=strategy, name=name, precision=precision, jit=jit, donate=donate,
+                     accumulate=accumulate)
 
 
 # -- the steps that do not train (one device; fnnet.parallel runs them per shard) -----------------------
@@ -292,11 +360,11 @@ def _no_grad_step(fn: Callable, what: str, *, jit: bool, precision: str,
 def eval_step(loss_fn: Callable, *, jit: bool = False, precision: str = "32",
               compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], dict[str, torch.Tensor]]:
     """The one-device ``eval_step(state, batch) -> metrics`` (see :func:`fnnet.make_eval_step`)."""
-    declared = _declared(loss_fn)
+    declared = declared_keywords(loss_fn)
 
     def evaluate(params: Any, batch: Any, buffers: Any) -> dict[str, torch.Tensor]:
-        _check_buffers_declared(declared, buffers, loss_fn)
-        loss, aux, _ = _normalise(_call(loss_fn, declared, params, batch, buffers, None, False), "buffers" in declared)
+        check_buffers_declared(declared, buffers, loss_fn)
+        loss, aux, _ = normalise_output(call_loss(loss_fn, declared, params, batch, buffers, None, False), "buffers" in declared)
         return {"loss": loss.float(), **aux}
 
     return _no_grad_step(evaluate, "eval_step", jit=jit, precision=precision, compile_options=compile_options)
@@ -305,10 +373,10 @@ def eval_step(loss_fn: Callable, *, jit: bool = False, precision: str = "32",
 def predict_step(predict_fn: Callable, *, jit: bool = False, precision: str = "32",
                  compile_options: Mapping[str, Any] | None = None) -> Callable[[TrainState, Any], Any]:
     """The one-device ``predict_step(state, batch) -> outputs`` (see :func:`fnnet.make_predict_step`)."""
-    declared = _declared(predict_fn)
+    declared = declared_keywords(predict_fn)
 
     def predict(params: Any, batch: Any, buffers: Any) -> Any:
-        out = _call(predict_fn, declared, params, batch, buffers, None, False)
+        out = call_loss(predict_fn, declared, params, batch, buffers, None, False)
         return _tree.map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
                          else t, out)
 

@@ -15,9 +15,10 @@ multi-process training) is built from two public pieces::
     for batch in loader:
         state, metrics = step(state, batch)
 
-This module is the level above the ways to train: it picks the gradient source (one device,
-:mod:`fnnet.parallel`, :mod:`fnnet.distributed`) and hands it to the one skeleton,
-:func:`fnnet.step.build_train_step`. The loss function's calling convention is described in
+This module is the level above the ways to train: it resolves the strategy
+(:mod:`fnnet.strategy`: one device, :class:`fnnet.parallel.Replicate`,
+:class:`fnnet.distributed.DDP`, ``ZeRO``, ``HSDP``; a string shorthand or the old flags), whose
+``build`` hands its gradient source to the one skeleton, :func:`fnnet.step.build_train_step`. The loss function's calling convention is described in
 :mod:`fnnet.loss` (re-exported here: ``make_grad_fn``, ``supervised_loss``, ``GradResult``).
 """
 
@@ -31,13 +32,14 @@ from . import distributed as _distributed
 from . import parallel as _parallel
 from .loss import PRECISIONS, GradResult, autocast, make_grad_fn, supervised_loss
 from .state import TrainState
-from .step import (build_train_step, check_accumulate, eval_step, local_gradients, predict_step, step_parts,
-                   traced_grad_fn)
+from .step import TrainStep, check_accumulate, eval_step, predict_step
+from .strategy import SingleDevice, StepOptions, Strategy
 
 __all__ = [
     "GradResult",
     "make_grad_fn",
     "make_train_step",
+    "resolve_strategy",
     "make_eval_step",
     "make_predict_step",
     "supervised_loss",
@@ -58,8 +60,9 @@ def make_train_step(
     devices: Any = None,
     distributed: bool = False,
     accumulate: int = 1,
+    strategy: Strategy | str | None = None,
     **distributed_options: Any,
-) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
+) -> TrainStep:
     """Build the pure training step ``step(state, batch) -> (new_state, metrics)``.
 
     One call splits the state's key, computes the loss and its gradient
@@ -110,33 +113,75 @@ def make_train_step(
             concatenated micro-batches for a mean-reduced loss, uneven sizes included;
             ``clip_by_global_norm`` and the finite check see the accumulated gradient, float16
             unscales it once and a non-finite window's update is skipped whole (buffers such as
-            BatchNorm statistics that its micro-batches updated keep those updates). ``metrics["updated"]``
+            BatchNorm statistics stay as they were at the window's start). ``metrics["updated"]``
             says whether a call updated, ``metrics["loss"]`` is the window's mean loss so far
             (the true mean over the window on the updating call), ``metrics["batch_loss"]`` the
             micro-batch's; ``state.step`` counts updates. ``step.flush(state)`` applies an
             unfinished window (e.g. at the end of an epoch).
-        **distributed_options: with ``distributed=True``, the options of
-            :func:`fnnet.distributed.make_train_step` (``reduction=``, ``bucket_mb=``,
-            ``sync_state=``).
+        strategy: how the step is laid out over devices or ranks (:mod:`fnnet.strategy`): a
+            :class:`fnnet.strategy.Strategy` (:class:`fnnet.parallel.Replicate`,
+            :class:`fnnet.distributed.DDP`, :class:`~fnnet.distributed.ZeRO`,
+            :class:`~fnnet.distributed.HSDP`) or a shorthand: ``"single"``, ``"ddp"``,
+            ``"zero1"``, ``"zero2"`` (Lightning's ``strategy="ddp"``; on the default process
+            group). ``None``: one device, or what the old flags below say.
+        devices, distributed, **distributed_options: the old flags, kept as shorthands for one
+            release: ``devices=[...]`` is ``strategy=Replicate(devices)``; ``distributed=True``
+            is ``DDP(**distributed_options)`` (``reduction=``, ``bucket_mb=``, ``sync_state=``),
+            and with ``shard_optimizer=True`` ``ZeRO(2, ...)``. Not with ``strategy=``.
+
+    Returns:
+        A :class:`fnnet.step.TrainStep`: call it as ``step(state, batch)``; it also has
+        ``flush``, ``gather_state``, ``shard_state`` and ``strategy``.
     """
-    options = dict(jit=jit, donate=donate, precision=precision, compile_options=compile_options,
-                   skip_nonfinite=skip_nonfinite, accumulate=check_accumulate(accumulate))
+    options = StepOptions(jit, donate, precision, compile_options, skip_nonfinite, check_accumulate(accumulate))
+    chosen = resolve_strategy(strategy, devices=devices, distributed=distributed, **distributed_options)
+    return chosen.build(loss_fn, optimizer, options)
+
+
+SHORTHANDS = {"single": lambda: SingleDevice(), "ddp": lambda: _distributed.DDP(),
+              "zero1": lambda: _distributed.ZeRO(1), "zero2": lambda: _distributed.ZeRO(2),
+              "zero": lambda: _distributed.ZeRO(2), "zero3": lambda: _distributed.ZeRO(3)}
+"""The strategies a string names (on the default process group); HSDP needs a mesh, so it has none."""
+
+
+def resolve_strategy(strategy: Strategy | str | None = None, *, devices: Any = None, distributed: bool = False,
+                     **distributed_options: Any) -> Strategy:
+    """The :class:`fnnet.strategy.Strategy` that ``strategy`` names, or that the old flags describe
+    (``devices=``: :class:`fnnet.parallel.Replicate`; ``distributed=True``: :class:`fnnet.distributed.DDP`,
+    with ``shard_optimizer=True`` :class:`fnnet.distributed.ZeRO`; nothing: :class:`fnnet.strategy.SingleDevice`)."""
+    if strategy is not None:
+        if devices is not None or distributed or distributed_options:
+            given = [k for k, v in (("devices", devices), ("distributed", distributed)) if v] + sorted(distributed_options)
+            raise ValueError(f"make_train_step: strategy={strategy!r} says how to train; {given} are the old flags for "
+                             "the same choice: pass one or the other (options go in the strategy: DDP(bucket_mb=...))")
+        if isinstance(strategy, str):
+            if strategy not in SHORTHANDS:
+                raise ValueError(f"unknown strategy {strategy!r}: the shorthands are {sorted(SHORTHANDS)}; HSDP needs a "
+                                 "mesh: strategy=fnnet.distributed.HSDP(mesh)")
+            return SHORTHANDS[strategy]()
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be an fnnet.strategy.Strategy (fnnet.distributed.DDP(), ...) or one of "
+                            f"{sorted(SHORTHANDS)}, got {type(strategy).__name__}")
+        return strategy
     if distributed_options and not distributed:
         raise TypeError(f"make_train_step: {sorted(distributed_options)} apply with distributed=True only")
     if distributed:
         if devices is not None:
             raise ValueError("make_train_step: distributed=True runs one device per process; devices= does not apply")
-        return _distributed.make_train_step(loss_fn, optimizer, **options, **distributed_options)
+        unknown = set(distributed_options) - {"reduction", "bucket_mb", "sync_state", "shard_optimizer"}
+        if unknown:
+            raise TypeError(f"make_train_step: unexpected keyword argument(s) {sorted(unknown)}")
+        options = dict(distributed_options)
+        if options.pop("shard_optimizer", False):
+            if options.get("reduction") is not None:
+                raise ValueError("shard_optimizer=True (ZeRO) reduces with its own layout (reduce-scatter within the "
+                                 "group): pass no reduction=")
+            options.pop("reduction", None)
+            return _distributed.ZeRO(2, **options)
+        return _distributed.DDP(**options)
     if devices is not None:
-        return _parallel.make_train_step(loss_fn, optimizer, devices, **options)
-    parts = step_parts(loss_fn, precision=precision, skip_nonfinite=skip_nonfinite, jit=jit,
-                       compile_options=compile_options)
-    compiled = traced_grad_fn(parts, compile_options) if jit and accumulate > 1 else None
-    reduce, accumulate_fn = local_gradients(parts, compiled)
-    step = build_train_step(reduce, optimizer, parts, donate=donate, jit=jit, compile_options=compile_options,
-                            compile_whole=True, accumulate=accumulate, accumulate_fn=accumulate_fn)
-    step.precision = precision  # type: ignore[attr-defined]
-    return step
+        return _parallel.Replicate(devices)
+    return SingleDevice()
 
 
 def make_eval_step(

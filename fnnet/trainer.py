@@ -82,6 +82,7 @@ from ._loop import (Bar, EpochMetrics, Throughput, banner, check_fit_options, ch
 from .callbacks import CallbackList
 from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit
 from ._setup import build_steps, initial_state, resolve_devices, resolve_optimizer, sync_module
+from .train import resolve_strategy
 from .batch import as_arrays
 from .data import ArrayLoader, fit_loaders, num_batches, set_epoch
 from .device import place
@@ -151,7 +152,12 @@ class Trainer:
             module docstring).
         accumulate_grad_batches: one optimizer update per this many batches (Lightning's name).
         shard_optimizer: under torchrun, each rank keeps the optimizer state of its part of the
-            parameters only (ZeRO-2; see the module docstring).
+            parameters only (ZeRO-2; see the module docstring). The old flag for ``strategy="zero2"``,
+            kept for one release.
+        strategy: how training is laid out over devices or ranks: an :class:`fnnet.strategy.Strategy`
+            (``fnnet.parallel.Replicate(devices)``, ``fnnet.distributed.DDP(group)``, ``ZeRO(2)``,
+            ``HSDP(mesh)``) or a shorthand (``"ddp"``, ``"zero2"``; see :func:`fnnet.make_train_step`).
+            ``None``: what ``devices`` and ``distributed`` say (the old flags, kept for one release).
 
     Attributes:
         state: the :class:`TrainState` (params, optimizer state, step, buffers, key).
@@ -165,10 +171,11 @@ class Trainer:
                  key: _random.Key | int | None = None, precision: str = "32", donate: bool = True,
                  params: Any = None, compile_options: Mapping[str, Any] | None = None,
                  memory_format: str | torch.memory_format = "auto", distributed: bool | None = None,
-                 accumulate_grad_batches: int = 1, shard_optimizer: bool = False):
+                 accumulate_grad_batches: int = 1, shard_optimizer: bool = False, strategy: Any = None):
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(outputs, targets), got {type(loss).__name__}")
-        self.distributed, self.devices = resolve_devices(devices, distributed)
+        strategy = resolve_strategy(strategy) if strategy is not None else None
+        self.distributed, self.devices = resolve_devices(devices, distributed, strategy)
         self._rank_shard = _dist.shard() if self.distributed else None  # this rank's part of arrays fit batches
         self.device = self.devices[0]  # where the state lives; with several devices, the first
         self.module = model if isinstance(model, nn.Module) else None
@@ -185,7 +192,7 @@ class Trainer:
         self.train_step, self.eval_step, self.predict_step = build_steps(
             self.model, loss, self.optimizer, self.devices, distributed=self.distributed, jit=jit, precision=precision,
             donate=donate, compile_options=compile_options, accumulate=accumulate_grad_batches,
-            shard_optimizer=shard_optimizer)
+            shard_optimizer=shard_optimizer, strategy=strategy)
         self.accumulate = accumulate_grad_batches
         state, self.memory_format = initial_state(self.model, self.module, params, self.optimizer, self.key,
                                                   precision=precision, device=self.device, memory_format=memory_format)
@@ -432,7 +439,7 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         """What :meth:`save` writes: ``{"state": trainer.state, "epoch": epochs completed}``, the optimizer
         state whole (gathered from every rank's part under ``shard_optimizer``: every rank calls this)."""
-        return {"state": getattr(self.train_step, "gather_state", lambda s: s)(self.state), "epoch": self.epoch,
+        return {"state": self.train_step.gather_state(self.state), "epoch": self.epoch,
                 "position": position(self._batch_in_epoch, _dist.world_size(), self._global_batch, self._callbacks)}
 
     def save(self, path: str | os.PathLike) -> None:

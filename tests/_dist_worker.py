@@ -286,10 +286,149 @@ def run_shard(out: Path) -> None:
         loader = fnnet.ArrayLoader((x, y), 4, shuffle=True, key=fnnet.random.key(1), shard=distributed.shard())
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
-        trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), shard_optimizer=True)
+        trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.05), strategy="zero2")
         trainer.fit(loader, epochs=2, verbose=0)
         trainer.save(out / "sharded-trainer.safetensors")
         fnnet.save(out / f"sharded-trainer-params{me}.safetensors", trainer.state.params)
+
+
+STRATEGY_OPTIMIZERS = ("adam", "clip+adamw")
+
+
+def _train(step, state, world: int, rank: int, offset: int = 0, steps: int = SHARD_STEPS):
+    for i in range(steps):
+        state, metrics = step(state, shard_part(shard_data(i + offset, world), rank, world))
+    return state, metrics
+
+
+def _part_bytes(state) -> int:
+    return sum(x.numel() * x.element_size() for x in fnnet.tree.leaves(state.opt_state) if isinstance(x, torch.Tensor))
+
+
+def run_strategies(out: Path) -> None:
+    """Four ranks, several checks in one launch (each compared with one process in test_distributed.py):
+    HSDP on a 2 x 2 mesh; two disjoint groups training two models side by side; the shorthands against
+    the old flags; ZeRO's reduce-scatter path forced on gloo and ZeRO-1; the ranks' settings checked on
+    the first call; the finite flag, dropout keys, a skipped window's buffers and a mask function."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    me, world = distributed.rank(), distributed.world_size()
+    assert world == 4
+    result: dict = {}
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    pair = [tdist.new_group([0, 1]), tdist.new_group([2, 3])]  # every rank creates both
+    mine, pair_rank = pair[me // 2], me % 2
+    for name in STRATEGY_OPTIMIZERS:
+        # 1. HSDP: the optimizer state cut in two within each row, the rows replicas of each other
+        model, opt, loss_fn = shard_setup(name)
+        step = fnnet.make_train_step(loss_fn, opt, strategy=distributed.HSDP(mesh, bucket_mb=0.0003))
+        state, _ = _train(step, fnnet.TrainState.create(model.params, opt), 4, me)
+        fnnet.save(out / f"hsdp-{name}-{me}.safetensors", state.params)
+        result[f"hsdp-{name}-bytes"] = [_part_bytes(state), _part_bytes(fnnet.TrainState.create(model.params, opt))]
+        # 2. two groups: ranks 0-1 train with ZeRO-2 on their data, ranks 2-3 with DDP on other data
+        model, opt, loss_fn = shard_setup(name)
+        strategy = distributed.ZeRO(2, mine, bucket_mb=0.0003) if me < 2 else distributed.DDP(mine, bucket_mb=0.0003)
+        step = fnnet.make_train_step(loss_fn, opt, strategy=strategy)
+        state, _ = _train(step, fnnet.TrainState.create(model.params, opt), 2, pair_rank, offset=50 * (me // 2))
+        fnnet.save(out / f"groups-{name}-{me}.safetensors", state.params)
+    # 3. shorthands and strategy objects give the old flags' results, bit for bit
+    model, opt, loss_fn = shard_setup("adam")
+    same = {}
+    for label, new, old in (("ddp", dict(strategy="ddp"), dict(distributed=True)),
+                            ("zero2", dict(strategy="zero2"), dict(distributed=True, shard_optimizer=True)),
+                            ("ZeRO()", dict(strategy=distributed.ZeRO()), dict(distributed=True, shard_optimizer=True))):
+        got = [_train(fnnet.make_train_step(loss_fn, opt, **kw), fnnet.TrainState.create(model.params, opt), 4, me,
+                      steps=3)[0].params for kw in (new, old)]
+        same[label] = all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+    result["same"] = same
+    # 4. ZeRO-2 with NCCL's collectives (reduce-scatter, all-gather) forced on gloo, and ZeRO-1
+    for label, strategy in (("scatter", distributed.ZeRO(2, bucket_mb=0.0003, reduce_scatter=True)),
+                            ("zero1", distributed.ZeRO(1, bucket_mb=0.0003))):
+        for donate in (False, True):
+            step = fnnet.make_train_step(loss_fn, opt, strategy=strategy, donate=donate)
+            state, _ = _train(step, fnnet.TrainState.create(fnnet.tree.map(torch.clone, model.params), opt), 4, me)
+            fnnet.save(out / f"{label}-{donate}-{me}.safetensors", state.params)
+    run_strategy_checks(out, me, result)
+    (out / f"strategies{me}.json").write_text(json.dumps(result))
+
+
+def run_strategy_checks(out: Path, me: int, result: dict) -> None:
+    """Issue 34's checks of the rank steps (see run_strategies)."""
+    # 5. ranks built with different accumulate settings: a clear error on the first call, on every rank
+    model, opt, loss_fn = shard_setup("adam")
+    step = fnnet.make_train_step(loss_fn, opt, strategy="ddp", accumulate=2 if me < 2 else 1)
+    try:
+        step(fnnet.TrainState.create(model.params, opt), shard_part(shard_data(0, 4), me, 4))
+        result["accumulate_mismatch"] = None
+    except ValueError as err:
+        result["accumulate_mismatch"] = str(err)
+    # 6. ZeRO-2: an inf gradient in one rank's batch, in a parameter one rank owns: every rank skips
+    params = {"w": torch.linspace(-1, 1, 10, dtype=torch.float64), "c": torch.zeros(1, dtype=torch.float64)}
+    tiny = lambda p, b: ((b[0] * p["w"]).sum(1) - b[1]).pow(2).mean() + (p["c"] * b[2]).mean()  # noqa: E731
+    sgd = optim.sgd(0.1)
+    step = fnnet.make_train_step(tiny, sgd, strategy=distributed.ZeRO(2, bucket_mb=0.0001), skip_nonfinite=True)
+    g = torch.Generator().manual_seed(me)
+    x, y, z = torch.randn(3, 10, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64), \
+        torch.ones(3, dtype=torch.float64)
+    if me == 3:
+        z[1] = float("inf")
+    state, metrics = step(fnnet.TrainState.create(params, sgd), (x, y, z))
+    result["inf_finite"] = bool(metrics["finite"])
+    result["inf_unchanged"] = all(torch.equal(state.params[k], params[k]) for k in params)
+    # 7. dropout keys: each micro-batch of a window and each rank draws its own
+    drawn = lambda p, b, key: (F.mse_loss(model.apply(p, b[0]), b[1]),  # noqa: E731
+                               {"draw": fnnet.random.uniform(key, (1,), dtype=torch.float64)[0]})
+    step = fnnet.make_train_step(drawn, opt, strategy="zero2", accumulate=3)
+    state = fnnet.TrainState.create(model.params, opt, key=fnnet.random.key(5))
+    draws = []
+    for m in range(3):
+        state, metrics = step(state, shard_part(shard_data(m, 4), me, 4))
+        draws.append(float(metrics["draw"]))
+    result["draws"] = draws
+    # 8. a window whose update is skipped (NaN in its first micro-batch) keeps its buffers as at its start
+    bn = fnnet.functional(bn_model())
+    loss_bn = fnnet.supervised_loss(bn, F.mse_loss, return_outputs=False)
+    for label, strategy in (("ddp", "ddp"), ("zero2", "zero2")):
+        step = fnnet.make_train_step(loss_bn, sgd, strategy=strategy, accumulate=2, skip_nonfinite=True)
+        state = fnnet.TrainState.create(bn.params, sgd, buffers=bn.buffers)
+        x, y = shard_part(shard_data(0, 4), me, 4)
+        if me == 0:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        state, _ = step(state, (x, y))
+        state, metrics = step(state, shard_part(shard_data(1, 4), me, 4))
+        result[f"bn-{label}"] = [bool(metrics["finite"]), all(torch.equal(state.buffers[k], bn.buffers[k])
+                                                              for k in bn.buffers)]
+    # 9. ZeRO-2 with adamw's mask given as a function of the shapes: equal to one process
+    model = fnnet.functional(ShardNet().double())
+    decay = lambda p: fnnet.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    opt = optim.masked(optim.adamw(0.01, weight_decay=0.5, mask=decay), model.trainable)
+    loss_fn = lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1])  # noqa: E731
+    step = fnnet.make_train_step(loss_fn, opt, strategy=distributed.ZeRO(2, bucket_mb=0.0003))
+    state, _ = _train(step, fnnet.TrainState.create(model.params, opt), 4, me)
+    fnnet.save(out / f"maskfn-{me}.safetensors", state.params)
+    masked_adam = optim.masked(optim.adam(0.01), decay)
+    try:
+        step = fnnet.make_train_step(loss_fn, masked_adam, strategy="zero2")
+        step(fnnet.TrainState(model.params, None), shard_part(shard_data(0, 4), me, 4))
+        result["maskfn_part_init"] = None
+    except ValueError as err:
+        result["maskfn_part_init"] = str(err)
+
+
+def run_jit_strategies(out: Path) -> None:
+    """jit=True where it was refused before strategies: ZeRO-2 (compiled gradient function, eager
+    reduce-scatter/update/all-gather) and DDP with a custom reduction (the same split)."""
+    from fnnet import comm
+
+    me, world = distributed.rank(), distributed.world_size()
+    model, opt, loss_fn = shard_setup("clip+adamw")
+    for label, strategy in (("zero2", distributed.ZeRO(2, bucket_mb=0.0003)),
+                            ("reduction", distributed.DDP(bucket_mb=0.0003, reduction=comm.all_reduce))):
+        step = fnnet.make_train_step(loss_fn, opt, strategy=strategy, jit=True)
+        state, _ = _train(step, fnnet.TrainState.create(model.params, opt), world, me, steps=4)
+        fnnet.save(out / f"jit-{label}-{me}.safetensors", state.params)
 
 
 def run_shard_resume(out: Path) -> None:
@@ -410,6 +549,10 @@ def main() -> None:
             run_timeout(out)
         elif scenario == "shard":
             run_shard(out)
+        elif scenario == "jit-strategies":
+            run_jit_strategies(out)
+        elif scenario == "strategies":
+            run_strategies(out)
         elif scenario == "shard-resume":
             run_shard_resume(out)
         elif scenario == "seam":

@@ -229,7 +229,7 @@ def test_sharded_optimizer_state_equals_one_process_and_its_checkpoint_loads_any
     saved = fnnet.load(tmp_path / "sharded-trainer.safetensors")
     assert saved["epoch"] == 2
     assert fnnet.tree.structure(saved["state"].opt_state) == fnnet.tree.structure(one.state.opt_state)
-    for a, b in zip(fnnet.tree.leaves(saved["state"]), fnnet.tree.leaves(one.state)):
+    for a, b in zip(fnnet.tree.leaves(saved["state"]), fnnet.tree.leaves(one.state), strict=True):
         if isinstance(a, torch.Tensor):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     for rank in range(2):
@@ -245,6 +245,58 @@ def test_sharded_optimizer_state_equals_one_process_and_its_checkpoint_loads_any
     proc = launch("shard-resume", tmp_path, nproc=3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_ranks_hold(tmp_path, "resumed-3-{rank}.safetensors", reference.params, 3)
+
+
+def test_strategies_on_four_ranks_hsdp_two_groups_shorthands_and_the_rank_checks(tmp_path):
+    """One 4-rank launch (see _dist_worker.run_strategies), every result against one process in float64."""
+    proc = launch("strategies", tmp_path, nproc=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = [json.loads((tmp_path / f"strategies{rank}.json").read_text()) for rank in range(4)]
+    for name in W.STRATEGY_OPTIMIZERS:
+        # HSDP on a 2 x 2 mesh (uneven: 99 trainable elements, batches of 5, 7, 4, 6) equals one process
+        assert_ranks_hold(tmp_path, f"hsdp-{name}-{{rank}}.safetensors", _one_process(name, 4, range(W.SHARD_STEPS)).params,
+                          4)
+        for rank in range(4):  # each rank holds about half of the optimizer state (two shards per replica)
+            part, whole = got[rank][f"hsdp-{name}-bytes"]
+            assert part <= whole / 2 + 8 * 8 * 2 + 64, (name, rank, part, whole)
+        # two groups of one world: ranks 0-1 (ZeRO-2) and ranks 2-3 (DDP) each equal their own one-process run
+        first = _one_process(name, 2, range(W.SHARD_STEPS)).params
+        second = _one_process(name, 2, range(50, 50 + W.SHARD_STEPS)).params
+        for rank, expected in ((0, first), (1, first), (2, second), (3, second)):
+            params = fnnet.load(tmp_path / f"groups-{name}-{rank}.safetensors")
+            for k in expected:
+                torch.testing.assert_close(params[k], expected[k], rtol=1e-10, atol=1e-10, msg=f"{name} {rank} {k}")
+    reference = _one_process("adam", 4, range(W.SHARD_STEPS)).params
+    for label in ("scatter", "zero1"):
+        for donate in (False, True):
+            assert_ranks_hold(tmp_path, f"{label}-{donate}-{{rank}}.safetensors", reference, 4)
+    model = fnnet.functional(W.ShardNet().double())
+    decay = lambda p: fnnet.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    opt = optim.masked(optim.adamw(0.01, weight_decay=0.5, mask=decay), model.trainable)
+    step = fnnet.make_train_step(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]), opt)
+    state = fnnet.TrainState.create(model.params, opt)
+    for i in range(W.SHARD_STEPS):
+        state, _ = step(state, W.shard_data(i, 4))
+    assert_ranks_hold(tmp_path, "maskfn-{rank}.safetensors", state.params, 4)
+    for rank, r in enumerate(got):
+        assert r["same"] == {"ddp": True, "zero2": True, "ZeRO()": True}, r["same"]
+        message = r["accumulate_mismatch"]
+        assert message and "accumulate=2 on rank 0, accumulate=1 on rank 2" in message, message
+        assert r["inf_finite"] is False and r["inf_unchanged"] is True, (rank, r)
+        assert len(set(r["draws"])) == 3, r["draws"]  # every micro-batch its own key
+        assert r["bn-ddp"] == [False, True] and r["bn-zero2"] == [False, True], (rank, r)
+        assert "mask given as a function" in (r["maskfn_part_init"] or ""), r["maskfn_part_init"]
+    for m in range(3):  # every rank its own key
+        assert len({r["draws"][m] for r in got}) == 4, [r["draws"] for r in got]
+
+
+@pytest.mark.extended
+def test_the_sharded_step_and_a_custom_reduction_compile_with_jit(tmp_path):
+    proc = launch("jit-strategies", tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected = _one_process("clip+adamw", 2, range(4)).params
+    for label in ("zero2", "reduction"):
+        assert_ranks_hold(tmp_path, f"jit-{label}-{{rank}}.safetensors", expected, 2)
 
 
 def test_a_collective_that_times_out_names_itself_and_the_step(tmp_path):

@@ -258,3 +258,23 @@ def test_a_per_batch_scalar_aux_is_weighted_by_shard_size_on_an_uneven_batch():
     torch.testing.assert_close(m3["abs_mean"], m1["abs_mean"], rtol=1e-12, atol=1e-12)  # weighted 3/7, 2/7, 2/7
     torch.testing.assert_close(m3["first_out"], m1["first_out"], rtol=1e-12, atol=1e-12)  # gathered in order
     torch.testing.assert_close(m3["loss"], m1["loss"], rtol=1e-6, atol=1e-7)  # the step reports a float32 loss
+
+
+def test_a_sharded_state_is_cut_by_key_path_when_two_parameters_share_a_shape():
+    """``weight`` and ``a.weight``, the same shape: each optimizer-state leaf gets the range of its own
+    parameter (the longer name is matched first), on every rank of a layout."""
+    from fnnet import shard
+
+    params = {"weight": torch.arange(4.0), "a.weight": torch.arange(4.0) + 10}
+    opt = optim.adam(0.1)
+    whole = opt.init(params)
+    whole = (whole[0]._replace(mu=fnnet.tree.map(lambda x: x + 100, params), nu=fnnet.tree.map(lambda x: x + 200, params)),
+             whole[1])
+    for rank in (0, 1):
+        lay = shard.layout(params, 2, rank, 25.0)
+        cut = shard.shard_opt_state(whole, params, lay)
+        for field, offset in (("mu", 100), ("nu", 200)):
+            want = lay.part(fnnet.tree.map(lambda x: x + offset, params))
+            for k in params:
+                assert torch.equal(getattr(cut[0], field)[k], want[k]), (rank, field, k)
+        assert sum(getattr(cut[0], "mu")[k].numel() for k in params) == 4  # half of 8 elements on each rank

@@ -10,10 +10,10 @@ and state the caller hands over, the way ``jax.jit(donate_argnums=...)`` does.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import functools
+import inspect
 
-from typing import Any, Callable, Iterator, NamedTuple, Protocol, Union
+from typing import Any, Callable, NamedTuple, Protocol, Union
 
 import optree
 import torch
@@ -23,9 +23,9 @@ from . import _foreach
 from ._common import EmptyState, check_learning_rate, init_empty
 
 __all__ = [
+    "Shards",
     "global_sum",
-    "sharded",
-    "sharded_now",
+    "update_with",
     "Params",
     "Updates",
     "OptState",
@@ -103,35 +103,54 @@ class ScaleByScheduleState(NamedTuple):
     learning_rate: torch.Tensor
 
 
-_GLOBAL_SUM: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = \
-    contextvars.ContextVar("fnnet_optim_global_sum", default=None)
+class Shards(NamedTuple):
+    """What an update on one rank's *part* of the parameters needs to know of the whole (ZeRO, HSDP).
 
+    A sharded training step (:class:`fnnet.distributed.ZeRO`, :class:`fnnet.distributed.HSDP`)
+    runs the optimizer on this rank's part of every parameter (1-D ranges) and passes this to
+    ``optimizer.update(..., shards=...)``, as optax passes ``axis_name`` to the transforms that
+    reduce across devices: nothing reaches a transform by a hidden channel.
 
-def sharded_now() -> bool:
-    """Whether the update runs on a shard of the parameters (inside :func:`sharded`)."""
-    return _GLOBAL_SUM.get() is not None
-
-
-def global_sum(x: torch.Tensor) -> torch.Tensor:
-    """``x`` summed over every shard of the parameters (identity when the tree is whole).
-
-    How a transform *declares* that it needs a global view: ``clip_by_global_norm`` sums its
-    squared norms through this, so under optimizer-state sharding (each rank updates a part of
-    the parameters: ``make_train_step(..., distributed=True, shard_optimizer=True)``) the norm is
-    the norm of the whole gradient. A transform that reduces over leaves must do the same.
+    Attributes:
+        sum: ``sum(x) -> x`` summed over every part of the parameters (an all-reduce on the
+            strategy's shard group). :func:`clip_by_global_norm` sums its squared norm with it.
+        whole: the whole parameters' tree (the part's structure, the whole shapes) on the
+            ``meta`` device: :func:`masked` evaluates a mask given as a function on it, so a
+            mask that looks at shapes (``lambda p: tree.map(lambda x: x.ndim > 1, p)``) selects
+            what it selects on one process.
     """
-    fn = _GLOBAL_SUM.get()
-    return x if fn is None else fn(x)
+
+    sum: Callable[[torch.Tensor], torch.Tensor]
+    whole: Any
 
 
-@contextlib.contextmanager
-def sharded(sum_across: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Within this block, :func:`global_sum` uses ``sum_across`` (the sharded step's all-reduce)."""
-    token = _GLOBAL_SUM.set(sum_across)
+def global_sum(x: torch.Tensor, shards: Shards | None = None) -> torch.Tensor:
+    """``x`` summed over every part of the parameters: ``shards.sum(x)``, or ``x`` itself when the
+    update sees the whole tree (``shards=None``). How a transform that reduces over leaves gets
+    the global value under optimizer-state sharding (``clip_by_global_norm`` does)."""
+    return x if shards is None else shards.sum(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_shards(update: Callable) -> bool:
     try:
-        yield
-    finally:
-        _GLOBAL_SUM.reset(token)
+        return "shards" in inspect.signature(update).parameters
+    except (TypeError, ValueError):  # a builtin or an object without a signature: it does not declare it
+        return False
+
+
+def update_with(transform: GradientTransformation, updates: Updates, state: OptState, params: Params | None = None,
+                *, donate: bool = False, shards: Shards | None = None) -> tuple[Updates, OptState]:
+    """``transform.update(updates, state, params, donate=donate)``, with ``shards=shards`` passed to an
+    update that declares a ``shards`` keyword (:class:`Shards`; ``None``: the tree is whole).
+
+    Transforms that need the whole tree's view (a global norm, a mask computed from shapes)
+    declare ``shards``; every other transform keeps optax's signature, so a transformation of
+    your own works unchanged. :func:`chain` and :func:`masked` hand it on this way.
+    """
+    if shards is not None and _takes_shards(transform.update):
+        return transform.update(updates, state, params, donate=donate, shards=shards)
+    return transform.update(updates, state, params, donate=donate)
 
 
 def identity() -> GradientTransformation:
@@ -149,7 +168,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     The state is the tuple of the transformations' states, in order. ``donate`` is passed
     to every stage: each one may then reuse the buffers of the updates it receives and of
-    its own state.
+    its own state. ``shards`` (a sharded step's :class:`Shards`) goes to every stage that
+    declares it (:func:`update_with`).
 
     Example: ``chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))``
     is ``torch.nn.utils.clip_grad_norm_`` followed by ``torch.optim.Adam(lr=1e-3)``.
@@ -164,7 +184,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params: Params) -> tuple[OptState, ...]:
         return tuple(t.init(params) for t in transforms)
 
-    def update(updates: Updates, state: tuple[OptState, ...], params: Params | None = None, *, donate: bool = False):
+    def update(updates: Updates, state: tuple[OptState, ...], params: Params | None = None, *, donate: bool = False,
+               shards: Shards | None = None):
         if not isinstance(state, tuple) or len(state) != len(transforms):
             got = f"a {type(state).__name__} of length {len(state)}" if isinstance(state, tuple) else type(state).__name__
             raise ValueError(
@@ -173,7 +194,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             )
         new_state = []
         for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params, donate=donate)
+            updates, s = update_with(t, updates, s, params, donate=donate, shards=shards)
             new_state.append(s)
         return updates, tuple(new_state)
 

@@ -39,9 +39,10 @@ from .base import (
     ScalarOrSchedule,
     ScaleByLearningRateState,
     ScaleByScheduleState,
+    Shards,
     Updates,
     global_sum,
-    sharded_now,
+    update_with,
 )
 
 __all__ = [
@@ -652,14 +653,16 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     Returns:
         A stateless :class:`GradientTransformation` (``EmptyState``). No host sync: the
-        scale is a tensor.
+        scale is a tensor. Its ``update`` takes ``shards=`` (:class:`fnnet.optim.Shards`): on a
+        part of the parameters (a sharded step supplies it) the norm is the whole gradient's.
     """
     C.check_positive("clip_by_global_norm", max_norm=max_norm)
 
-    def update(updates: Updates, params: Params | None, donate: bool) -> Updates:
+    def update(updates: Updates, state: Any, params: Params | None = None, *, donate: bool = False,
+               shards: Shards | None = None) -> tuple[Updates, Any]:
         leaves = _tree.leaves(updates)
         if not leaves:
-            return updates
+            return updates, state
         groups = F.index_groups([leaves])
         device = leaves[0].device
         dtype = torch.float32
@@ -670,13 +673,13 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
             norms = torch._foreach_norm([leaves[i] for i in idx])
             group_norms.append(torch.linalg.vector_norm(torch.stack(norms)).to(device=device, dtype=dtype))
         total = group_norms[0] if len(group_norms) == 1 else torch.linalg.vector_norm(torch.stack(group_norms))
-        if not torch.compiler.is_compiling() and sharded_now():  # sharded steps never compile
-            total = global_sum(total * total).sqrt()  # the norm of every shard's part
+        if shards is not None:  # a part of the parameters (a sharded step): the norm of every part together
+            total = global_sum(total * total, shards).sqrt()
         # max_norm / 0 = inf, clamped to 1: an all-zero gradient stays zero.
         factor = torch.clamp(max_norm / total, max=1.0)
-        return _scale_updates(updates, factor, donate)
+        return _scale_updates(updates, factor, donate), state
 
-    return _stateless(update)
+    return GradientTransformation(C.init_empty, update)
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -748,6 +751,13 @@ def _select(paths: list[str], leaves: list[Any], flags: list[bool]) -> dict[str,
     return {path: leaf for path, leaf, f in zip(paths, leaves, flags) if f}
 
 
+def _sub_shards(shards: Shards | None, paths: list[str], flags: list[bool]) -> Shards | None:
+    """``shards`` for the selected leaves (their whole shapes, in ``_select``'s flat dict)."""
+    if shards is None:
+        return None
+    return shards._replace(whole=_select(paths, _tree.leaves(shards.whole), flags))
+
+
 def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     """Apply ``inner`` only to the leaves selected by ``mask``; others pass through (``optax.masked``).
 
@@ -760,7 +770,8 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         mask: a tree of Python bools with the params' structure or a prefix of it (one
             bool may stand for a whole subtree: ``{"encoder": False, "head": True}``), or a
             callable ``tree -> such a tree``, called with the params at ``init`` and the
-            updates at ``update``.
+            updates at ``update`` (in a sharded step, with the whole tree's shapes:
+            ``update(..., shards=)``, :class:`fnnet.optim.Shards`).
 
     Returns:
         A :class:`GradientTransformation` with state ``MaskedState(inner_state)``. The inner
@@ -777,15 +788,18 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
             raise ValueError(f"{where}: two selected leaves have the same key path in {chosen}; rename one")
         return MaskedState(inner.init(_select(paths, _tree.leaves(params), flags)))
 
-    def update(updates: Updates, state: MaskedState, params: Params | None = None, *, donate: bool = False):
-        flags = _mask_flags(mask, updates, where)
+    def update(updates: Updates, state: MaskedState, params: Params | None = None, *, donate: bool = False,
+               shards: Shards | None = None):
+        # a mask function looks at the whole tree (shapes), not at a sharded step's 1-D parts
+        flags = _mask_flags(mask, shards.whole if shards is not None and callable(mask) else updates, where)
         leaves, spec = _tree.flatten(updates)
         paths = _tree.paths(updates)
         sub_params = None
         if params is not None:
             p_leaves = F.leaves_like(params, spec, updates, f"{where}: the updates and the params")
             sub_params = _select(paths, p_leaves, flags)
-        new_sub, inner_state = inner.update(_select(paths, leaves, flags), state.inner_state, sub_params, donate=donate)
+        new_sub, inner_state = update_with(inner, _select(paths, leaves, flags), state.inner_state, sub_params,
+                                           donate=donate, shards=_sub_shards(shards, paths, flags))
         out = [new_sub[p] if f else u for p, u, f in zip(paths, leaves, flags)]
         return _tree.unflatten(spec, out), MaskedState(inner_state)
 
@@ -819,7 +833,8 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
             mini_step=count, gradient_step=count.clone(), inner_state=inner.init(params), acc_grads=C.zeros_tree(params, where)
         )
 
-    def update(updates: Updates, state: MultiStepsState, params: Params | None = None, *, donate: bool = False):
+    def update(updates: Updates, state: MultiStepsState, params: Params | None = None, *, donate: bool = False,
+               shards: Shards | None = None):
         acc, spec = _tree.flatten(state.acc_grads)
         g = F.leaves_like(updates, spec, state.acc_grads, f"{where}: the accumulated gradients and the updates", acc)
         (acc,) = F.grouped(lambda _, a, g: (F.add(a, g, donate),), [acc, g], (0,))
@@ -832,7 +847,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
                 new_state = MultiStepsState(state.mini_step + 1, state.gradient_step, state.inner_state, _tree.unflatten(spec, acc))
                 return _tree.unflatten(spec, zeros), new_state
             # ``mean`` is fresh, so inner may write into it when the caller donates.
-            new_updates, inner_state = inner.update(mean, state.inner_state, params, donate=donate)
+            new_updates, inner_state = update_with(inner, mean, state.inner_state, params, donate=donate, shards=shards)
             acc = F.zeros_like(acc, True)  # ``acc`` is the donated state or a fresh sum
             new_state = MultiStepsState(
                 torch.zeros_like(state.mini_step), state.gradient_step + 1, inner_state, _tree.unflatten(spec, acc)
@@ -840,7 +855,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
             return new_updates, new_state
 
         emit = state.mini_step + 1 >= every_k
-        new_updates, inner_new = inner.update(mean, state.inner_state, params, donate=False)
+        new_updates, inner_new = update_with(inner, mean, state.inner_state, params, shards=shards)
 
         def pick(new: Any, old: Any) -> Any:
             if isinstance(new, torch.Tensor):
