@@ -27,6 +27,7 @@ _EXPORTS = {
     "plot": ("plot_history", "plot_samples"),
     "precision": ("Precision",),
     "random": ("seed_everything",),
+    "sampling": ("generate",),
     "state": ("DynamicScale", "TrainState", "all_finite", "grads_finite"),
     "_summary": ("SummaryRow", "SummaryTable", "summary"),
     "train": ("GradResult", "make_eval_step", "make_grad_fn", "make_predict_step", "make_train_step",
@@ -36,7 +37,7 @@ _EXPORTS = {
 # ``fnnet.functional``, ``fnnet.summary`` and ``fnnet.remat`` are functions; their modules are ``_functional``,
 # ``_summary``, ``_remat``.
 _MODULES = ("batch", "callbacks", "checkpoint", "comm", "compiler", "data", "datasets", "device", "distributed", "interop",
-            "layout", "loss", "memory", "metrics", "models", "optim", "parallel", "plot", "precision", "random",
+            "layout", "loss", "memory", "metrics", "models", "optim", "parallel", "plot", "precision", "random", "sampling",
             "state", "step", "strategy",
             "train", "trainer", "tree")
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -61,7 +62,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import (batch, callbacks, checkpoint, comm, compiler, data, datasets, device, distributed, interop,
-                   layout, loss, memory, metrics, models, optim, parallel, plot, precision, random, state, step,
+                   layout, loss, memory, metrics, models, optim, parallel, plot, precision, random, sampling, state, step,
                    strategy, train, trainer, tree)
     from ._functional import Model, functional, grad, jit, value_and_grad, vmap
     from ._remat import remat
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .plot import plot_history, plot_samples
     from .precision import Precision
     from .random import seed_everything
+    from .sampling import generate
     from .state import DynamicScale, TrainState, all_finite, grads_finite
     from .train import (GradResult, make_eval_step, make_grad_fn, make_predict_step, make_train_step,
                         supervised_loss)

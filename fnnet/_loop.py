@@ -8,6 +8,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -16,8 +17,9 @@ import torch
 from . import distributed as _dist
 from . import metrics as _metrics
 from . import tree as _tree
+from .batch import batch_size_of, split_batch
 
-__all__ = ["together", "EpochMetrics", "check_fit_options", "check_reiterable", "check_same_batch_count", "input_batches",
+__all__ = ["together", "EpochMetrics", "Throughput", "check_step_options", "check_fit_options", "check_reiterable", "check_same_batch_count", "input_batches",
            "report_nonfinite", "learning_rate", "epoch_line", "banner", "with_context", "Bar", "deferred_interrupt"]
 
 
@@ -84,6 +86,63 @@ class EpochMetrics:
             if all_ranks or name in self.bar_names:
                 logs[f"{prefix}{name}{label}"] = float(m.compute(states[name]))
         return logs
+
+
+class Throughput:
+    """Samples, and tokens for sequence batches, per second of training time (what the bar and the history show).
+
+    A batch's samples are :func:`fnnet.batch.batch_size_of`; its tokens are the elements of its
+    targets when they have two or more dimensions (``(B, T)`` next-token targets: ``B * T``),
+    otherwise it counts no tokens. Only shapes are read (no device sync); the clock runs while
+    :meth:`resume` d and stops at :meth:`pause` (validation is not training time). Read a rate
+    right after a sync with the device (a loss read), or it measures the launches, not the work.
+    """
+
+    def __init__(self) -> None:
+        self.samples = self.tokens = 0
+        self.seconds, self._since = 0.0, None
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def count(self, batch: Any) -> None:
+        try:
+            _, targets = split_batch(batch)
+        except ValueError:  # a batch of another form: its samples only
+            targets = None
+        self.samples += batch_size_of(batch)
+        if isinstance(targets, torch.Tensor) and targets.ndim >= 2:
+            self.tokens += targets.numel()
+
+    def snapshot(self) -> tuple[int, int, float]:
+        """``(samples, tokens, seconds)`` so far, for :meth:`rates` over a later stretch."""
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self.samples, self.tokens, self.seconds + running
+
+    def rates(self, since: tuple[int, int, float] = (0, 0, 0.0)) -> dict[str, float]:
+        """``{"samples_per_sec"}``, and ``"tokens_per_sec"`` when sequence batches were counted, since ``since``."""
+        samples, tokens, seconds = (now - then for now, then in zip(self.snapshot(), since))
+        if seconds <= 0:
+            return {}
+        out = {"samples_per_sec": samples / seconds}
+        if tokens:
+            out["tokens_per_sec"] = tokens / seconds
+        return out
+
+
+def check_step_options(epochs: Any, max_steps: Any, val_check_interval: Any) -> int:
+    """The epochs ``fit`` runs: ``epochs``, or without it one (no ``max_steps``) or as many as ``max_steps`` needs."""
+    for name, value in (("max_steps", max_steps), ("val_check_interval", val_check_interval)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int (optimizer updates) or None, got {value!r}")
+    if epochs is None:
+        return 1 if max_steps is None else sys.maxsize  # max_steps ends it
+    return epochs
 
 
 def check_fit_options(epochs: Any, on_nonfinite: Any, log_every: Any) -> None:

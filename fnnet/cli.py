@@ -97,7 +97,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: one device per process, chosen by rank
         devices = ["auto"]
-    common = dict(epochs=args.epochs or 10, device=devices if len(devices) > 1 else devices[0], out=args.out, batch_size=args.batch_size,
+    if args.task == "charlm":
+        return _train_charlm(args, devices)
+    common = dict(epochs=args.epochs or 10, device=devices if len(devices) > 1 else devices[0], out=args.out,
+                  batch_size=args.batch_size or 128,
                   lr=args.lr if args.lr is not None else 0.01, jit=args.jit, precision=args.precision, seed=args.seed,
                   accumulate=args.accumulate, resume=args.resume, every_n_steps=args.every_n_steps)
     if args.task == "digits":
@@ -108,6 +111,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:  # missing or corrupt IDX files: say which
         print(f"fnnet train mnist: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _train_charlm(args: argparse.Namespace, devices: list) -> int:
+    from . import recipes
+
+    if args.text is not None and not os.path.isfile(args.text):
+        args.parser.error(f"argument --text: no file at {args.text!r}; give a UTF-8 text file, or leave --text out "
+                          "for the embedded default (the Python standard library's sources)")
+    if len(devices) > 1:
+        args.parser.error(f"argument --device: charlm trains on one device per process; {args.device!r} names "
+                          f"{len(devices)} (use torchrun for several)")
+    if args.n_embd % args.n_head:
+        args.parser.error(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
+    recipes.train_charlm(text=args.text, steps=args.steps, out=args.out, eval_interval=args.eval_interval,
+                         eval_iters=args.eval_iters, block_size=args.block_size, batch_size=args.batch_size or 12,
+                         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                         lr=args.lr if args.lr is not None else 1e-3, device=devices[0], jit=args.jit,
+                         precision=args.precision, seed=args.seed, accumulate=args.accumulate, resume=args.resume,
+                         every_n_steps=args.every_n_steps, max_chars=args.max_chars, sample_tokens=args.sample_tokens)
     return 0
 
 
@@ -177,11 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="torch version, CUDA, devices and their memory, CPU threads")
     p_info.set_defaults(func=_cmd_info)
 
-    p_train = sub.add_parser("train", help="train the chapter's models: digits (embedded data), mnist, linreg",
+    p_train = sub.add_parser("train", help="train the chapter's models: digits (embedded data), mnist, linreg; "
+                                           "charlm (a character GPT)",
                              description="Train the chapter's CNN on the embedded digits or on MNIST, or run its linear "
                                          "regression. Under torchrun (torchrun --nproc-per-node N -m fnnet train digits) "
-                                         "digits and mnist train on N processes, rank 0 printing and writing.")
-    p_train.add_argument("task", choices=["digits", "mnist", "linreg"], help="what to train")
+                                         "digits and mnist train on N processes, rank 0 printing and writing. charlm "
+                                         "trains a character-level GPT (nanoGPT's shakespeare_char CPU configuration) "
+                                         "for --steps updates on --text or the embedded default text.")
+    p_train.add_argument("task", choices=["digits", "mnist", "linreg", "charlm"], help="what to train")
     p_train.add_argument("--epochs", type=_positive_int, default=None,
                          help="epochs (default 10; linreg 500: one full-batch step per epoch, as the chapter)")
     p_train.add_argument("--device", type=_device_arg, default="auto",
@@ -189,14 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "(several devices: data parallel)")
     p_train.add_argument("--out", default=None,
                          help="folder for the checkpoint (the best, for digits/mnist), history.csv and history.png")
-    p_train.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (default 128)")
-    p_train.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default 0.01; linreg 0.1)")
+    p_train.add_argument("--batch-size", type=_positive_int, default=None,
+                         help="batch size (default 128; charlm 12 windows, the global batch over all ranks)")
+    p_train.add_argument("--lr", type=_positive_float, default=None,
+                         help="Adam learning rate (default 0.01; linreg 0.1; charlm AdamW's peak 1e-3)")
     p_train.add_argument("--accumulate", type=_positive_int, default=1, metavar="K",
-                         help="digits/mnist: one optimizer update per K batches (gradient accumulation; default 1)")
+                         help="digits/mnist/charlm: one optimizer update per K batches (gradient accumulation; default 1)")
     p_train.add_argument("--resume", default=None, metavar="auto|PATH",
-                         help="digits/mnist: continue from a checkpoint ('auto': the newest in --out; none: start)")
+                         help="digits/mnist/charlm: continue from a checkpoint ('auto': the newest in --out; none: start)")
     p_train.add_argument("--every-n-steps", type=_positive_int, default=None, metavar="N",
-                         help="digits/mnist: also checkpoint every N optimizer steps inside epochs (needs --out)")
+                         help="digits/mnist/charlm: also checkpoint every N optimizer steps (needs --out)")
     p_train.add_argument("--jit", action="store_true", help="compile the training step with torch.compile")
     p_train.add_argument("--precision", choices=["32", "bf16", "16-mixed"], default="32")
     p_train.add_argument("--seed", type=int, default=0, help="the key everything random derives from")
@@ -204,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"digits: image side after resizing, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default 28)")
     p_train.add_argument("--data-dir", default=None, help="mnist: folder with the MNIST IDX files")
     p_train.add_argument("--n", type=_positive_int, default=1_000_000, help="linreg: samples (default 1,000,000)")
+    charlm = p_train.add_argument_group("charlm (defaults: nanoGPT's shakespeare_char on a CPU)")
+    charlm.add_argument("--text", default=None, metavar="FILE",
+                        help="a UTF-8 text file (default: the Python standard library's sources, 2 MB, no download)")
+    charlm.add_argument("--steps", type=_positive_int, default=2000, metavar="N", help="optimizer updates (default 2000)")
+    charlm.add_argument("--eval-interval", type=_positive_int, default=250, metavar="K",
+                        help="held-out loss and tokens/s every K updates (default 250)")
+    charlm.add_argument("--eval-iters", type=_positive_int, default=20, help="held-out batches per check (default 20)")
+    charlm.add_argument("--block-size", type=_positive_int, default=64, help="context length (default 64)")
+    charlm.add_argument("--n-layer", type=_positive_int, default=4, help="transformer blocks (default 4)")
+    charlm.add_argument("--n-head", type=_positive_int, default=4, help="attention heads (default 4)")
+    charlm.add_argument("--n-embd", type=_positive_int, default=128, help="width (default 128)")
+    charlm.add_argument("--dropout", type=float, default=0.0, help="dropout rate (default 0.0)")
+    charlm.add_argument("--max-chars", type=_positive_int, default=2_000_000,
+                        help="characters of text to read (default 2,000,000)")
+    charlm.add_argument("--sample-tokens", type=_int_at_least(0), default=500,
+                        help="characters to generate into sample.txt at the end (default 500)")
     p_train.set_defaults(func=_cmd_train, parser=p_train)
 
     p_bench = sub.add_parser("bench", help="time the chapter's workloads on CPU and GPU, fnnet vs plain PyTorch",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -25,11 +25,12 @@ import torch
 from . import random as _random
 from . import tree as _tree
 from .batch import as_arrays, batch_size_of, split_batch
-from .datasets import DEFAULT_MIRROR, DIGITS_TRAIN_SIZE, load_digits, load_mnist
+from .datasets import DEFAULT_MIRROR, DIGITS_TRAIN_SIZE, load_digits, load_mnist, load_text
 from .device import DeviceLike, place, resolve_device
 
 __all__ = [
     "ArrayLoader",
+    "WindowLoader",
     "num_batches",
     "set_epoch",
     "fit_loaders",
@@ -39,6 +40,7 @@ __all__ = [
     "as_arrays",
     "load_digits",
     "load_mnist",
+    "load_text",
     "DEFAULT_MIRROR",
     "DIGITS_TRAIN_SIZE",
 ]
@@ -336,6 +338,120 @@ class _Streamer:
                     t.record_stream(consumer)
             yield current
 
+
+
+class WindowLoader(ArrayLoader):
+    """Random windows of a token sequence, for a language model: batches of ``(x, y)``, ``y`` = ``x`` shifted by one.
+
+    Each sample is a window of ``block_size + 1`` consecutive tokens starting at a random
+    offset (nanoGPT's ``get_batch``): ``x`` its first ``block_size`` tokens, ``y`` its last
+    ``block_size``, both ``(batch, block_size)`` int64. An epoch is ``windows_per_epoch``
+    windows (default: as many as the text holds without overlap); the offsets of epoch ``e`` are
+    ``fnnet.random.randint(fold_in(key, e), ...)``, drawn on the CPU: a pure function of the key
+    and the epoch, never of torch's global RNG.
+
+    It is an :class:`ArrayLoader` whose samples are windows, so everything else is
+    ``ArrayLoader``'s: ``shard=`` / ``global_batch=True`` (a step covers the same windows on any
+    number of ranks), ``set_epoch``, ``batches(epoch, start=)``, ``len()``, and the Trainer's exact
+    mid-epoch resume. For a loop of your own, :meth:`state_dict` / :meth:`load_state_dict` save
+    and restore the position (the epoch and the batches done in it; the same on every rank).
+
+    Args:
+        tokens: a 1-D integer tensor of token ids (``load_text().train``).
+        block_size: the context length ``T``.
+        batch_size: windows per batch (per rank; all ranks together with ``global_batch=True``).
+        key: an :class:`fnnet.random.Key`, required.
+        windows_per_epoch: the windows one epoch draws (default ``(len(tokens) - 1) // block_size``).
+        device, shard, global_batch: as :class:`ArrayLoader`. The tokens are placed on ``device`` once.
+        drop_last: drop an epoch's last, smaller batch (default ``True``: every batch has one shape,
+            which a compiled step likes).
+
+    Raises:
+        ValueError: a non-1-D or non-integer ``tokens``, or fewer than ``block_size + 1`` tokens.
+    """
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, *, key: _random.Key,
+                 windows_per_epoch: int | None = None, device: DeviceLike | None = None,
+                 shard: tuple[int, int] | None = None, global_batch: bool = False, drop_last: bool = True) -> None:
+        if (not isinstance(tokens, torch.Tensor) or tokens.ndim != 1 or tokens.is_floating_point()
+                or tokens.is_complex() or tokens.dtype == torch.bool):
+            raise ValueError(f"WindowLoader: tokens must be a 1-D integer tensor of token ids, got "
+                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"WindowLoader: block_size must be a positive int, got {block_size!r}")
+        if len(tokens) < block_size + 1:
+            raise ValueError(f"WindowLoader: {len(tokens)} tokens hold no window of block_size + 1 = {block_size + 1}")
+        if key is None:
+            raise ValueError("WindowLoader needs key=fnnet.random.key(seed): the window offsets are drawn under it")
+        windows = (len(tokens) - 1) // block_size if windows_per_epoch is None else windows_per_epoch
+        if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+            raise ValueError(f"WindowLoader: windows_per_epoch must be a positive int, got {windows_per_epoch!r}")
+        if drop_last and windows < _check_batch_size(batch_size):
+            raise ValueError(f"WindowLoader: {windows} windows per epoch give no full batch of {batch_size}; "
+                             f"raise windows_per_epoch or pass drop_last=False")
+        super().__init__(tokens.long(), batch_size, shuffle=True, key=key, device=device, shard=shard,
+                         global_batch=global_batch)
+        self.num_samples, self.drop_last, self.block_size = windows, bool(drop_last), block_size
+        self._offsets = torch.arange(block_size + 1, device=self.arrays.device)
+        self._start = 0  # where the next iter() starts in its epoch (load_state_dict)
+        self._done: tuple[int, int] | None = None  # (epoch, batches done) of the iteration in progress
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """The window offsets of ``epoch``: ``windows_per_epoch`` int64 starts in ``[0, len(tokens) - block_size)``."""
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        high = len(self.arrays) - self.block_size
+        return _random.randint(_random.fold_in(self.key, int(epoch)), (self.num_samples,), 0, high)
+
+    def _iterate(self, order: torch.Tensor, start: int, count: int) -> Iterator[Any]:
+        order = order.to(self.arrays.device)
+        for i in range(start, count):
+            lo, hi = self._bounds(i, count)
+            window = self.arrays[order[lo:hi, None] + self._offsets]
+            yield window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter(loader)`` run ``epoch`` from its first batch."""
+        super().set_epoch(epoch)
+        self._start, self._done = 0, None
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, start = self._epoch, self._start
+        self._epoch, self._start = epoch + 1, 0
+        return self._tracked(epoch, start)
+
+    def _tracked(self, epoch: int, start: int) -> Iterator[Any]:
+        self._done = (epoch, start)
+        for i, batch in enumerate(self.batches(epoch, start=start), start + 1):
+            self._done = (epoch, i)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the next batch comes from: ``{"epoch", "batch", "global_batch"}`` (batches counted per step,
+        the same on every rank and, with ``global_batch=True``, on any number of ranks)."""
+        epoch, batch = (self._epoch, self._start) if self._done is None else self._done
+        if batch >= len(self):
+            epoch, batch = epoch + 1, 0
+        return {"epoch": int(epoch), "batch": int(batch), "global_batch": self._global_batch()}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue from :meth:`state_dict`'s position: the next ``iter()`` gives the batches the saved run had next.
+
+        Raises:
+            ValueError: another global batch (its batch ``b`` would hold other windows), or a position past the epoch.
+        """
+        if state.get("global_batch") != self._global_batch():
+            raise ValueError(f"WindowLoader.load_state_dict: saved with a global batch of {state.get('global_batch')} "
+                             f"windows, this loader's is {self._global_batch()}: the same position would be other "
+                             "windows. Use the same global batch (global_batch=True keeps it on any number of ranks)")
+        if not 0 <= int(state["batch"]) < len(self):
+            raise ValueError(f"WindowLoader.load_state_dict: batch {state['batch']} is outside [0, {len(self)})")
+        self.set_epoch(int(state["epoch"]))
+        self._start = int(state["batch"])
+
+    def __repr__(self) -> str:
+        return (f"WindowLoader(tokens={len(self.arrays)}, block_size={self.block_size}, batch_size={self.batch_size}, "
+                f"windows_per_epoch={self.num_samples}, batches={len(self)}, epoch={self._epoch})")
 
 
 def fit_loaders(train: Any, val: Any = None, *, batch_size: int | None = None, validation_split: float = 0.0,

@@ -1,8 +1,10 @@
-"""Datasets: the embedded handwritten digits and MNIST from IDX files (downloaded once if asked).
+"""Datasets: the embedded handwritten digits, MNIST from IDX files (downloaded once if asked), and text.
 
 Both return ``((X_train, y_train), (X_test, y_test))`` as MNIST-like tensors: images
 ``float32`` of shape ``(N, 1, H, W)`` and labels ``int64``. The loaders that batch them live in
-:mod:`fnnet.data`.
+:mod:`fnnet.data`. :func:`load_text` gives character ids and a vocabulary for a language model
+(the default text is the Python standard library's sources: no download), batched into random
+windows by :class:`fnnet.data.WindowLoader`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import urllib.request
 import uuid
 import zlib
 from pathlib import Path
+from typing import Any, NamedTuple
 
 
 import numpy as np
 import torch
 
-__all__ = ["load_digits", "load_mnist", "DEFAULT_MIRROR", "DIGITS_TRAIN_SIZE"]
+__all__ = ["load_digits", "load_mnist", "load_text", "stdlib_text", "CharVocab", "Text", "DEFAULT_MIRROR",
+           "DIGITS_TRAIN_SIZE", "DEFAULT_TEXT_CHARS"]
 
 
 # --------------------------------------------------------------------------------------
@@ -201,3 +205,120 @@ def load_mnist(
                          "(the file is corrupted, or it is not an MNIST labels file)")
     return torch.from_numpy(x.astype(np.float32) / np.float32(255.0)), torch.from_numpy(y.astype(np.int64))
 
+
+
+# --------------------------------------------------------------------------------------
+# Text (a character vocabulary; the default text needs no download)
+# --------------------------------------------------------------------------------------
+DEFAULT_TEXT_CHARS = 2_000_000
+
+
+class CharVocab:
+    """A character tokenizer: every distinct character of a text, sorted, gets an id (nanoGPT's ``shakespeare_char``).
+
+    ``encode(text) -> int64 tensor`` and ``decode(ids) -> str``; ``chars`` is the sorted alphabet
+    and ``len(vocab)`` its size (a GPT's ``vocab_size``). A character outside the alphabet is a
+    ``ValueError`` naming it.
+    """
+
+    def __init__(self, chars: str):
+        self.chars = "".join(sorted(set(chars)))
+        self._index = {c: i for i, c in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """The ids of ``text``'s characters, an int64 tensor of ``len(text)``."""
+        try:
+            return torch.tensor([self._index[c] for c in text], dtype=torch.int64)
+        except KeyError as err:
+            raise ValueError(f"CharVocab.encode: the character {err.args[0]!r} is not in the vocabulary "
+                             f"({len(self.chars)} characters)") from None
+
+    def decode(self, ids: Any) -> str:
+        """The text of ``ids`` (a tensor or a sequence of ints in ``[0, len(vocab))``)."""
+        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        try:
+            return "".join(self.chars[i] for i in values)
+        except (IndexError, TypeError):
+            raise ValueError(f"CharVocab.decode: ids must be ints in [0, {len(self.chars)}), got "
+                             f"{[v for v in values if not (isinstance(v, int) and 0 <= v < len(self.chars))][:5]}") from None
+
+    def __repr__(self) -> str:
+        return f"CharVocab({len(self.chars)} characters)"
+
+
+class Text(NamedTuple):
+    """What :func:`load_text` returns: ``train`` and ``val`` int64 ids (1-D) and the ``vocab``."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    vocab: CharVocab
+
+
+def stdlib_text(max_chars: int = DEFAULT_TEXT_CHARS) -> str:
+    """The default corpus: the Python standard library's own ``.py`` sources, no download.
+
+    The files under ``sysconfig.get_paths()["stdlib"]`` (``site-packages`` left out) in sorted
+    order of their relative paths, each read as UTF-8 (files that are not are skipped) and joined
+    with a newline, cut at ``max_chars`` characters. The text depends on the interpreter's
+    version (this is Python's code, so another Python gives other text), never on the machine.
+    """
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
+                   if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
+    parts, size = [], 0
+    for rel in files:
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        size += len(text) + 1
+        if size >= max_chars:
+            break
+    return "\n".join(parts)[:max_chars]
+
+
+def load_text(path: str | os.PathLike | None = None, *, max_chars: int = DEFAULT_TEXT_CHARS,
+              val_fraction: float = 0.1) -> Text:
+    """A text as character ids for a language model: ``train, val, vocab = load_text()``.
+
+    Args:
+        path: a UTF-8 text file (Shakespeare's ``input.txt``, say). ``None``: the embedded
+            default, :func:`stdlib_text` (the running Python's standard library sources, the
+            first ``max_chars`` characters in a fixed order; no download).
+        max_chars: read at most this many characters (default 2,000,000).
+        val_fraction: the last fraction of the text is the validation split (nanoGPT: 0.1).
+
+    Returns:
+        :class:`Text`: ``train`` (the first 90%) and ``val`` (the last 10%) as int64 ids, and the
+        :class:`CharVocab` of the whole text.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing or non-UTF-8 file (named), a text too short to
+            split, a ``val_fraction`` outside (0, 1).
+    """
+    if not (isinstance(val_fraction, float) and 0.0 < val_fraction < 1.0):
+        raise ValueError(f"load_text: val_fraction must be a float in (0, 1), got {val_fraction!r}")
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 2:
+        raise ValueError(f"load_text: max_chars must be an int >= 2, got {max_chars!r}")
+    if path is None:
+        text = stdlib_text(max_chars)
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_text: no file at '{os.fspath(path)}'")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(max_chars)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"load_text: '{os.fspath(path)}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    cut = int(len(text) * (1.0 - val_fraction))
+    if cut < 2 or len(text) - cut < 2:
+        raise ValueError(f"load_text: {len(text)} characters are too few to split into train and validation text")
+    vocab = CharVocab(text)
+    ids = vocab.encode(text)
+    return Text(ids[:cut].clone(), ids[cut:].clone(), vocab)

@@ -37,7 +37,7 @@ from .batch import split_batch
 from .precision import POLICIES, Precision
 from .state import DynamicScale
 
-__all__ = ["GradResult", "make_grad_fn", "supervised_loss", "autocast", "PRECISIONS"]
+__all__ = ["GradResult", "make_grad_fn", "supervised_loss", "cross_entropy", "autocast", "PRECISIONS"]
 
 PRECISIONS = {name: policy.compute_dtype for name, policy in POLICIES.items()}
 """The named precisions and their autocast dtypes (``None``: none); the policies are :data:`fnnet.precision.POLICIES`."""
@@ -283,6 +283,25 @@ def supervised_loss(model: Model, loss: Callable[[torch.Tensor, torch.Tensor], t
 
     loss_fn.__name__ = f"supervised_loss[{model.module_type}]"
     return loss_fn
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+    """The mean cross-entropy of every position: ``logits (..., V)`` against integer ``targets (...)``.
+
+    A language model's loss: ``(B, T, V)`` logits and ``(B, T)`` targets give the mean over all
+    ``B * T`` tokens, ``F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))`` (nanoGPT's
+    line; equal to ``optax.softmax_cross_entropy_with_integer_labels(...).mean()``). With ``(B, V)``
+    and ``(B,)`` it is ``F.cross_entropy``. Targets equal to ``ignore_index`` count for nothing.
+    Use it as a Trainer loss: ``Trainer(gpt, fnnet.loss.cross_entropy, ...)``.
+
+    Raises:
+        ValueError: ``targets``' shape is not ``logits``' without the last dimension.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} need targets of shape "
+                         f"{tuple(logits.shape[:-1])} (logits without the class dimension), got {tuple(targets.shape)}")
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=ignore_index)
 
 
 # Package-internal names (not in __all__) for the step skeleton, fnnet.step, which calls a loss function

@@ -34,6 +34,7 @@ __all__ = [
     "randint",
     "permutation",
     "bernoulli",
+    "categorical",
     "seed_everything",
 ]
 
@@ -202,6 +203,38 @@ def permutation(k: Key, n: int, *, device=None) -> torch.Tensor:
 def bernoulli(k: Key, p: float, shape: Sequence[int], *, device=None) -> torch.Tensor:
     """Booleans that are True with probability ``p`` under ``k``."""
     return uniform(k, shape, device=device) < p
+
+
+def categorical(k: Key, logits: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    """Draw category indices from unnormalised log-probabilities under ``k`` (``jax.random.categorical``).
+
+    Samples ``argmax(logits + g)`` along ``axis`` with ``g`` standard Gumbel noise (the Gumbel-max
+    trick, as JAX does), drawn from a generator seeded from ``k`` on the logits' device, so
+    torch's global RNG is neither read nor changed and the same key gives the same draws.
+    ``-inf`` logits are never drawn (top-k masks).
+
+    Args:
+        k: the key.
+        logits: a floating-point tensor; ``axis`` indexes the categories, every other dimension
+            is a batch dimension.
+        axis: the categories' dimension (default the last).
+
+    Returns:
+        int64 indices of ``logits``' shape without ``axis``.
+
+    Raises:
+        ValueError: ``logits`` that are not floating point, or an empty ``axis``.
+    """
+    _check(k)
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise ValueError(f"categorical: logits must be a floating-point tensor, got "
+                         f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    if logits.ndim == 0 or logits.shape[axis] == 0:
+        raise ValueError(f"categorical: logits of shape {tuple(logits.shape)} have no categories along axis {axis}")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    u = torch.rand(logits.shape, generator=generator(k, logits.device), dtype=dtype, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
+    return torch.argmax(logits.to(dtype) + gumbel, dim=axis)
 
 
 def seed_everything(seed: int) -> int:

@@ -77,8 +77,9 @@ from torch import nn
 
 from . import distributed as _dist
 from . import random as _random
-from ._loop import (Bar, EpochMetrics, together, banner, check_fit_options, check_reiterable, check_same_batch_count,
-                    deferred_interrupt, epoch_line, input_batches, learning_rate, report_nonfinite, with_context)
+from ._loop import (Bar, EpochMetrics, Throughput, banner, check_fit_options, check_reiterable, check_same_batch_count,
+                    check_step_options, deferred_interrupt, epoch_line, input_batches, learning_rate, report_nonfinite,
+                    together, with_context)
 from .callbacks import CallbackList
 from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit, samples_of
 from ._setup import build_steps, initial_state, resolve_devices, resolve_optimizer, sync_module
@@ -229,9 +230,11 @@ class Trainer:
             yield batch
 
     def _run(self, data: Iterable, *, train: bool, callbacks: CallbackList, bar: "Bar", every: int,
-             interrupted: Callable[[], bool] = lambda: False) -> tuple[dict[str, Any], int]:
+             interrupted: Callable[[], bool] = lambda: False, meter: Throughput | None = None,
+             after_step: Callable[[dict], bool] | None = None) -> tuple[dict[str, Any], int]:
         """One pass over ``data`` (fit's epoch or evaluate): ``(metric states, skipped updates)``; early, when a
-        check (every ``every`` steps: one host sync) finds a non-finite step."""
+        check (every ``every`` steps: one host sync) finds a non-finite step, or when ``after_step(out)``
+        (called after every training batch: step-based validation, ``max_steps``) says stop."""
         states, skipped = self._book.init(), torch.zeros((), dtype=torch.int64, device=self.device)
         count = updates = shown = 0  # batches; optimizer updates (the bar's unit), and those the bar shows
         last = (num_batches(data) or 0) - 1  # an epoch's last batch ends its accumulation window
@@ -241,6 +244,8 @@ class Trainer:
                     callbacks("on_train_batch_start", self, self.state.step)
                     self.state, out = self.train_step(self.state, batch, end_window=index == last)
                     self._batch_in_epoch += 1
+                    if meter is not None:
+                        meter.count(batch)
                     if self._stops_on_skips and "finite" in out:  # float16 skips overflow steps routinely
                         skipped = skipped + (~out["finite"]).to(torch.int64)
                 else:
@@ -256,10 +261,13 @@ class Trainer:
                 finite = int(skipped) == 0 and math.isfinite(float(out["loss"]))  # one sync per `every` steps
                 if train and not finite:
                     return states, max(int(skipped), 1)
-                bar.update(updates - shown, self._book.logs(states, all_ranks=False) if bar.enabled else None)
+                bar.update(updates - shown, _bar_logs(self._book.logs(states, all_ranks=False), meter)
+                           if bar.enabled else None)
                 shown = updates
             if interrupted():
                 raise KeyboardInterrupt
+            if after_step is not None and after_step(out):
+                break
         if count == 0:
             raise ValueError(f"{'train_data' if train else 'the evaluation data'} yielded no batches")
         if train and self.state.accum is not None:  # a loader without len() ended inside a window: its update
@@ -270,11 +278,12 @@ class Trainer:
         return states, int(skipped)
 
     # -- fit ----------------------------------------------------------------------------------------
-    def fit(self, train_data: Iterable | tuple, val_data: Iterable | tuple | None = None, *, epochs: int = 1,
+    def fit(self, train_data: Iterable | tuple, val_data: Iterable | tuple | None = None, *, epochs: int | None = None,
             callbacks: Sequence[Any] = (), log_every: int | None = None, verbose: int = 1,
             on_nonfinite: str = "stop", batch_size: int | None = None, validation_split: float = 0.0,
-            shuffle: bool = True, resume: str | os.PathLike | None = None) -> History:
-        """Train for ``epochs`` epochs, validating on ``val_data`` after each; returns the history.
+            shuffle: bool = True, resume: str | os.PathLike | None = None, max_steps: int | None = None,
+            val_check_interval: int | None = None) -> History:
+        """Train for ``epochs`` epochs (or until ``max_steps`` updates), validating on ``val_data``; returns the history.
 
         Args:
             train_data: any re-iterable of ``(inputs, targets)`` batches: an ``fnnet.ArrayLoader``
@@ -289,11 +298,25 @@ class Trainer:
                 (taken before any shuffling, as Keras does) validates instead of training.
             epochs: how many epochs to run in this call; calling ``fit`` again continues from the
                 current state (epochs keep counting, and so does a loaded checkpoint's: after
-                :meth:`load`, ``epochs`` more). With ``resume=`` it is the total instead (below).
+                :meth:`load`, ``epochs`` more). With ``resume=`` it is the total instead (below). Default: 1,
+                or, with ``max_steps``, as many as it takes.
+            max_steps: stop once ``trainer.state.step`` (optimizer updates, counted over every ``fit``
+                and a loaded checkpoint, as Lightning's ``max_steps``) reaches this. ``train_data`` may
+                then be an endless iterator (a generator of batches, nanoGPT's ``get_batch`` loop). Stopping inside an
+                epoch ends it as an epoch's end would (validation, a history row, ``on_epoch_end``), but
+                the epoch counts as unfinished: a checkpoint then records the batches done, and a
+                later ``fit`` (or ``resume``) continues with the epoch's next batch.
+                ``history.stop_reason == "max_steps"``.
+            val_check_interval: validate every this many optimizer updates (Lightning's int
+                ``val_check_interval``; nanoGPT's ``eval_interval``), and once more at ``max_steps``.
+                Each check appends a history row (``step``, ``epoch``, ``loss``: the training loss
+                of the samples since the previous row, ``val_*``, ``lr``, the throughput, ``time``)
+                and epochs' ends then append none and do not validate (their ``on_epoch_end`` logs
+                carry the last check's ``val_*``).
             callbacks: objects with hook methods (see ``fnnet.callbacks``).
             log_every: check the loss and refresh the progress bar every this many steps; each
                 check reads from the device, a sync. Default: about ten times per epoch.
-            verbose: 0 silent, 1 progress bar and a line per epoch.
+            verbose: 0 silent, 1 progress bar and a line per epoch (per check with ``val_check_interval``).
             on_nonfinite: updates with non-finite gradients are always skipped (the state never
                 takes a NaN). At the next check ``"stop"`` (default) ends training with a message
                 and no ``on_epoch_end`` (no checkpoint of the broken epoch); ``"raise"`` then raises
@@ -306,16 +329,20 @@ class Trainer:
                 done it is a ``ValueError``; equal, there is nothing to do (said with ``verbose``). With
                 ``verbose``, says which file, epoch and batch it continues from.
 
-        The logged ``lr`` is the learning rate of the epoch's last update. Ctrl-C (SIGINT) ends
-        training after the current step: ``on_fit_end`` callbacks still run and the history so
-        far is returned (``history.stop_reason == "interrupted"``); a second Ctrl-C interrupts
-        at once.
+        Every history row holds ``step`` (the updates so far) and the training throughput,
+        ``samples_per_sec`` and, for batches whose targets have two or more dimensions (a language
+        model's ``(B, T)``), ``tokens_per_sec`` (targets' elements), over training time only; the
+        progress bar shows them too. The logged ``lr`` is the learning rate of the last update.
+        Ctrl-C (SIGINT) ends training after the current step: ``on_fit_end`` callbacks still run
+        and the history so far is returned (``history.stop_reason == "interrupted"``); a second
+        Ctrl-C interrupts at once.
         """
+        epochs = check_step_options(epochs, max_steps, val_check_interval)
         check_fit_options(epochs, on_nonfinite, log_every)
         train_data, val_data = fit_loaders(train_data, val_data, batch_size=batch_size, validation_split=validation_split,
                                            shuffle=shuffle, key=_random.fold_in(self.key, 0x7A1A), device=self.device,
                                            shard=self._rank_shard)
-        check_reiterable(epochs, train_data=train_data, val_data=val_data)
+        check_reiterable(epochs if max_steps is None else 1, train_data=train_data, val_data=val_data)  # a stream
         cbs = CallbackList(callbacks)
         self._global_batch, self._callbacks = global_batch_of(train_data), cbs.callbacks
         self._samples = samples_of(train_data)
@@ -328,40 +355,15 @@ class Trainer:
         self.stop_training = False
         self.history.stop_reason = ""
         cbs("on_fit_start", self)
+        checks = _StepChecks(self, val_data, cbs, verbose, val_check_interval, max_steps)
         try:
             with deferred_interrupt() as interrupted:
                 for i in range(epochs):
-                    epoch, skip = self.epoch, (self._position or {}).get("batch", 0)
-                    set_epoch(train_data, epoch)
-                    data = rest_of_epoch(train_data, epoch, skip, (self._position or {}).get("global_batch", -1))
-                    self._batch_in_epoch, self._position = skip, None
-                    if data is None:  # a checkpoint after the epoch's last step: its end did not happen, skip it
-                        self.epoch, self._batch_in_epoch = self.epoch + 1, 0  # a later file: the next epoch's start
-                        continue
-                    cbs("on_epoch_start", self, epoch)
-                    start = time.perf_counter()
-                    total = num_batches(data)
-                    check_same_batch_count(total, epoch, self.distributed)  # a rank with more steps would wait forever
-                    every = log_every or max(1, (total or 100) // 10)
-                    with Bar(total and -(-total // self.accumulate), f"epoch {epoch + 1}", bool(verbose)) as bar:
-                        states, skipped = self._run(data, train=True, callbacks=cbs, bar=bar, every=every,
-                                                    interrupted=interrupted)
-                    logs = self._book.logs(states)
-                    if skipped or not math.isfinite(logs["loss"]):
-                        self.history.stop_reason = "nonfinite"
-                        report_nonfinite(epoch, skipped, self.state.step, on_nonfinite)
+                    if max_steps is not None and self.state.step >= max_steps:
+                        self.history.stop_reason = "max_steps"
                         break
-                    if val_data is not None:
-                        logs.update(self.evaluate(val_data, callbacks=cbs, verbose=verbose))
-                    logs["lr"] = learning_rate(self.state.opt_state)
-                    logs["time"] = time.perf_counter() - start
-                    self.epoch, self._batch_in_epoch = self.epoch + 1, 0
-                    self.history.append({"epoch": epoch + 1, **logs})
-                    if verbose:
-                        print(epoch_line(epoch, i, epochs, logs))
-                    cbs("on_epoch_end", self, epoch, logs)
-                    if self.stop_training:
-                        self.history.stop_reason = "stopped by callback"
+                    if not self._fit_epoch(train_data, val_data, cbs, checks, i, epochs, verbose=verbose,
+                                           log_every=log_every, on_nonfinite=on_nonfinite, interrupted=interrupted):
                         break
         except KeyboardInterrupt:
             self.history.stop_reason = "interrupted"
@@ -370,6 +372,56 @@ class Trainer:
             cbs("on_fit_end", self)
             self._sync_module()
         return self.history
+
+    def _fit_epoch(self, train_data: Any, val_data: Any, cbs: CallbackList, checks: "_StepChecks", i: int, epochs: int,
+                   *, verbose: int, log_every: int | None, on_nonfinite: str, interrupted: Callable[[], bool]) -> bool:
+        """One epoch of ``fit`` (the rest of it, after a resume); whether ``fit`` goes on."""
+        epoch, skip = self.epoch, (self._position or {}).get("batch", 0)
+        set_epoch(train_data, epoch)
+        data = rest_of_epoch(train_data, epoch, skip, (self._position or {}).get("global_batch", -1))
+        self._batch_in_epoch, self._position = skip, None
+        if data is None:  # a checkpoint after the epoch's last step: its end did not happen, skip it
+            self.epoch, self._batch_in_epoch = self.epoch + 1, 0  # a later file: the next epoch's start
+            return True
+        cbs("on_epoch_start", self, epoch)
+        start = time.perf_counter()
+        total = num_batches(data)
+        check_same_batch_count(total, epoch, self.distributed)  # a rank with more steps would wait forever
+        every = log_every or max(1, (total or 100) // 10)
+        meter = checks.meter
+        since = meter.snapshot()
+        meter.resume()
+        with Bar(total and -(-total // self.accumulate), f"epoch {epoch + 1}", bool(verbose)) as bar:
+            states, skipped = self._run(data, train=True, callbacks=cbs, bar=bar, every=every,
+                                        interrupted=interrupted, meter=meter, after_step=checks)
+        logs = self._book.logs(states)
+        meter.pause()
+        if skipped or not math.isfinite(logs["loss"]):
+            self.history.stop_reason = "nonfinite"
+            report_nonfinite(epoch, skipped, self.state.step, on_nonfinite)
+            return False
+        if checks.interval is None and val_data is not None:
+            logs.update(self.evaluate(val_data, callbacks=cbs, verbose=verbose))
+        logs.update(checks.last_val)
+        logs["lr"] = learning_rate(self.state.opt_state)
+        logs.update(meter.rates(since))
+        logs["time"] = time.perf_counter() - start
+        if not checks.stopped:
+            self.epoch, self._batch_in_epoch = self.epoch + 1, 0
+        else:  # max_steps inside an epoch leaves it unfinished: the next fit (or a checkpoint) goes on with its next batch
+            self._position = {"batch": self._batch_in_epoch, "global_batch": self._global_batch}
+        if checks.interval is None:
+            self.history.append({"epoch": epoch + 1, "step": self.state.step, **logs})
+            if verbose:
+                print(epoch_line(epoch, i, epochs, logs))
+        cbs("on_epoch_end", self, epoch, logs)
+        if checks.stopped:
+            self.history.stop_reason = "max_steps"
+            return False
+        if self.stop_training:
+            self.history.stop_reason = "stopped by callback"
+            return False
+        return True
 
     # -- evaluate / predict ----------------------------------------------------------------------------
     def evaluate(self, data: Iterable | tuple, *, prefix: str = "val_", callbacks: Any = (), verbose: int = 0,
@@ -452,6 +504,60 @@ class Trainer:
 
 
 # -- private helpers of the loop ------------------------------------------------------------------------
+
+
+def _bar_logs(logs: dict[str, float], meter: Throughput | None) -> dict[str, float]:
+    """The progress bar's values: the running loss and metrics, and the throughput so far."""
+    rates = meter.rates() if meter is not None else {}
+    if "tokens_per_sec" in rates:
+        logs["tok/s"] = rates["tokens_per_sec"]
+    elif "samples_per_sec" in rates:
+        logs["samples/s"] = rates["samples_per_sec"]
+    return logs
+
+
+class _StepChecks:
+    """``fit``'s step-based part, called after every training batch: validation every ``interval`` updates (a
+    history row each) and the stop at ``max_steps``; the throughput meter of the whole ``fit``. ``stopped`` says
+    an epoch ended at ``max_steps``."""
+
+    def __init__(self, trainer: "Trainer", val_data: Any, cbs: CallbackList, verbose: int, interval: int | None,
+                 max_steps: int | None):
+        self.trainer, self.val_data, self.cbs, self.verbose = trainer, val_data, cbs, verbose
+        self.interval, self.max_steps = interval, max_steps
+        self.stopped, self.last_val = False, {}
+        self.meter = Throughput()  # over the whole fit; an epoch and a row take the stretch since their start
+        self.states = trainer._book.init() if interval is not None else None
+        self.row_start, self.row_time = self.meter.snapshot(), time.perf_counter()
+
+    def __call__(self, out: dict) -> bool:
+        t = self.trainer
+        if self.states is not None:
+            self.states = t._book.update(self.states, out)
+        if not out.get("updated", True):
+            return False
+        step = t.state.step
+        self.stopped = self.max_steps is not None and step >= self.max_steps
+        if self.interval is not None and (step % self.interval == 0 or self.stopped):
+            self._check(step)
+        return self.stopped
+
+    def _check(self, step: int) -> None:
+        t = self.trainer
+        logs = t._book.logs(self.states)  # a sync: the rates below measure finished work
+        self.meter.pause()
+        logs.update(self.meter.rates(self.row_start))
+        if self.val_data is not None:
+            self.last_val = t.evaluate(self.val_data, callbacks=self.cbs, verbose=0)
+            logs.update(self.last_val)
+        logs["lr"] = learning_rate(t.state.opt_state)
+        logs["time"] = time.perf_counter() - self.row_time
+        t.history.append({"epoch": t.epoch + 1, "step": step, **logs})
+        if self.verbose:
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "time")
+            print(f"step {step}  {shown}  [{logs['time']:.1f}s]")
+        self.states, self.row_start, self.row_time = t._book.init(), self.meter.snapshot(), time.perf_counter()
+        self.meter.resume()
 
 
 def _on_device(batch: Any, device: torch.device, memory_format: Any) -> Any:

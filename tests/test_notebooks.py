@@ -140,6 +140,17 @@ def test_cnn_trains_checkpoints_and_reloads(executed):
 
 
 @pytest.mark.slow
+def test_the_gpt_section_learns_and_samples_reproducibly(executed):
+    nb, _ = executed
+    rows = re.findall(rf"step +(\d+)  train loss {NUMBER}  held-out loss {NUMBER}", "".join(
+        _text(c) for c in nb.cells if c.cell_type == "code"))
+    assert [int(r[0]) for r in rows] == [50, 100, 150, 200]
+    held_out = [float(r[2]) for r in rows]
+    assert held_out[-1] < held_out[0] < 4.6, held_out  # below log(vocabulary), and falling
+    _find(nb, r"same key, same text: True")
+
+
+@pytest.mark.slow
 def test_the_notebook_removes_its_temporary_folder(executed):
     nb, _ = executed
     work = Path(_find(nb, r"files in (\S+)").group(1))
