@@ -62,6 +62,11 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # -- the process group ----------------------------------------------------------------------------
 
 
+# What gloo and NCCL say when a peer's connection went away (gloo: "Connection reset by peer", "Connection
+# closed by peer"; a write to it: "Broken pipe").
+_PEER_GONE = ("connection reset", "connection closed", "broken pipe", "connection refused")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -99,6 +104,10 @@ def init(backend: str | None = None, *, timeout: datetime.timedelta = DEFAULT_TI
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
+        if not torch.cuda.is_available() or not dist.is_nccl_available():
+            why = "this torch has no CUDA" if not torch.cuda.is_available() else "this torch was built without NCCL"
+            raise RuntimeError(f"fnnet.distributed.init: backend='nccl' needs CUDA GPUs and NCCL, but {why} "
+                               f"(torch {torch.__version__}); use backend='gloo' (CPU) or init() to choose by itself")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -759,14 +768,21 @@ class _RankStep:
                 state = self.shard_state(self.prepare(state))
             return self.inner(state, batch, end_window=end_window)
         except RuntimeError as err:
-            if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
-                raise
-            raise RuntimeError(
-                f"fnnet.distributed: rank {self.topo.rank} waited past the process group's timeout in {self.phase} of "
-                f"step {getattr(state, 'step', '?')}: another rank never started that collective (it took fewer "
-                "steps, or failed, or is far slower). Every rank must take the same steps: shard one loader over the "
-                "ranks (fnnet.ArrayLoader(..., shard=fnnet.distributed.shard())); init(timeout=...) sets the limit"
-            ) from err
+            text = str(err).lower()
+            where = f"rank {self.topo.rank} of {self.topo.world}, in {self.phase} of step {getattr(state, 'step', '?')}"
+            if "timed out" in text or "timeout" in text:
+                raise RuntimeError(
+                    f"fnnet.distributed: {where}, waited past the process group's timeout: another rank never started "
+                    "that collective (it took fewer steps, or failed, or is far slower). Every rank must take the same "
+                    "steps: shard one loader over the ranks (fnnet.ArrayLoader(..., shard=fnnet.distributed.shard())); "
+                    "init(timeout=...) sets the limit") from err
+            if any(s in text for s in _PEER_GONE):
+                raise RuntimeError(
+                    f"fnnet.distributed: {where}, lost its connection to a peer rank: that rank exited or crashed "
+                    "(its own error, printed above or in its log, says why). This rank cannot continue the step; "
+                    "under torchrun --max-restarts N the group restarts and fit(resume='auto') continues from the "
+                    "last checkpoint") from err
+            raise
 
 
 class _ShardedStep(_RankStep):

@@ -471,6 +471,25 @@ def run_timeout(out: Path) -> None:
     os._exit(0)
 
 
+def run_peer_exit(out: Path) -> None:
+    """Rank 1 takes one step and exits; rank 0's next step finds its connection gone (not a timeout)."""
+    import os
+
+    me = distributed.rank()
+    model = fnnet.functional(mlp())
+    opt = optim.sgd(0.1)
+    step = fnnet.make_train_step(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]), opt, strategy="ddp")
+    state = fnnet.TrainState.create(model.params, opt)
+    message = None
+    try:
+        for i in range(3 if me == 0 else 1):
+            state, _ = step(state, my_part(data(i), me))
+    except RuntimeError as err:
+        message = str(err)
+    (out / f"peer{me}.json").write_text(json.dumps(message))
+    os._exit(0)
+
+
 def run_lone_save(out: Path) -> None:
     """A sharded Trainer whose rank 1 alone calls trainer.save (a callback on one rank would): the gather waits
     for rank 0, which never joins, until the (short) timeout; rank 0 stays alive and silent meanwhile."""
@@ -556,7 +575,7 @@ def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     import datetime
 
-    distributed.init(timeout=datetime.timedelta(seconds=4 if scenario in ("timeout", "lone-save") else 60))
+    distributed.init(timeout=datetime.timedelta(seconds=4 if scenario in ("timeout", "lone-save") else 30 if scenario == "peer-exit" else 60))
     try:
         if scenario in ("step", "step-jit"):
             run_step(out, jit=scenario == "step-jit")
@@ -568,6 +587,8 @@ def main() -> None:
             run_restart(out)
         elif scenario == "timeout":
             run_timeout(out)
+        elif scenario == "peer-exit":
+            run_peer_exit(out)
         elif scenario == "lone-save":
             run_lone_save(out)
         elif scenario == "shard":

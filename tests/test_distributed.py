@@ -314,9 +314,19 @@ def test_a_collective_that_times_out_names_itself_and_the_step(tmp_path):
     proc = launch("timeout", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     message = json.loads((tmp_path / "timeout0.json").read_text())
-    assert message and "rank 0 waited past the process group's timeout in" in message, message
+    assert message and "rank 0 of 2, in the " in message and "waited past the process group's timeout" in message, message
     assert "of step 1" in message and "shard=fnnet.distributed.shard()" in message
     assert json.loads((tmp_path / "timeout1.json").read_text()) is None  # rank 1's one step went through
+
+
+def test_a_peer_that_exited_is_named_not_gloos_connection_reset(tmp_path):
+    """Issue 34: a rank whose peer exited got gloo's raw 'Connection reset by peer ... GLHF!'."""
+    proc = launch("peer-exit", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    message = json.loads((tmp_path / "peer0.json").read_text())
+    assert message and message.startswith("fnnet.distributed: rank 0 of 2, in the "), message
+    assert "of step 1" in message and "lost its connection to a peer rank" in message, message
+    assert json.loads((tmp_path / "peer1.json").read_text()) is None  # rank 1's one step went through
 
 
 def _uninterrupted_resume_run():
@@ -402,3 +412,14 @@ def test_the_main_job_scales_out_with_torchrun(tmp_path):
     assert len([n for n in names if n.endswith(".safetensors")]) == 1
     rows = (tmp_path / "run" / "history.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # a header and one row per epoch: written once, by rank 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_init_nccl_without_cuda_says_so_and_names_gloo(monkeypatch):
+    """Issue 34: init('nccl') without CUDA raised torch's "module 'torch._C' has no attribute '_cuda_setDevice'"."""
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=r"backend='nccl' needs CUDA GPUs and NCCL, but this torch has no CUDA.*"
+                                           r"backend='gloo'"):
+        fnnet.distributed.init("nccl")
+    assert not torch.distributed.is_initialized()
