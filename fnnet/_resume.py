@@ -25,7 +25,7 @@ __all__ = ["position", "samples_of", "check_world", "global_batch_of", "callback
 
 def global_batch_of(loader: Any) -> int:
     """The samples one step covers over all ranks (an ArrayLoader's), or -1 where the loader does not say."""
-    return loader._global_batch() if isinstance(loader, ArrayLoader) else -1
+    return loader.global_batch_size() if isinstance(loader, ArrayLoader) else -1
 
 
 def samples_of(loader: Any) -> int:
@@ -222,7 +222,7 @@ def load_checkpoint(path: Any, like: dict[str, Any], device: Any) -> tuple[Any, 
 
 def _check_resume(path: Any, trainer: Any, loader: Any, epochs: int) -> None:
     """Refuse a resume that would not continue the saved run: fewer epochs than done, another dataset length."""
-    done, saved = trainer.epoch, trainer._position or {}
+    done, saved = trainer.epoch, trainer.loaded_position or {}
     if epochs < done:
         raise ValueError(f"fit(epochs={epochs}, resume=...): '{path}' has already completed {done} epochs; with resume=, "
                          f"epochs is the total to reach (Lightning's max_epochs), not a count of more: pass epochs >= "
@@ -259,11 +259,11 @@ def resume_fit(trainer: Any, resume: Any, callbacks: list[Any], epochs: int, loa
             print("fnnet.Trainer: resume='auto' found no checkpoint of this run's ModelCheckpoint; starting afresh")
         return epochs
     trainer.load(path)
-    check_world(loader, trainer._position, path)
+    check_world(loader, trainer.loaded_position, path)
     _check_resume(path, trainer, loader, epochs)
-    restore_callbacks(callbacks, (trainer._position or {}).get("callbacks", ""), path)
+    restore_callbacks(callbacks, (trainer.loaded_position or {}).get("callbacks", ""), path)
     if verbose:
-        batch, total = (trainer._position or {}).get("batch", 0), num_batches(loader) if loader is not None else None
+        batch, total = (trainer.loaded_position or {}).get("batch", 0), num_batches(loader) if loader is not None else None
         where = (f"epoch {trainer.epoch + 1} after batch {batch}" + (f" of {total}" if total else "") if batch
                  else f"the start of epoch {trainer.epoch + 1}")
         done = trainer.epoch + (1 if batch and total and batch >= total else 0)  # an epoch's steps all done

@@ -204,14 +204,17 @@ class ArrayLoader:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         self._epoch = int(epoch)
 
-    def _global_batch(self) -> int:
+    def global_batch_size(self) -> int:
+        """The samples of one step over every rank: ``batch_size`` with ``global_batch=True``, else
+        ``batch_size`` times the ranks of ``shard`` (a checkpoint records it, so that a resume on
+        another number of ranks takes the same samples per step or says why not)."""
         if self.global_batch:
             return self.batch_size
         return self.batch_size * (self.shard[1] if self.shard else 1)
 
     def __len__(self) -> int:
         """The number of batches per epoch (per rank, with ``shard``)."""
-        b = self._global_batch()
+        b = self.global_batch_size()
         if self.drop_last:
             return self.num_samples // b
         count = math.ceil(self.num_samples / b)
@@ -241,7 +244,7 @@ class ArrayLoader:
 
     def _bounds(self, i: int, count: int) -> tuple[int, int]:
         """The sample range (in the epoch's order) of batch ``i``: this rank's part with ``shard``."""
-        b, n = self._global_batch(), self.num_samples
+        b, n = self.global_batch_size(), self.num_samples
         lo, hi = i * b, (n if (i == count - 1 and not self.drop_last) else min((i + 1) * b, n))
         if self.shard:
             rank, world = self.shard  # parts that differ by at most one, the larger ones first
@@ -432,7 +435,7 @@ class WindowLoader(ArrayLoader):
         epoch, batch = (self._epoch, self._start) if self._done is None else self._done
         if batch >= len(self):
             epoch, batch = epoch + 1, 0
-        return {"epoch": int(epoch), "batch": int(batch), "global_batch": self._global_batch()}
+        return {"epoch": int(epoch), "batch": int(batch), "global_batch": self.global_batch_size()}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue from :meth:`state_dict`'s position: the next ``iter()`` gives the batches the saved run had next.
@@ -440,9 +443,9 @@ class WindowLoader(ArrayLoader):
         Raises:
             ValueError: another global batch (its batch ``b`` would hold other windows), or a position past the epoch.
         """
-        if state.get("global_batch") != self._global_batch():
+        if state.get("global_batch") != self.global_batch_size():
             raise ValueError(f"WindowLoader.load_state_dict: saved with a global batch of {state.get('global_batch')} "
-                             f"windows, this loader's is {self._global_batch()}: the same position would be other "
+                             f"windows, this loader's is {self.global_batch_size()}: the same position would be other "
                              "windows. Use the same global batch (global_batch=True keeps it on any number of ranks)")
         if not 0 <= int(state["batch"]) < len(self):
             raise ValueError(f"WindowLoader.load_state_dict: batch {state['batch']} is outside [0, {len(self)})")

@@ -474,6 +474,12 @@ class Trainer:
         if _dist.is_main():  # every rank holds the same state: the writing rank writes it
             save(path, checkpoint)
 
+    @property
+    def loaded_position(self) -> dict[str, Any] | None:
+        """Where in an epoch the checkpoint last read by :meth:`load` stopped (``batch``, ``global_batch``,
+        ``samples``, the callbacks' books), until ``fit`` continues from it; ``None`` otherwise."""
+        return self._position
+
     def load(self, path: str | os.PathLike) -> "Trainer":
         """Restore the state and epoch count saved by :meth:`save` (or ``ModelCheckpoint``), validated against
         the current state (structure, shapes, dtypes: every mismatch named), on the trainer's device in its
