@@ -67,7 +67,7 @@ def embed(net, idx):
 
 def head(net, x):
     if MODEL == "tiny":
-        return head(net, x)
+        return net.head(net.ln(x))
     return F.linear(net.ln_f(x), net.wte.weight)
 
 
