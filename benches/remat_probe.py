@@ -1,11 +1,13 @@
 """Rematerialisation and precision on CPU (issue 32): saved-activation bytes and time per step.
 
     python benches/remat_probe.py [--rounds 5] [--steps 3] [--depth 8] [--dim 128] [--threads 1 --clock cpu]
-                                  [--skip-precision] [--out PATH]
+                                  [--skip-precision] [--out PATH] [--model tiny|gpt]
 
 The model is the tests' small GPT (``tests/_remat_worker.py``: pre-norm blocks with
 ``scaled_dot_product_attention``, a GELU MLP, dropout 0.1), ``--depth`` blocks of width 128,
-4 heads, vocabulary 256, batch 8 x 64 tokens, float32, AdamW. Variants, each timed in turns
+4 heads, vocabulary 256, batch 8 x 64 tokens, float32, AdamW. ``--model gpt``: ``fnnet.models.GPT``
+(issue 30) with ``--depth`` blocks of width ``--dim`` (heads ``dim // 64``), block_size 128,
+vocabulary 96, dropout 0.1, batch ``--batch`` x 128 tokens. Variants, each timed in turns
 (one measurement of ``--steps`` steps per variant per round, rounds interleaved):
 
 * ``fnnet/<policy>``: ``fnnet.make_train_step`` (eager) with ``fnnet.remat(block, policy)`` on every
@@ -44,6 +46,29 @@ import _remat_worker as W  # noqa: E402
 POLICIES = ("none", "nothing_saveable", "dots_saveable", "everything_saveable")
 SHAPE = dict(vocab=256, dim=128, heads=4, seq=64)
 BATCH = 8
+MODEL = "tiny"  # --model: "tiny" (the tests' transformer) or "gpt" (fnnet.models.GPT)
+
+
+def build(depth: int):
+    """The benchmarked model, float32, seeded: the tests' transformer or ``fnnet.models.GPT``."""
+    if MODEL == "tiny":
+        return W.gpt(torch.float32, depth=depth, **SHAPE)
+    torch.manual_seed(0)
+    return fnnet.models.GPT(SHAPE["vocab"], block_size=SHAPE["seq"], n_layer=depth, n_head=SHAPE["heads"],
+                            n_embd=SHAPE["dim"], dropout=0.1)
+
+
+def embed(net, idx):
+    """The plain loop's forward up to the first block, for either model."""
+    if MODEL == "tiny":
+        return net.tok(idx) + net.pos(torch.arange(idx.shape[1]))
+    return net.drop(net.wte(idx) + net.wpe(torch.arange(idx.shape[1])))
+
+
+def head(net, x):
+    if MODEL == "tiny":
+        return net.head(net.ln(x))
+    return F.linear(net.ln_f(x), net.wte.weight)
 
 
 def batch(i: int):
@@ -51,7 +76,7 @@ def batch(i: int):
 
 
 def fnnet_variant(depth: int, policy: str, precision="32"):
-    net = W.gpt(torch.float32, depth=depth, **SHAPE)
+    net = build(depth)
     if policy != "none":
         net = W.with_remat(net, policy)
     model = fnnet.functional(net)
@@ -69,7 +94,7 @@ def fnnet_variant(depth: int, policy: str, precision="32"):
 
 
 def torch_variant(depth: int, policy: str):
-    net = W.gpt(torch.float32, depth=depth, **SHAPE).train()
+    net = build(depth).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     options = {}
     if policy == "dots_saveable":
@@ -78,13 +103,13 @@ def torch_variant(depth: int, policy: str):
         options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, dots_saveable)
 
     def forward(idx):
-        x = net.tok(idx) + net.pos(torch.arange(idx.shape[1]))
+        x = embed(net, idx)
         for block in net.blocks:
             if policy in ("none", "everything_saveable"):
                 x = block(x)
             else:
                 x = checkpoint(block, x, use_reentrant=False, **options)
-        return net.head(net.ln(x))
+        return head(net, x)
 
     def run(b):
         x, y = b
@@ -130,6 +155,7 @@ def summary(times: dict[str, list[float]], base: str, name: str) -> dict:
 
 
 def main() -> None:
+    global CLOCK, MODEL, BATCH
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
@@ -140,10 +166,17 @@ def main() -> None:
                    help="cpu: the process's CPU time (time.process_time), steadier on a shared machine; "
                         "meaningful with --threads 1")
     p.add_argument("--skip-precision", action="store_true")
-    p.add_argument("--dim", type=int, default=SHAPE["dim"], help="block width (heads: dim // 32)")
+    p.add_argument("--dim", type=int, default=None, help="block width (heads: dim // 32; gpt: dim // 64)")
+    p.add_argument("--model", choices=["tiny", "gpt"], default="tiny")
+    p.add_argument("--batch", type=int, default=8, help="sequences per batch")
     args = p.parse_args()
-    SHAPE.update(dim=args.dim, heads=max(1, args.dim // 32))
-    global CLOCK
+    MODEL, BATCH = args.model, args.batch
+    if MODEL == "gpt":
+        dim = args.dim or 256
+        SHAPE.update(vocab=96, dim=dim, heads=max(1, dim // 64), seq=128)
+    else:
+        dim = args.dim or SHAPE["dim"]
+        SHAPE.update(dim=dim, heads=max(1, dim // 32))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
@@ -154,8 +187,10 @@ def main() -> None:
         if policy != "everything_saveable":
             variants[f"torch/{policy}"] = torch_variant(args.depth, policy)
     times = interleaved(variants, args.rounds, args.steps)
-    bytes_ = {name: report()._asdict() for name, (_, report) in variants.items()}  # optimizer states made
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+    reports = {name: report() for name, (_, report) in variants.items()}  # optimizer states made
+    bytes_ = {name: r._asdict() for name, r in reports.items()}
+    print(f"{MODEL}, fnnet/none:\n{reports['fnnet/none']}\nfnnet/nothing_saveable:\n{reports['fnnet/nothing_saveable']}")
+    result = {"model": MODEL, "torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
               "depth": args.depth, **SHAPE,
               "batch": BATCH, "rounds": args.rounds, "steps_per_measurement": args.steps, "remat": {}}
     print(f"{'variant':<28}{'activations':>14}{'x none':>8}{'time/step':>11}{'x none (min-max)':>22}")

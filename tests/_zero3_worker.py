@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -66,9 +67,13 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def model(frozen: bool = False, empty: bool = True) -> fnnet.Model:
+def model(frozen: bool = False, empty: bool = True, remat: str | None = None) -> fnnet.Model:
     torch.manual_seed(0)
-    return fnnet.functional(TinyGPT(frozen=frozen, empty=empty).double())
+    net = TinyGPT(frozen=frozen, empty=empty).double()
+    if remat is not None:  # fnnet.remat on every block: the same parameters and keys
+        for i, block in enumerate(net.blocks):
+            net.blocks[i] = fnnet.remat(block, remat)
+    return fnnet.functional(net)
 
 
 def batch(step: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +319,37 @@ def dropout_batchnorm() -> dict:
     return {"dropout_batchnorm": sorted(out["ddp"].buffers)}
 
 
+def remat_case() -> dict:
+    """``fnnet.remat`` on every block under ZeRO-3 (the recomputation in the backward pass runs on the
+    unit's gathered parameters) equals one process without remat, float64, 1e-10, both policies."""
+    world, rank = distributed.world_size(), distributed.rank()
+    sizes = sizes_for(world)
+    out = {}
+    for name, strategy, policy in (("one", None, None), ("nothing_saveable", distributed.ZeRO(3), "nothing_saveable"),
+                                   ("dots_saveable", distributed.ZeRO(3), "dots_saveable")):
+        m, opt = model(remat=policy), optim.adam(0.01)
+        calls = []  # a block's norms run twice a step under remat (forward, recomputation); ln_f once
+        hook = nn.modules.module.register_module_forward_hook(
+            lambda mod, *_: calls.append(1) if isinstance(mod, nn.LayerNorm) else None)
+        step = fnnet.make_train_step(loss_of(m), opt, strategy=strategy)
+        state = fnnet.TrainState.create(m.params, opt)
+        for i in range(3):
+            b = batch(i, sizes)
+            state, _ = step(state, part(b, sizes, rank) if strategy is not None else b)
+        hook.remove()
+        assert len(calls) == 3 * (7 if policy is None else 13), (name, len(calls))
+        out[name] = step.gather_state(state) if strategy is not None else state
+    moved = any(not torch.equal(out["one"].params[k], v) for k, v in model().params.items())
+    assert moved, "remat under ZeRO-3: the reference did not train"
+    for policy in ("nothing_saveable", "dots_saveable"):
+        for k, v in out["one"].params.items():
+            torch.testing.assert_close(out[policy].params[k], v, **TOL,
+                                       msg=lambda s: f"remat({policy}) under ZeRO-3: params[{k}]: {s}")
+    return {"remat_zero3": ["nothing_saveable", "dots_saveable"]}
+
+
 CASES = {
+    "remat": remat_case,
     "dropout_bn": dropout_batchnorm,
     "resume": resume,
     "errors": errors,
@@ -331,7 +366,11 @@ CASES = {
 def main(cases: str, out: Path) -> None:
     distributed.init(world_of_one=True)
     torch.set_num_threads(1)
-    results = [CASES[c]() for c in cases.split(",")]
+    results = []
+    for c in cases.split(","):
+        t0 = time.perf_counter()
+        results.append(CASES[c]())
+        print(f"rank {distributed.rank()}: case {c}: {time.perf_counter() - t0:.1f}s", flush=True)
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps(results))
     dist.barrier()
     distributed.shutdown()

@@ -49,8 +49,10 @@ def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_by
     # collectives (the same as fully_shard's); the persistent bytes; the errors; the gathered state
     # continuing in one process, under ZeRO-2 and under ZeRO-3 to the uninterrupted result; dropout
     # and BatchNorm buffers equal to DDP's
-    ranks = launch("adam,sgd,counts,fully_shard,errors,resume,dropout_bn", tmp_path, 2)
-    for adam, sgd, counts, fsdp, errors, resume, dropout_bn in ranks:
+    # and fnnet.remat on every block under ZeRO-3 equal to one process without remat (both policies)
+    ranks = launch("adam,sgd,counts,fully_shard,errors,resume,dropout_bn,remat", tmp_path, 2)
+    for adam, sgd, counts, fsdp, errors, resume, dropout_bn, remat in ranks:
+        assert remat["remat_zero3"] == ["nothing_saveable", "dots_saveable"]
         assert counts["counts"]["c10d._allgather_base_"] == 2 * counts["units"] - 1
         assert counts["counts"]["c10d._reduce_scatter_base_"] == counts["units"]
         assert {k: v for k, v in counts["counts"].items() if k != "c10d.allreduce_"} == fsdp["fully_shard_counts"]
