@@ -60,7 +60,23 @@ def find_latest(callbacks: Iterable[Any]) -> str | None:
         raise ValueError("fit(resume='auto') looks for checkpoints in the folder of a ModelCheckpoint callback; "
                          "pass one in callbacks=, or resume=<path of a checkpoint>")
     files = [f for folder in folders for f in glob.glob(os.path.join(glob.escape(folder), "*.safetensors"))]
-    return max(files, key=os.path.getmtime) if files else None
+    stamps = {f: os.path.getmtime(f) for f in files}
+    stamps.update(complete_sharded(folders))
+    return max(stamps, key=lambda f: stamps[f]) if stamps else None
+
+
+def complete_sharded(folders: Iterable[str]) -> dict[str, float]:
+    """The complete sharded checkpoints in ``folders`` (those with their manifest, written last: hidden ones
+    left by a save interrupted between its last two renames included) and when each completed."""
+    from .checkpoint.sharded import MANIFEST
+
+    out = {}
+    for folder in folders:
+        for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+            manifest = os.path.join(folder, entry, MANIFEST)
+            if os.path.isfile(manifest):
+                out[os.path.join(folder, entry)] = os.path.getmtime(manifest)
+    return out
 
 
 class _Rest:

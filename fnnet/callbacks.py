@@ -30,6 +30,7 @@ import csv
 import glob
 import math
 import os
+import shutil
 import warnings
 from typing import Any, Callable
 
@@ -143,6 +144,10 @@ class ModelCheckpoint(Callback):
             updates, inside epochs: what ``fit(resume="auto")`` continues from after a crash.
             Every rank calls ``trainer.save`` (a sharded optimizer state is gathered), the writing
             rank writes, and every rank waits until the file is complete.
+        sharded: write each checkpoint as a sharded folder (``<name>.ckpt``, ``Trainer.save(path,
+            sharded=True)``): every rank writes its own part, nothing is gathered.
+        async_save: write in a background thread after a copy to host memory (``Trainer.save(path,
+            async_save=True)``); the next save and the end of ``fit`` wait for it.
 
     Attributes ``best_model_path`` and ``best_model_score`` name the best so far; a NaN score
     never counts as best. Files are ``trainer.save`` checkpoints (atomic safetensors holding the
@@ -158,8 +163,10 @@ class ModelCheckpoint(Callback):
 
     def __init__(self, dirpath: str | os.PathLike, monitor: str = "val_loss", mode: str = "min",
                  save_top_k: int = 1, save_last: bool = False, filename: str = "epoch={epoch:03d}-{monitor}={score:.4f}",
-                 every_n_steps: int | None = None):
+                 every_n_steps: int | None = None, sharded: bool = False, async_save: bool = False):
         _check_mode(mode)
+        # sharded: each checkpoint is a folder (fnnet.checkpoint.sharded) named like the file, ".ckpt" for the suffix
+        self._save_kw, self._ext = {"sharded": sharded, "async_save": async_save}, ".ckpt" if sharded else ".safetensors"
         if not isinstance(save_top_k, int) or save_top_k < -1:
             raise ValueError(f"save_top_k must be an int >= -1, got {save_top_k!r}")
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
@@ -201,8 +208,8 @@ class ModelCheckpoint(Callback):
             return
         if _dist.is_main():
             os.makedirs(self.dirpath, exist_ok=True)
-        self.step_model_path = os.path.join(self.dirpath, "step.safetensors")
-        trainer.save(self.step_model_path)
+        self.step_model_path = os.path.join(self.dirpath, "step" + self._ext)
+        trainer.save(self.step_model_path, **self._save_kw)
         _dist.barrier()  # no rank goes on before the file is complete
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,20 +244,20 @@ class ModelCheckpoint(Callback):
             worst = self.best_k[-1][0] if self.best_k else None
             full = self.save_top_k != -1 and len(self.best_k) >= self.save_top_k
             if not full or _improves(score, worst, self.mode):
-                name = self.filename.format(**{**logs, "epoch": epoch + 1, "monitor": self.monitor, "score": score}) + ".safetensors"
+                name = self.filename.format(**{**logs, "epoch": epoch + 1, "monitor": self.monitor, "score": score}) + self._ext
                 path = os.path.join(self.dirpath, name)
                 # the book first, so the file records it as it stands after this epoch (a resume keeps it)
                 book = sorted(self.best_k + [(score, path)], key=lambda sp: sp[0], reverse=self.mode == "max")
                 keep = book if self.save_top_k == -1 else book[: self.save_top_k]
                 drop, self.best_k = [p for _, p in book if (_, p) not in keep], keep
-                trainer.save(path)
+                trainer.save(path, **self._save_kw)
                 kept = {p for _, p in keep}
                 for stale in drop:
                     if main and stale not in kept and os.path.exists(stale):
-                        os.remove(stale)
+                        shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
         if self.save_last:
-            self.last_model_path = os.path.join(self.dirpath, "last.safetensors")
-            trainer.save(self.last_model_path)
+            self.last_model_path = os.path.join(self.dirpath, "last" + self._ext)
+            trainer.save(self.last_model_path, **self._save_kw)
 
 
 class EarlyStopping(Callback):
