@@ -277,7 +277,7 @@ def part_ranges(opt_state: Any, params: Any, lay: Layout) -> dict[str, tuple[int
         for i in by_length:
             p = lay.parts[i]
             if (path == names[i] or path.endswith("." + names[i])) and x.shape[0] == p.hi - p.lo:
-                out[path] = (p.lo, p.hi, lay.shapes[i])
+                out[path] = (p.lo, p.hi, lay.shapes[i]) if p.hi > p.lo else (0, 0, lay.shapes[i])
                 break
     return out
 

@@ -306,7 +306,14 @@ def save_sharded(path: Any, tree: Any, *, parts: Mapping[str, Any] | None = None
     unknown = sorted(set(part_map) - set(enc.tensors))
     if unknown:
         raise ValueError(f"save_sharded: parts names key paths that are no tensor of the tree: {unknown[:5]}")
-    gathered = _all_gather((_local_plan(enc.tensors, part_map), uuid.uuid4().hex[:16]), group)
+    try:
+        plan: Any = _local_plan(enc.tensors, part_map)
+    except ValueError as exc:  # every rank must hear of it, or the others wait in the gather below
+        plan = str(exc)
+    gathered = _all_gather((plan, uuid.uuid4().hex[:16]), group)
+    bad = [f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if isinstance(g[0], str)]
+    if bad:
+        raise ValueError("; ".join(bad))
     leaves, writes = _assign([g[0] for g in gathered])
     run = gathered[0][1]
     mine = {}
