@@ -96,6 +96,35 @@ def _all_gather(obj: Any, group: Any) -> list[Any]:
     return out
 
 
+class _References(_codec.Encoder):
+    """The structure JSON, with every tensor only referenced (no copy): a rank copies only what it writes."""
+
+    def _add(self, t: torch.Tensor, path: tuple[Any, ...]) -> str:
+        name = _tree.path_str(path)
+        if name in self.tensors:
+            raise ValueError(f"save_sharded: two tensors have the key path '{name}'; rename one of them")
+        if t.layout != torch.strided or t.device.type == "meta":
+            raise TypeError(f"save_sharded: the tensor at '{name}' is {t.layout} on {t.device}; only dense tensors "
+                            "holding data can be saved")
+        self.tensors[name] = t.detach()
+        return name
+
+
+def _writable(tensors: Mapping[str, torch.Tensor], copy: bool) -> dict[str, torch.Tensor]:
+    """Flat CPU tensors safetensors can write: copied when ``copy`` (a snapshot for a background write), when
+    on another device, or when a view or sharing storage (ZeRO's parameters are views of bucket buffers)."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.reshape(-1).cpu().resolve_conj().resolve_neg()
+        storage = t.untyped_storage()
+        owner = storage.data_ptr()
+        shared = t.storage_offset() != 0 or storage.nbytes() != t.numel() * t.element_size() or owner in seen
+        out[name] = t.clone() if (copy or shared or not t.is_contiguous()) else t
+        if t.numel():
+            seen.add(owner)
+    return out
+
+
 # -- the plan: who writes what -------------------------------------------------------------------
 
 
@@ -301,7 +330,7 @@ def save_sharded(path: Any, tree: Any, *, parts: Mapping[str, Any] | None = None
     path = os.path.abspath(os.fspath(path))
     rank, world = _rank_world(group)
     part_map = _as_parts(parts)
-    enc = _codec.Encoder()
+    enc = _References()
     structure = enc.node(tree)
     unknown = sorted(set(part_map) - set(enc.tensors))
     if unknown:
@@ -318,9 +347,9 @@ def save_sharded(path: Any, tree: Any, *, parts: Mapping[str, Any] | None = None
     run = gathered[0][1]
     mine = {}
     for name in sorted(writes[rank]):
-        t = enc.tensors[name].reshape(-1)
-        lo, hi = part_map[name][:2] if name in part_map else (0, t.numel())
-        mine[_piece_name(name, lo, hi)] = t.clone() if async_save else t
+        lo, hi = part_map[name][:2] if name in part_map else (0, enc.tensors[name].numel())
+        mine[_piece_name(name, lo, hi)] = enc.tensors[name]
+    mine = _writable(mine, copy=async_save)
     parent = os.path.dirname(path)
     if rank == 0:
         _clean_stale(parent, run)
