@@ -33,13 +33,6 @@ def wait_pending(trainer: Any) -> None:
         handle.wait()
 
 
-def _finite(state: Any) -> bool:
-    bad = torch.tensor([0.0 if bool(all_finite(state)) else 1.0])
-    if _dist.world_size() > 1:
-        bad = _dist.all_reduce_max(bad)
-    return float(bad[0]) == 0.0
-
-
 def local_checkpoint(trainer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """This rank's part of :meth:`Trainer.checkpoint` (nothing gathered) and its parts' ranges."""
     state, parts = trainer.train_step.local_parts(trainer.state)
@@ -51,10 +44,7 @@ def save_trainer(trainer: Any, path: Any, *, sharded: bool, async_save: bool) ->
     """:meth:`Trainer.save` with ``sharded`` or ``async_save`` (every rank calls it)."""
     wait_pending(trainer)
     if sharded:
-        tree, parts = local_checkpoint(trainer)
-        if not _finite(tree["state"]):
-            raise ValueError(f"Trainer.save: the state holds non-finite values on some rank (here: "
-                             f"{nonfinite_paths(tree['state'])}); not written to '{path}'")
+        tree, parts = local_checkpoint(trainer)  # non-finite pieces: refused by save_sharded, before the manifest
         handle = save_sharded(path, tree, parts=parts, async_save=async_save)
     else:
         handle = _save_whole_async(trainer, path)

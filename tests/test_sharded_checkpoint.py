@@ -131,6 +131,9 @@ def test_bad_folders_are_clear_errors_naming_the_part(tmp_path):
         sharded.load_sharded(other, like={"w": torch.zeros(4)})
     with pytest.raises(ValueError, match=r"missing \(in like, not in the checkpoint\): b"):
         sharded.load_sharded(other, like={"w": torch.zeros(3), "b": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r"no manifest written; rank 0: ValueError: non-finite values in \['w\[0:3\]'\]"):
+        sharded.save_sharded(tmp_path / "nan", {"w": torch.tensor([1.0, float("nan"), 2.0])})
+    assert not sharded.is_complete(tmp_path / "nan") and not os.path.exists(tmp_path / "nan")
     with pytest.raises(ValueError, match=r"its range \[2, 9\) of a whole \[3\] does not fit"):
         sharded.save_sharded(tmp_path / "x", {"w": torch.ones(7)}, parts={"w": (2, 9, (3,))})
 

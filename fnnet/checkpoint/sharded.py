@@ -277,6 +277,9 @@ def _finish(job: dict[str, Any], group: Any) -> None:
     try:
         os.makedirs(partial, exist_ok=True)
         name = _file_name(rank, world)
+        bad = [k for k, t in job["tensors"].items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # a checkpoint is always a state training can resume from (checked here: off the step when async)
+            raise ValueError(f"non-finite values in {bad[:5]}")
         node = {"kind": "dict", "keys": list(job["tensors"]),
                 "children": [{"kind": "tensor", "name": k} for k in job["tensors"]]}
         structure = {"kind": "dict", "keys": ["run", "rank", "world", "pieces"],
@@ -325,7 +328,8 @@ def save_sharded(path: Any, tree: Any, *, parts: Mapping[str, Any] | None = None
 
     Raises:
         ValueError: a part's range that does not fit its whole shape, ranks holding different leaves.
-        RuntimeError: a rank failed to write its file (every rank raises, naming it); no manifest.
+        RuntimeError: a rank failed to write its file, or its pieces hold non-finite values (every rank
+            raises, naming it; with ``async_save`` at ``wait()``); no manifest is written.
     """
     path = os.path.abspath(os.fspath(path))
     rank, world = _rank_world(group)
