@@ -91,9 +91,15 @@ def main() -> None:
     whole_bytes = nbytes(whole_state)
     gathered_opt = nbytes(whole_state.opt_state)
     manifest = json.load(open(os.path.join(args.out, "sharded-sync", "fnnet-checkpoint.json")))
-    rank0_pieces = sum(4 * (hi - lo) for leaf in manifest["leaves"].values() for r, lo, hi in leaf["pieces"] if r == 0)
+    def rank0(names):  # bytes of the pieces rank 0 writes of these leaves
+        size = {n: torch.empty(0, dtype=getattr(torch, v["dtype"])).element_size() for n, v in manifest["leaves"].items()}
+        return sum(size[n] * (hi - lo) for n in names for r, lo, hi in manifest["leaves"][n]["pieces"] if r == 0)
+
+    replicated = [n for n in manifest["leaves"] if n not in parts]
+    # sync: only its ranges of the replicated leaves are copied (views sharing storage); async: all it writes.
+    # whole: the gathered optimizer state (the encoder's copies of ZeRO's parameter views not counted)
     extra = {"whole-sync": gathered_opt, "whole-async": gathered_opt + whole_bytes,
-             "sharded-sync": 0, "sharded-async": rank0_pieces}
+             "sharded-sync": rank0(replicated), "sharded-async": rank0(list(manifest["leaves"]))}
     # resume: fnnet's sharded load (own ranges), the whole file, and DCP's load of the same whole state
     res = {"fnnet-sharded": [], "fnnet-whole": [], "dcp": [], "fnnet-sharded-whole-tree": []}
     dcp_dir = os.path.join(args.out, "dcp")

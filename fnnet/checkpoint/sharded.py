@@ -143,43 +143,41 @@ def _local_plan(tensors: Mapping[str, torch.Tensor], parts: Mapping[str, Part]) 
     return out
 
 
-def _assign(plans: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[set[str]]]:
-    """The manifest's leaves and, per rank, the names it writes: each part by the lowest rank holding the
-    same range, each whole leaf by the rank with the fewest bytes so far (largest leaves first)."""
+def _assign(plans: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[list[tuple[str, int, int]]]]:
+    """The manifest's leaves and, per rank, the ``(name, lo, hi)`` ranges it writes: each part by the lowest
+    rank holding the same range; each whole leaf cut into ``W`` equal ranges, rank ``r`` writing the ``r``-th
+    (so no rank writes more than ``1/W`` of what is replicated, however large one leaf is)."""
     world = len(plans)
     names = list(plans[0])
     for r, plan in enumerate(plans[1:], 1):
         if list(plan) != names:
             diff = sorted(set(plan) ^ set(names))
             raise ValueError(f"save_sharded: rank {r} holds other leaves than rank 0 (differing: {diff[:5]})")
-    load = [0] * world
-    writes: list[set[str]] = [set() for _ in range(world)]
+    writes: list[list[tuple[str, int, int]]] = [[] for _ in range(world)]
     leaves: dict[str, dict[str, Any]] = {}
-    whole = []
     for name in names:
         head = plans[0][name]
         for r, plan in enumerate(plans):
             if plan[name]["shape"] != head["shape"] or plan[name]["dtype"] != head["dtype"]:
                 raise ValueError(f"save_sharded: '{name}' is {plan[name]['dtype']}{plan[name]['shape']} on rank {r}, "
                                  f"{head['dtype']}{head['shape']} on rank 0")
-        leaves[name] = {"shape": head["shape"], "dtype": head["dtype"], "pieces": []}
+        pieces: list[list[int]] = []
+        leaves[name] = {"shape": head["shape"], "dtype": head["dtype"], "pieces": pieces}
         if head["range"] is None:
-            whole.append(name)
-            continue
-        seen: set[tuple[int, int]] = set()
-        for r, plan in enumerate(plans):
-            lo, hi = plan[name]["range"]
-            if hi > lo and (lo, hi) not in seen:
-                seen.add((lo, hi))
-                writes[r].add(name)
-                load[r] += (hi - lo)
-                leaves[name]["pieces"].append([r, lo, hi])
-    size = {n: _numel(tuple(leaves[n]["shape"])) for n in whole}
-    for name in sorted(whole, key=lambda n: (-size[n], n)):
-        r = min(range(world), key=lambda k: (load[k], k))
-        writes[r].add(name)
-        load[r] += size[name]
-        leaves[name]["pieces"].append([r, 0, size[name]])
+            n = _numel(tuple(head["shape"]))
+            c = -(-n // world)
+            ranges = [(r, r * c, min(n, (r + 1) * c)) for r in range(world)] if n else [(0, 0, 0)]
+        else:
+            ranges, seen = [], set()
+            for r, plan in enumerate(plans):
+                lo, hi = plan[name]["range"]
+                if hi > lo and (lo, hi) not in seen:
+                    seen.add((lo, hi))
+                    ranges.append((r, lo, hi))
+        for r, lo, hi in ranges:
+            if hi > lo or not _numel(tuple(head["shape"])):
+                writes[r].append((name, lo, hi))
+                pieces.append([r, lo, hi])
     return leaves, writes
 
 
@@ -350,9 +348,9 @@ def save_sharded(path: Any, tree: Any, *, parts: Mapping[str, Any] | None = None
     leaves, writes = _assign([g[0] for g in gathered])
     run = gathered[0][1]
     mine = {}
-    for name in sorted(writes[rank]):
-        lo, hi = part_map[name][:2] if name in part_map else (0, enc.tensors[name].numel())
-        mine[_piece_name(name, lo, hi)] = enc.tensors[name]
+    for name, lo, hi in writes[rank]:
+        base = part_map[name].lo if name in part_map else 0  # a part holds [base, ...) of its whole leaf
+        mine[_piece_name(name, lo, hi)] = enc.tensors[name].reshape(-1)[lo - base:hi - base]
     mine = _writable(mine, copy=async_save)
     parent = os.path.dirname(path)
     if rank == 0:
