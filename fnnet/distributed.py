@@ -600,7 +600,8 @@ class _RankStep:
                                       strategy=strategy, precision=o.precision)
         self.step = TrainStep(self.call, self.inner.flush, strategy=strategy, name="distributed_train_step",
                               precision=o.precision, jit=o.jit, donate=o.donate, accumulate=o.accumulate,
-                              gather_state=self.gather_state, shard_state=self.shard_state)
+                              gather_state=self.gather_state, shard_state=self.shard_state,
+                              local_parts=self.local_parts)
 
     # -- the gradient source
     def gradients(self, params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any,
@@ -732,6 +733,9 @@ class _RankStep:
     def gather_state(self, state: TrainState) -> TrainState:
         return state
 
+    def local_parts(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        return state, {}
+
     def settings(self) -> dict[str, Any]:
         """What every rank's step must agree on (compared across ranks on the first call)."""
         return {"strategy": type(self.strategy).__name__, "accumulate": self.o.accumulate, "jit": self.o.jit,
@@ -852,6 +856,12 @@ class _ShardedStep(_RankStep):
         state = self.shard_state(state)
         lay = self.layout_of(state.params)
         return state.replace(opt_state=_shard.unshard_opt_state(state.opt_state, state.params, lay, self.optimizer))
+
+    def local_parts(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """``state`` with this rank's part of the optimizer state, and each part leaf's range of the whole."""
+        state = self.shard_state(state)
+        ranges = _shard.part_ranges(state.opt_state, state.params, self.layout_of(state.params))
+        return state, {"opt_state." + p: r for p, r in ranges.items()}
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "stage": self.strategy.stage, "reduce_scatter": self.strategy.reduce_scatter}
