@@ -956,6 +956,15 @@ class _ParamShardedStep(_RankStep):
         return state.replace(params=whole,
                              opt_state=_shard.unshard_opt_state(state.opt_state, lay.whole, lay, self.optimizer))
 
+    def local_parts(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """Not available under ZeRO(3) yet: a sharded checkpoint records no ranges for the parameters' parts, so
+        every rank raises (before anything collective) rather than write one rank's parts as whole leaves."""
+        raise ValueError("step.local_parts (sharded checkpoints: fnnet.save_sharded, Trainer.save(path, sharded=True)) "
+                         "is not supported under ZeRO(stage=3) yet (its parameters are per-rank parts without recorded "
+                         "ranges); save the whole state, fnnet.save(path, step.gather_state(state)) (as Trainer.save(path) "
+                         "does: loadable by any strategy and world size), or use ZeRO(stage=1 or 2) / ddp for sharded "
+                         "checkpoints")
+
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "stage": 3, "units": repr(self.strategy.units)}
 

@@ -213,3 +213,61 @@ def test_a_save_killed_between_its_steps_is_never_picked_and_is_cleaned_up(tmp_p
     final = resume_here(folder)  # resume="auto", then saves again: the leftovers are removed
     assert final.step == uninterrupted.step and close(final, uninterrupted)
     assert not [e for e in os.listdir(folder) if e.startswith(".")]
+
+
+def test_a_sharded_callback_deletes_only_its_own_folders_and_a_crafted_book_names_none(tmp_path):
+    """Issue 34's deletion safety for sharded folders: the book names folders, not paths; a name outside
+    dirpath, a foreign name or a link of its own form is never removed; its own stale folders are."""
+    import json
+
+    folder = tmp_path / "run"
+    kw = dict(monitor="loss", save_top_k=1, save_last=True, sharded=True)
+    trainer("single").fit(one_loader(), epochs=1, verbose=0, callbacks=[fnnet.callbacks.ModelCheckpoint(folder, **kw)])
+    outside = [tmp_path / "victim.ckpt", folder / "notes.ckpt", tmp_path / "epoch=009-loss=9.0000.ckpt",
+               tmp_path / "linked"]
+    for v in outside:
+        v.mkdir()
+        (v / "keep.txt").write_text("precious")
+    os.symlink(tmp_path / "linked", folder / "epoch=008-loss=8.0000.ckpt")  # its own form, but a link
+    saved = sharded.load_sharded(folder / "last.ckpt")
+    books = json.loads(saved["position"]["callbacks"])
+    (name, book), = books.items()
+    first = book["best_k"][0][1]  # the real entry: its folder is removed once a better one is saved
+    book["best_k"] += [[9e8, "epoch=008-loss=8.0000.ckpt"], [9e9, str(outside[0])], [9e9, "notes.ckpt"],
+                       [9e9, "../epoch=009-loss=9.0000.ckpt"]]
+    saved["position"]["callbacks"] = json.dumps({name: book})
+    fnnet.save(tmp_path / "crafted.safetensors", saved)
+    fresh = fnnet.callbacks.ModelCheckpoint(folder, **kw)
+    with pytest.warns(UserWarning, match="never deleted"):
+        trainer("single").fit(one_loader(), epochs=2, verbose=0, resume=tmp_path / "crafted.safetensors",
+                              callbacks=[fresh])
+    assert all((v / "keep.txt").read_text() == "precious" for v in outside)
+    assert os.path.islink(folder / "epoch=008-loss=8.0000.ckpt")
+    own = sorted(e for e in os.listdir(folder) if e.startswith("epoch=") and not os.path.islink(folder / e))
+    assert len(own) == 1 and own[0] != first and fresh.best_model_path == str(folder / own[0])
+    (folder / "epoch=007-loss=7.0000.ckpt").mkdir()  # its form, but no manifest: incomplete, never picked
+    assert sorted(fresh.checkpoint_files()) == sorted(str(folder / e) for e in own + ["last.ckpt"])
+
+
+ZERO3 = """
+import os, torch, fnnet
+from fnnet import distributed
+distributed.init()
+step = fnnet.make_train_step(lambda p, b: (p["w"] * b).sum(), fnnet.optim.adam(0.1), strategy="zero3")
+state = fnnet.TrainState.create({"w": torch.ones(4, dtype=torch.float64)}, fnnet.optim.adam(0.1))
+try:
+    step.local_parts(state)
+except ValueError as e:
+    print("REFUSED:", e)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.extended
+def test_zero3_refuses_sharded_parts_naming_what_works(tmp_path):
+    # ZeRO(3) has no local_parts yet (the Trainer refuses ZeRO(3) itself): the step raises, not a wrong layout
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577", "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", ZERO3], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and "REFUSED:" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "not supported under ZeRO(stage=3)" in proc.stdout and "step.gather_state(state)" in proc.stdout

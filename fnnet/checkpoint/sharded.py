@@ -42,6 +42,7 @@ import re
 import shutil
 import threading
 import uuid
+import weakref
 from typing import Any, Mapping, NamedTuple
 
 import torch
@@ -227,9 +228,16 @@ def _async_group() -> Any:
 
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    if "group" not in _ASYNC_GROUP:
-        _ASYNC_GROUP["group"] = dist.new_group(backend="gloo")
-    return _ASYNC_GROUP["group"]
+    # a weak reference: torch's registry owns the group, so destroy_process_group() frees it at once, as it
+    # frees every other group. A strong module-level reference kept it alive until interpreter teardown,
+    # where gloo's threads were destroyed late: about 1 in 10 two-rank runs died with SIGABRT
+    # ("terminate called without an active exception") after their last save had completed.
+    ref = _ASYNC_GROUP.get("group")
+    group = ref() if ref is not None else None
+    if group is None:
+        group = dist.new_group(backend="gloo")
+        _ASYNC_GROUP["group"] = weakref.ref(group)
+    return group
 
 
 _STALE = re.compile(r"\..+\.[0-9a-f]{16}\.(partial|old)")
