@@ -18,6 +18,7 @@ __version__ = "0.3.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "checkpoint": ("load", "load_state_dict", "save", "to_state_dict"),
+    "checkpoint.sharded": ("load_sharded", "save_sharded"),
     "data": ("ArrayLoader", "load_digits", "load_mnist", "split_batch"),
     "device": ("default_device", "device_count", "device_info", "devices", "empty_cache", "memory_stats",
                "parse_devices", "place", "resolve_device", "synchronize", "tree_device"),
@@ -68,6 +69,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from ._remat import remat
     from ._summary import SummaryRow, SummaryTable, summary
     from .checkpoint import load, load_state_dict, save, to_state_dict
+    from .checkpoint.sharded import load_sharded, save_sharded
     from .data import ArrayLoader, load_digits, load_mnist, split_batch
     from .device import (default_device, device_count, device_info, devices, empty_cache, memory_stats,
                          parse_devices, place, resolve_device, synchronize, tree_device)

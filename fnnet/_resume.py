@@ -17,6 +17,7 @@ import warnings
 from typing import Any, Iterable, Iterator
 
 from ._warnings import user_stacklevel
+from .checkpoint.sharded import MANIFEST
 from .data import ArrayLoader, num_batches
 
 __all__ = ["position", "samples_of", "check_world", "global_batch_of", "callback_states", "restore_callbacks", "find_latest", "rest_of_epoch",
@@ -85,7 +86,7 @@ def find_latest(callbacks: Iterable[Any]) -> str | None:
     """The newest checkpoint among the files the ``ModelCheckpoint`` callbacks of ``fit`` name as theirs in their
     folders (:meth:`~fnnet.callbacks.ModelCheckpoint.checkpoint_files`: writes are atomic, so every such file is
     complete; other files there, pretrained weights or broken links, are never taken), or ``None`` when there is
-    none yet."""
+    none yet. A sharded checkpoint (a folder) counts as written when its manifest was (written last)."""
     owners = [cb for cb in callbacks if callable(getattr(cb, "checkpoint_files", None))]
     if not owners:
         raise ValueError("fit(resume='auto') looks for checkpoints in the folder of a ModelCheckpoint callback; "
@@ -93,7 +94,7 @@ def find_latest(callbacks: Iterable[Any]) -> str | None:
     dated = []
     for path in (f for cb in owners for f in cb.checkpoint_files()):
         try:
-            dated.append((os.path.getmtime(path), path))
+            dated.append((os.path.getmtime(os.path.join(path, MANIFEST) if os.path.isdir(path) else path), path))
         except OSError:  # removed meanwhile
             continue
     return max(dated)[1] if dated else None

@@ -31,6 +31,7 @@ import glob
 import math
 import os
 import re
+import shutil
 import string
 import warnings
 from typing import Any, Callable
@@ -40,6 +41,7 @@ import torch
 from . import distributed as _dist
 from . import tree as _tree
 from ._warnings import user_stacklevel
+from .checkpoint.sharded import MANIFEST
 from .state import all_finite
 
 __all__ = ["Callback", "CallbackList", "HOOKS", "ModelCheckpoint", "EarlyStopping", "LearningRateSchedule",
@@ -143,14 +145,15 @@ def _same_settings(who: str, settings: dict[str, Any], state: Any) -> bool:
     return False
 
 
-def _name_pattern(filename: str, monitor: str) -> re.Pattern:
-    """The names ``ModelCheckpoint`` gives files: ``filename``'s literal text, a field any text without a slash."""
+def _name_pattern(filename: str, monitor: str, ext: str = ".safetensors") -> re.Pattern:
+    """The names ``ModelCheckpoint`` gives files (``ext``: ``".ckpt"`` for its sharded folders): ``filename``'s
+    literal text, a field any text without a slash."""
     parts = []
     for literal, field, spec, _ in string.Formatter().parse(filename):
         parts.append(re.escape(literal))
         if field is not None:
             parts.append(re.escape(monitor) if field == "monitor" and not spec else r"[^/\\]+")
-    return re.compile("".join(parts) + r"\.safetensors")
+    return re.compile("".join(parts) + re.escape(ext))
 
 
 def _clone(t: Any) -> Any:
@@ -171,6 +174,11 @@ class ModelCheckpoint(Callback):
             updates, inside epochs: what ``fit(resume="auto")`` continues from after a crash.
             Every rank calls ``trainer.save`` (a sharded optimizer state is gathered), the writing
             rank writes, and every rank waits until the file is complete.
+        sharded: write each checkpoint as a sharded folder (``<name>.ckpt``, ``last.ckpt``, ``step.ckpt``;
+            ``Trainer.save(path, sharded=True)``): every rank writes its own part, nothing is gathered.
+            Such a folder counts as a checkpoint only once complete (its manifest, written last, present).
+        async_save: write in a background thread after a copy to host memory (``Trainer.save(path,
+            async_save=True)``); the next save and the end of ``fit`` wait for it.
 
     Attributes ``best_model_path`` and ``best_model_score`` name the best so far; a NaN score
     never counts as best. Files are ``trainer.save`` checkpoints (atomic safetensors holding the
@@ -188,13 +196,17 @@ class ModelCheckpoint(Callback):
     ``monitor``, ``mode``, ``save_top_k`` and ``filename`` (Lightning keeps its book only in the
     same ``dirpath`` too); otherwise it starts a fresh book and warns. The book holds names, not
     paths, and the callback deletes only files it names as it names them, inside ``dirpath``: a book
-    from another folder, a copied run or a crafted file never makes it delete anything else.
+    from another folder, a copied run or a crafted file never makes it delete anything else. With
+    ``sharded=True`` the same holds of its folders: it removes (``shutil.rmtree``) only a real folder
+    (not a link) in ``dirpath`` named as it names its folders, never a path a book spells out.
     """
 
     def __init__(self, dirpath: str | os.PathLike, monitor: str = "val_loss", mode: str = "min",
                  save_top_k: int = 1, save_last: bool = False, filename: str = "epoch={epoch:03d}-{monitor}={score:.4f}",
-                 every_n_steps: int | None = None):
+                 every_n_steps: int | None = None, sharded: bool = False, async_save: bool = False):
         _check_mode(mode)
+        # sharded: each checkpoint is a folder (fnnet.checkpoint.sharded) named like the file, ".ckpt" for the suffix
+        self._save_kw, self._ext = {"sharded": sharded, "async_save": async_save}, ".ckpt" if sharded else ".safetensors"
         if not isinstance(save_top_k, int) or save_top_k < -1:
             raise ValueError(f"save_top_k must be an int >= -1, got {save_top_k!r}")
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
@@ -216,7 +228,7 @@ class ModelCheckpoint(Callback):
         for path in (self.last_model_path, self.step_model_path):
             if path is not None:
                 own.add(os.path.abspath(path))
-        foreign = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(self.dirpath), "*.safetensors"))
+        foreign = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(self.dirpath), "*" + self._ext))
                          if os.path.abspath(f) not in own)
         if foreign:
             self._warned_foreign = True
@@ -236,8 +248,8 @@ class ModelCheckpoint(Callback):
             return
         if _dist.is_main():
             os.makedirs(self.dirpath, exist_ok=True)
-        self.step_model_path = os.path.join(self.dirpath, "step.safetensors")
-        trainer.save(self.step_model_path)
+        self.step_model_path = os.path.join(self.dirpath, "step" + self._ext)
+        trainer.save(self.step_model_path, **self._save_kw)
         _dist.barrier()  # no rank goes on before the file is complete
 
     def _settings(self) -> dict[str, Any]:
@@ -257,12 +269,12 @@ class ModelCheckpoint(Callback):
         """Take a saved book back, only when it was kept under this callback's settings (``dirpath``, ``monitor``,
         ``mode``, ``save_top_k``, ``filename``), else start fresh with a warning. A book is never trusted as a
         list of paths: an entry is kept only when it is a name this callback gives its files (``filename``'s
-        form, ``last.safetensors``, ``step.safetensors``), and stands for that name in ``dirpath``; the
-        callback deletes only such files."""
+        form, ``last.safetensors``, ``step.safetensors``; ``.ckpt`` for those of ``sharded=True``), and stands for
+        that name in ``dirpath``; the callback deletes only such files (folders)."""
         if not _same_settings("ModelCheckpoint", self._settings(), state):
             self.best_k, self.last_model_path, self.step_model_path = [], None, None
             return
-        pattern, dropped = _name_pattern(self.filename, self.monitor), []
+        pattern, dropped = _name_pattern(self.filename, self.monitor, self._ext), []
 
         def own(name: Any, fixed: str | None = None) -> str | None:
             ok = isinstance(name, str) and (name == fixed if fixed else (
@@ -274,26 +286,56 @@ class ModelCheckpoint(Callback):
 
         book = [(float(score), own(name)) for score, name in state.get("best_k", [])]
         self.best_k = [(score, path) for score, path in book if path is not None]
-        self.last_model_path = own(state.get("last_model_path"), "last.safetensors")
-        self.step_model_path = own(state.get("step_model_path"), "step.safetensors")
+        self.last_model_path = own(state.get("last_model_path"), "last" + self._ext)
+        self.step_model_path = own(state.get("step_model_path"), "step" + self._ext)
         if dropped:
             warnings.warn(f"ModelCheckpoint: the checkpoint's book names {len(dropped)} file(s) this callback does not "
                           f"name its files ({', '.join(map(repr, dropped[:3]))}); they are left out of its book and "
                           f"never deleted (it deletes only its own files in '{self.dirpath}')", UserWarning,
                           stacklevel=user_stacklevel())
 
+    def _own_name(self, name: str) -> bool:
+        """Whether ``name`` is one this callback gives its files (folders when ``sharded``) in ``dirpath``."""
+        return name in ("last" + self._ext, "step" + self._ext) or \
+            _name_pattern(self.filename, self.monitor, self._ext).fullmatch(name) is not None
+
+    def _is_own_checkpoint(self, path: str) -> bool:
+        """A complete checkpoint of this callback's kind at ``path``: a regular file, or, when ``sharded``, a real
+        folder (not a link) holding its manifest."""
+        if self._ext != ".ckpt":
+            return os.path.isfile(path)
+        return os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
     def checkpoint_files(self) -> list[str]:
         """The regular files in ``dirpath`` named as this callback names its files (``filename``'s form,
         ``last.safetensors``, ``step.safetensors``): what ``fit(resume="auto")`` chooses from. Another file there
-        (pretrained weights, a broken link) is never one of them."""
-        pattern = _name_pattern(self.filename, self.monitor)
+        (pretrained weights, a broken link) is never one of them. With ``sharded=True``: its complete folders
+        (``<name>.ckpt`` holding the manifest), and a complete folder of its own name that a save left hidden
+        (``.<name>.ckpt.<run>.partial``: killed after its manifest, before the move into place)."""
         try:
             names = os.listdir(self.dirpath)
         except OSError:
             return []
-        return [os.path.join(self.dirpath, n) for n in sorted(names)
-                if (n in ("last.safetensors", "step.safetensors") or pattern.fullmatch(n))
-                and os.path.isfile(os.path.join(self.dirpath, n))]
+        hidden = re.compile(r"\.(.+)\.[0-9a-f]{16}\.partial") if self._ext == ".ckpt" else None
+        out = []
+        for n in sorted(names):
+            m = hidden.fullmatch(n) if hidden is not None else None
+            if (self._own_name(n) or (m is not None and self._own_name(m.group(1)))) \
+                    and self._is_own_checkpoint(os.path.join(self.dirpath, n)):
+                out.append(os.path.join(self.dirpath, n))
+        return out
+
+    def _remove(self, path: str) -> None:
+        """Delete ``path`` only when it is this callback's own: in ``dirpath``, named as it names its files, of its
+        kind (a file; a real folder when ``sharded``, removed whole). Anything else is left alone."""
+        folder, name = os.path.split(path)
+        if os.path.abspath(folder) != os.path.abspath(self.dirpath) or not self._own_name(name):
+            return
+        if self._ext == ".ckpt":
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+        elif os.path.isfile(path):
+            os.remove(path)
 
     @property
     def best_model_path(self) -> str | None:
@@ -318,20 +360,20 @@ class ModelCheckpoint(Callback):
             worst = self.best_k[-1][0] if self.best_k else None
             full = self.save_top_k != -1 and len(self.best_k) >= self.save_top_k
             if not full or _improves(score, worst, self.mode):
-                name = self.filename.format(**{**logs, "epoch": epoch + 1, "monitor": self.monitor, "score": score}) + ".safetensors"
+                name = self.filename.format(**{**logs, "epoch": epoch + 1, "monitor": self.monitor, "score": score}) + self._ext
                 path = os.path.join(self.dirpath, name)
                 # the book first, so the file records it as it stands after this epoch (a resume keeps it)
                 book = sorted(self.best_k + [(score, path)], key=lambda sp: sp[0], reverse=self.mode == "max")
                 keep = book if self.save_top_k == -1 else book[: self.save_top_k]
                 drop, self.best_k = [p for _, p in book if (_, p) not in keep], keep
-                trainer.save(path)
+                trainer.save(path, **self._save_kw)
                 kept = {p for _, p in keep}
                 for stale in drop:
-                    if main and stale not in kept and os.path.exists(stale):
-                        os.remove(stale)
+                    if main and stale not in kept:
+                        self._remove(stale)
         if self.save_last:
-            self.last_model_path = os.path.join(self.dirpath, "last.safetensors")
-            trainer.save(self.last_model_path)
+            self.last_model_path = os.path.join(self.dirpath, "last" + self._ext)
+            trainer.save(self.last_model_path, **self._save_kw)
 
 
 class EarlyStopping(Callback):

@@ -254,7 +254,29 @@ def build_parser() -> argparse.ArgumentParser:
                              description="How much a GPU helps, and what fnnet costs over plain PyTorch, on this machine.")
     add_bench_arguments(p_bench)
     p_bench.set_defaults(func=_cmd_bench, parser=p_bench)
+
+    p_ckpt = sub.add_parser("checkpoint", help="checkpoint tools: consolidate a sharded checkpoint into one file")
+    ckpt_sub = p_ckpt.add_subparsers(dest="action", metavar="ACTION")
+    ckpt_sub.required = True
+    p_cons = ckpt_sub.add_parser("consolidate", help="a sharded checkpoint folder -> one whole safetensors file",
+                                 description="Read a sharded checkpoint folder (any world size, any strategy) and "
+                                             "write it as one safetensors file that fnnet.load reads.")
+    p_cons.add_argument("dir", help="the sharded checkpoint folder (with its fnnet-checkpoint.json)")
+    p_cons.add_argument("out", help="the safetensors file to write")
+    p_cons.set_defaults(func=_cmd_consolidate)
     return parser
+
+
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from .checkpoint.sharded import consolidate
+
+    try:
+        consolidate(args.dir, args.out)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"fnnet checkpoint consolidate: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -268,6 +268,24 @@ def shard_opt_state(opt_state: Any, params: Any, lay: Layout) -> Any:
     return _tree.unflatten(spec, out)
 
 
+def part_ranges(opt_state: Any, params: Any, lay: Layout) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    """``{key path: (lo, hi, whole shape)}`` for each leaf of a part state (cut by :func:`shard_opt_state`)
+    that is this rank's range of a parameter-shaped leaf: the flattened elements ``[lo, hi)`` of the whole
+    state's leaf of that shape. A sharded checkpoint writes these ranges with their offsets."""
+    names = [p for p, _ in _tree.leaves_with_path(params)]
+    by_length = sorted(range(len(names)), key=lambda i: -len(names[i]))
+    out: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+    for path, x in _tree.leaves_with_path(opt_state):
+        if not isinstance(x, torch.Tensor) or x.dim() != 1:
+            continue
+        for i in by_length:
+            p = lay.parts[i]
+            if (path == names[i] or path.endswith("." + names[i])) and x.shape[0] == p.hi - p.lo:
+                out[path] = (p.lo, p.hi, lay.shapes[i]) if p.hi > p.lo else (0, 0, lay.shapes[i])
+                break
+    return out
+
+
 def unshard_opt_state(part_state: Any, params: Any, lay: Layout, optimizer: Any) -> Any:
     """The whole optimizer state from every rank's part (collective: every rank calls it). The
     structure comes from ``optimizer.init`` on meta tensors, so nothing state-sized is allocated

@@ -203,9 +203,10 @@ class TrainStep:
                  flush: Callable[[TrainState], tuple[TrainState, dict[str, Any]] | None], *, strategy: Any,
                  name: str, precision: Any, jit: bool, donate: bool, accumulate: int,
                  gather_state: Callable[[TrainState], TrainState] | None = None,
-                 shard_state: Callable[[TrainState], TrainState] | None = None):
+                 shard_state: Callable[[TrainState], TrainState] | None = None,
+                 local_parts: Callable[[TrainState], tuple[TrainState, dict[str, Any]]] | None = None):
         self._call, self._flush = call, flush
-        self._gather, self._shard = gather_state, shard_state
+        self._gather, self._shard, self._local = gather_state, shard_state, local_parts
         self.strategy, self.precision, self.jit, self.donate, self.accumulate = strategy, precision, jit, donate, accumulate
         self.__name__ = self.__qualname__ = name
 
@@ -229,6 +230,14 @@ class TrainStep:
         """``state`` in the strategy's layout (a sharded strategy cuts a whole optimizer state to this
         rank's part; others return ``state``). The step does it itself on a whole state."""
         return state if self._shard is None else self._shard(state)
+
+    def local_parts(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """``(state in this rank's layout, {key path: (lo, hi, whole shape)})``: each listed leaf of the
+        returned state is the range ``[lo, hi)`` of the flattened whole leaf; every other leaf is whole
+        (and the same on every rank). What a sharded checkpoint writes per rank
+        (:func:`fnnet.checkpoint.sharded.save_sharded`); a strategy that shards parameters plugs its own
+        layout in here. Not collective."""
+        return (state, {}) if self._local is None else self._local(state)
 
     def __repr__(self) -> str:
         return f"<{self.__name__}: {self.strategy!r}, precision={self.precision!r}, jit={self.jit}, " \

@@ -371,6 +371,9 @@ class Trainer:
         finally:
             cbs("on_fit_end", self)
             self._sync_module()
+        from ._saving import wait_pending
+
+        wait_pending(self)  # a save still in flight completes (or raises) before fit returns
         return self.history
 
     def _fit_epoch(self, train_data: Any, val_data: Any, cbs: CallbackList, checks: "_StepChecks", i: int, epochs: int,
@@ -452,20 +455,35 @@ class Trainer:
         return place(torch.cat(outs), device)
 
     # -- checkpoints and the module ------------------------------------------------------------------
-    def checkpoint(self) -> dict[str, Any]:
+    def checkpoint(self, *, gather: bool = True) -> dict[str, Any]:
         """What :meth:`save` writes: ``{"state": trainer.state, "epoch": epochs completed}``, the optimizer
-        state whole (gathered from every rank's part under ``shard_optimizer``: every rank calls this)."""
-        with together("Trainer.checkpoint/save (gathering the sharded optimizer state)", self.distributed):
-            state = self.train_step.gather_state(self.state)
+        state whole (gathered from every rank's part under ``shard_optimizer``: every rank calls this;
+        ``gather=False``: the state as this rank holds it, nothing collective)."""
+        if gather:
+            with together("Trainer.checkpoint/save (gathering the sharded optimizer state)", self.distributed):
+                state = self.train_step.gather_state(self.state)
+        else:
+            state = self.state
         return {"state": state, "epoch": self.epoch,
                 "position": position(self._batch_in_epoch, _dist.world_size(), self._global_batch, self._callbacks,
                                      self._samples)}
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, sharded: bool = False, async_save: bool = False) -> None:
         """Write :meth:`checkpoint` to ``path`` (``fnnet.save``: atomic, checksummed): ``fnnet.load(path)["state"]``
         is the ``TrainState`` (its ``params`` load into the module with ``load_state_dict``). A non-finite state
-        is refused (``ValueError``): a checkpoint is always a state training can resume from."""
+        is refused (``ValueError``): a checkpoint is always a state training can resume from.
+
+        ``sharded=True`` writes a folder in which every rank writes the part it holds (nothing gathered;
+        ``fnnet.checkpoint.sharded``, README "Sharded checkpoints"); ``async_save=True`` copies to host memory
+        and writes in a background thread: the next save, :meth:`load` and the end of ``fit`` wait for it
+        and raise its error."""
         from .checkpoint import save
+        from ._saving import save_trainer, wait_pending
+
+        if sharded or async_save:
+            save_trainer(self, path, sharded=sharded, async_save=async_save)
+            return
+        wait_pending(self)
 
         checkpoint = self.checkpoint()  # on every rank: a sharded optimizer state is gathered, the same everywhere
         if not bool(all_finite(checkpoint["state"])):  # so every rank decides alike
@@ -488,7 +506,13 @@ class Trainer:
         A later ``fit(epochs=n)`` runs ``n`` more epochs; ``fit(epochs=E, resume=path)`` instead loads the file
         and the callbacks' books and runs until epoch ``E`` in total.
         """
-        state, epoch, self._position = load_checkpoint(path, self.checkpoint(), self.device)  # every rank
+        from ._saving import load_sharded_trainer, wait_pending
+
+        wait_pending(self)
+        if os.path.isdir(path):  # a sharded checkpoint folder: each rank reads its own layout's ranges
+            state, epoch, self._position = load_sharded_trainer(self, path)
+        else:
+            state, epoch, self._position = load_checkpoint(path, self.checkpoint(), self.device)  # every rank
         self.epoch = self.epoch if epoch is None else epoch
         self._adopt(place(state, self.device, memory_format=self.memory_format))
         return self

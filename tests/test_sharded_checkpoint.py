@@ -1,0 +1,273 @@
+"""Sharded checkpoints (fnnet/checkpoint/sharded.py, the Trainer's sharded and async saves): the load
+matrix across strategies and world sizes against the uninterrupted run, kill points, bad folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fnnet, fnnet._saving
+from fnnet.checkpoint import sharded
+from _ckpt_worker import STOP, loader as rank_loader, trainer  # noqa: F401
+from _dist_worker import StopAt, resume_data
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("_ckpt_worker.py")
+TIMEOUT = 240
+
+
+def launch(action: str, strategy: str, out: Path, nproc: int) -> subprocess.CompletedProcess:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(port), str(WORKER), action, strategy, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def one_loader():
+    return fnnet.ArrayLoader(resume_data(), 8, shuffle=True, key=fnnet.random.key(1), global_batch=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    t = trainer("single")
+    t.fit(one_loader(), epochs=2, verbose=0)
+    return t.state
+
+
+def close(a, b, tol=1e-10):
+    la, lb = fnnet.tree.leaves(a), fnnet.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        torch.allclose(x, y, rtol=0, atol=tol) if isinstance(x, torch.Tensor) else x == y for x, y in zip(la, lb))
+
+
+def resume_here(folder: Path):
+    """W = 1: this process resumes from the sharded folder (resume="auto") and finishes the run."""
+    t = trainer("single")
+    t.fit(one_loader(), epochs=2, verbose=0, resume="auto",
+          callbacks=[fnnet.callbacks.ModelCheckpoint(folder, monitor="loss", every_n_steps=1, sharded=True)])
+    return t.state
+
+
+def saved_by(tmp_path_factory, strategy: str, world: int) -> Path:
+    out = tmp_path_factory.mktemp(f"save-{strategy}-{world}")
+    launch("save", strategy, out, world)
+    assert sharded.is_complete(out / "ckpt" / "step.ckpt")
+    return out / "ckpt"
+
+
+def resumed_by(src: Path, tmp_path: Path, strategy: str, world: int):
+    shutil.copytree(src, tmp_path / "ckpt")
+    launch("resume", strategy, tmp_path, world)
+    return fnnet.load(tmp_path / f"final-{strategy}-{world}.safetensors")
+
+
+def saved_here(folder: Path, stop: int = STOP) -> Path:
+    """W = 1: this process trains with sharded checkpoints every step and stops after step ``stop``."""
+    t = trainer("single")
+    t.fit(one_loader(), epochs=2, verbose=0, callbacks=[
+        fnnet.callbacks.ModelCheckpoint(folder, monitor="loss", every_n_steps=1, sharded=True), StopAt(stop)])
+    return folder
+
+
+def test_one_process_to_zero2_on_two_ranks_and_back_equals_the_uninterrupted_run(tmp_path, uninterrupted):
+    # one launch: W=1 (step 4) -> ZeRO-2 on 2 ranks (async sharded saves, stops after step 8) -> W=1 to the end
+    saved_here(tmp_path / "ckpt")
+    launch("resume-stop", "zero2", tmp_path, 2)
+    folder = tmp_path / "ckpt" / "step.ckpt"
+    assert sorted(os.listdir(folder)) == ["fnnet-checkpoint.json", "part-00000-of-00002.safetensors",
+                                          "part-00001-of-00002.safetensors"]
+    whole = sharded.load_sharded(folder)  # the whole tree, the optimizer state read from both ranks' ranges
+    assert whole["state"].step == 2 * STOP and whole["epoch"] == 1
+    final = resume_here(tmp_path / "ckpt")
+    assert final.step == uninterrupted.step and close(final, uninterrupted)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("save,load", [(("zero2", 2), ("ddp", 3)), (("zero2", 2), ("single", 1)), (("zero2", 2), ("zero2", 3)), (("zero2", 2), ("zero2", 4)),
+                                       (("ddp", 3), ("zero2", 2)), (("zero2", 3), ("zero2", 2)),
+                                       (("single", 1), ("zero2", 2)), (("zero2", 4), ("ddp", 2))])
+def test_the_load_matrix_equals_the_uninterrupted_run(tmp_path_factory, tmp_path, uninterrupted, save, load):
+    src = saved_here(tmp_path / "single") if save == ("single", 1) else saved_by(tmp_path_factory, *save)
+    final = resume_here(src) if load == ("single", 1) else resumed_by(src, tmp_path, *load)
+    assert final.step == uninterrupted.step and close(final, uninterrupted)
+
+
+def test_bad_folders_are_clear_errors_naming_the_part(tmp_path):
+    folder = saved_here(tmp_path / "ckpt") / "step.ckpt"
+    part = "part-00000-of-00001.safetensors"
+    with pytest.raises(ValueError, match=r"manifest 'fnnet-checkpoint.json'.*missing"):
+        sharded.load_sharded(tmp_path)  # a folder without a manifest: never loaded
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    os.remove(bad / part)
+    with pytest.raises(ValueError, match=r"the part 'part-00000-of-00001.safetensors'.*missing \(rank 0 of 1\)"):
+        sharded.load_sharded(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(folder, bad)
+    shutil.copy(folder / part, bad / "part-00001-of-00002.safetensors")  # a stray part of another save
+    with pytest.raises(ValueError, match=r"mixes two saves: \['part-00001-of-00002.safetensors'\]"):
+        sharded.load_sharded(bad)
+    other = tmp_path / "other"
+    sharded.save_sharded(other, {"w": torch.ones(3)}).wait()
+    shutil.copy(other / part, bad / part)  # a part written by another run / model
+    os.remove(bad / "part-00001-of-00002.safetensors")
+    with pytest.raises(ValueError, match=r"part-00000-of-00001.safetensors' is not the part the manifest wrote"):
+        sharded.load_sharded(bad)
+    with pytest.raises(ValueError, match=r"does not match `like`.*\n.*w: checkpoint float32\[3\], like float32\[4\]"):
+        sharded.load_sharded(other, like={"w": torch.zeros(4)})
+    with pytest.raises(ValueError, match=r"missing \(in like, not in the checkpoint\): b"):
+        sharded.load_sharded(other, like={"w": torch.zeros(3), "b": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r"no manifest written; rank 0: ValueError: non-finite values in \['w\[0:3\]'\]"):
+        sharded.save_sharded(tmp_path / "nan", {"w": torch.tensor([1.0, float("nan"), 2.0])})
+    assert not sharded.is_complete(tmp_path / "nan") and not os.path.exists(tmp_path / "nan")
+    with pytest.raises(ValueError, match=r"its range \[2, 9\) of a whole \[3\] does not fit"):
+        sharded.save_sharded(tmp_path / "x", {"w": torch.ones(7)}, parts={"w": (2, 9, (3,))})
+
+
+def test_load_sharded_is_pure_and_reads_a_range_and_consolidates(tmp_path):
+    state = fnnet.TrainState.create({"w": torch.randn(4, 5, dtype=torch.float64)}, fnnet.optim.adam(0.1))
+    tree = {"state": state, "epoch": 2}
+    copy = lambda t: fnnet.tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, t)  # noqa: E731
+    before = copy(tree)
+    sharded.save_sharded(tmp_path / "c", tree).wait()
+    assert fnnet.tree.all_equal(tree, before)  # the saved tree is untouched
+    like = {"state": state.replace(opt_state=copy(state.opt_state)), "epoch": 0}
+    back = sharded.load_sharded(tmp_path / "c", like=like)
+    assert fnnet.tree.all_equal(back, tree) and fnnet.tree.all_equal(like["state"], state)
+    part_like = {**like, "state": state.replace(params={"w": torch.zeros(6, dtype=torch.float64)})}
+    got = sharded.load_sharded(tmp_path / "c", like=part_like, parts={"state.params.w": (7, 13, (4, 5))})
+    assert torch.equal(got["state"].params["w"], state.params["w"].reshape(-1)[7:13])
+    out = tmp_path / "whole.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "fnnet", "checkpoint", "consolidate", str(tmp_path / "c"), str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0, proc.stderr
+    assert fnnet.tree.all_equal(fnnet.load(out), tree)
+
+
+KILL = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[3])
+import fnnet, fnnet._saving
+from fnnet.checkpoint import sharded
+from _ckpt_worker import trainer
+from _dist_worker import resume_data
+point, folder = sys.argv[1], sys.argv[2]
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+replace = os.replace
+def arm():
+    if point == "data":
+        sharded._file.write = die                   # a rank dies while writing its part
+    elif point == "marker":
+        sharded._write_json = die                   # every part durable, the manifest not yet written
+    else:                                           # the manifest written, the folder not yet moved into place
+        os.replace = lambda a, b: die() if str(a).endswith(".partial") else replace(a, b)
+class Arm(fnnet.callbacks.Callback):
+    def on_train_batch_start(self, trainer, step):
+        if trainer.state.step == 2:
+            fnnet._saving.wait_pending(trainer)  # step 2's save completes; step 3's is the one killed
+            arm()
+loader = fnnet.ArrayLoader(resume_data(), 8, shuffle=True, key=fnnet.random.key(1), global_batch=True)
+trainer("single").fit(loader, epochs=2, verbose=0, callbacks=[Arm(), fnnet.callbacks.ModelCheckpoint(
+    folder, monitor="loss", every_n_steps=1, sharded=True, async_save=True)])
+"""
+
+
+@pytest.mark.parametrize("point", [pytest.param("data", marks=pytest.mark.extended), "marker",
+                                   pytest.param("rename", marks=pytest.mark.extended)])
+def test_a_save_killed_between_its_steps_is_never_picked_and_is_cleaned_up(tmp_path, uninterrupted, point):
+    from fnnet._resume import find_latest
+
+    folder = tmp_path / "ckpt"
+    proc = subprocess.run([sys.executable, "-c", KILL, point, str(folder), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    partial = [e for e in os.listdir(folder) if e.endswith(".partial")]
+    picked = find_latest([fnnet.callbacks.ModelCheckpoint(folder, monitor="loss", sharded=True)])
+    assert find_latest([fnnet.callbacks.ModelCheckpoint(folder, monitor="loss")]) is None  # folders: sharded=True's
+    if point == "rename":  # killed between moving the old folder aside and the new one in: both are complete
+        old = [e for e in os.listdir(folder) if e.endswith(".old")]
+        assert len(old) == 1 and sharded.load_sharded(folder / old[0])["state"].step == 2
+        assert picked == str(folder / partial[0]) and sharded.load_sharded(picked)["state"].step == 3
+    else:  # torn: no manifest, never loaded, never picked
+        assert len(partial) == 1 and sharded.load_sharded(folder / "step.ckpt")["state"].step == 2
+        if point == "marker":  # the data were durable before the marker would have been written
+            assert any(e.startswith("part-") for e in os.listdir(folder / partial[0]))
+        with pytest.raises(ValueError, match="manifest .* is missing"):
+            sharded.load_sharded(folder / partial[0])
+        assert picked == str(folder / "step.ckpt")
+    final = resume_here(folder)  # resume="auto", then saves again: the leftovers are removed
+    assert final.step == uninterrupted.step and close(final, uninterrupted)
+    assert not [e for e in os.listdir(folder) if e.startswith(".")]
+
+
+def test_a_sharded_callback_deletes_only_its_own_folders_and_a_crafted_book_names_none(tmp_path):
+    """Issue 34's deletion safety for sharded folders: the book names folders, not paths; a name outside
+    dirpath, a foreign name or a link of its own form is never removed; its own stale folders are."""
+    import json
+
+    folder = tmp_path / "run"
+    kw = dict(monitor="loss", save_top_k=1, save_last=True, sharded=True)
+    trainer("single").fit(one_loader(), epochs=1, verbose=0, callbacks=[fnnet.callbacks.ModelCheckpoint(folder, **kw)])
+    outside = [tmp_path / "victim.ckpt", folder / "notes.ckpt", tmp_path / "epoch=009-loss=9.0000.ckpt",
+               tmp_path / "linked"]
+    for v in outside:
+        v.mkdir()
+        (v / "keep.txt").write_text("precious")
+    os.symlink(tmp_path / "linked", folder / "epoch=008-loss=8.0000.ckpt")  # its own form, but a link
+    saved = sharded.load_sharded(folder / "last.ckpt")
+    books = json.loads(saved["position"]["callbacks"])
+    (name, book), = books.items()
+    first = book["best_k"][0][1]  # the real entry: its folder is removed once a better one is saved
+    book["best_k"] += [[9e8, "epoch=008-loss=8.0000.ckpt"], [9e9, str(outside[0])], [9e9, "notes.ckpt"],
+                       [9e9, "../epoch=009-loss=9.0000.ckpt"]]
+    saved["position"]["callbacks"] = json.dumps({name: book})
+    fnnet.save(tmp_path / "crafted.safetensors", saved)
+    fresh = fnnet.callbacks.ModelCheckpoint(folder, **kw)
+    with pytest.warns(UserWarning, match="never deleted"):
+        trainer("single").fit(one_loader(), epochs=2, verbose=0, resume=tmp_path / "crafted.safetensors",
+                              callbacks=[fresh])
+    assert all((v / "keep.txt").read_text() == "precious" for v in outside)
+    assert os.path.islink(folder / "epoch=008-loss=8.0000.ckpt")
+    own = sorted(e for e in os.listdir(folder) if e.startswith("epoch=") and not os.path.islink(folder / e))
+    assert len(own) == 1 and own[0] != first and fresh.best_model_path == str(folder / own[0])
+    (folder / "epoch=007-loss=7.0000.ckpt").mkdir()  # its form, but no manifest: incomplete, never picked
+    assert sorted(fresh.checkpoint_files()) == sorted(str(folder / e) for e in own + ["last.ckpt"])
+
+
+ZERO3 = """
+import os, torch, fnnet
+from fnnet import distributed
+distributed.init()
+step = fnnet.make_train_step(lambda p, b: (p["w"] * b).sum(), fnnet.optim.adam(0.1), strategy="zero3")
+state = fnnet.TrainState.create({"w": torch.ones(4, dtype=torch.float64)}, fnnet.optim.adam(0.1))
+try:
+    step.local_parts(state)
+except ValueError as e:
+    print("REFUSED:", e)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.extended
+def test_zero3_refuses_sharded_parts_naming_what_works(tmp_path):
+    # ZeRO(3) has no local_parts yet (the Trainer refuses ZeRO(3) itself): the step raises, not a wrong layout
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577", "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", ZERO3], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and "REFUSED:" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "not supported under ZeRO(stage=3)" in proc.stdout and "step.gather_state(state)" in proc.stdout
