@@ -339,29 +339,40 @@ def check_part_init(optimizer: Any, params: Any, lay: Layout) -> None:
             "whole shapes")
 
 
-def sharded_update(lay: Layout) -> Callable[..., tuple[Any, Any, Any, Any, Any]]:
-    """The update of a sharded step (in place of :func:`fnnet.state.apply_update`): the optimizer on
-    this rank's part, the same skip decision on every rank, then the parameters all-gathered. The
-    optimizer gets the whole tree's view explicitly (:class:`fnnet.optim.Shards`: a sum over the
-    shard group, the whole shapes)."""
+def whole_view(lay: Layout) -> Shards:
+    """What the optimizer sees of the whole tree from one rank's part (:class:`fnnet.optim.Shards`): a sum
+    over the layout's shard group and the whole shapes."""
 
     def sum_across(x: torch.Tensor) -> torch.Tensor:
         y = x.clone()
         dist.all_reduce(y, group=lay.group)
         return y
 
-    shards = Shards(sum_across, lay.whole)
+    return Shards(sum_across, lay.whole)
+
+
+def finite_everywhere(grads: Any, group: Any) -> torch.Tensor:
+    """Whether every rank of ``group`` holds finite gradients (a 0-dim bool): each rank checks its part
+    and a MAX all-reduce makes every rank skip the same steps."""
+    bad = (~grads_finite(grads)).to(torch.float32).reshape(1)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return bad[0] == 0
+
+
+def sharded_update(lay: Layout) -> Callable[..., tuple[Any, Any, Any, Any, Any]]:
+    """The update of a sharded step (in place of :func:`fnnet.state.apply_update`): the optimizer on
+    this rank's part, the same skip decision on every rank, then the parameters all-gathered. The
+    optimizer gets the whole tree's view explicitly (:class:`fnnet.optim.Shards`: a sum over the
+    shard group, the whole shapes)."""
+
+    shards = whole_view(lay)
 
     def update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buffers: Any = None,
                new_buffers: Any = None, loss_scale: Any = None, check_finite: bool = False, donate: bool = False):
         if donate and not lay.at_home(params):
             params = lay.home(params)  # once: the donated params move into the all-gather's buffers
         part = lay.part(params)
-        finite = None
-        if check_finite or loss_scale is not None:
-            bad = (~grads_finite(grads)).to(torch.float32).reshape(1)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=lay.group)  # every rank skips the same steps
-            finite = bad[0] == 0
+        finite = finite_everywhere(grads, lay.group) if check_finite or loss_scale is not None else None
         new_part, opt_state, new_buffers, loss_scale, finite = apply_update(
             optimizer, grads, part, opt_state, buffers=buffers, new_buffers=new_buffers, loss_scale=loss_scale,
             finite=finite, donate=donate, shards=shards)

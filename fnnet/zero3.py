@@ -47,8 +47,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .comm import ALL_GATHER, REDUCE_SCATTER
-from .optim import Shards
-from .state import apply_update, grads_finite
+from .shard import finite_everywhere, whole_view
+from .state import apply_update
 from . import tree as _tree
 
 __all__ = ["ROOT", "unit_names", "unit_buckets", "GatherUnit", "UnitGather", "sharded_loss", "sharded_params_update"]
@@ -339,20 +339,11 @@ def sharded_params_update(lay: Any) -> Callable[..., tuple[Any, Any, Any, Any, A
     parts: nothing is gathered), the same skip decision on every rank, the whole tree's view in
     ``shards=`` (:class:`fnnet.optim.Shards`, as ZeRO-2)."""
 
-    def sum_across(x: torch.Tensor) -> torch.Tensor:
-        y = x.clone()
-        dist.all_reduce(y, group=lay.group)
-        return y
-
-    shards = Shards(sum_across, lay.whole)
+    shards = whole_view(lay)
 
     def update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buffers: Any = None,
                new_buffers: Any = None, loss_scale: Any = None, check_finite: bool = False, donate: bool = False):
-        finite = None
-        if check_finite or loss_scale is not None:
-            bad = (~grads_finite(grads)).to(torch.float32).reshape(1)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=lay.group)  # every rank skips the same steps
-            finite = bad[0] == 0
+        finite = finite_everywhere(grads, lay.group) if check_finite or loss_scale is not None else None
         return apply_update(optimizer, grads, params, opt_state, buffers=buffers, new_buffers=new_buffers,
                             loss_scale=loss_scale, finite=finite, donate=donate, shards=shards)
 

@@ -449,8 +449,9 @@ def _resume_part(step: int, rank: int, world: int):
     return x[bounds[rank]:bounds[rank + 1]], y[bounds[rank]:bounds[rank + 1]]
 
 
-def run_timeout(out: Path) -> None:
-    """Rank 1 takes one step where rank 0 takes three, then waits: rank 0's second step times out."""
+def run_timeout(out: Path, *, peer_exits: bool = False) -> None:
+    """Rank 1 takes one step where rank 0 takes three, then waits (rank 0's second step times out) or,
+    with ``peer_exits``, exits (rank 0's next step finds its connection gone)."""
     import os
     import time
 
@@ -465,28 +466,9 @@ def run_timeout(out: Path) -> None:
             state, _ = step(state, my_part(data(i), me))
     except RuntimeError as err:
         message = str(err)
-    (out / f"timeout{me}.json").write_text(json.dumps(message))
-    if me == 1:
+    (out / f"{'peer' if peer_exits else 'timeout'}{me}.json").write_text(json.dumps(message))
+    if me == 1 and not peer_exits:
         time.sleep(12)  # alive but silent: rank 0 meets the timeout, not a closed connection
-    os._exit(0)
-
-
-def run_peer_exit(out: Path) -> None:
-    """Rank 1 takes one step and exits; rank 0's next step finds its connection gone (not a timeout)."""
-    import os
-
-    me = distributed.rank()
-    model = fnnet.functional(mlp())
-    opt = optim.sgd(0.1)
-    step = fnnet.make_train_step(lambda p, b: F.mse_loss(model.apply(p, b[0]), b[1]), opt, strategy="ddp")
-    state = fnnet.TrainState.create(model.params, opt)
-    message = None
-    try:
-        for i in range(3 if me == 0 else 1):
-            state, _ = step(state, my_part(data(i), me))
-    except RuntimeError as err:
-        message = str(err)
-    (out / f"peer{me}.json").write_text(json.dumps(message))
     os._exit(0)
 
 
@@ -588,7 +570,7 @@ def main() -> None:
         elif scenario == "timeout":
             run_timeout(out)
         elif scenario == "peer-exit":
-            run_peer_exit(out)
+            run_timeout(out, peer_exits=True)
         elif scenario == "lone-save":
             run_lone_save(out)
         elif scenario == "shard":

@@ -43,3 +43,13 @@ def trees(leaves=None, max_leaves=8):
         ),
         max_leaves=max_leaves,
     )
+
+
+@pytest.fixture
+def one_thread():
+    """These models are tiny: one thread is as fast, and on a shared, loaded machine two OpenMP threads that wait
+    for each other are several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,14 +9,7 @@ import torch.nn.functional as F
 import fnnet
 from fnnet.models import GPT
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and on a shared, loaded machine two OpenMP threads that wait
-    for each other are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run on one thread
 
 
 CFG = dict(block_size=8, n_layer=2, n_head=2, n_embd=16)

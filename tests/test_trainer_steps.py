@@ -12,14 +12,7 @@ from fnnet.data import WindowLoader
 from fnnet.models import GPT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and on a shared, loaded machine two OpenMP threads that wait
-    for each other are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run on one thread
 
 
 def data(n=200, seed=0):

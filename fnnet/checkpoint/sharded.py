@@ -261,16 +261,7 @@ def _write_json(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(os.path.dirname(path))
-
-
-def _fsync(folder: str) -> None:
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _file._fsync_dir(os.path.dirname(path))
 
 
 def _file_digest(path: str) -> str:
@@ -313,7 +304,7 @@ def _finish(job: dict[str, Any], group: Any) -> None:
         if os.path.lexists(path):
             os.replace(path, old)
         os.replace(partial, path)
-        _fsync(os.path.dirname(path))
+        _file._fsync_dir(os.path.dirname(path))
         shutil.rmtree(old, ignore_errors=True)
     _all_gather(None, group)  # every rank returns once the checkpoint is in place
 
