@@ -159,7 +159,8 @@ def _with_master_weights(step: TrainStep, policy: Precision) -> TrainStep:
     return TrainStep(call, lambda state: step.flush(policy.prepare(state)), strategy=step.strategy,
                      name=step.__name__, precision=step.precision, jit=step.jit, donate=step.donate,
                      accumulate=step.accumulate, gather_state=step.gather_state,
-                     shard_state=lambda state: step.shard_state(policy.prepare(state)))
+                     shard_state=lambda state: step.shard_state(policy.prepare(state)),
+                     local_parts=lambda state: step.local_parts(policy.prepare(state)))
 
 
 SHORTHANDS = {"single": lambda: SingleDevice(), "ddp": lambda: _distributed.DDP(),
