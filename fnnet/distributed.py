@@ -463,24 +463,36 @@ class HSDP(ZeRO):
     loss and buffers are summed over both dimensions. Equal to one process on the concatenated
     batch up to the order of float additions.
 
+    ``HSDP(mesh, stage=3)`` (torch's ``fully_shard(module, mesh=mesh)`` with a 2-D mesh) shards the
+    parameters too, as ``ZeRO(3)`` within each shard group: a rank keeps ``1 / S`` of every
+    parameter, gradient and optimizer state; a unit is all-gathered within the shard group, its
+    gradient reduce-scattered within it and this rank's chunk then all-reduced across the replicate
+    group (one all-reduce per unit in the backward).
+
     Args:
         mesh: the 2-D mesh (``init_device_mesh("cpu", (R, S), mesh_dim_names=("replicate", "shard"))``).
+        stage: 2 (default): the optimizer state sharded; 3: the parameters too.
+        units: stage 3's units, as :class:`ZeRO`.
         bucket_mb, sync_state, reduce_scatter: as :class:`ZeRO`.
     """
 
     name = "hsdp"
 
-    def __init__(self, mesh: Any, *, bucket_mb: float = BUCKET_MB, sync_state: bool = True,
-                 reduce_scatter: bool | None = None):
+    def __init__(self, mesh: Any, *, stage: int = 2, units: Any = None, bucket_mb: float = BUCKET_MB,
+                 sync_state: bool = True, reduce_scatter: bool | None = None):
         names = getattr(mesh, "mesh_dim_names", None)
         if getattr(mesh, "ndim", None) != 2 or tuple(names or ()) != ("replicate", "shard"):
             raise ValueError(f"HSDP(mesh) takes a 2-D DeviceMesh with mesh_dim_names=('replicate', 'shard'), got "
                              f"{type(mesh).__name__} with {getattr(mesh, 'ndim', '?')} dimension(s) named {names}")
-        super().__init__(2, None, bucket_mb=bucket_mb, sync_state=sync_state, reduce_scatter=reduce_scatter)
+        if isinstance(stage, bool) or stage not in (2, 3):
+            raise ValueError(f"HSDP(mesh, stage=...) takes 2 (the optimizer state sharded within the shard groups) "
+                             f"or 3 (the parameters too), got {stage!r}")
+        super().__init__(stage, None, units, bucket_mb=bucket_mb, sync_state=sync_state, reduce_scatter=reduce_scatter)
         self.mesh = mesh
 
     def __repr__(self) -> str:
-        return f"HSDP(mesh shape {tuple(self.mesh.shape)})"
+        units = "" if self.units is None else f", units={self.units!r}"
+        return f"HSDP(mesh shape {tuple(self.mesh.shape)}{', stage=3' if self.stage == 3 else ''}{units})"
 
     def topology(self) -> Topology:
         shard, replicate = self.mesh.get_group("shard"), self.mesh.get_group("replicate")
@@ -882,7 +894,8 @@ class _ParamShardedStep(_RankStep):
     def __init__(self, strategy: ZeRO, loss_fn: Callable, optimizer: Any, o: StepOptions):
         self.layout: _shard.Layout | None = None
         self.updater: Callable[..., Any] | None = None
-        self.gather = _zero3.UnitGather(_process_group(strategy.group, "the ZeRO strategy"))
+        topo = strategy.topology()  # HSDP: units sharded over the mesh's shard group, replicated across the other
+        self.gather = _zero3.UnitGather(topo.shard, replicate=topo.replicate)
         super().__init__(strategy, _zero3.sharded_loss(loss_fn, self.gather), optimizer, o)
         self.step.on_parts = self.on_parts  # type: ignore[attr-defined]
 
@@ -895,7 +908,7 @@ class _ParamShardedStep(_RankStep):
         rank's parts: the units are gathered around their modules' forward, one at a time (every rank
         calls it alike). What eval and predict run on the sharded state:
         ``fnnet.make_eval_step(step.on_parts(loss_fn))(state, batch)``."""
-        gather = _zero3.UnitGather(self.gather.group)
+        gather = _zero3.UnitGather(self.gather.group, replicate=self.gather.replicate)
         wrapped = _zero3.sharded_loss(fn, gather)
 
         @functools.wraps(fn)
@@ -975,7 +988,8 @@ class _ParamShardedStep(_RankStep):
             self.checked = True
         if self.strategy.sync_state and state.step == 0 and state.accum is None and self.is_whole(state.params):
             self.phase = "broadcast_state (the first step's synchronisation)"
-            state = broadcast_state(state, donate=self.o.donate, group=self.topo.groups[0])
+            for g in self.topo.groups:
+                state = broadcast_state(state, donate=self.o.donate, group=g)
         return state
 
     def local(self, params: Any, batch: Any, buffers: Any, key: Any, loss_scale: Any) -> tuple[Any, ...]:

@@ -117,7 +117,8 @@ def unit_buckets(params: Any, units: Any = None) -> tuple[list[str], list[list[i
 
 class GatherUnit(torch.autograd.Function):
     """``full = all_gather(chunk)`` over ``gather.group``; its backward is the reduce-scatter of
-    ``weight * grad`` (a rank gets the sum over ranks of its chunk's gradient): torch's SimpleFSDP."""
+    ``weight * grad`` (a rank gets the sum over ranks of its chunk's gradient): torch's SimpleFSDP.
+    With ``gather.replicate`` (HSDP) the reduced chunk is then all-reduced across the replicas."""
 
     @staticmethod
     def forward(ctx: Any, chunk: torch.Tensor, gather: "UnitGather", unit: int) -> torch.Tensor:
@@ -130,6 +131,8 @@ class GatherUnit(torch.autograd.Function):
         send = torch.mul(grad, g.weight)
         out = torch.empty(send.numel() // g.world, dtype=send.dtype, device=send.device)
         REDUCE_SCATTER(out, send, group=g.group)
+        if g.replicate is not None:  # HSDP: the replicas of this chunk sum theirs
+            dist.all_reduce(out, group=g.replicate)
         return out, None, None
 
 
@@ -139,10 +142,12 @@ def _ptr(t: torch.Tensor) -> int:
 
 class UnitGather:
     """The forward's gathering of units (see the module docstring): set up once per step by
-    :func:`sharded_loss`; ``weight`` is this rank's sample count (the reduce-scatter's weight)."""
+    :func:`sharded_loss`; ``weight`` is this rank's sample count (the reduce-scatter's weight).
+    ``group``: the ranks a unit is sharded over; ``replicate``: HSDP's group of this rank's replicas
+    (each holds the same chunk; a chunk's gradient is all-reduced across it), or ``None``."""
 
-    def __init__(self, group: Any):
-        self.group, self.world = group, dist.get_world_size(group)
+    def __init__(self, group: Any, replicate: Any = None):
+        self.group, self.world, self.replicate = group, dist.get_world_size(group), replicate
         self.lay: Any = None
         self.names: list[str] = []
         self.weight: float = 1.0

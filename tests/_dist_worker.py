@@ -350,6 +350,9 @@ def run_strategies(out: Path) -> None:
             state, _ = _train(step, fnnet.TrainState.create(fnnet.tree.map(torch.clone, model.params), opt), 4, me)
             fnnet.save(out / f"{label}-{donate}-{me}.safetensors", state.params)
     run_strategy_checks(out, me, result)
+    import _zero3_hsdp_worker  # 10. HSDP with stage 3 on the same mesh (asserted on every rank)
+
+    result["hsdp3"] = _zero3_hsdp_worker.checks(mesh)
     (out / f"strategies{me}.json").write_text(json.dumps(result))
 
 

@@ -288,6 +288,8 @@ def test_strategies_on_four_ranks_hsdp_two_groups_shorthands_and_the_rank_checks
         assert "mask given as a function" in (r["maskfn_part_init"] or ""), r["maskfn_part_init"]
     for m in range(3):  # every rank its own key
         assert len({r["draws"][m] for r in got}) == 4, [r["draws"] for r in got]
+    for r in got:  # HSDP(mesh, stage=3): asserted on every rank (tests/_zero3_hsdp_worker.py); fully_shard's 2-D HSDP
+        assert r["hsdp3"]["fully_shard"]["fully_shard_max_diff"] < 1e-9, r["hsdp3"]
 
 
 @pytest.mark.extended
