@@ -2,25 +2,29 @@
 ``fully_shard`` + ``torch.optim.AdamW``, fnnet's ZeRO-2 and fnnet's DDP, on a GPT-like model.
 
     torchrun --nproc-per-node 2 benches/zero3_probe.py [--rounds 5] [--layers 8] [--dim 512] [--out FILE]
+        [--variants fully_shard,zero3,...] [--label TEXT]
 
 The model: a pre-LN transformer (``--layers`` blocks in an ``nn.ModuleList``, ``--dim`` wide,
 vocabulary 8192, context 64, the output tied to the embedding; 29.4 M parameters at the
 defaults), float32, AdamW, batch ``--batch`` sequences per rank. The four variants train in the
 same ranks in turns, one step each per round, the order rotating every round (interleaved), after
-one warm-up step each; fnnet's steps are donated (``--donate 1``, in place, as ``torch.optim``
+one warm-up step each (at 4 ranks a fifth variant, ``hsdp3``: ``HSDP(mesh 2 x 2, stage=3)``); fnnet's steps are donated (``--donate 1``, in place, as ``torch.optim``
 updates; ``--donate 0``: pure steps, which hold the old and the new state at once). Rank 0 writes one JSON object: the median seconds per step of each variant
 with min and max, the ratios to ``fully_shard`` per round (median, min-max), and per rank the
 *persistent* bytes (parameters + optimizer state kept between steps, counted tensor by tensor)
 and the *peak* bytes during one step (:class:`LiveBytes`: the persistent state's storages plus
 every storage an op makes during the step, each until it is freed: gradients, activations,
 gathered units, temporaries; torch's ``MemTracker`` registers hooks on module parameters and
-cannot follow fnnet's meta templates, so it is not used).
+cannot follow fnnet's meta templates, so it is not used), the median CPU seconds per step of each rank
+(``time.process_time``: all of the process's threads, gloo's included) and the load average (1, 5, 15 min)
+at the start and the end: the machine may be shared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 import weakref
@@ -68,6 +72,12 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+def mesh_2x2():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
 
 
 def nbytes(tensors) -> int:
@@ -173,6 +183,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--out", type=str, default="")
     parser.add_argument("--donate", type=int, default=1, help="fnnet's steps update in place (as torch.optim does)")
+    parser.add_argument("--variants", type=str, default="",
+                        help="comma-separated, of fully_shard (needed: the ratios' reference), zero3, zero2, ddp, hsdp3 "
+                             "(4 ranks: HSDP(mesh 2 x 2, stage=3)); default: all that fit the world size")
+    parser.add_argument("--label", type=str, default="", help="recorded in the output (e.g. which code ran)")
     args = parser.parse_args()
     distributed.init()
     me, world = distributed.rank(), distributed.world_size()
@@ -185,29 +199,38 @@ def main() -> None:
         return GPT(args.layers, args.dim)
 
     n_params = sum(p.numel() for p in fresh().parameters())
-    variants = {"fully_shard": torch_variant(fresh(), 1e-4),
-                "zero3": fnnet_variant(distributed.ZeRO(3), fresh(), 1e-4, args.donate),
-                "zero2": fnnet_variant(distributed.ZeRO(2), fresh(), 1e-4, args.donate),
-                "ddp": fnnet_variant(distributed.DDP(), fresh(), 1e-4, args.donate)}
+    makers = {"fully_shard": lambda: torch_variant(fresh(), 1e-4),
+              "zero3": lambda: fnnet_variant(distributed.ZeRO(3), fresh(), 1e-4, args.donate),
+              "zero2": lambda: fnnet_variant(distributed.ZeRO(2), fresh(), 1e-4, args.donate),
+              "ddp": lambda: fnnet_variant(distributed.DDP(), fresh(), 1e-4, args.donate),
+              "hsdp3": lambda: fnnet_variant(distributed.HSDP(mesh_2x2(), stage=3), fresh(), 1e-4, args.donate)}
+    wanted = args.variants.split(",") if args.variants else \
+        ["fully_shard", "zero3", "zero2", "ddp"] + (["hsdp3"] if world == 4 else [])
+    variants = {n: makers[n]() for n in wanted}
     names = list(variants)
+    load = {"start": os.getloadavg()}
     peaks = {}
     for name in names:  # warm-up step, then one step measured for its peak
         variants[name][0](b)
         peaks[name] = peak_of(variants[name][0], b, variants[name][1])
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # this process's CPU seconds (all its threads) per step
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             variants[name][0](b)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    load["end"] = os.getloadavg()
     persistent = {n: nbytes(variants[n][1]()) for n in names}
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, {"persistent": persistent, "peak": peaks})
+    dist.all_gather_object(everyone, {"persistent": persistent, "peak": peaks,
+                                      "cpu_seconds_median": {n: statistics.median(v) for n, v in cpu.items()}})
     if me == 0:
         ratios = {n: sorted(a / t for a, t in zip(times[n], times["fully_shard"])) for n in names}
         out = {"world": world, "params": n_params, "layers": args.layers, "dim": args.dim, "batch_per_rank": args.batch, "donate": bool(args.donate),
-               "rounds": args.rounds, "torch": torch.__version__,
+               "rounds": args.rounds, "torch": torch.__version__, "loadavg_1_5_15min": load, "label": args.label,
                "seconds": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)} for n, v in times.items()},
                "ratio_to_fully_shard": {n: {"median": statistics.median(v), "min": v[0], "max": v[-1]}
                                         for n, v in ratios.items()},

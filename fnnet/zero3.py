@@ -116,24 +116,53 @@ def unit_buckets(params: Any, units: Any = None) -> tuple[list[str], list[list[i
 
 
 class GatherUnit(torch.autograd.Function):
-    """``full = all_gather(chunk)`` over ``gather.group``; its backward is the reduce-scatter of
-    ``weight * grad`` (a rank gets the sum over ranks of its chunk's gradient): torch's SimpleFSDP.
-    With ``gather.replicate`` (HSDP) the reduced chunk is then all-reduced across the replicas."""
+    """``all_gather(chunk)`` over ``gather.group``, returned as one view per parameter of the unit (in
+    the unit's order); its backward is the reduce-scatter of ``weight * grad`` (a rank gets the sum over
+    ranks of its chunk's gradient): torch's SimpleFSDP. With ``gather.replicate`` (HSDP) the reduced
+    chunk is then all-reduced across the replicas.
+
+    One output per parameter, not one for the buffer: the backward copies each parameter's gradient
+    into one send buffer once (``fully_shard``'s copy-in), where a buffer sliced outside would make
+    autograd build a buffer-sized gradient per parameter (each slice's backward) and add them up."""
 
     @staticmethod
-    def forward(ctx: Any, chunk: torch.Tensor, gather: "UnitGather", unit: int) -> torch.Tensor:
-        ctx.gather = gather
-        return gather.take(unit, gather.pending)
+    def forward(ctx: Any, chunk: torch.Tensor, gather: "UnitGather", unit: int) -> tuple[torch.Tensor, ...]:
+        ctx.gather, ctx.unit = gather, unit
+        ctx.set_materialize_grads(False)  # an unused parameter's gradient: None, its place zeroed once below
+        full = gather.take(unit, gather.pending)
+        lay = gather.lay
+        return tuple(full[lay.parts[i].offset:lay.parts[i].offset + _numel(lay.shapes[i])].view(lay.shapes[i])
+                     for i in lay.buckets[unit])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor, None, None]:
         g: UnitGather = ctx.gather
-        send = torch.mul(grad, g.weight)
-        out = torch.empty(send.numel() // g.world, dtype=send.dtype, device=send.device)
+        lay, u = g.lay, ctx.unit
+        some = next((x for x in grads if x is not None), None)
+        dtype = some.dtype if some is not None else g.chunks[u].dtype
+        send = torch.empty(lay.chunks[u] * g.world, dtype=dtype, device=g.chunks[u].device)
+        end = 0
+        for i, grad in zip(lay.buckets[u], grads):
+            p, n = lay.parts[i], _numel(lay.shapes[i])
+            into = send[p.offset:p.offset + n]
+            if grad is None:
+                into.zero_()
+            else:  # the rank's sample count folded into the copy-in
+                torch.mul(grad, g.weight, out=into.view(lay.shapes[i]))
+            end = p.offset + n
+        send[end:].zero_()
+        out = torch.empty(lay.chunks[u], dtype=dtype, device=send.device)
         REDUCE_SCATTER(out, send, group=g.group)
         if g.replicate is not None:  # HSDP: the replicas of this chunk sum theirs
             dist.all_reduce(out, group=g.replicate)
         return out, None, None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -159,6 +188,7 @@ class UnitGather:
             self.order: list[int] = []  # the non-root units in the order the forward opened them (the first step's)
         self.lay, self.names = lay, names
         self.key_unit = {i: b for b, idx in enumerate(lay.buckets) for i in idx}
+        self.position = {i: k for idx in lay.buckets for k, i in enumerate(idx)}  # a leaf's place among its unit's
 
     def release(self) -> None:
         """Forget the step's buffers (after its backward), waiting for any gather still in flight."""
@@ -172,7 +202,7 @@ class UnitGather:
         self.placeholders: dict[int, int] = {}  # storage pointer -> leaf index
         self.slots: dict[int, list[tuple[dict, str]]] = {}  # unit -> its module slots (owner's _parameters, attr)
         self.unit_modules: dict[int, int] = {}  # id(module) -> unit
-        self.open: dict[int, list[Any]] = {}  # unit -> [depth, full buffer, saved slot values]
+        self.open: dict[int, list[Any]] = {}  # unit -> [depth, a view of its buffer, saved slot values]
         self.live: dict[int, int] = {}  # storage pointer of an open unit's buffer -> unit
         self.back: tuple[int, torch.Tensor] | None = None  # the unit the backward gathered last
         self.entered = False
@@ -247,20 +277,20 @@ class UnitGather:
         if u in self.open:
             self.open[u][0] += 1
             return
-        full = GatherUnit.apply(self.chunks[u], self, u)
+        views = GatherUnit.apply(self.chunks[u], self, u)
+        views = (views,) if isinstance(views, torch.Tensor) else views
         if self.names[u] != ROOT:
             self.seen.append(u)
         self.prefetch(u, 1, self.pending)
         saved = []
         for store, attr in self.slots.get(u, []):
             ph = store[attr]
-            p = self.lay.parts[self.placeholders[_ptr(ph)]]
-            view = full[p.offset:p.offset + ph.numel()].view(ph.shape)
+            view = views[self.position[self.placeholders[_ptr(ph)]]]
             store[attr] = view if ph.requires_grad else view.detach()
             saved.append((store, attr, ph))
-        self.open[u] = [1, full, saved]
+        self.open[u] = [1, views[0], saved]
         if self.names[u] != ROOT:
-            self.live[_ptr(full)] = u
+            self.live[_ptr(views[0])] = u
 
     def close_unit(self, u: int) -> None:
         if u < 0 or u not in self.open:
