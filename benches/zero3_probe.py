@@ -8,7 +8,8 @@ The model: a pre-LN transformer (``--layers`` blocks in an ``nn.ModuleList``, ``
 vocabulary 8192, context 64, the output tied to the embedding; 29.4 M parameters at the
 defaults), float32, AdamW, batch ``--batch`` sequences per rank. The four variants train in the
 same ranks in turns, one step each per round, the order rotating every round (interleaved), after
-one warm-up step each (at 4 ranks a fifth variant, ``hsdp3``: ``HSDP(mesh 2 x 2, stage=3)``); fnnet's steps are donated (``--donate 1``, in place, as ``torch.optim``
+one warm-up step each (at 4 ranks a fifth variant, ``hsdp3``: ``HSDP(mesh 2 x 2, stage=3)``);
+fnnet's steps are donated (``--donate 1``, in place, as ``torch.optim``
 updates; ``--donate 0``: pure steps, which hold the old and the new state at once). Rank 0 writes one JSON object: the median seconds per step of each variant
 with min and max, the ratios to ``fully_shard`` per round (median, min-max), and per rank the
 *persistent* bytes (parameters + optimizer state kept between steps, counted tensor by tensor)

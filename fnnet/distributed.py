@@ -885,9 +885,10 @@ class _ShardedStep(_RankStep):
 
 
 class _ParamShardedStep(_RankStep):
-    """One rank's training step under ``ZeRO(3)``: the state's parameters are this rank's parts of the
-    units (:mod:`fnnet.zero3`); the loss runs on placeholders filled unit by unit, the gradients come
-    reduce-scattered out of the backward, the update runs on the parts and nothing is gathered after it."""
+    """One rank's training step under ``ZeRO(3)`` or ``HSDP(mesh, stage=3)``: the state's parameters are
+    this rank's parts of the units (:mod:`fnnet.zero3`); the loss runs on placeholders filled unit by
+    unit, the gradients come reduce-scattered out of the backward (HSDP: then all-reduced across the
+    replicas), the update runs on the parts and nothing is gathered after it."""
 
     strategy: ZeRO
 

@@ -21,7 +21,8 @@ def test_hsdp_says_which_stages_it_takes():
     with pytest.raises(ValueError, match="units are stage 3's"):
         distributed.HSDP(mesh, units=["blocks.0"])
     assert repr(distributed.HSDP(mesh, stage=3)) == "HSDP(mesh shape (2, 2), stage=3)"
-    assert repr(distributed.HSDP(mesh, stage=3, units=["blocks"])) == "HSDP(mesh shape (2, 2), stage=3, units=['blocks'])"
+    with_units = distributed.HSDP(mesh, stage=3, units=["blocks"])
+    assert repr(with_units) == "HSDP(mesh shape (2, 2), stage=3, units=['blocks'])"
     assert repr(distributed.HSDP(mesh)) == "HSDP(mesh shape (2, 2))"
     with pytest.raises(ValueError, match="2-D DeviceMesh"):
         distributed.HSDP(object(), stage=3)
