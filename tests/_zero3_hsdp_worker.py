@@ -31,15 +31,22 @@ def train_hsdp(mesh, opt, steps: int, sizes: tuple[int, ...], m=None, counts: di
 
     m = m if m is not None else base.model()
     step = fnnet.make_train_step(base.loss_of(m), opt, strategy=distributed.HSDP(mesh, stage=3))
+    whole = {k: v.clone() for k, v in m.params.items()}
     state = fnnet.TrainState.create(m.params, opt)
     losses = []
     for i in range(steps):
         mode = CommDebugMode() if counts is not None and i == 1 else None
+        before = fnnet.tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state)
         with mode if mode is not None else contextlib.nullcontext():
-            state, metrics = step(state, base.part(base.batch(i, sizes), sizes, distributed.rank()))
+            new, metrics = step(state, base.part(base.batch(i, sizes), sizes, distributed.rank()))
         if mode is not None:
             counts.update({str(k): v for k, v in mode.get_comm_counts().items()})
+        # pure: the state passed in (whole on the first call, this rank's parts after) is left as it was
+        for (path, a), b in zip(fnnet.tree.leaves_with_path(state), fnnet.tree.leaves(before)):
+            assert not isinstance(a, torch.Tensor) or torch.equal(a, b), f"step {i} changed its input {path}"
+        state = new
         losses.append(float(metrics["loss"]))
+    assert all(torch.equal(m.params[k], v) for k, v in whole.items()), "the model's parameters changed"
     return step, state, losses
 
 

@@ -1,6 +1,7 @@
 """HSDP with stage 3 (``fnnet.distributed.HSDP(mesh, stage=3)``): its options. The 4-rank checks (a 2 x 2
 mesh, float64, against one process at 1e-10 with Adam and with clip_by_global_norm + AdamW, and against
-torch's ``fully_shard(mesh=...)`` after 10 Adam steps, with the collectives of a step) are
+torch's ``fully_shard(mesh=...)`` after 10 Adam steps, with the collectives of a step; every step leaves
+the state passed in unchanged) are
 ``tests/_zero3_hsdp_worker.py``, run inside the one 4-rank launch of ``tests/test_distributed.py``
 (``test_strategies_on_four_ranks_...``)."""
 
