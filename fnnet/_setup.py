@@ -92,9 +92,12 @@ def build_steps(model: Model, loss: Callable, optimizer: Any, devices: list[torc
                                     **({"shard_optimizer": True} if shard_optimizer else {}))
     train = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True, accumulate=accumulate,
                             strategy=strategy, jit=jit, precision=precision, compile_options=compile_options)
+    predict_fn = lambda p, batch, buffers=None: model.apply(p, split_batch(batch)[0], buffers=buffers)  # noqa: E731
+    on_parts = getattr(train, "on_parts", None)  # ZeRO-3: eval and predict gather the units on the fly
+    if on_parts is not None:
+        loss_fn, predict_fn = on_parts(loss_fn), on_parts(predict_fn)
     evaluate = make_eval_step(loss_fn, **options)  # per rank: the metric states are summed at the end
-    predict = make_predict_step(lambda p, batch, buffers=None: model.apply(p, split_batch(batch)[0], buffers=buffers),
-                                **options)
+    predict = make_predict_step(predict_fn, **options)
     return Steps(train, evaluate, predict)
 
 

@@ -900,10 +900,7 @@ class _ParamShardedStep(_RankStep):
 
         @functools.wraps(fn)
         def on_parts(params: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.layout is None:
-                raise ValueError("step.on_parts: the step has not seen a state yet (no layout): call "
-                                 "step.shard_state(state) or take a step first")
-            if self.is_whole(params):
+            if self.is_whole(params):  # a whole state (before the first step, or gathered): nothing to gather
                 return fn(params, *args, **kwargs)
             gather.set_layout(self.layout, self.gather.names)
             try:

@@ -180,11 +180,8 @@ class Trainer:
             raise ValueError(f"Trainer: accumulate_grad_batches must be an int >= 1 (one optimizer update per this many "
                              f"batches; 1: no accumulation), got {accumulate_grad_batches!r}")
         strategy = resolve_strategy(strategy) if strategy is not None else None
-        if getattr(strategy, "stage", None) == 3:
-            raise NotImplementedError("Trainer(strategy=ZeRO(3)) is not supported yet: its state holds each rank's part "
-                                      "of the parameters, which the Trainer's module, eval and predict steps do not "
-                                      "take. Train with fnnet.make_train_step(loss_fn, opt, strategy='zero3') and "
-                                      "step.gather_state(state) for the whole parameters, or use strategy='zero2'")
+        self._params_sharded = getattr(strategy, "stage", None) == 3  # ZeRO-3: the state holds each rank's parts
+        memory_format = _sharded_memory_format(memory_format) if self._params_sharded else memory_format
         self.distributed, self.devices = resolve_devices(devices, distributed, strategy)
         self._rank_shard = _dist.shard() if self.distributed else None  # this rank's part of arrays fit batches
         self.device = self.devices[0]  # where the state lives; with several devices, the first
@@ -438,6 +435,8 @@ class Trainer:
             data = ArrayLoader(arrays, batch_size, device=self.device, shard=self._rank_shard)
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         total = num_batches(data)
+        if self._params_sharded:  # each batch's forward gathers the units: every rank runs as many
+            check_same_batch_count(total, 0, self.distributed, "Trainer.evaluate (ZeRO-3 gathers per batch)")
         with Bar(total, "validation", bool(verbose)) as bar, together("Trainer.evaluate", self.distributed):
             states, _ = self._run(data, train=False, callbacks=cbs, bar=bar, every=max(1, (total or 100) // 10))
             return self._book.logs(states, prefix)  # sums every rank's: every rank evaluates
@@ -449,7 +448,12 @@ class Trainer:
         batches (``(inputs, targets)``, ``(inputs,)`` or inputs alone). Returned on ``device``
         (CPU by default) in float32 when the trainer computes in a lower precision.
         """
-        outs = [self.predict_step(self.state, batch) for batch in self._batches(input_batches(data, batch_size))]
+        batches = input_batches(data, batch_size)
+        if self._params_sharded:  # each batch's forward gathers the units: every rank runs as many
+            batches = list(batches)
+            check_same_batch_count(len(batches), 0, self.distributed, "Trainer.predict (ZeRO-3 gathers per batch)")
+        with together("Trainer.predict", self.distributed and self._params_sharded):
+            outs = [self.predict_step(self.state, batch) for batch in self._batches(batches)]
         if not outs:
             raise ValueError("predict: data yielded no batches")
         return place(torch.cat(outs), device)
@@ -522,7 +526,7 @@ class Trainer:
         self._sync_module()
 
     def _sync_module(self) -> None:  # the trained module computes with the state's tensors (no copy)
-        if self.module is not None:
+        if self.module is not None and not self._params_sharded:  # ZeRO-3's parts are not the module's shapes
             sync_module(self.module, self.state)
             self.model.params, self.model.buffers = dict(self.state.params), dict(self.state.buffers or {})
 
@@ -588,6 +592,17 @@ class _StepChecks:
             print(f"step {step}  {shown}  [{logs['time']:.1f}s]")
         self.states, self.row_start, self.row_time = t._book.init(), self.meter.snapshot(), time.perf_counter()
         self.meter.resume()
+
+
+def _sharded_memory_format(request: Any) -> Any:
+    """ZeRO-3 keeps 1-D parts of every parameter: no 4-D tensor to lay out, so ``"auto"`` is ``"preserve"``."""
+    if request == "auto":
+        return "preserve"
+    if request in ("channels_last", torch.channels_last):
+        raise ValueError("Trainer(strategy=ZeRO(3), memory_format='channels_last'): the state holds each rank's 1-D "
+                         "part of every parameter, which has no memory layout to choose: use memory_format='auto' "
+                         "(or 'preserve')")
+    return request
 
 
 def _on_device(batch: Any, device: torch.device, memory_format: Any) -> Any:

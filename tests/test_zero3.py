@@ -94,5 +94,8 @@ def test_stage_three_options_say_clearly_what_is_wrong():
         distributed.ZeRO(2, units=["blocks.0"])
     with pytest.raises(RuntimeError, match="needs a process group"):
         fnnet.make_train_step(lambda p, b: p["w"].sum(), fnnet.optim.sgd(0.1), strategy="fsdp")
-    with pytest.raises(NotImplementedError, match="Trainer\\(strategy=ZeRO\\(3\\)\\) is not supported yet"):
+    with pytest.raises(ValueError, match="1-D part of every parameter, which has no memory layout"):
+        fnnet.Trainer(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1), strategy="zero3",
+                      memory_format="channels_last")
+    with pytest.raises(RuntimeError, match="needs a process group"):
         fnnet.Trainer(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1), strategy="zero3")
