@@ -127,7 +127,7 @@ class GatherUnit(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         g: UnitGather = ctx.gather
-        send = torch.mul(grad, g.weight)
+        send = torch.mul(grad if g.reduce_dtype is None else grad.to(g.reduce_dtype), g.weight)
         out = torch.empty(send.numel() // g.world, dtype=send.dtype, device=send.device)
         REDUCE_SCATTER(out, send, group=g.group)
         return out, None, None
@@ -146,6 +146,7 @@ class UnitGather:
         self.lay: Any = None
         self.names: list[str] = []
         self.weight: float = 1.0
+        self.reduce_dtype: torch.dtype | None = None  # the reduce-scatter's dtype (float32 under 16-bit params)
         self.thread = threading.get_ident()
         self.release()
 

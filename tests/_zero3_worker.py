@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fnnet
-from fnnet import distributed, optim
+from fnnet import distributed, optim, zero3
 
 VOCAB, DIM, SEQ = 11, 6, 5  # 11 * 6: a unit the world size does not divide
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -447,7 +449,104 @@ def trainer_case(out_dir: Path) -> dict:
     return {"trainer": written, "resumed": sorted(resumed)}
 
 
+def gpt(device: str = "cpu") -> nn.Module:
+    """fnnet's GPT (a tied output layer, blocks in an nn.ModuleList), float64; on ``meta``: no memory."""
+    with torch.device(device):
+        return fnnet.models.GPT(VOCAB, block_size=SEQ, n_layer=3, n_head=2, n_embd=DIM).double()
+
+
+def generate_case() -> dict:
+    """``fnnet.generate`` on a ZeRO-3 state (``forward=step.on_parts(model.apply)``: units gathered on
+    the fly) gives the tokens ``generate`` gives on the gathered whole state, under the same key; each
+    rank its own prompt (longer than the context: cropped), after two training steps."""
+    world, rank = distributed.world_size(), distributed.rank()
+    m = fnnet.functional(gpt())
+    opt = optim.adam(0.01)
+    step = fnnet.make_train_step(loss_of(m), opt, strategy="zero3")
+    state = fnnet.TrainState.create(m.params, opt)
+    sizes = sizes_for(world)
+    for i in range(2):
+        state, _ = step(state, part(batch(i, sizes), sizes, rank))
+    whole = step.gather_state(state).params
+    prompt = torch.randint(0, VOCAB, (2, SEQ + 2), generator=torch.Generator().manual_seed(rank))
+    key = fnnet.random.key(11 + rank)
+    got = fnnet.generate(m, state.params, prompt, 6, key=key, forward=step.on_parts(m.apply), temperature=2.0)
+    want = fnnet.generate(m, whole, prompt, 6, key=key, temperature=2.0)
+    assert state.params["wte.weight"].dim() == 1
+    assert torch.equal(got, want), (got, want)
+    return {"generated": got[:, -6:].tolist()}
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of the storages alive (each counted until freed: a weak reference to it) among those an
+    op makes while the mode is on; ``peak``: the most at once (``benches/zero3_probe.py``'s counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, object] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self.live:
+                    n = st.nbytes()
+                    self.current += n
+                    self.peak = max(self.peak, self.current)
+                    self.live[key] = weakref.ref(st, lambda _, key=key, n=n: self.free(key, n))
+        return out
+
+    def free(self, key: int, n: int) -> None:
+        if self.live.pop(key, None) is not None:
+            self.current -= n
+
+
+def init_case() -> dict:
+    """``step.init_parts(meta_module, key)``: each rank's parts equal the unsharded
+    ``fnnet.functional(gpt).init(key)`` cut to them (exactly: the same draws), the tensor bytes alive at
+    once during it stay within ``1/W`` of the model plus one unit, and training from those parts
+    equals training from the whole initialisation."""
+    world, rank = distributed.world_size(), distributed.rank()
+    key = fnnet.random.key(21)
+    full = fnnet.functional(gpt())
+    want = full.init(key)
+    net = gpt("meta")
+    opt = optim.adam(0.01)
+    step = fnnet.make_train_step(loss_of(fnnet.functional(net)), opt, strategy="zero3")
+    mode = LiveBytes()
+    with mode:
+        parts = step.init_parts(net, key)
+    model_bytes = sum(v.numel() * v.element_size() for v in want.values())
+    names = zero3.unit_names(list(want))
+    unit_bytes = max(sum(v.numel() * v.element_size() for v, n in zip(want.values(), names) if n == u)
+                     for u in set(names))
+    # the parts (1/W, a unit's padding at most W - 1 elements each) plus one unit: less than the whole model here
+    bound = model_bytes / world + unit_bytes + 8 * world * len(set(names))
+    assert bound < model_bytes and mode.peak <= bound, (mode.peak, bound, model_bytes, unit_bytes)
+    lay = step.init_parts.__self__.layout
+    cut = lay.part(want)
+    for k, v in cut.items():
+        assert torch.equal(parts[k], v), k  # the same draws, not merely close
+    # training from the parts (TrainState(parts, None): the optimizer state made on the parts) equals the whole start
+    sizes = sizes_for(world)
+    state = fnnet.TrainState(parts, None)
+    ref_step = fnnet.make_train_step(loss_of(full), opt, strategy="zero3")
+    ref = fnnet.TrainState.create(want, opt)
+    for i in range(2):
+        b = part(batch(i, sizes), sizes, rank)
+        state, _ = step(state, b)
+        ref, _ = ref_step(ref, b)
+    for k, v in ref_step.gather_state(ref).params.items():
+        torch.testing.assert_close(step.gather_state(state).params[k], v, **TOL)
+    return {"init_peak": mode.peak, "model_bytes": model_bytes, "unit_bytes": unit_bytes, "bound": bound}
+
+
 CASES = {
+    "generate": generate_case,
+    "init": init_case,
     "trainer": lambda: trainer_case(OUT),
     "remat": remat_case,
     "dropout_bn": dropout_batchnorm,
