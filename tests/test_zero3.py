@@ -3,8 +3,9 @@ torch's ``fully_shard``, the collectives of a step, the persistent bytes, and th
 
 The multi-rank checks run in ``tests/_zero3_worker.py`` under ``torch.distributed.run``: each rank
 computes the one-process reference itself and asserts; one launch of two ranks is in the default
-run, the rest of the matrix (more optimizers, accumulation, frozen parameters, three ranks) is
-``@pytest.mark.extended``.
+run (with the end-to-end cases: the Trainer, ``generate``, the sharded initialisation, ``precision=``,
+dropout and BatchNorm against one process), the rest of the matrix (more optimizers, accumulation, frozen
+parameters, three and four ranks) is ``@pytest.mark.extended``.
 """
 
 from __future__ import annotations
@@ -43,28 +44,46 @@ def launch(cases: str, out: Path, nproc: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
+END_TO_END = "trainer,generate,init,precision,dropout_bn_one"
+
+
 def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_bytes(tmp_path):
     # Adam (and SGD with Nesterov momentum, donated) on a pre-LN transformer with a tied embedding,
     # a 1- and a 0-element parameter, uneven shards and batches, to 1e-10; fully_shard's parameters after 10 Adam steps; one step's
     # collectives (the same as fully_shard's); the persistent bytes; the errors; the gathered state
     # continuing in one process, under ZeRO-2 and under ZeRO-3 to the uninterrupted result; dropout
     # and BatchNorm buffers equal to DDP's
-    # and fnnet.remat on every block under ZeRO-3 equal to one process without remat (both policies)
-    ranks = launch("adam,sgd,counts,fully_shard,errors,resume,dropout_bn,remat", tmp_path, 2)
-    for adam, sgd, counts, fsdp, errors, resume, dropout_bn, remat in ranks:
+    # and fnnet.remat on every block under ZeRO-3 equal to one process without remat (both policies).
+    # End to end, in the same launch: Trainer(strategy="zero3") against the one-process Trainer, float64 (fit
+    # by epochs and max_steps, history, evaluate, predict, ModelCheckpoint, a whole file resumed into ZeRO-3 at
+    # W/2, DDP and one process); generate on the sharded GPT state (the same tokens as on the whole state);
+    # step.init_parts on a meta GPT (the same numbers as Model.init, the tensor-byte peak within 1/W of the
+    # model plus one unit); bf16-mixed, 16-mixed and bfloat16 params (master weights) against one process
+    # under the same policy; dropout and BatchNorm against a one-process reference
+    ranks = launch("adam,sgd,counts,fully_shard,errors,resume,dropout_bn,remat," + END_TO_END, tmp_path, 2)
+    for adam, sgd, counts, fsdp, errors, resume, dropout_bn, remat, *end_to_end in ranks:
         assert remat["remat_zero3"] == ["nothing_saveable", "dots_saveable"]
         assert counts["counts"]["c10d._allgather_base_"] == 2 * counts["units"] - 1
         assert counts["counts"]["c10d._reduce_scatter_base_"] == counts["units"]
         assert {k: v for k, v in counts["counts"].items() if k != "c10d.allreduce_"} == fsdp["fully_shard_counts"]
         assert counts["persistent"] < 0.51 * counts["unsharded"]
         assert fsdp["fully_shard_max_diff"] < 1e-9
+        trainer, generated, init, precision, dropout_bn_one = end_to_end
+        assert trainer["resumed"] == ["ddp", "one process", "zero3 at W/2"]
+        assert init["init_peak"] <= init["bound"] < init["model_bytes"]
+        assert set(precision["precision_worst_relative"]) == {"bf16-mixed", "16-mixed", "bf16 params"}
+        assert "0.1.running_mean" in dropout_bn_one["dropout_bn_one_process"]
     assert sum(r[2]["persistent"] for r in ranks) <= ranks[0][2]["unsharded"] + 64  # nothing is kept twice
+    assert ranks[0][9]["generated"] != ranks[1][9]["generated"]  # each rank its own prompt and key
+    best, last = ranks[0][8]["trainer"]  # ModelCheckpoint: rank 0 wrote the best and the last file
+    assert best.startswith("epoch=001-val_loss=") and last == "last.safetensors"
 
 
 @pytest.mark.extended
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [2, 3, 4])
 def test_the_matrix_equals_one_process(tmp_path, nproc):
-    cases = "clip,frozen,accumulate" + (",adam,sgd,counts,fully_shard,resume,dropout_bn" if nproc == 3 else "")
+    cases = "clip,frozen,accumulate" + (",adam,sgd,counts,fully_shard,resume,dropout_bn," + END_TO_END
+                                        if nproc > 2 else "")
     launch(cases, tmp_path, nproc)
 
 
