@@ -104,14 +104,15 @@ def init_parts(module: nn.Module, key: _random.Key, layout: Any, *, device: Any 
                 parts[i].copy_(now.detach().reshape(-1)[lp.lo:lp.hi])
                 written.add(i)
             del twin, real
-    for i, (path, lp) in enumerate(zip(paths, layout.parts)):
-        if i in written:
-            continue
-        value = next(p for p in module.parameters() if canonical[id(p)] == i)
-        if value.device.type == "meta":
-            raise ValueError(f"init_parts: parameter {path!r} {tuple(value.shape)} is on the meta device and no "
-                             "module's reset_parameters writes it (an nn.Parameter set in __init__ from "
-                             "torch.randn, say): initialise it in a reset_parameters of its module, or build the "
-                             "model with real tensors")
-        parts[i].copy_(value.detach().reshape(-1)[lp.lo:lp.hi])
+    by_index = {i: p for p in module.parameters() for i in [canonical[id(p)]]}
+    unset = [paths[i] for i in range(len(paths)) if i not in written and by_index[i].device.type == "meta"]
+    if unset:
+        raise ValueError(f"init_parts: {len(unset)} parameter(s) on the meta device that no module's "
+                         f"reset_parameters writes: {unset[:8]}{' ...' if len(unset) > 8 else ''} (an nn.Parameter "
+                         "drawn in __init__, a layer whose initialiser is private such as nn.MultiheadAttention's "
+                         "_reset_parameters): initialise them in a reset_parameters of their module, or build the "
+                         "model with real tensors (Model.init keeps such parameters' current values)")
+    for i, lp in enumerate(layout.parts):
+        if i not in written:  # a real value no reset_parameters overwrites: kept, as Model.init keeps it
+            parts[i].copy_(by_index[i].detach().reshape(-1)[lp.lo:lp.hi])
     return _tree.unflatten(layout.spec, parts)

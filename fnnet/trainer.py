@@ -45,6 +45,13 @@ window spans two epochs and a checkpoint at an epoch's end holds no unfinished w
 ``ModelCheckpoint`` gather the whole optimizer state first, so the file loads into a run on any
 number of ranks, sharded or not, or into one process; after :meth:`load` the next step cuts it again.
 
+**Sharded parameters.** ``Trainer(..., strategy="zero3")`` (``ZeRO(3)``, :mod:`fnnet.zero3`): from the
+first step ``trainer.state.params`` hold this rank's 1-D part of every parameter; ``evaluate`` and
+``predict`` gather the units on the fly (``step.on_parts``), so every rank must run as many batches
+(checked first: a ``ValueError``, not a hang); checkpoints hold the gathered whole state, as above.
+The ``nn.Module`` given is not trained in place (its whole weights on every rank would undo the
+sharding): ``trainer.checkpoint()["state"].params`` (every rank calls it) are the trained weights.
+
 **Fault tolerance.** A checkpoint (``Trainer.save``, ``ModelCheckpoint``, also every ``N``
 optimizer steps with ``ModelCheckpoint(every_n_steps=N)``) records the state, the epoch, the
 batches done in it, the world size, the loader's global batch and the callbacks' state.
@@ -157,7 +164,9 @@ class Trainer:
             kept for one release.
         strategy: how training is laid out over devices or ranks: an :class:`fnnet.strategy.Strategy`
             (``fnnet.parallel.Replicate(devices)``, ``fnnet.distributed.DDP(group)``, ``ZeRO(2)``,
-            ``HSDP(mesh)``) or a shorthand (``"ddp"``, ``"zero2"``; see :func:`fnnet.make_train_step`).
+            ``ZeRO(3)``, ``HSDP(mesh)``) or a shorthand (``"ddp"``, ``"zero2"``, ``"zero3"``; see
+            :func:`fnnet.make_train_step`). Under ``ZeRO(3)`` (see the module docstring) ``state.params``
+            are this rank's parts from the first step on and the module is not trained in place.
             ``None``: what ``devices`` and ``distributed`` say (the old flags, kept for one release).
 
     Attributes:

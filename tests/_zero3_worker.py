@@ -369,6 +369,7 @@ def trainer_of(strategy, **kw) -> fnnet.Trainer:
     opt = optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(0.01))
     if strategy is None:
         kw.setdefault("distributed", False)
+    kw.setdefault("accumulate_grad_batches", 2)  # one update per two batches (an epoch's last window: one)
     return fnnet.Trainer(net, seq_loss, opt, metrics={"acc": token_accuracy}, strategy=strategy, key=3, **kw)
 
 
@@ -421,6 +422,8 @@ def trainer_case(out_dir: Path) -> dict:
     assert whole.params["wte.weight"].shape == (VOCAB, DIM)
     tr.fit(train, val, epochs=3, resume=mid, verbose=0)
     same_history(tr.history, ref.history, "zero3 fit")
+    torch.manual_seed(0)
+    assert torch.equal(tr.module.wte.weight, TinyGPT().double().wte.weight)  # the module is not trained in place
     same_params(tr.checkpoint()["state"].params, ref.state.params, "zero3 fit")
     # evaluate and predict on the sharded state: units gathered on the fly
     got = tr.evaluate(val)
@@ -527,6 +530,14 @@ def init_case() -> dict:
     # the parts (1/W, a unit's padding at most W - 1 elements each) plus one unit: less than the whole model here
     bound = model_bytes / world + unit_bytes + 8 * world * len(set(names))
     assert bound < model_bytes and mode.peak <= bound, (mode.peak, bound, model_bytes, unit_bytes)
+    with torch.device("meta"):
+        drawn_in_init = TinyGPT()  # wpe = nn.Parameter(torch.randn(...)), attention's private _reset_parameters
+    try:
+        fnnet.make_train_step(loss_of(fnnet.functional(drawn_in_init)), opt, strategy="zero3").init_parts(
+            drawn_in_init, key)
+        raise AssertionError("init_parts took a meta parameter nothing initialises")
+    except ValueError as err:
+        assert "'blocks.0.attn.in_proj_weight'" in str(err) and "13 parameter(s) on the meta" in str(err), err
     lay = step.init_parts.__self__.layout
     cut = lay.part(want)
     for k, v in cut.items():
