@@ -474,7 +474,9 @@ def generate_case() -> dict:
     whole = step.gather_state(state).params
     prompt = torch.randint(0, VOCAB, (2, SEQ + 2), generator=torch.Generator().manual_seed(rank))
     key = fnnet.random.key(11 + rank)
+    before = {k: v.clone() for k, v in state.params.items()}
     got = fnnet.generate(m, state.params, prompt, 6, key=key, forward=step.on_parts(m.apply), temperature=2.0)
+    assert all(torch.equal(before[k], v) for k, v in state.params.items())  # the parts are not touched
     want = fnnet.generate(m, whole, prompt, 6, key=key, temperature=2.0)
     assert state.params["wte.weight"].dim() == 1
     assert torch.equal(got, want), (got, want)
@@ -521,8 +523,12 @@ def init_case() -> dict:
     opt = optim.adam(0.01)
     step = fnnet.make_train_step(loss_of(fnnet.functional(net)), opt, strategy="zero3")
     mode = LiveBytes()
+    slots = [(name, p) for name, p in net.named_parameters(remove_duplicate=False)]
     with mode:
         parts = step.init_parts(net, key)
+    after = list(net.named_parameters(remove_duplicate=False))  # the module given is not changed (its own meta tensors)
+    assert len(after) == len(slots) and all(a is b and n == m and b.device.type == "meta"
+                                            for (n, a), (m, b) in zip(slots, after))
     model_bytes = sum(v.numel() * v.element_size() for v in want.values())
     names = zero3.unit_names(list(want))
     unit_bytes = max(sum(v.numel() * v.element_size() for v, n in zip(want.values(), names) if n == u)
