@@ -117,7 +117,9 @@ def unit_buckets(params: Any, units: Any = None) -> tuple[list[str], list[list[i
 
 class GatherUnit(torch.autograd.Function):
     """``full = all_gather(chunk)`` over ``gather.group``; its backward is the reduce-scatter of
-    ``weight * grad`` (a rank gets the sum over ranks of its chunk's gradient): torch's SimpleFSDP."""
+    ``weight * grad`` (a rank gets the sum over ranks of its chunk's gradient): torch's SimpleFSDP.
+    The reduce-scatter runs in ``gather.reduce_dtype`` when set (the precision policy's: float32
+    under 16-bit parameters, as gloo's 16-bit reductions are unreliable)."""
 
     @staticmethod
     def forward(ctx: Any, chunk: torch.Tensor, gather: "UnitGather", unit: int) -> torch.Tensor:
