@@ -22,7 +22,12 @@ from .precision import Precision
 from .strategy import Strategy
 from .train import make_eval_step, make_predict_step, make_train_step, resolve_strategy, supervised_loss
 
-__all__ = ["resolve_optimizer", "resolve_devices", "Steps", "build_steps", "initial_state", "sync_module"]
+__all__ = ["resolve_optimizer", "resolve_devices", "Steps", "build_steps", "initial_state", "sync_module",
+           "on_meta_device", "parts_state", "INIT_SALT"]
+
+INIT_SALT = 0x1217
+"""A ZeRO-3 Trainer given a module on the ``meta`` device draws its parameters under
+``fnnet.random.fold_in(trainer_key, INIT_SALT)``."""
 
 
 def resolve_optimizer(optimizer: Any, model: Model, module: nn.Module | None) -> Any:
@@ -125,6 +130,27 @@ def initial_state(model: Model, module: nn.Module | None, params: Any, optimizer
     if own and fmt is not None:  # the module's own tensors, laid out
         state = place(state, device, memory_format=fmt)
     return state, fmt
+
+
+def on_meta_device(model: Any) -> bool:
+    """Whether any of ``model``'s parameters is on the ``meta`` device (shapes only, no values)."""
+    params = model.parameters() if isinstance(model, nn.Module) else getattr(model, "params", {}).values()
+    return any(p.device.type == "meta" for p in params)
+
+
+def parts_state(model: Any, state: TrainState, train_step: Any, key: Any, device: torch.device) -> TrainState:
+    """``state`` (made from ``model``'s meta tensors) with this rank's parts of the parameters drawn by the
+    ZeRO-3 step's ``init_parts`` under ``key`` and no optimizer state yet (the first step makes it on the
+    parts): the model is never whole on this rank."""
+    if not isinstance(model, nn.Module):
+        raise ValueError("Trainer(strategy='zero3'): an fnnet.Model on the meta device has no reset_parameters to run "
+                         "per part: pass the nn.Module built on the meta device (with torch.device('meta'): ...)")
+    meta_buffers = [k for k, b in model.named_buffers() if b.device.type == "meta"]
+    if meta_buffers:
+        raise ValueError(f"Trainer(strategy='zero3'): the module's buffers {meta_buffers[:5]} are on the meta device; "
+                         "parameters are initialised per part, buffers (whole on every rank) are not: give them values "
+                         "(module.to_empty is not enough: fill them, e.g. BatchNorm's reset_running_stats())")
+    return state.replace(params=train_step.init_parts(model, key, device=device), opt_state=None)
 
 
 def sync_module(module: nn.Module, state: TrainState) -> None:

@@ -50,7 +50,10 @@ first step ``trainer.state.params`` hold this rank's 1-D part of every parameter
 ``predict`` gather the units on the fly (``step.on_parts``), so every rank must run as many batches
 (checked first: a ``ValueError``, not a hang); checkpoints hold the gathered whole state, as above.
 The ``nn.Module`` given is not trained in place (its whole weights on every rank would undo the
-sharding): ``trainer.checkpoint()["state"].params`` (every rank calls it) are the trained weights.
+sharding): ``trainer.checkpoint()["state"].params`` (every rank calls it) are the trained weights. A
+module built on the ``meta`` device is never made whole: each rank draws its parts
+(``step.init_parts``) under ``fnnet.random.fold_in(key, 0x1217)``, as ``Model.init`` would draw the
+whole model under that key.
 
 **Fault tolerance.** A checkpoint (``Trainer.save``, ``ModelCheckpoint``, also every ``N``
 optimizer steps with ``ModelCheckpoint(every_n_steps=N)``) records the state, the epoch, the
@@ -89,7 +92,8 @@ from ._loop import (Bar, EpochMetrics, Throughput, banner, check_fit_options, ch
                     together, with_context)
 from .callbacks import CallbackList
 from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit, samples_of
-from ._setup import build_steps, initial_state, resolve_devices, resolve_optimizer, sync_module
+from ._setup import (INIT_SALT, build_steps, initial_state, on_meta_device, parts_state, resolve_devices,
+                     resolve_optimizer, sync_module)
 from .train import resolve_strategy
 from .batch import as_arrays
 from .data import ArrayLoader, fit_loaders, num_batches, set_epoch
@@ -195,7 +199,8 @@ class Trainer:
         self._rank_shard = _dist.shard() if self.distributed else None  # this rank's part of arrays fit batches
         self.device = self.devices[0]  # where the state lives; with several devices, the first
         self.module = model if isinstance(model, nn.Module) else None
-        if self.module is not None and params is None:
+        on_meta = self._params_sharded and params is None and on_meta_device(model)  # never whole: init per part
+        if self.module is not None and params is None and not on_meta:
             self.module.to(self.device)  # train the module's own storage, on the device (Lightning's way)
         self.model = functional(model, copy=False)
         self.optimizer = resolve_optimizer(optimizer, self.model, self.module)
@@ -212,6 +217,8 @@ class Trainer:
         self.accumulate = accumulate_grad_batches
         state, self.memory_format = initial_state(self.model, self.module, params, self.optimizer, self.key,
                                                   precision=precision, device=self.device, memory_format=memory_format)
+        if on_meta:  # this rank's parts drawn as Model.init would draw the whole (fnnet.sharded_init)
+            state = parts_state(model, state, self.train_step, _random.fold_in(self.key, INIT_SALT), self.device)
         self._layout_verified = False
         self._adopt(state)
         self.history = History()

@@ -658,7 +658,32 @@ def dropout_bn_one_process() -> dict:
     return {"dropout_bn_one_process": sorted(ref.buffers)}
 
 
+
+def trainer_meta_case() -> dict:
+    """``Trainer(net_on_meta, strategy="zero3")``: the model is never whole on a rank (each rank draws its
+    parts, :func:`init_case`), and trains as the one-process Trainer does from the whole model initialised
+    by ``Model.init(fold_in(key, INIT_SALT))``, float64, 1e-10."""
+    from fnnet._setup import INIT_SALT
+
+    world, rank = distributed.world_size(), distributed.rank()
+    opt = optim.adamw(0.01)
+    tr = fnnet.Trainer(gpt("meta"), seq_loss, opt, strategy="zero3", key=3)
+    assert tr.state.params["wte.weight"].dim() == 1 and tr.state.opt_state is None
+    assert all(p.device.type == "meta" for p in tr.module.parameters())  # nothing whole was made
+    whole = gpt()
+    start = fnnet.functional(whole).init(fnnet.random.fold_in(fnnet.random.key(3), INIT_SALT))
+    ref = fnnet.Trainer(whole, seq_loss, opt, key=3, params=start, distributed=False)
+    (train, val), (full_train, full_val) = loaders(distributed.shard()), loaders(None)
+    tr.fit(train, val, epochs=1, verbose=0)
+    ref.fit(full_train, full_val, epochs=1, verbose=0)
+    same_params(tr.checkpoint()["state"].params, ref.state.params, "Trainer on a meta module")
+    moved = max(float((ref.state.params[k] - v).abs().max()) for k, v in start.items())
+    assert moved > 1e-3, moved
+    return {"trainer_meta": moved}
+
+
 CASES = {
+    "trainer_meta": trainer_meta_case,
     "dropout_bn_one": dropout_bn_one_process,
     "precision": precision_case,
     "generate": generate_case,

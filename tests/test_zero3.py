@@ -44,7 +44,7 @@ def launch(cases: str, out: Path, nproc: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-END_TO_END = "trainer,generate,init,precision,dropout_bn_one"
+END_TO_END = "trainer,generate,init,precision,dropout_bn_one,trainer_meta"
 
 
 def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_bytes(tmp_path):
@@ -58,7 +58,7 @@ def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_by
     # by epochs and max_steps, history, evaluate, predict, ModelCheckpoint, a whole file resumed into ZeRO-3 at
     # W/2, DDP and one process); generate on the sharded GPT state (the same tokens as on the whole state);
     # step.init_parts on a meta GPT (the same numbers as Model.init, the tensor-byte peak within 1/W of the
-    # model plus one unit); bf16-mixed, 16-mixed and bfloat16 params (master weights) against one process
+    # model plus one unit) and the Trainer given a meta GPT; bf16-mixed, 16-mixed and bfloat16 params (master weights) against one process
     # under the same policy; dropout and BatchNorm against a one-process reference
     ranks = launch("adam,sgd,counts,fully_shard,errors,resume,dropout_bn,remat," + END_TO_END, tmp_path, 2)
     for adam, sgd, counts, fsdp, errors, resume, dropout_bn, remat, *end_to_end in ranks:
@@ -68,7 +68,8 @@ def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_by
         assert {k: v for k, v in counts["counts"].items() if k != "c10d.allreduce_"} == fsdp["fully_shard_counts"]
         assert counts["persistent"] < 0.51 * counts["unsharded"]
         assert fsdp["fully_shard_max_diff"] < 1e-9
-        trainer, generated, init, precision, dropout_bn_one = end_to_end
+        trainer, generated, init, precision, dropout_bn_one, trainer_meta = end_to_end
+        assert trainer_meta["trainer_meta"] > 1e-3  # the Trainer on a meta module trained (and equalled one process)
         assert trainer["resumed"] == ["ddp", "one process", "zero3 at W/2"]
         assert init["init_peak"] <= init["bound"] < init["model_bytes"]
         assert set(precision["precision_worst_relative"]) == {"bf16-mixed", "16-mixed", "bf16 params"}
