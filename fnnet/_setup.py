@@ -133,15 +133,12 @@ def initial_state(model: Model, module: nn.Module | None, params: Any, optimizer
 
 
 def on_meta_device(model: Any) -> bool:
-    """Whether any of ``model``'s parameters is on the ``meta`` device (shapes only, no values)."""
+    """Whether any of ``model``'s parameters is on the ``meta`` device (shapes only, no values), for a ZeRO-3
+    Trainer to initialise per part; a ``ValueError`` where that cannot be done (an ``fnnet.Model``: no
+    module to run ``reset_parameters`` on; buffers on ``meta``: they are whole on every rank)."""
     params = model.parameters() if isinstance(model, nn.Module) else getattr(model, "params", {}).values()
-    return any(p.device.type == "meta" for p in params)
-
-
-def parts_state(model: Any, state: TrainState, train_step: Any, key: Any, device: torch.device) -> TrainState:
-    """``state`` (made from ``model``'s meta tensors) with this rank's parts of the parameters drawn by the
-    ZeRO-3 step's ``init_parts`` under ``key`` and no optimizer state yet (the first step makes it on the
-    parts): the model is never whole on this rank."""
+    if not any(p.device.type == "meta" for p in params):
+        return False
     if not isinstance(model, nn.Module):
         raise ValueError("Trainer(strategy='zero3'): an fnnet.Model on the meta device has no reset_parameters to run "
                          "per part: pass the nn.Module built on the meta device (with torch.device('meta'): ...)")
@@ -150,6 +147,13 @@ def parts_state(model: Any, state: TrainState, train_step: Any, key: Any, device
         raise ValueError(f"Trainer(strategy='zero3'): the module's buffers {meta_buffers[:5]} are on the meta device; "
                          "parameters are initialised per part, buffers (whole on every rank) are not: give them values "
                          "(module.to_empty is not enough: fill them, e.g. BatchNorm's reset_running_stats())")
+    return True
+
+
+def parts_state(model: nn.Module, state: TrainState, train_step: Any, key: Any, device: torch.device) -> TrainState:
+    """``state`` (made from ``model``'s meta tensors) with this rank's parts of the parameters drawn by the
+    ZeRO-3 step's ``init_parts`` under ``key`` and no optimizer state yet (the first step makes it on the
+    parts): the model is never whole on this rank."""
     return state.replace(params=train_step.init_parts(model, key, device=device), opt_state=None)
 
 

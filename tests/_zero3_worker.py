@@ -679,6 +679,15 @@ def trainer_meta_case() -> dict:
     same_params(tr.checkpoint()["state"].params, ref.state.params, "Trainer on a meta module")
     moved = max(float((ref.state.params[k] - v).abs().max()) for k, v in start.items())
     assert moved > 1e-3, moved
+    with torch.device("meta"):
+        bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    for given, says in ((bn, "buffers ['1.running_mean', '1.running_var', '1.num_batches_tracked'] are on the meta"),
+                        (fnnet.functional(gpt("meta")), "pass the nn.Module built on the meta device")):
+        try:
+            fnnet.Trainer(given, F.mse_loss, opt, strategy="zero3")
+            raise AssertionError(f"no error for {type(given).__name__} on meta")
+        except ValueError as err:
+            assert says in str(err), err
     return {"trainer_meta": moved}
 
 
