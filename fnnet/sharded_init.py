@@ -83,7 +83,8 @@ def init_parts(module: nn.Module, key: _random.Key, layout: Any, *, device: Any 
     if missing:
         raise ValueError(f"init_parts: the step's parameters {missing[:5]} are not parameters of the "
                          f"{type(module).__name__} given: pass the module the step's model was made from")
-    parts = [torch.empty(lp.hi - lp.lo, dtype=w.dtype, device=dev) for lp, w in zip(layout.parts, _tree.leaves(layout.whole))]
+    parts = [torch.empty(lp.hi - lp.lo, dtype=w.dtype, device=dev)
+             for lp, w in zip(layout.parts, _tree.leaves(layout.whole))]
     written: set[int] = set()
     with _random.rng_scope(key, [dev]), torch.no_grad():
         for m in module.modules():  # Model.init's order

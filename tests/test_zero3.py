@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fnnet
 from fnnet import distributed, zero3
@@ -119,3 +121,38 @@ def test_stage_three_options_say_clearly_what_is_wrong():
                       memory_format="channels_last")
     with pytest.raises(RuntimeError, match="needs a process group"):
         fnnet.Trainer(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1), strategy="zero3")
+
+
+class _Stack(torch.nn.Module):
+    """Uneven sizes, a tied output (one parameter), and the units of a ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, 5)
+        self.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.LayerNorm(3),
+                                                               torch.nn.Linear(3, 5)) for _ in range(2)])
+        self.out = torch.nn.Linear(5, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+
+@settings(max_examples=12, deadline=None)
+@given(world=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_init_parts_of_every_rank_put_together_are_model_init_exactly(world, seed):
+    # the law behind step.init_parts: the ranks' parts, concatenated in rank order, are Model.init(key)
+    from fnnet import shard, sharded_init
+
+    key = fnnet.random.key(seed)
+    want = fnnet.functional(_Stack()).init(key)
+    with torch.device("meta"):
+        net = _Stack()
+    whole = {k: v.detach() for k, v in net.named_parameters()}
+    _, buckets = zero3.unit_buckets(whole)
+    pieces: dict[str, list[torch.Tensor]] = {k: [] for k in whole}
+    for rank in range(world):
+        lay = shard.layout(whole, world, rank, 0.0, reduce_scatter=True, buckets=buckets)
+        for k, v in sharded_init.init_parts(net, key, lay).items():
+            pieces[k].append(v)
+    assert sorted(want) == sorted(pieces)
+    for k, v in want.items():
+        assert torch.equal(torch.cat(pieces[k]).view(v.shape), v), k
+    assert all(p.device.type == "meta" for p in net.parameters())  # the module given is left as it was
