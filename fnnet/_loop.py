@@ -162,10 +162,11 @@ def check_reiterable(epochs: int, **loaders: Any) -> None:
                             f"for epoch 2; pass a list, an fnnet.ArrayLoader or a torch DataLoader")
 
 
-def check_same_batch_count(count: int | None, epoch: int, distributed: bool) -> None:
+def check_same_batch_count(count: int | None, epoch: int, distributed: bool, where: str | None = None) -> None:
     """Every rank of a distributed run must take the same number of steps in an epoch: one more step
     on one rank would wait for a collective the others never start. One small all-reduce checks it
-    (``None``, a loader without a length, is checked as -1); nothing to check outside a run."""
+    (``None``, a loader without a length, is checked as -1); nothing to check outside a run. ``where``: what
+    is counted, for the message (default: ``epoch``'s batches)."""
     if not distributed:
         return
     n = -1 if count is None else int(count)
@@ -173,7 +174,8 @@ def check_same_batch_count(count: int | None, epoch: int, distributed: bool) -> 
     dist_t = _dist.all_reduce_max(t)
     most, fewest = int(dist_t[0]), -int(dist_t[1])
     if most != fewest:
-        raise ValueError(f"fnnet.Trainer: the ranks' loaders give different numbers of batches in epoch {epoch + 1} "
+        raise ValueError(f"fnnet.Trainer: the ranks' loaders give different numbers of batches in "
+                         f"{where or f'epoch {epoch + 1}'} "
                          f"(rank {_dist.rank()} has {n}; between {fewest} and {most} over the ranks; -1: no len()). "
                          "Every rank must take the same steps: shard one loader over the ranks "
                          "(fnnet.ArrayLoader(..., shard=fnnet.distributed.shard()) or a DistributedSampler with "

@@ -22,7 +22,12 @@ from .precision import Precision
 from .strategy import Strategy
 from .train import make_eval_step, make_predict_step, make_train_step, resolve_strategy, supervised_loss
 
-__all__ = ["resolve_optimizer", "resolve_devices", "Steps", "build_steps", "initial_state", "sync_module"]
+__all__ = ["resolve_optimizer", "resolve_devices", "Steps", "build_steps", "initial_state", "sync_module",
+           "on_meta_device", "parts_state", "INIT_SALT"]
+
+INIT_SALT = 0x1217
+"""A ZeRO-3 Trainer given a module on the ``meta`` device draws its parameters under
+``fnnet.random.fold_in(trainer_key, INIT_SALT)``."""
 
 
 def resolve_optimizer(optimizer: Any, model: Model, module: nn.Module | None) -> Any:
@@ -92,9 +97,12 @@ def build_steps(model: Model, loss: Callable, optimizer: Any, devices: list[torc
                                     **({"shard_optimizer": True} if shard_optimizer else {}))
     train = make_train_step(loss_fn, optimizer, donate=donate, skip_nonfinite=True, accumulate=accumulate,
                             strategy=strategy, jit=jit, precision=precision, compile_options=compile_options)
+    predict_fn = lambda p, batch, buffers=None: model.apply(p, split_batch(batch)[0], buffers=buffers)  # noqa: E731
+    on_parts = getattr(train, "on_parts", None)  # ZeRO-3: eval and predict gather the units on the fly
+    if on_parts is not None:
+        loss_fn, predict_fn = on_parts(loss_fn), on_parts(predict_fn)
     evaluate = make_eval_step(loss_fn, **options)  # per rank: the metric states are summed at the end
-    predict = make_predict_step(lambda p, batch, buffers=None: model.apply(p, split_batch(batch)[0], buffers=buffers),
-                                **options)
+    predict = make_predict_step(predict_fn, **options)
     return Steps(train, evaluate, predict)
 
 
@@ -122,6 +130,31 @@ def initial_state(model: Model, module: nn.Module | None, params: Any, optimizer
     if own and fmt is not None:  # the module's own tensors, laid out
         state = place(state, device, memory_format=fmt)
     return state, fmt
+
+
+def on_meta_device(model: Any) -> bool:
+    """Whether any of ``model``'s parameters is on the ``meta`` device (shapes only, no values), for a ZeRO-3
+    Trainer to initialise per part; a ``ValueError`` where that cannot be done (an ``fnnet.Model``: no
+    module to run ``reset_parameters`` on; buffers on ``meta``: they are whole on every rank)."""
+    params = model.parameters() if isinstance(model, nn.Module) else getattr(model, "params", {}).values()
+    if not any(p.device.type == "meta" for p in params):
+        return False
+    if not isinstance(model, nn.Module):
+        raise ValueError("Trainer(strategy='zero3'): an fnnet.Model on the meta device has no reset_parameters to run "
+                         "per part: pass the nn.Module built on the meta device (with torch.device('meta'): ...)")
+    meta_buffers = [k for k, b in model.named_buffers() if b.device.type == "meta"]
+    if meta_buffers:
+        raise ValueError(f"Trainer(strategy='zero3'): the module's buffers {meta_buffers[:5]} are on the meta device; "
+                         "parameters are initialised per part, buffers (whole on every rank) are not: give them values "
+                         "(module.to_empty is not enough: fill them, e.g. BatchNorm's reset_running_stats())")
+    return True
+
+
+def parts_state(model: nn.Module, state: TrainState, train_step: Any, key: Any, device: torch.device) -> TrainState:
+    """``state`` (made from ``model``'s meta tensors) with this rank's parts of the parameters drawn by the
+    ZeRO-3 step's ``init_parts`` under ``key`` and no optimizer state yet (the first step makes it on the
+    parts): the model is never whole on this rank."""
+    return state.replace(params=train_step.init_parts(model, key, device=device), opt_state=None)
 
 
 def sync_module(module: nn.Module, state: TrainState) -> None:

@@ -41,6 +41,7 @@ from . import comm as _comm
 from . import shard as _shard
 from . import random as _random
 from . import zero3 as _zero3
+from .sharded_init import init_parts as _init_parts
 from . import tree as _tree
 from .batch import batch_size_of
 from .loss import GradResult
@@ -898,7 +899,9 @@ class _ParamShardedStep(_RankStep):
         topo = strategy.topology()  # HSDP: units sharded over the mesh's shard group, replicated across the other
         self.gather = _zero3.UnitGather(topo.shard, replicate=topo.replicate)
         super().__init__(strategy, _zero3.sharded_loss(loss_fn, self.gather), optimizer, o)
+        self.gather.reduce_dtype = self.reduce_dtype  # the gradients' reduce-scatter dtype (None: their own)
         self.step.on_parts = self.on_parts  # type: ignore[attr-defined]
+        self.step.init_parts = self.init_parts  # type: ignore[attr-defined]
 
     def reset(self) -> None:
         super().reset()
@@ -914,10 +917,7 @@ class _ParamShardedStep(_RankStep):
 
         @functools.wraps(fn)
         def on_parts(params: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.layout is None:
-                raise ValueError("step.on_parts: the step has not seen a state yet (no layout): call "
-                                 "step.shard_state(state) or take a step first")
-            if self.is_whole(params):
+            if self.is_whole(params):  # a whole state (before the first step, or gathered): nothing to gather
                 return fn(params, *args, **kwargs)
             gather.set_layout(self.layout, self.gather.names)
             try:
@@ -926,6 +926,19 @@ class _ParamShardedStep(_RankStep):
                 gather.release()
 
         return on_parts
+
+    def init_parts(self, module: Any, key: Any, *, device: Any = None) -> dict[str, Any]:
+        """This rank's part of every parameter of ``module`` (built on the ``meta`` device: nothing whole is
+        allocated), initialised as ``fnnet.functional(module).init(key)`` initialises the whole model, one
+        module at a time (:func:`fnnet.sharded_init.init_parts`). Not collective. Start training from
+        ``fnnet.TrainState(params=step.init_parts(net, key), opt_state=None)``: the step initialises the
+        optimizer state on the parts."""
+        whole = {k: v.detach() for k, v in module.named_parameters()} if isinstance(module, torch.nn.Module) else module
+        lay = self.layout_of(whole)
+        if [tuple(v.shape) for v in _tree.leaves(whole)] != lay.shapes:
+            raise ValueError(f"step.init_parts: {type(module).__name__}'s parameters have other shapes than the "
+                             "model this step has trained (its layout is fixed by the first state it saw)")
+        return _init_parts(module, key, lay, device=device)
 
     def layout_of(self, params: Any) -> _shard.Layout:
         """The units' layout, made from the whole params the first time (cached)."""
@@ -952,6 +965,10 @@ class _ParamShardedStep(_RankStep):
         """``state`` with whole parameters (and optimizer state) cut to this rank's parts; a state already
         in parts is returned as it is."""
         if not self.is_whole(state.params):
+            if state.opt_state is None:  # TrainState(parts, None) (init_parts): the optimizer state of the parts
+                assert self.layout is not None
+                _shard.check_part_init(self.optimizer, self.layout.whole, self.layout)
+                return state.replace(opt_state=self.optimizer.init(state.params))
             return state
         lay = self.layout_of(state.params)
         part = _tree.map(lambda x: x.clone(), lay.part(state.params))  # the whole may be dropped now

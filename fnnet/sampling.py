@@ -9,7 +9,7 @@ This is nanoGPT's ``GPT.generate`` with keys instead of ``torch.multinomial``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ def _block_size(model: Any, params: Mapping[str, torch.Tensor], block_size: int 
 @torch.no_grad()
 def generate(model: Model | nn.Module, params: Mapping[str, torch.Tensor] | None, idx: torch.Tensor,
              max_new_tokens: int, *, key: _random.Key, temperature: float = 1.0, top_k: int | None = None,
-             block_size: int | None = None) -> torch.Tensor:
+             block_size: int | None = None, forward: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Continue each row of ``idx`` by ``max_new_tokens`` sampled tokens (nanoGPT's ``generate``, with keys).
 
     Args:
@@ -48,7 +48,12 @@ def generate(model: Model | nn.Module, params: Mapping[str, torch.Tensor] | None
         top_k: keep only the ``top_k`` largest logits of each row (others get probability 0).
         block_size: the longest context the model takes; the prompt is cropped to its last
             ``block_size`` tokens. Default: the module's ``block_size`` attribute, or for an
-            ``fnnet.Model`` of a GPT the rows of ``params["wpe.weight"]``; none found: no crop.
+            ``fnnet.Model`` of a GPT the rows of its ``wpe.weight``; none found: no crop.
+        forward: what computes the logits, ``forward(params, idx)``, in place of ``model.apply``. On a
+            ZeRO-3 state (``params`` are this rank's parts) pass ``forward=step.on_parts(model.apply)``
+            (``step`` the ``ZeRO(3)`` training step): each forward gathers the units one at a time, as
+            training does, and gives the whole-state logits; every rank calls ``generate`` with the same
+            ``max_new_tokens`` (each forward holds collectives), with prompts of its own.
 
     Returns:
         ``(B, T + max_new_tokens)`` int64: ``idx`` followed by the new tokens. The forward runs in
@@ -76,9 +81,12 @@ def generate(model: Model | nn.Module, params: Mapping[str, torch.Tensor] | None
     else:
         raise TypeError(f"generate: model must be an nn.Module or an fnnet.functional(...) model, got "
                         f"{type(model).__name__}")
-    context = _block_size(model, params, block_size)
+    if forward is not None and not callable(forward):
+        raise TypeError(f"generate: forward must be callable as forward(params, idx), got {type(forward).__name__}")
+    apply = fn.apply if forward is None else forward
+    context = _block_size(model, fn.params, block_size)  # the model's own shapes (params may be a rank's parts)
     for i in range(max_new_tokens):
-        logits = fn.apply(params, idx if context is None else idx[:, -context:])[:, -1, :].float() / temperature
+        logits = apply(params, idx if context is None else idx[:, -context:])[:, -1, :].float() / temperature
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= logits.shape[-1]:
                 raise ValueError(f"generate: top_k must be an int in [1, {logits.shape[-1]}] (the vocabulary), "

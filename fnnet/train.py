@@ -156,11 +156,15 @@ def _with_master_weights(step: TrainStep, policy: Precision) -> TrainStep:
     def call(state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
         return step(policy.prepare(state), batch, end_window=end_window)
 
-    return TrainStep(call, lambda state: step.flush(policy.prepare(state)), strategy=step.strategy,
-                     name=step.__name__, precision=step.precision, jit=step.jit, donate=step.donate,
-                     accumulate=step.accumulate, gather_state=step.gather_state,
-                     shard_state=lambda state: step.shard_state(policy.prepare(state)),
-                     local_parts=lambda state: step.local_parts(policy.prepare(state)))
+    wrapped = TrainStep(call, lambda state: step.flush(policy.prepare(state)), strategy=step.strategy,
+                        name=step.__name__, precision=step.precision, jit=step.jit, donate=step.donate,
+                        accumulate=step.accumulate, gather_state=step.gather_state,
+                        shard_state=lambda state: step.shard_state(policy.prepare(state)),
+                        local_parts=lambda state: step.local_parts(policy.prepare(state)))
+    for extra in ("on_parts", "init_parts"):  # ZeRO-3's ways to run and initialise the model on parts
+        if hasattr(step, extra):
+            setattr(wrapped, extra, getattr(step, extra))
+    return wrapped
 
 
 SHORTHANDS = {"single": lambda: SingleDevice(), "ddp": lambda: _distributed.DDP(),

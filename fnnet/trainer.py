@@ -45,6 +45,16 @@ window spans two epochs and a checkpoint at an epoch's end holds no unfinished w
 ``ModelCheckpoint`` gather the whole optimizer state first, so the file loads into a run on any
 number of ranks, sharded or not, or into one process; after :meth:`load` the next step cuts it again.
 
+**Sharded parameters.** ``Trainer(..., strategy="zero3")`` (``ZeRO(3)``, :mod:`fnnet.zero3`): from the
+first step ``trainer.state.params`` hold this rank's 1-D part of every parameter; ``evaluate`` and
+``predict`` gather the units on the fly (``step.on_parts``), so every rank must run as many batches
+(checked first: a ``ValueError``, not a hang); checkpoints hold the gathered whole state, as above.
+The ``nn.Module`` given is not trained in place (its whole weights on every rank would undo the
+sharding): ``trainer.checkpoint()["state"].params`` (every rank calls it) are the trained weights. A
+module built on the ``meta`` device is never made whole: each rank draws its parts
+(``step.init_parts``) under ``fnnet.random.fold_in(key, 0x1217)``, as ``Model.init`` would draw the
+whole model under that key.
+
 **Fault tolerance.** A checkpoint (``Trainer.save``, ``ModelCheckpoint``, also every ``N``
 optimizer steps with ``ModelCheckpoint(every_n_steps=N)``) records the state, the epoch, the
 batches done in it, the world size, the loader's global batch and the callbacks' state.
@@ -82,7 +92,8 @@ from ._loop import (Bar, EpochMetrics, Throughput, banner, check_fit_options, ch
                     together, with_context)
 from .callbacks import CallbackList
 from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, resume_fit, samples_of
-from ._setup import build_steps, initial_state, resolve_devices, resolve_optimizer, sync_module
+from ._setup import (INIT_SALT, build_steps, initial_state, on_meta_device, parts_state, resolve_devices,
+                     resolve_optimizer, sync_module)
 from .train import resolve_strategy
 from .batch import as_arrays
 from .data import ArrayLoader, fit_loaders, num_batches, set_epoch
@@ -157,7 +168,9 @@ class Trainer:
             kept for one release.
         strategy: how training is laid out over devices or ranks: an :class:`fnnet.strategy.Strategy`
             (``fnnet.parallel.Replicate(devices)``, ``fnnet.distributed.DDP(group)``, ``ZeRO(2)``,
-            ``HSDP(mesh)``) or a shorthand (``"ddp"``, ``"zero2"``; see :func:`fnnet.make_train_step`).
+            ``ZeRO(3)``, ``HSDP(mesh)``) or a shorthand (``"ddp"``, ``"zero2"``, ``"zero3"``; see
+            :func:`fnnet.make_train_step`). Under ``ZeRO(3)`` (see the module docstring) ``state.params``
+            are this rank's parts from the first step on and the module is not trained in place.
             ``None``: what ``devices`` and ``distributed`` say (the old flags, kept for one release).
 
     Attributes:
@@ -180,16 +193,14 @@ class Trainer:
             raise ValueError(f"Trainer: accumulate_grad_batches must be an int >= 1 (one optimizer update per this many "
                              f"batches; 1: no accumulation), got {accumulate_grad_batches!r}")
         strategy = resolve_strategy(strategy) if strategy is not None else None
-        if getattr(strategy, "stage", None) == 3:
-            raise NotImplementedError("Trainer(strategy=ZeRO(3)) is not supported yet: its state holds each rank's part "
-                                      "of the parameters, which the Trainer's module, eval and predict steps do not "
-                                      "take. Train with fnnet.make_train_step(loss_fn, opt, strategy='zero3') and "
-                                      "step.gather_state(state) for the whole parameters, or use strategy='zero2'")
+        self._params_sharded = getattr(strategy, "stage", None) == 3  # ZeRO-3: the state holds each rank's parts
+        memory_format = _sharded_memory_format(memory_format) if self._params_sharded else memory_format
         self.distributed, self.devices = resolve_devices(devices, distributed, strategy)
         self._rank_shard = _dist.shard() if self.distributed else None  # this rank's part of arrays fit batches
         self.device = self.devices[0]  # where the state lives; with several devices, the first
         self.module = model if isinstance(model, nn.Module) else None
-        if self.module is not None and params is None:
+        on_meta = self._params_sharded and params is None and on_meta_device(model)  # never whole: init per part
+        if self.module is not None and params is None and not on_meta:
             self.module.to(self.device)  # train the module's own storage, on the device (Lightning's way)
         self.model = functional(model, copy=False)
         self.optimizer = resolve_optimizer(optimizer, self.model, self.module)
@@ -206,6 +217,8 @@ class Trainer:
         self.accumulate = accumulate_grad_batches
         state, self.memory_format = initial_state(self.model, self.module, params, self.optimizer, self.key,
                                                   precision=precision, device=self.device, memory_format=memory_format)
+        if on_meta:  # this rank's parts drawn as Model.init would draw the whole (fnnet.sharded_init)
+            state = parts_state(model, state, self.train_step, _random.fold_in(self.key, INIT_SALT), self.device)
         self._layout_verified = False
         self._adopt(state)
         self.history = History()
@@ -438,6 +451,8 @@ class Trainer:
             data = ArrayLoader(arrays, batch_size, device=self.device, shard=self._rank_shard)
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         total = num_batches(data)
+        if self._params_sharded:  # each batch's forward gathers the units: every rank runs as many
+            check_same_batch_count(total, 0, self.distributed, "Trainer.evaluate (ZeRO-3 gathers per batch)")
         with Bar(total, "validation", bool(verbose)) as bar, together("Trainer.evaluate", self.distributed):
             states, _ = self._run(data, train=False, callbacks=cbs, bar=bar, every=max(1, (total or 100) // 10))
             return self._book.logs(states, prefix)  # sums every rank's: every rank evaluates
@@ -449,7 +464,12 @@ class Trainer:
         batches (``(inputs, targets)``, ``(inputs,)`` or inputs alone). Returned on ``device``
         (CPU by default) in float32 when the trainer computes in a lower precision.
         """
-        outs = [self.predict_step(self.state, batch) for batch in self._batches(input_batches(data, batch_size))]
+        batches = input_batches(data, batch_size)
+        if self._params_sharded:  # each batch's forward gathers the units: every rank runs as many
+            batches = list(batches)
+            check_same_batch_count(len(batches), 0, self.distributed, "Trainer.predict (ZeRO-3 gathers per batch)")
+        with together("Trainer.predict", self.distributed and self._params_sharded):
+            outs = [self.predict_step(self.state, batch) for batch in self._batches(batches)]
         if not outs:
             raise ValueError("predict: data yielded no batches")
         return place(torch.cat(outs), device)
@@ -522,7 +542,7 @@ class Trainer:
         self._sync_module()
 
     def _sync_module(self) -> None:  # the trained module computes with the state's tensors (no copy)
-        if self.module is not None:
+        if self.module is not None and not self._params_sharded:  # ZeRO-3's parts are not the module's shapes
             sync_module(self.module, self.state)
             self.model.params, self.model.buffers = dict(self.state.params), dict(self.state.buffers or {})
 
@@ -588,6 +608,17 @@ class _StepChecks:
             print(f"step {step}  {shown}  [{logs['time']:.1f}s]")
         self.states, self.row_start, self.row_time = t._book.init(), self.meter.snapshot(), time.perf_counter()
         self.meter.resume()
+
+
+def _sharded_memory_format(request: Any) -> Any:
+    """ZeRO-3 keeps 1-D parts of every parameter: no 4-D tensor to lay out, so ``"auto"`` is ``"preserve"``."""
+    if request == "auto":
+        return "preserve"
+    if request in ("channels_last", torch.channels_last):
+        raise ValueError("Trainer(strategy=ZeRO(3), memory_format='channels_last'): the state holds each rank's 1-D "
+                         "part of every parameter, which has no memory layout to choose: use memory_format='auto' "
+                         "(or 'preserve')")
+    return request
 
 
 def _on_device(batch: Any, device: torch.device, memory_format: Any) -> Any:

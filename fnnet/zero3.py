@@ -123,7 +123,9 @@ class GatherUnit(torch.autograd.Function):
 
     One output per parameter, not one for the buffer: the backward copies each parameter's gradient
     into one send buffer once (``fully_shard``'s copy-in), where a buffer sliced outside would make
-    autograd build a buffer-sized gradient per parameter (each slice's backward) and add them up."""
+    autograd build a buffer-sized gradient per parameter (each slice's backward) and add them up.
+    The reduce-scatter runs in ``gather.reduce_dtype`` when set (the precision policy's: float32
+    under 16-bit parameters, as gloo's 16-bit reductions are unreliable)."""
 
     @staticmethod
     def forward(ctx: Any, chunk: torch.Tensor, gather: "UnitGather", unit: int) -> tuple[torch.Tensor, ...]:
@@ -139,7 +141,7 @@ class GatherUnit(torch.autograd.Function):
         g: UnitGather = ctx.gather
         lay, u = g.lay, ctx.unit
         some = next((x for x in grads if x is not None), None)
-        dtype = some.dtype if some is not None else g.chunks[u].dtype
+        dtype = g.reduce_dtype or (some.dtype if some is not None else g.chunks[u].dtype)
         send = torch.empty(lay.chunks[u] * g.world, dtype=dtype, device=g.chunks[u].device)
         end = 0
         for i, grad in zip(lay.buckets[u], grads):
@@ -180,6 +182,7 @@ class UnitGather:
         self.lay: Any = None
         self.names: list[str] = []
         self.weight: float = 1.0
+        self.reduce_dtype: torch.dtype | None = None  # the reduce-scatter's dtype (float32 under 16-bit params)
         self.thread = threading.get_ident()
         self.release()
 

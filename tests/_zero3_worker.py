@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fnnet
-from fnnet import distributed, optim
+from fnnet import distributed, optim, zero3
+from fnnet.optim.master import MasterWeightsState
 
 VOCAB, DIM, SEQ = 11, 6, 5  # 11 * 6: a unit the world size does not divide
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -232,9 +235,10 @@ def against_fully_shard() -> dict:
     mine_off = max(float((ref[k] - mine[k]).abs().max()) for k in mine)
     print(f"fnnet-fully_shard {worst:.3g}, fully_shard-one process {theirs_off:.3g}, fnnet-one process {mine_off:.3g}")
     # Adam over 10 steps magnifies float64 rounding where a gradient is near zero (fnnet.adam against
-    # torch.optim.Adam in one process differs by about as much): fnnet is as close to fully_shard as
-    # fully_shard is to one process, and closer to one process than fully_shard is
-    assert worst < 1e-9 and mine_off <= theirs_off, (worst, mine_off, theirs_off)
+    # torch.optim.Adam in one process differs by about as much): fnnet is within 1e-9 of fully_shard and of
+    # one process (fully_shard itself is 1.2e-9 from one process at 3 ranks; which of the two is closer to
+    # one process is the luck of the additions' order: fnnet at 2 and 3 ranks, fully_shard at 4)
+    assert worst < 1e-9 and mine_off < 1e-9, (worst, mine_off, theirs_off)
     return {"fully_shard_counts": counts, "fully_shard_max_diff": worst, "fully_shard_vs_one_process": theirs_off,
             "fnnet_vs_torch_one_process": mine_off}
 
@@ -348,7 +352,352 @@ def remat_case() -> dict:
     return {"remat_zero3": ["nothing_saveable", "dots_saveable"]}
 
 
+# -- the Trainer, generate, the sharded initialisation, precision (issue 31's end-to-end part) ----------------------
+
+
+def token_accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(-1) == y).double().mean(-1)  # per sample: averaged over samples by the Trainer
+
+
+def seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
+
+
+def trainer_of(strategy, **kw) -> fnnet.Trainer:
+    torch.manual_seed(0)
+    net = TinyGPT().double()
+    opt = optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(0.01))
+    if strategy is None:
+        kw.setdefault("distributed", False)
+    kw.setdefault("accumulate_grad_batches", 2)  # one update per two batches (an epoch's last window: one)
+    return fnnet.Trainer(net, seq_loss, opt, metrics={"acc": token_accuracy}, strategy=strategy, key=3, **kw)
+
+
+def loaders(shard) -> tuple[fnnet.ArrayLoader, fnnet.ArrayLoader]:
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, VOCAB, (23, SEQ + 1), generator=g)  # 23: the last global batch of 6 is short
+    val = torch.randint(0, VOCAB, (9, SEQ + 1), generator=g)
+    train = fnnet.ArrayLoader((idx[:, :-1], idx[:, 1:]), 6, shuffle=True, key=fnnet.random.key(1), shard=shard,
+                              global_batch=True)
+    return train, fnnet.ArrayLoader((val[:, :-1], val[:, 1:]), 4, shard=shard, global_batch=True)
+
+
+def close(a: float, b: float, what: str, tol: float = 1e-10) -> None:
+    assert abs(a - b) <= tol * max(1.0, abs(b)), (what, a, b)
+
+
+def same_history(h, ref, what: str) -> None:
+    # the first and the last epoch are whole in both (between them: a max_steps stop and a resume)
+    for k in ("loss", "acc", "val_loss", "val_acc"):
+        for i in (0, -1):  # a step's loss is a float32 tensor (metrics["loss"]): float32's rounding
+            close(h[k][i], ref[k][i], f"{what}: history[{k!r}][{i}]", 1e-6 if k.endswith("loss") else 1e-10)
+    assert (h["epoch"][-1], h["step"][-1]) == (ref["epoch"][-1], ref["step"][-1]), (what, h, ref)
+
+
+def same_params(params, ref, what: str) -> None:
+    for k, v in ref.items():
+        torch.testing.assert_close(params[k], v, **TOL, msg=lambda s: f"{what}: params[{k}]: {s}")
+
+
+def trainer_case(out_dir: Path) -> dict:
+    """``Trainer(strategy="zero3")`` against the one-process Trainer, float64, 1e-10: fit (epochs, then
+    ``max_steps`` inside an epoch), history (loss, a metric, validation), evaluate, predict, a
+    ModelCheckpoint and ``save`` of the gathered whole state (rank 0 writes), and that file resumed into
+    ZeRO-3 at this world size and at another (groups of half the ranks), into DDP and into one process."""
+    world, rank = distributed.world_size(), distributed.rank()
+    ref = trainer_of(None)
+    full_train, full_val = loaders(None)
+    ref.fit(full_train, full_val, epochs=3, verbose=0)
+    tr = trainer_of("zero3")
+    train, val = loaders(distributed.shard())
+    ckdir = out_dir / "ck"
+    tr.fit(train, val, epochs=1, verbose=0, callbacks=[fnnet.callbacks.ModelCheckpoint(ckdir, save_last=True)])
+    assert tr.state.params["wte.weight"].dim() == 1  # the state is in parts
+    written = sorted(p.name for p in ckdir.iterdir()) if rank == 0 else []
+    tr.fit(train, val, max_steps=tr.state.step + 2, verbose=0)  # stops inside epoch 2
+    mid = out_dir / "mid.safetensors"
+    tr.save(mid)
+    dist.barrier()
+    whole = fnnet.load(mid)["state"]  # written by rank 0, the gathered whole state
+    assert whole.params["wte.weight"].shape == (VOCAB, DIM)
+    tr.fit(train, val, epochs=3, resume=mid, verbose=0)
+    same_history(tr.history, ref.history, "zero3 fit")
+    torch.manual_seed(0)
+    assert torch.equal(tr.module.wte.weight, TinyGPT().double().wte.weight)  # the module is not trained in place
+    same_params(tr.checkpoint()["state"].params, ref.state.params, "zero3 fit")
+    # evaluate and predict on the sharded state: units gathered on the fly
+    got = tr.evaluate(val)
+    want = ref.evaluate(full_val)
+    for k in want:
+        close(got[k], want[k], f"evaluate {k}", 1e-6 if k.endswith("loss") else 1e-10)
+    xs = torch.cat([b[0] for b in full_val.batches(0)])[rank:rank + 5]  # each rank predicts inputs of its own
+    torch.testing.assert_close(tr.predict(xs, batch_size=3), ref.predict(xs, batch_size=3), **TOL)
+    try:  # 5 and 4 samples in batches of 2: ranks with 3 and 2 forwards would hang in the gathers; said before
+        tr.predict(xs[:5 if rank == 0 else 4], batch_size=2)
+        raise AssertionError("predict with different batch counts over the ranks did not raise")
+    except ValueError as err:
+        assert "different numbers of batches in Trainer.predict" in str(err), err
+    # the mid-epoch file resumed elsewhere: ZeRO-3 on groups of half the ranks (another world size), DDP, one process
+    half = max(1, world // 2)
+    groups = [dist.new_group(list(range(s, s + half))) for s in range(0, world, half)]
+    mine = groups[rank // half]
+    resumed = {}
+    for name, strategy, shard in (("zero3 at W/2", distributed.ZeRO(3, group=mine), (rank % half, half)),
+                                  ("ddp", "ddp", distributed.shard()), ("one process", None, None)):
+        t = trainer_of(strategy)
+        a, v = loaders(shard)
+        t.fit(a, v, epochs=3, resume=mid, verbose=0)
+        params = t.checkpoint()["state"].params if strategy is not None else t.state.params
+        same_params(params, ref.state.params, f"resumed from a ZeRO-3 file under {name}")
+        resumed[name] = t.history["loss"][-1]
+    return {"trainer": written, "resumed": sorted(resumed)}
+
+
+def gpt(device: str = "cpu") -> nn.Module:
+    """fnnet's GPT (a tied output layer, blocks in an nn.ModuleList), float64; on ``meta``: no memory."""
+    with torch.device(device):
+        return fnnet.models.GPT(VOCAB, block_size=SEQ, n_layer=3, n_head=2, n_embd=DIM).double()
+
+
+def generate_case() -> dict:
+    """``fnnet.generate`` on a ZeRO-3 state (``forward=step.on_parts(model.apply)``: units gathered on
+    the fly) gives the tokens ``generate`` gives on the gathered whole state, under the same key; each
+    rank its own prompt (longer than the context: cropped), after two training steps."""
+    world, rank = distributed.world_size(), distributed.rank()
+    m = fnnet.functional(gpt())
+    opt = optim.adam(0.01)
+    step = fnnet.make_train_step(loss_of(m), opt, strategy="zero3")
+    state = fnnet.TrainState.create(m.params, opt)
+    sizes = sizes_for(world)
+    for i in range(2):
+        state, _ = step(state, part(batch(i, sizes), sizes, rank))
+    whole = step.gather_state(state).params
+    prompt = torch.randint(0, VOCAB, (2, SEQ + 2), generator=torch.Generator().manual_seed(rank))
+    key = fnnet.random.key(11 + rank)
+    before = {k: v.clone() for k, v in state.params.items()}
+    got = fnnet.generate(m, state.params, prompt, 6, key=key, forward=step.on_parts(m.apply), temperature=2.0)
+    assert all(torch.equal(before[k], v) for k, v in state.params.items())  # the parts are not touched
+    want = fnnet.generate(m, whole, prompt, 6, key=key, temperature=2.0)
+    assert state.params["wte.weight"].dim() == 1
+    assert torch.equal(got, want), (got, want)
+    return {"generated": got[:, -6:].tolist()}
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of the storages alive (each counted until freed: a weak reference to it) among those an
+    op makes while the mode is on; ``peak``: the most at once (``benches/zero3_probe.py``'s counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, object] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self.live:
+                    n = st.nbytes()
+                    self.current += n
+                    self.peak = max(self.peak, self.current)
+                    self.live[key] = weakref.ref(st, lambda _, key=key, n=n: self.free(key, n))
+        return out
+
+    def free(self, key: int, n: int) -> None:
+        if self.live.pop(key, None) is not None:
+            self.current -= n
+
+
+def init_case() -> dict:
+    """``step.init_parts(meta_module, key)``: each rank's parts equal the unsharded
+    ``fnnet.functional(gpt).init(key)`` cut to them (exactly: the same draws), the tensor bytes alive at
+    once during it stay within ``1/W`` of the model plus one unit, and training from those parts
+    equals training from the whole initialisation."""
+    world, rank = distributed.world_size(), distributed.rank()
+    key = fnnet.random.key(21)
+    full = fnnet.functional(gpt())
+    want = full.init(key)
+    net = gpt("meta")
+    opt = optim.adam(0.01)
+    step = fnnet.make_train_step(loss_of(fnnet.functional(net)), opt, strategy="zero3")
+    mode = LiveBytes()
+    slots = [(name, p) for name, p in net.named_parameters(remove_duplicate=False)]
+    with mode:
+        parts = step.init_parts(net, key)
+    after = list(net.named_parameters(remove_duplicate=False))  # the module given is not changed (its own meta tensors)
+    assert len(after) == len(slots) and all(a is b and n == m and b.device.type == "meta"
+                                            for (n, a), (m, b) in zip(slots, after))
+    model_bytes = sum(v.numel() * v.element_size() for v in want.values())
+    names = zero3.unit_names(list(want))
+    unit_bytes = max(sum(v.numel() * v.element_size() for v, n in zip(want.values(), names) if n == u)
+                     for u in set(names))
+    # the parts (1/W, a unit's padding at most W - 1 elements each) plus one unit: less than the whole model here
+    bound = model_bytes / world + unit_bytes + 8 * world * len(set(names))
+    assert bound < model_bytes and mode.peak <= bound, (mode.peak, bound, model_bytes, unit_bytes)
+    with torch.device("meta"):
+        drawn_in_init = TinyGPT()  # wpe = nn.Parameter(torch.randn(...)), attention's private _reset_parameters
+    try:
+        fnnet.make_train_step(loss_of(fnnet.functional(drawn_in_init)), opt, strategy="zero3").init_parts(
+            drawn_in_init, key)
+        raise AssertionError("init_parts took a meta parameter nothing initialises")
+    except ValueError as err:
+        assert "'blocks.0.attn.in_proj_weight'" in str(err) and "13 parameter(s) on the meta" in str(err), err
+    lay = step.init_parts.__self__.layout
+    cut = lay.part(want)
+    for k, v in cut.items():
+        assert torch.equal(parts[k], v), k  # the same draws, not merely close
+    # training from the parts (TrainState(parts, None): the optimizer state made on the parts) equals the whole start
+    sizes = sizes_for(world)
+    state = fnnet.TrainState(parts, None)
+    ref_step = fnnet.make_train_step(loss_of(full), opt, strategy="zero3")
+    ref = fnnet.TrainState.create(want, opt)
+    for i in range(2):
+        b = part(batch(i, sizes), sizes, rank)
+        state, _ = step(state, b)
+        ref, _ = ref_step(ref, b)
+    for k, v in ref_step.gather_state(ref).params.items():
+        torch.testing.assert_close(step.gather_state(state).params[k], v, **TOL)
+    return {"init_peak": mode.peak, "model_bytes": model_bytes, "unit_bytes": unit_bytes, "bound": bound}
+
+
+
+def precision_case() -> dict:
+    """``precision=`` under ZeRO-3 against one process under the same policy, float32 model, SGD, 3 steps:
+    bf16 autocast, float16 autocast (loss scale), and bfloat16 parameters with float32 master weights (the
+    reduce-scatter in float32 on gloo). The ranks' sub-batches round differently from the whole batch (a
+    16-bit matmul's sum over the batch rows), so a gradient differs by some of the compute dtype's epsilons
+    times the sum of its terms' sizes, which cancellation can make ten times the gradient's own size: after
+    the steps a parameter may differ by 32 epsilons of how far it moved (SGD is linear in the gradient;
+    Adam would magnify a difference where a gradient is near zero). Reported: the worst, in epsilons."""
+    world, rank = distributed.world_size(), distributed.rank()
+    sizes = sizes_for(world)
+    out = {}
+    for name, policy, eps in (("bf16-mixed", "bf16-mixed", 2.0 ** -8), ("16-mixed", "16-mixed", 2.0 ** -11),
+                              ("bf16 params", fnnet.Precision(param_dtype=torch.bfloat16), 2.0 ** -8)):
+        runs = {}
+        for strategy in (None, "zero3"):
+            torch.manual_seed(0)
+            m = fnnet.functional(TinyGPT())
+            opt = optim.sgd(0.5)
+            step = fnnet.make_train_step(loss_of(m), opt, strategy=strategy, precision=policy)
+            state = fnnet.TrainState.create(m.params, opt)
+            for i in range(3):
+                b = batch(i, sizes)
+                state, metrics = step(state, part(b, sizes, rank) if strategy else b)
+                assert bool(metrics.get("finite", True)), (name, i)
+            state = step.gather_state(state) if strategy else state
+            # the float32 master weights under bfloat16 params (the params are them rounded)
+            master = state.opt_state.master if isinstance(state.opt_state, MasterWeightsState) else state.params
+            runs[strategy] = (m.params, state.params, master)
+        start, ref_params, ref_master = runs[None]
+        _, params, master = runs["zero3"]
+        worst = 0.0
+        for k, v in ref_master.items():
+            if v.numel() == 0:
+                continue
+            moved = float((v.float() - start[k].float()).abs().max())
+            diff = float((master[k].float() - v.float()).abs().max())
+            assert diff <= 32 * eps * moved + 1e-7, (name, k, diff / eps, moved)
+            worst = max(worst, diff / max(moved, 1e-12) / eps)
+            assert params[k].dtype == ref_params[k].dtype, (name, k, params[k].dtype)
+        out[name] = worst
+    return {"precision_worst_relative": out}
+
+
+
+def dropout_bn_one_process() -> dict:
+    """Dropout and BatchNorm under ZeRO-3 against one process (a hand-written reference): each rank's
+    micro-batch draws its dropout under ``fold_in(key, rank)`` and normalises with its own batch
+    statistics (as DDP without SyncBatchNorm), so the one-process loss runs the ranks' sub-batches in
+    turn under those keys, weighting each loss and each new running statistic by ``n_r / N``."""
+    world, rank = distributed.world_size(), distributed.rank()
+    sizes = sizes_for(world)
+    n_all = sum(sizes)
+
+    def net() -> fnnet.Model:
+        torch.manual_seed(0)
+        layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3)),
+                                nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh())])
+        return fnnet.functional(nn.Sequential(*layers, nn.Linear(8, 2)).double())
+
+    m = net()
+
+    def by_rank(params, batch, buffers, key):
+        x, y = batch
+        loss, new, lo = 0.0, None, 0
+        for r, n in enumerate(sizes):
+            out, b = m.apply(params, x[lo:lo + n], buffers=buffers, train=True, key=fnnet.random.fold_in(key, r),
+                             return_buffers=True)
+            loss = loss + F.mse_loss(out, y[lo:lo + n]) * (n / n_all)
+            w = {k: (v * (n / n_all) if v.is_floating_point() else v) for k, v in b.items()}
+            new = w if new is None else {k: (new[k] + w[k] if w[k].is_floating_point() else new[k]) for k in w}
+            lo += n
+        return loss, {}, new
+
+    out = {}
+    for name, strategy in (("one process", None), ("zero3", "zero3")):
+        m = net()
+        opt = optim.sgd(0.1, momentum=0.9)  # SGD: see dropout_batchnorm
+        loss_fn = by_rank if strategy is None else fnnet.supervised_loss(m, F.mse_loss, return_outputs=False)
+        step = fnnet.make_train_step(loss_fn, opt, strategy=strategy)
+        state = fnnet.TrainState.create(m.params, opt, buffers=m.buffers, key=fnnet.random.key(7))
+        for i in range(3):
+            g = torch.Generator().manual_seed(200 + i)
+            x = torch.randn(n_all, 4, generator=g, dtype=torch.float64)
+            y = torch.randn(n_all, 2, generator=g, dtype=torch.float64)
+            state, _ = step(state, part((x, y), sizes, rank) if strategy else (x, y))
+        out[name] = step.gather_state(state)
+    ref, got = out["one process"], out["zero3"]
+    assert any(not torch.equal(ref.params[k], v) for k, v in net().params.items())
+    for k, v in ref.params.items():
+        torch.testing.assert_close(got.params[k], v, **TOL, msg=lambda s: f"dropout/BatchNorm params[{k}]: {s}")
+    for k, v in ref.buffers.items():
+        torch.testing.assert_close(got.buffers[k], v, **TOL, msg=lambda s: f"buffers[{k}]: {s}")
+    return {"dropout_bn_one_process": sorted(ref.buffers)}
+
+
+
+def trainer_meta_case() -> dict:
+    """``Trainer(net_on_meta, strategy="zero3")``: the model is never whole on a rank (each rank draws its
+    parts, :func:`init_case`), and trains as the one-process Trainer does from the whole model initialised
+    by ``Model.init(fold_in(key, INIT_SALT))``, float64, 1e-10."""
+    from fnnet._setup import INIT_SALT
+
+    world, rank = distributed.world_size(), distributed.rank()
+    opt = optim.adamw(0.01)
+    tr = fnnet.Trainer(gpt("meta"), seq_loss, opt, strategy="zero3", key=3)
+    assert tr.state.params["wte.weight"].dim() == 1 and tr.state.opt_state is None
+    assert all(p.device.type == "meta" for p in tr.module.parameters())  # nothing whole was made
+    whole = gpt()
+    start = fnnet.functional(whole).init(fnnet.random.fold_in(fnnet.random.key(3), INIT_SALT))
+    ref = fnnet.Trainer(whole, seq_loss, opt, key=3, params=start, distributed=False)
+    (train, val), (full_train, full_val) = loaders(distributed.shard()), loaders(None)
+    tr.fit(train, val, epochs=1, verbose=0)
+    ref.fit(full_train, full_val, epochs=1, verbose=0)
+    same_params(tr.checkpoint()["state"].params, ref.state.params, "Trainer on a meta module")
+    moved = max(float((ref.state.params[k] - v).abs().max()) for k, v in start.items())
+    assert moved > 1e-3, moved
+    with torch.device("meta"):
+        bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    for given, says in ((bn, "buffers ['1.running_mean', '1.running_var', '1.num_batches_tracked'] are on the meta"),
+                        (fnnet.functional(gpt("meta")), "pass the nn.Module built on the meta device")):
+        try:
+            fnnet.Trainer(given, F.mse_loss, opt, strategy="zero3")
+            raise AssertionError(f"no error for {type(given).__name__} on meta")
+        except ValueError as err:
+            assert says in str(err), err
+    return {"trainer_meta": moved}
+
+
 CASES = {
+    "trainer_meta": trainer_meta_case,
+    "dropout_bn_one": dropout_bn_one_process,
+    "precision": precision_case,
+    "generate": generate_case,
+    "init": init_case,
+    "trainer": lambda: trainer_case(OUT),
     "remat": remat_case,
     "dropout_bn": dropout_batchnorm,
     "resume": resume,
@@ -363,7 +712,12 @@ CASES = {
 }
 
 
+OUT = Path(".")
+
+
 def main(cases: str, out: Path) -> None:
+    global OUT
+    OUT = out
     distributed.init(world_of_one=True)
     torch.set_num_threads(1)
     results = []

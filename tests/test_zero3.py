@@ -3,8 +3,9 @@ torch's ``fully_shard``, the collectives of a step, the persistent bytes, and th
 
 The multi-rank checks run in ``tests/_zero3_worker.py`` under ``torch.distributed.run``: each rank
 computes the one-process reference itself and asserts; one launch of two ranks is in the default
-run, the rest of the matrix (more optimizers, accumulation, frozen parameters, three ranks) is
-``@pytest.mark.extended``.
+run (with the end-to-end cases: the Trainer, ``generate``, the sharded initialisation, ``precision=``,
+dropout and BatchNorm against one process), the rest of the matrix (more optimizers, accumulation, frozen
+parameters, three and four ranks) is ``@pytest.mark.extended``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fnnet
 from fnnet import distributed, zero3
@@ -43,28 +46,47 @@ def launch(cases: str, out: Path, nproc: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
+END_TO_END = "trainer,generate,init,precision,dropout_bn_one,trainer_meta"
+
+
 def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_bytes(tmp_path):
     # Adam (and SGD with Nesterov momentum, donated) on a pre-LN transformer with a tied embedding,
     # a 1- and a 0-element parameter, uneven shards and batches, to 1e-10; fully_shard's parameters after 10 Adam steps; one step's
     # collectives (the same as fully_shard's); the persistent bytes; the errors; the gathered state
     # continuing in one process, under ZeRO-2 and under ZeRO-3 to the uninterrupted result; dropout
     # and BatchNorm buffers equal to DDP's
-    # and fnnet.remat on every block under ZeRO-3 equal to one process without remat (both policies)
-    ranks = launch("adam,sgd,counts,fully_shard,errors,resume,dropout_bn,remat", tmp_path, 2)
-    for adam, sgd, counts, fsdp, errors, resume, dropout_bn, remat in ranks:
+    # and fnnet.remat on every block under ZeRO-3 equal to one process without remat (both policies).
+    # End to end, in the same launch: Trainer(strategy="zero3") against the one-process Trainer, float64 (fit
+    # by epochs and max_steps, history, evaluate, predict, ModelCheckpoint, a whole file resumed into ZeRO-3 at
+    # W/2, DDP and one process); generate on the sharded GPT state (the same tokens as on the whole state);
+    # step.init_parts on a meta GPT (the same numbers as Model.init, the tensor-byte peak within 1/W of the
+    # model plus one unit) and the Trainer given a meta GPT; bf16-mixed, 16-mixed and bfloat16 params (master weights) against one process
+    # under the same policy; dropout and BatchNorm against a one-process reference
+    ranks = launch("adam,sgd,counts,fully_shard,errors,resume,dropout_bn,remat," + END_TO_END, tmp_path, 2)
+    for adam, sgd, counts, fsdp, errors, resume, dropout_bn, remat, *end_to_end in ranks:
         assert remat["remat_zero3"] == ["nothing_saveable", "dots_saveable"]
         assert counts["counts"]["c10d._allgather_base_"] == 2 * counts["units"] - 1
         assert counts["counts"]["c10d._reduce_scatter_base_"] == counts["units"]
         assert {k: v for k, v in counts["counts"].items() if k != "c10d.allreduce_"} == fsdp["fully_shard_counts"]
         assert counts["persistent"] < 0.51 * counts["unsharded"]
         assert fsdp["fully_shard_max_diff"] < 1e-9
+        trainer, generated, init, precision, dropout_bn_one, trainer_meta = end_to_end
+        assert trainer_meta["trainer_meta"] > 1e-3  # the Trainer on a meta module trained (and equalled one process)
+        assert trainer["resumed"] == ["ddp", "one process", "zero3 at W/2"]
+        assert init["init_peak"] <= init["bound"] < init["model_bytes"]
+        assert set(precision["precision_worst_relative"]) == {"bf16-mixed", "16-mixed", "bf16 params"}
+        assert "0.1.running_mean" in dropout_bn_one["dropout_bn_one_process"]
     assert sum(r[2]["persistent"] for r in ranks) <= ranks[0][2]["unsharded"] + 64  # nothing is kept twice
+    assert ranks[0][9]["generated"] != ranks[1][9]["generated"]  # each rank its own prompt and key
+    best, last = ranks[0][8]["trainer"]  # ModelCheckpoint: rank 0 wrote the best and the last file
+    assert best.startswith("epoch=001-val_loss=") and last == "last.safetensors"
 
 
 @pytest.mark.extended
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [2, 3, 4])
 def test_the_matrix_equals_one_process(tmp_path, nproc):
-    cases = "clip,frozen,accumulate" + (",adam,sgd,counts,fully_shard,resume,dropout_bn" if nproc == 3 else "")
+    cases = "clip,frozen,accumulate" + (",adam,sgd,counts,fully_shard,resume,dropout_bn," + END_TO_END
+                                        if nproc > 2 else "")
     launch(cases, tmp_path, nproc)
 
 
@@ -94,5 +116,43 @@ def test_stage_three_options_say_clearly_what_is_wrong():
         distributed.ZeRO(2, units=["blocks.0"])
     with pytest.raises(RuntimeError, match="needs a process group"):
         fnnet.make_train_step(lambda p, b: p["w"].sum(), fnnet.optim.sgd(0.1), strategy="fsdp")
-    with pytest.raises(NotImplementedError, match="Trainer\\(strategy=ZeRO\\(3\\)\\) is not supported yet"):
+    with pytest.raises(ValueError, match="1-D part of every parameter, which has no memory layout"):
+        fnnet.Trainer(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1), strategy="zero3",
+                      memory_format="channels_last")
+    with pytest.raises(RuntimeError, match="needs a process group"):
         fnnet.Trainer(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1), strategy="zero3")
+
+
+class _Stack(torch.nn.Module):
+    """Uneven sizes, a tied output (one parameter), and the units of a ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, 5)
+        self.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.LayerNorm(3),
+                                                               torch.nn.Linear(3, 5)) for _ in range(2)])
+        self.out = torch.nn.Linear(5, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+
+@settings(max_examples=12, deadline=None)
+@given(world=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_init_parts_of_every_rank_put_together_are_model_init_exactly(world, seed):
+    # the law behind step.init_parts: the ranks' parts, concatenated in rank order, are Model.init(key)
+    from fnnet import shard, sharded_init
+
+    key = fnnet.random.key(seed)
+    want = fnnet.functional(_Stack()).init(key)
+    with torch.device("meta"):
+        net = _Stack()
+    whole = {k: v.detach() for k, v in net.named_parameters()}
+    _, buckets = zero3.unit_buckets(whole)
+    pieces: dict[str, list[torch.Tensor]] = {k: [] for k in whole}
+    for rank in range(world):
+        lay = shard.layout(whole, world, rank, 0.0, reduce_scatter=True, buckets=buckets)
+        for k, v in sharded_init.init_parts(net, key, lay).items():
+            pieces[k].append(v)
+    assert sorted(want) == sorted(pieces)
+    for k, v in want.items():
+        assert torch.equal(torch.cat(pieces[k]).view(v.shape), v), k
+    assert all(p.device.type == "meta" for p in net.parameters())  # the module given is left as it was
