@@ -105,6 +105,7 @@ class History(dict):
     stop_reason: str = ""
 
     def append(self, logs: Mapping[str, float]) -> None:
+        """Add one row: every key of ``logs`` gets its value, every other column ``nan`` (so all stay one length)."""
         n = len(self.get("epoch", []))
         for key, value in logs.items():
             column = self.setdefault(key, [math.nan] * n)
