@@ -149,3 +149,25 @@ def test_the_guides_scripts_run_under_torchrun(tmp_path, page, name, code):
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     if name == "train.py":
         assert list((tmp_path / "ckpt-ddp").glob("*.safetensors")), "rank 0 wrote no checkpoint"
+
+
+# -- the API surface a reference exposes ---------------------------------------------------------------------------------
+def test_fnnet_version_answers_without_importing_torch_and_is_the_packages():
+    import tomllib
+
+    out = subprocess.run([sys.executable, "-m", "fnnet", "--version"], env=env(), capture_output=True, text=True,
+                         check=True).stdout
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert out.strip() == f"fnnet {fnnet.__version__}" == f"fnnet {version}"
+    code = ("import sys, fnnet.cli\ntry:\n    fnnet.cli.build_parser().parse_args(['--version'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True,
+                          check=True).stdout.split()[-1] == "False"
+
+
+def test_the_package_ships_py_typed():
+    import tomllib
+
+    assert (ROOT / "fnnet" / "py.typed").is_file()
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["fnnet"]
