@@ -36,7 +36,7 @@ across devices or ranks per update). ``trainer.state.step``, schedules, per-step
 ``LearningRateSchedule`` callbacks and the progress bar count optimizer updates; epoch losses
 and metrics average over every sample. An epoch whose batches do not fill its last window
 applies that partial window as one update, weighted by its samples (Lightning updates there too, but
-divides each micro-batch's loss by ``k``, so its numbers differ: see README), so no
+divides each micro-batch's loss by ``k``, so its numbers differ: see docs/guides/accumulation.md), so no
 window spans two epochs and a checkpoint at an epoch's end holds no unfinished window.
 
 **Sharded optimizer state.** ``Trainer(..., shard_optimizer=True)`` under ``torchrun`` builds
@@ -494,7 +494,7 @@ class Trainer:
         is refused (``ValueError``): a checkpoint is always a state training can resume from.
 
         ``sharded=True`` writes a folder in which every rank writes the part it holds (nothing gathered;
-        ``fnnet.checkpoint.sharded``, README "Sharded checkpoints"); ``async_save=True`` copies to host memory
+        ``fnnet.checkpoint.sharded``, docs/guides/sharded-checkpoints.md); ``async_save=True`` copies to host memory
         and writes in a background thread: the next save, :meth:`load` and the end of ``fit`` wait for it
         and raise its error."""
         from .checkpoint import save
