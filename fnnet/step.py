@@ -221,8 +221,8 @@ class TrainStep:
 
         Returns:
             ``(new_state, metrics)``: ``metrics["loss"]`` is a device tensor (no sync), with the loss
-            function's aux values; ``"finite"`` when non-finite updates are skipped; ``"updated"`` and
-            ``"batch_loss"`` with ``accumulate > 1``.
+                function's aux values; ``"finite"`` when non-finite updates are skipped; ``"updated"`` and
+                ``"batch_loss"`` with ``accumulate > 1``.
         """
         return self._call(state, batch, end_window=end_window)
 
@@ -232,7 +232,7 @@ class TrainStep:
 
         Returns:
             ``(state, metrics)`` as a call of the step returns them, or ``None`` when ``state`` holds no
-            unfinished window (nothing to apply).
+                unfinished window (nothing to apply).
         """
         return self._flush(state)
 
@@ -242,7 +242,7 @@ class TrainStep:
 
         Returns:
             A :class:`fnnet.TrainState`: what a checkpoint holds, so it loads into any strategy and
-            any number of ranks.
+                any number of ranks.
         """
         return state if self._gather is None else self._gather(state)
 

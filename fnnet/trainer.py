@@ -449,8 +449,8 @@ class Trainer:
 
         Returns:
             ``{"loss": ..., "<metric>": ...}`` (Keras' ``evaluate(..., return_dict=True)`` names), as floats.
-            In fnnet 0.3.0 the keys were ``val_*`` whatever the data; reading such a key from a result
-            without a prefix still works, with a ``FutureWarning``, until the next release.
+                In fnnet 0.3.0 the keys were ``val_*`` whatever the data; reading such a key from a result
+                without a prefix still works, with a ``FutureWarning``, until the next release.
         """
         arrays = as_arrays(data)
         if arrays is not None:
