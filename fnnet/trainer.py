@@ -449,8 +449,9 @@ class Trainer:
 
         Returns:
             ``{"loss": ..., "<metric>": ...}`` (Keras' ``evaluate(..., return_dict=True)`` names), as floats.
-                In fnnet 0.3.0 the keys were ``val_*`` whatever the data; reading such a key from a result
-                without a prefix still works, with a ``FutureWarning``, until the next release.
+                In fnnet 0.3.0 the keys were ``val_*`` whatever the data; reading such a key (``result[key]``,
+                ``result.get(key)``) from a result without a prefix still works, with a ``FutureWarning``,
+                until the next release.
         """
         arrays = as_arrays(data)
         if arrays is not None:
@@ -566,6 +567,13 @@ class _Evaluation(dict):
                           "release.", FutureWarning, stacklevel=2)
             return self[key[4:]]
         raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``self[key]`` (an old ``val_*`` key included, with its warning), or ``default``."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 def _bar_logs(logs: dict[str, float], meter: Throughput | None) -> dict[str, float]:

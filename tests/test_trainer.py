@@ -56,6 +56,8 @@ def test_fit_evaluate_predict_and_history():
     assert trainer.evaluate(val, prefix="test_") == {"test_loss": ev["loss"], "test_accuracy": ev["accuracy"]}
     with pytest.warns(FutureWarning, match="prefix='val_'"):  # fnnet 0.3.0's keys still read, for one release
         assert ev["val_loss"] == ev["loss"] and ev["val_accuracy"] == ev["accuracy"]
+    with pytest.warns(FutureWarning, match="prefix='val_'"):
+        assert ev.get("val_loss") == ev["loss"] and ev.get("val_f1", -1.0) == -1.0
     with pytest.raises(KeyError):
         ev["val_f1"]
     # exact accuracy over all samples, not a mean of batch means
