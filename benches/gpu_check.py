@@ -1,4 +1,4 @@
-"""The prepared GPU check: one short run on a CUDA machine that measures what the README reports.
+"""The prepared GPU check: one short run on a CUDA machine that measures what docs/performance.md reports.
 
 Run from a checkout (``bash benches/gpu_check.sh`` sets the paths up and calls this)::
 

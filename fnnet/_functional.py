@@ -304,7 +304,8 @@ class Model:
                     reset()
         return {k: v.detach() for k, v in module.named_parameters()}
 
-    def to_module(self, params: Mapping[str, torch.Tensor] | None = None, buffers=None) -> nn.Module:
+    def to_module(self, params: Mapping[str, torch.Tensor] | None = None,
+                  buffers: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """A real ``nn.Module`` holding ``params`` (default ``model.params``): the way back to torch."""
         params = self.params if params is None else params
         buffers = self.buffers if buffers is None else buffers
@@ -364,7 +365,8 @@ def value_and_grad(fn: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bo
     return wrapped
 
 
-def vmap(fn: Callable, in_dims: Any = 0, out_dims: Any = 0, randomness: str = "error", chunk_size=None) -> Callable:
+def vmap(fn: Callable, in_dims: Any = 0, out_dims: Any = 0, randomness: str = "error",
+         chunk_size: int | None = None) -> Callable:
     """Vectorising map (``jax.vmap``; ``torch.func.vmap``)."""
     return torch.func.vmap(fn, in_dims=in_dims, out_dims=out_dims, randomness=randomness, chunk_size=chunk_size)
 

@@ -66,10 +66,12 @@ class SummaryTable:
 
     @property
     def non_trainable_params(self) -> int:
+        """Parameters with ``requires_grad=False`` (``total_params - trainable_params``)."""
         return self.total_params - self.trainable_params
 
     @property
     def total_size_mb(self) -> float:
+        """The estimated total: input, forward/backward activations and parameters, in MB (torchkeras' column)."""
         return self.input_size_mb + self.forward_backward_size_mb + self.params_size_mb
 
     def __repr__(self) -> str:

@@ -52,23 +52,37 @@ HOOKS = ("on_fit_start", "on_epoch_start", "on_train_batch_start", "on_train_bat
 
 
 class Callback:
-    """Base class with no-op hooks; see the module docstring for the protocol."""
+    """Base class with no-op hooks; see the module docstring for the protocol.
 
-    def on_fit_start(self, trainer: Any) -> None: ...
+    Subclassing it is optional (any object with some of these methods is a callback); it spells
+    the hook names, which are Keras' (``on_epoch_end(epoch, logs)``) with Lightning's
+    ``on_fit_*`` / ``on_train_batch_*`` / ``on_validation_batch_*`` (Lightning's hooks take
+    ``(trainer, pl_module, ...)``, fnnet's take ``(trainer, ...)``).
+    """
 
-    def on_epoch_start(self, trainer: Any, epoch: int) -> None: ...
+    def on_fit_start(self, trainer: Any) -> None:
+        """Before the first epoch of ``fit`` (after a resume has restored the state)."""
 
-    def on_train_batch_start(self, trainer: Any, step: int) -> None: ...
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        """At the start of epoch ``epoch`` (counted from 0 across ``fit`` calls)."""
 
-    def on_train_batch_end(self, trainer: Any, step: int, metrics: dict) -> None: ...
+    def on_train_batch_start(self, trainer: Any, step: int) -> None:
+        """Before a training step; ``step`` is ``trainer.state.step`` before the update."""
 
-    def on_validation_batch_start(self, trainer: Any, index: int) -> None: ...
+    def on_train_batch_end(self, trainer: Any, step: int, metrics: dict) -> None:
+        """After a training step; ``metrics`` are the step's device tensors (not synced: reading one is a sync)."""
 
-    def on_validation_batch_end(self, trainer: Any, index: int, metrics: dict) -> None: ...
+    def on_validation_batch_start(self, trainer: Any, index: int) -> None:
+        """Before a validation batch; ``index`` is its position in the validation data."""
 
-    def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None: ...
+    def on_validation_batch_end(self, trainer: Any, index: int, metrics: dict) -> None:
+        """After a validation batch, with its eval step's metrics (device tensors)."""
 
-    def on_fit_end(self, trainer: Any) -> None: ...
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
+        """After epoch ``epoch``'s training and validation; ``logs``: its floats (``loss``, ``val_loss``, ``lr``...)."""
+
+    def on_fit_end(self, trainer: Any) -> None:
+        """Always, when ``fit`` ends: after the last epoch, on a non-finite loss, and on KeyboardInterrupt."""
 
 
 class CallbackList:
@@ -93,10 +107,12 @@ class CallbackList:
         self._bound["on_epoch_end"] = [cb.on_epoch_end for cb in ends]
 
     def __call__(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` (one of :data:`HOOKS`) with ``args`` on every callback that has it."""
         for fn in self._bound[hook]:
             fn(*args)
 
     def has(self, hook: str) -> bool:
+        """Whether any callback has ``hook``."""
         return bool(self._bound[hook])
 
 
@@ -339,10 +355,12 @@ class ModelCheckpoint(Callback):
 
     @property
     def best_model_path(self) -> str | None:
+        """The path of the best checkpoint kept so far (Lightning's name); ``None`` before the first."""
         return self.best_k[0][1] if self.best_k else None
 
     @property
     def best_model_score(self) -> float | None:
+        """The monitored value of the best checkpoint kept so far; ``None`` before the first."""
         return self.best_k[0][0] if self.best_k else None
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:

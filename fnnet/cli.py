@@ -1,4 +1,4 @@
-"""The ``fnnet`` command line: ``fnnet info``, ``fnnet train``, ``fnnet bench``.
+"""The ``fnnet`` command line: ``fnnet info``, ``fnnet train``, ``fnnet bench``, ``fnnet --version``.
 
 Argument parsing imports nothing heavy (``fnnet --help`` answers without importing torch);
 each command imports what it runs. Every argument is checked before any work starts, and a
@@ -194,7 +194,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__  # the package's __init__ imports no torch
+
     parser = argparse.ArgumentParser(prog="fnnet", description="fnnet: functional training on PyTorch")
+    parser.add_argument("--version", action="version", version=f"fnnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p_info = sub.add_parser("info", help="torch version, CUDA, devices and their memory, CPU threads")

@@ -61,7 +61,9 @@ class Reduction(Protocol):
     """``reduction(bucket) -> wait``: start combining ``bucket.buffer`` across ranks; ``wait()``
     returns the combined flat tensor (the same size as the buffer)."""
 
-    def __call__(self, bucket: Bucket) -> Callable[[], torch.Tensor]: ...
+    def __call__(self, bucket: Bucket) -> Callable[[], torch.Tensor]:
+        """Start combining ``bucket``; return the function that waits for the combined flat tensor."""
+        ...
 
 
 def all_reduce(bucket: Bucket, group: Any = None) -> Callable[[], torch.Tensor]:

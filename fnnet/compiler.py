@@ -76,6 +76,7 @@ class SkinnyMatmulPass(_PassBase):  # type: ignore[misc,valid-type]
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        """Rewrite ``graph`` in place (inductor's custom pass contract): skinny products become element-wise code."""
         aten = torch.ops.aten
         for node in list(graph.nodes):
             if node.op != "call_function":
@@ -94,6 +95,7 @@ class SkinnyMatmulPass(_PassBase):  # type: ignore[misc,valid-type]
                 graph.erase_node(node)
 
     def uuid(self) -> Any:
+        """The pass's identity for inductor's cache: a hash of this file and the thresholds."""
         # Inductor caches compiled graphs under this id: it changes with this file and the thresholds.
         if _hash_files is None:
             return None

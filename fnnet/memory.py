@@ -103,6 +103,7 @@ class MemoryReport(NamedTuple):
 
     @property
     def total(self) -> int:
+        """Bytes of parameters, gradients, optimizer state and saved activations together."""
         return self.params + self.grads + self.opt_state + self.activations
 
     def __str__(self) -> str:

@@ -142,7 +142,23 @@ def seed_of(k: Key) -> int:
 
 
 def generator(k: Key, device: torch.device | str = "cpu") -> torch.Generator:
-    """A fresh ``torch.Generator`` on ``device`` seeded from ``k``; pass it as ``generator=``."""
+    """A fresh ``torch.Generator`` on ``device``, seeded from ``k``: the bridge from a key to torch's samplers.
+
+    JAX samples from a key directly (``jax.random.normal(key, shape)``); torch samples from a
+    ``torch.Generator``. ``generator(k)`` is that generator for the key, so any torch sampling
+    function that takes ``generator=`` draws under the key:
+    ``torch.randn(3, generator=fnnet.random.generator(k))`` equals ``fnnet.random.normal(k, (3,))``.
+    Each call builds a new generator in the same start state, so the same key gives the same
+    numbers; torch's global RNG is neither read nor changed. For code that draws from the
+    global RNG (dropout layers), use :func:`rng_scope` instead.
+
+    Args:
+        k: the key (a :class:`Key`, from :func:`key`, :func:`split` or :func:`fold_in`).
+        device: where the generator draws (``"cpu"``, ``"cuda:0"``...); a CUDA sampler needs a CUDA generator.
+
+    Returns:
+        A new ``torch.Generator`` on ``device`` whose seed is a function of ``k`` alone.
+    """
     g = torch.Generator(device=torch.device(device))
     g.manual_seed(seed_of(k))
     return g
@@ -173,14 +189,16 @@ def _sample_device(device: torch.device | str | None) -> torch.device:
     return torch.device("cpu") if device is None else torch.device(device)
 
 
-def normal(k: Key, shape: Sequence[int], *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def normal(k: Key, shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
+           device: torch.device | str | None = None) -> torch.Tensor:
     """Standard normal samples of ``shape`` under ``k``."""
     dev = _sample_device(device)
     return torch.randn(tuple(shape), generator=generator(k, dev), dtype=dtype, device=dev)
 
 
 def uniform(
-    k: Key, shape: Sequence[int], *, low: float = 0.0, high: float = 1.0, dtype: torch.dtype = torch.float32, device=None
+    k: Key, shape: Sequence[int], *, low: float = 0.0, high: float = 1.0, dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Uniform samples in ``[low, high)`` of ``shape`` under ``k``."""
     dev = _sample_device(device)
@@ -188,19 +206,20 @@ def uniform(
     return u * (high - low) + low
 
 
-def randint(k: Key, shape: Sequence[int], low: int, high: int, *, device=None) -> torch.Tensor:
+def randint(k: Key, shape: Sequence[int], low: int, high: int, *,
+            device: torch.device | str | None = None) -> torch.Tensor:
     """Integers uniform in ``[low, high)`` (int64) under ``k``."""
     dev = _sample_device(device)
     return torch.randint(low, high, tuple(shape), generator=generator(k, dev), device=dev)
 
 
-def permutation(k: Key, n: int, *, device=None) -> torch.Tensor:
+def permutation(k: Key, n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """A random permutation of ``range(n)`` (int64) under ``k``."""
     dev = _sample_device(device)
     return torch.randperm(n, generator=generator(k, dev), device=dev)
 
 
-def bernoulli(k: Key, p: float, shape: Sequence[int], *, device=None) -> torch.Tensor:
+def bernoulli(k: Key, p: float, shape: Sequence[int], *, device: torch.device | str | None = None) -> torch.Tensor:
     """Booleans that are True with probability ``p`` under ``k``."""
     return uniform(k, shape, device=device) < p
 

@@ -46,6 +46,8 @@ class DynamicScale:
     @classmethod
     def create(cls, device: torch.device | str = "cpu", *, initial_scale: float = 2.0**15, period: int = 2000,
                factor: float = 2.0, min_scale: float = 1.0) -> "DynamicScale":
+        """A fresh loss scale on ``device``: ``initial_scale``, multiplied by ``factor`` after ``period`` finite
+        steps and divided by it on an overflow, never below ``min_scale`` (jmp's ``DynamicLossScale``)."""
         if not (initial_scale > 0 and math.isfinite(initial_scale)):
             raise ValueError(f"initial_scale must be a positive finite number, got {initial_scale}")
         if period < 1 or factor <= 1.0:

@@ -134,6 +134,7 @@ def traced_grad_fn(parts: StepParts, compile_options: Mapping[str, Any] | None) 
 
 
 def check_accumulate(accumulate: Any) -> int:
+    """``accumulate`` as a positive int (micro-batches per update); a ``ValueError`` otherwise (bools too)."""
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ValueError(f"accumulate must be a positive int (micro-batches per update), got {accumulate!r}")
     return accumulate
@@ -211,24 +212,47 @@ class TrainStep:
         self.__name__ = self.__qualname__ = name
 
     def __call__(self, state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
-        """One micro-batch (``accumulate > 1``) or one update: ``(new state, metrics)``.
-        ``end_window=True`` makes ``batch`` the last micro-batch of its window."""
+        """One micro-batch (``accumulate > 1``) or one update.
+
+        Args:
+            state: the :class:`fnnet.TrainState` (not changed unless the step was built with ``donate=True``).
+            batch: what the loss function takes as its ``batch`` (on the state's device).
+            end_window: make ``batch`` the last micro-batch of its accumulation window, however short.
+
+        Returns:
+            ``(new_state, metrics)``: ``metrics["loss"]`` is a device tensor (no sync), with the loss
+                function's aux values; ``"finite"`` when non-finite updates are skipped; ``"updated"`` and
+                ``"batch_loss"`` with ``accumulate > 1``.
+        """
         return self._call(state, batch, end_window=end_window)
 
     def flush(self, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
         """Apply the unfinished accumulation window of ``state`` as one update (weighted by its
-        samples); ``None`` when there is none. Under ``torch.distributed`` every rank calls it."""
+        samples). Under ``torch.distributed`` every rank calls it.
+
+        Returns:
+            ``(state, metrics)`` as a call of the step returns them, or ``None`` when ``state`` holds no
+                unfinished window (nothing to apply).
+        """
         return self._flush(state)
 
     def gather_state(self, state: TrainState) -> TrainState:
         """``state`` whole, as one process would hold it: a sharded strategy gathers the optimizer
-        state from every rank's part (every rank calls it); others return ``state``. What a
-        checkpoint holds, so it loads into any strategy and any number of ranks."""
+        state from every rank's part (every rank calls it); others return ``state``.
+
+        Returns:
+            A :class:`fnnet.TrainState`: what a checkpoint holds, so it loads into any strategy and
+                any number of ranks.
+        """
         return state if self._gather is None else self._gather(state)
 
     def shard_state(self, state: TrainState) -> TrainState:
         """``state`` in the strategy's layout (a sharded strategy cuts a whole optimizer state to this
-        rank's part; others return ``state``). The step does it itself on a whole state."""
+        rank's part; others return ``state``). The step does it itself on a whole state.
+
+        Returns:
+            A :class:`fnnet.TrainState` in this rank's layout.
+        """
         return state if self._shard is None else self._shard(state)
 
     def local_parts(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
@@ -236,7 +260,11 @@ class TrainStep:
         returned state is the range ``[lo, hi)`` of the flattened whole leaf; every other leaf is whole
         (and the same on every rank). What a sharded checkpoint writes per rank
         (:func:`fnnet.checkpoint.sharded.save_sharded`); a strategy that shards parameters plugs its own
-        layout in here. Not collective."""
+        layout in here. Not collective.
+
+        Returns:
+            ``(state, parts)``: the state in this rank's layout and ``{key path: (lo, hi, whole shape)}``.
+        """
         return (state, {}) if self._local is None else self._local(state)
 
     def __repr__(self) -> str:

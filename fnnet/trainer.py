@@ -36,7 +36,7 @@ across devices or ranks per update). ``trainer.state.step``, schedules, per-step
 ``LearningRateSchedule`` callbacks and the progress bar count optimizer updates; epoch losses
 and metrics average over every sample. An epoch whose batches do not fill its last window
 applies that partial window as one update, weighted by its samples (Lightning updates there too, but
-divides each micro-batch's loss by ``k``, so its numbers differ: see README), so no
+divides each micro-batch's loss by ``k``, so its numbers differ: see docs/guides/accumulation.md), so no
 window spans two epochs and a checkpoint at an epoch's end holds no unfinished window.
 
 **Sharded optimizer state.** ``Trainer(..., shard_optimizer=True)`` under ``torchrun`` builds
@@ -80,6 +80,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -116,6 +117,7 @@ class History(dict):
     stop_reason: str = ""
 
     def append(self, logs: Mapping[str, float]) -> None:
+        """Add one row: every key of ``logs`` gets its value, every other column ``nan`` (so all stay one length)."""
         n = len(self.get("epoch", []))
         for key, value in logs.items():
             column = self.setdefault(key, [math.nan] * n)
@@ -295,7 +297,7 @@ class Trainer:
             callbacks: Sequence[Any] = (), log_every: int | None = None, verbose: int = 1,
             on_nonfinite: str = "stop", batch_size: int | None = None, validation_split: float = 0.0,
             shuffle: bool = True, resume: str | os.PathLike | None = None, max_steps: int | None = None,
-            val_check_interval: int | None = None) -> History:
+            val_check_interval: int | None = None, validation_data: Iterable | tuple | None = None) -> History:
         """Train for ``epochs`` epochs (or until ``max_steps`` updates), validating on ``val_data``; returns the history.
 
         Args:
@@ -307,6 +309,8 @@ class Trainer:
                 ``torch.distributed``, this rank's shard).
             val_data: the same for validation (logged as ``val_loss``, ``val_<metric>``), as
                 batches or as ``(X_val, y_val)``.
+            validation_data: Keras' name for ``val_data`` (``model.fit(x, y, validation_data=(x_val, y_val))``);
+                giving both is a ``TypeError``.
             validation_split: with ``(X, y)`` and no ``val_data``, the last fraction of the samples
                 (taken before any shuffling, as Keras does) validates instead of training.
             epochs: how many epochs to run in this call; calling ``fit`` again continues from the
@@ -350,6 +354,10 @@ class Trainer:
         and the history so far is returned (``history.stop_reason == "interrupted"``); a second
         Ctrl-C interrupts at once.
         """
+        if validation_data is not None:  # Keras' keyword for the same argument
+            if val_data is not None:
+                raise TypeError("fit: got both val_data and validation_data (Keras' name for val_data); pass one")
+            val_data = validation_data
         epochs = check_step_options(epochs, max_steps, val_check_interval)
         check_fit_options(epochs, on_nonfinite, log_every)
         train_data, val_data = fit_loaders(train_data, val_data, batch_size=batch_size, validation_split=validation_split,
@@ -417,7 +425,7 @@ class Trainer:
             report_nonfinite(epoch, skipped, self.state.step, on_nonfinite)
             return False
         if checks.interval is None and val_data is not None:
-            logs.update(self.evaluate(val_data, callbacks=cbs, verbose=verbose))
+            logs.update(self.evaluate(val_data, prefix="val_", callbacks=cbs, verbose=verbose))
         logs.update(checks.last_val)
         logs["lr"] = learning_rate(self.state.opt_state)
         logs.update(meter.rates(since))
@@ -440,11 +448,23 @@ class Trainer:
         return True
 
     # -- evaluate / predict ----------------------------------------------------------------------------
-    def evaluate(self, data: Iterable | tuple, *, prefix: str = "val_", callbacks: Any = (), verbose: int = 0,
+    def evaluate(self, data: Iterable | tuple, *, prefix: str = "", callbacks: Any = (), verbose: int = 0,
                  batch_size: int = 256) -> dict[str, float]:
-        """Loss and metrics over ``data`` (exact over all samples): ``{"val_loss": ..., "val_accuracy": ...}``.
+        """Loss and metrics over ``data``, exact over all its samples (counts, not a mean of batch means).
 
-        ``data``: batches, as for ``fit``, or ``(X, y)`` (tensors or arrays) in batches of ``batch_size``.
+        Args:
+            data: batches, as for ``fit``, or ``(X, y)`` (tensors or arrays) in batches of ``batch_size``.
+            prefix: put before every key, to name what was evaluated: ``prefix="test_"`` gives
+                ``{"test_loss", "test_accuracy"}``; ``fit`` validates with ``prefix="val_"``.
+            callbacks: their ``on_validation_batch_*`` hooks run on every batch.
+            verbose: 1 shows a progress bar.
+            batch_size: the batch size for ``(X, y)`` data.
+
+        Returns:
+            ``{"loss": ..., "<metric>": ...}`` (Keras' ``evaluate(..., return_dict=True)`` names), as floats.
+                In fnnet 0.3.0 the keys were ``val_*`` whatever the data; reading such a key (``result[key]``,
+                ``result.get(key)``) from a result without a prefix still works, with a ``FutureWarning``,
+                until the next release.
         """
         arrays = as_arrays(data)
         if arrays is not None:
@@ -455,7 +475,8 @@ class Trainer:
             check_same_batch_count(total, 0, self.distributed, "Trainer.evaluate (ZeRO-3 gathers per batch)")
         with Bar(total, "validation", bool(verbose)) as bar, together("Trainer.evaluate", self.distributed):
             states, _ = self._run(data, train=False, callbacks=cbs, bar=bar, every=max(1, (total or 100) // 10))
-            return self._book.logs(states, prefix)  # sums every rank's: every rank evaluates
+            logs = self._book.logs(states, prefix)  # sums every rank's: every rank evaluates
+        return logs if prefix else _Evaluation(logs)
 
     def predict(self, data: Iterable | torch.Tensor, *, device: Any = "cpu", batch_size: int = 256) -> torch.Tensor:
         """The model's outputs (eval mode, the trainer's precision) for every batch of ``data``, concatenated.
@@ -494,7 +515,7 @@ class Trainer:
         is refused (``ValueError``): a checkpoint is always a state training can resume from.
 
         ``sharded=True`` writes a folder in which every rank writes the part it holds (nothing gathered;
-        ``fnnet.checkpoint.sharded``, README "Sharded checkpoints"); ``async_save=True`` copies to host memory
+        ``fnnet.checkpoint.sharded``, docs/guides/sharded-checkpoints.md); ``async_save=True`` copies to host memory
         and writes in a background thread: the next save, :meth:`load` and the end of ``fit`` wait for it
         and raise its error."""
         from .checkpoint import save
@@ -556,6 +577,25 @@ class Trainer:
 # -- private helpers of the loop ------------------------------------------------------------------------
 
 
+class _Evaluation(dict):
+    """``evaluate()``'s result without a prefix: a dict that still answers the old ``val_*`` keys, with a warning."""
+
+    def __missing__(self, key: str) -> float:
+        if isinstance(key, str) and key.startswith("val_") and key[4:] in self:
+            warnings.warn(f"Trainer.evaluate() names its keys for what it evaluated: {sorted(self)} (Keras' names); "
+                          f"read {key[4:]!r}, or pass prefix='val_' for {key!r}. The old key works until the next "
+                          "release.", FutureWarning, stacklevel=2)
+            return self[key[4:]]
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``self[key]`` (an old ``val_*`` key included, with its warning), or ``default``."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
 def _bar_logs(logs: dict[str, float], meter: Throughput | None) -> dict[str, float]:
     """The progress bar's values: the running loss and metrics, and the throughput so far."""
     rates = meter.rates() if meter is not None else {}
@@ -598,7 +638,7 @@ class _StepChecks:
         self.meter.pause()
         logs.update(self.meter.rates(self.row_start))
         if self.val_data is not None:
-            self.last_val = t.evaluate(self.val_data, callbacks=self.cbs, verbose=0)
+            self.last_val = t.evaluate(self.val_data, prefix="val_", callbacks=self.cbs, verbose=0)
             logs.update(self.last_val)
         logs["lr"] = learning_rate(t.state.opt_state)
         logs["time"] = time.perf_counter() - self.row_time

@@ -488,7 +488,7 @@ CELLS = [
     fnnet.plot_history(history, "accuracy");
     """),
     code("""
-    trainer.evaluate(val_loader)
+    trainer.evaluate(val_loader, prefix="val_")
     """),
     md("""
     **5, use the model.** `predict` returns the logits for every input, on the CPU by default.
@@ -516,7 +516,7 @@ CELLS = [
     trainer_clone = fnnet.Trainer(fnnet.models.CnnModel(), F.cross_entropy, optim.adam(0.01),
                                   metrics={"accuracy": fnnet.metrics.accuracy}, devices="auto")
     trainer_clone.load(checkpoint.best_model_path)
-    reloaded = trainer_clone.evaluate(val_loader)
+    reloaded = trainer_clone.evaluate(val_loader, prefix="val_")
     print(f"reloaded      : val_loss {reloaded['val_loss']:.6f}, val_accuracy {reloaded['val_accuracy']:.4f}")
     """),
     code("""

@@ -16,7 +16,7 @@ from torch.optim import lr_scheduler as L
 
 import fnnet
 from fnnet import optim
-from fnnet.callbacks import (CallbackList, LearningRateSchedule, ModelCheckpoint, ReduceLROnPlateau,
+from fnnet.callbacks import (HOOKS, CallbackList, LearningRateSchedule, ModelCheckpoint, ReduceLROnPlateau,
                              TensorBoardLogger, from_torch_scheduler)
 from fnnet.state import TrainState
 
@@ -330,3 +330,12 @@ def test_reduce_lr_on_plateau_threshold_just_inside_and_outside(mode, threshold_
     assert ours == theirs == [1.0, 0.5]  # inside the threshold: a bad epoch, reduced at once (patience 0)
     ours, theirs = run_both([1.0, outside], **kwargs)
     assert ours == theirs == [1.0, 1.0]  # outside: an improvement
+
+
+def test_a_callback_with_only_lightnings_hook_names_is_refused_naming_fnnets():
+    class LightningStyle:
+        def on_train_epoch_end(self, trainer, pl_module): ...
+
+    with pytest.raises(TypeError, match="on_epoch_end") as e:
+        CallbackList([LightningStyle()])
+    assert all(hook in str(e.value) for hook in HOOKS)

@@ -721,7 +721,7 @@ def test_check_must_be_a_flax_module_and_a_sample(jax, twins):
             interop.from_flax(variables, net, check=bad)
 
 
-# -- the optax table (README, "Coming from JAX"): one test per row ------------------------------------------------
+# -- the optax table (docs/guides/coming-from-jax.md): one test per row ------------------------------------------------
 
 # (id, fnnet.optim expression, optax expression, optax expression that must differ, or None).
 # Symbols mean the same on both sides; `sched` is exponential_decay(lr, k, rate) on each side.
@@ -832,7 +832,7 @@ def test_optax_table_row(jax, optax, row):
 
 
 def _readme_table() -> list[tuple[str, str]] | None:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "guides" / "coming-from-jax.md").read_text()
     start = text.find("| `fnnet.optim` | `optax` |")
     if start < 0:
         return None
@@ -848,5 +848,5 @@ def _readme_table() -> list[tuple[str, str]] | None:
 def test_readme_optax_table_is_the_tested_table():
     rows = _readme_table()
     if rows is None:
-        pytest.skip("README.md has no optax table yet (the 'Coming from JAX' section)")
+        pytest.fail("docs/guides/coming-from-jax.md has no optax table")
     assert rows == [(ours, theirs) for _, ours, theirs, _ in OPTAX_TABLE]

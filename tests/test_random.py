@@ -167,3 +167,16 @@ def test_key_tensor_roundtrip_and_errors():
 def test_tracing_key_refuses_use():
     with pytest.raises(ValueError, match="compiled"):
         fr.split(fr.TRACING_KEY)
+
+
+def test_generator_is_the_keys_torch_generator_as_documented():
+    k = fr.key(3)
+    before = torch.random.get_rng_state()
+    g = fr.generator(k)
+    assert isinstance(g, torch.Generator) and g.device.type == "cpu"
+    # the docstring's promise: torch's sampler with the key's generator is fnnet's sampler under the key
+    assert torch.equal(torch.randn(3, generator=fr.generator(k)), fr.normal(k, (3,)))
+    assert torch.equal(torch.rand(5, generator=g), torch.rand(5, generator=fr.generator(k)))  # fresh each call
+    assert not torch.equal(torch.rand(5, generator=fr.generator(fr.fold_in(k, 1))),
+                           torch.rand(5, generator=fr.generator(k)))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG neither read nor changed

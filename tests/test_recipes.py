@@ -68,7 +68,7 @@ def test_digits_chooses_on_a_validation_split_of_the_training_data_and_tests_onc
     best = min(range(2), key=lambda i: history["val_loss"][i])
     assert int(re.match(r"epoch=(\d+)-", os.path.basename(result["best_model_path"])).group(1)) == best + 1
     again = trainer.evaluate(val_part)
-    assert again["val_loss"] == pytest.approx(history["val_loss"][best], rel=1e-5)
+    assert again["loss"] == pytest.approx(history["val_loss"][best], rel=1e-5)
     assert trainer.evaluate(test, prefix="test_") == pytest.approx(result["final"], rel=1e-6)
 
 

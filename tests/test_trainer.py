@@ -50,14 +50,21 @@ def test_fit_evaluate_predict_and_history():
     assert history["lr"] == [pytest.approx(0.05)] * 4
     assert history["val_accuracy"][-1] > 0.9
     assert history["loss"][-1] < history["loss"][0]
-    ev = trainer.evaluate(val)
-    assert set(ev) == {"val_loss", "val_accuracy"}
-    assert ev["val_loss"] == pytest.approx(history["val_loss"][-1], rel=1e-6)
+    ev = trainer.evaluate(val)  # named for what it evaluated (Keras' evaluate names); fit's validation: val_*
+    assert set(ev) == {"loss", "accuracy"}
+    assert ev["loss"] == pytest.approx(history["val_loss"][-1], rel=1e-6)
+    assert trainer.evaluate(val, prefix="test_") == {"test_loss": ev["loss"], "test_accuracy": ev["accuracy"]}
+    with pytest.warns(FutureWarning, match="prefix='val_'"):  # fnnet 0.3.0's keys still read, for one release
+        assert ev["val_loss"] == ev["loss"] and ev["val_accuracy"] == ev["accuracy"]
+    with pytest.warns(FutureWarning, match="prefix='val_'"):
+        assert ev.get("val_loss") == ev["loss"] and ev.get("val_f1", -1.0) == -1.0
+    with pytest.raises(KeyError):
+        ev["val_f1"]
     # exact accuracy over all samples, not a mean of batch means
     preds = trainer.predict(val)
     x_val, y_val = blobs(128, 1)
     assert preds.shape == (128, 3) and preds.device.type == "cpu"
-    assert ev["val_accuracy"] == pytest.approx((preds.argmax(1) == y_val).float().mean().item())
+    assert ev["accuracy"] == pytest.approx((preds.argmax(1) == y_val).float().mean().item())
     assert torch.equal(trainer.predict(x_val, batch_size=50), preds)
     # fit again continues
     trainer.fit(train, val, epochs=1, verbose=0)
@@ -128,7 +135,7 @@ def test_model_checkpoint_keeps_top_k_and_best_reloads(tmp_path):
     assert sorted(s for s, _ in ckpt.best_k) == pytest.approx(kept_scores)
     fresh = make_trainer()
     fresh.load(ckpt.best_model_path)
-    assert fresh.evaluate(val)["val_loss"] == pytest.approx(best, rel=1e-6)
+    assert fresh.evaluate(val)["loss"] == pytest.approx(best, rel=1e-6)
 
 
 def test_model_checkpoint_mode_max_and_nan_never_best(tmp_path):
@@ -789,14 +796,20 @@ def test_fit_evaluate_predict_take_arrays_like_keras():
     assert history["epoch"] == [1, 2] and "val_loss" in history
     # the validation part is the last 10 % of the samples, as in Keras
     tail = trainer.evaluate((X_np[-20:], y_np[-20:]))
-    assert tail["val_loss"] == pytest.approx(history["val_loss"][-1], rel=1e-6)
-    assert tail["val_accuracy"] == history["val_accuracy"][-1]
+    assert tail["loss"] == pytest.approx(history["val_loss"][-1], rel=1e-6)
+    assert tail["accuracy"] == history["val_accuracy"][-1]
     # 180 training samples in batches of 32: 6 steps per epoch
     assert trainer.state.step == 12
     torch.testing.assert_close(trainer.predict(X_np[:5]), trainer.predict(torch.as_tensor(X_np[:5])))
     # explicit validation arrays, and the same run twice (the shuffling key comes from the trainer's key)
     runs = [make_trainer().fit((x, y), (x[:50], y[:50]), epochs=2, batch_size=16, verbose=0) for _ in range(2)]
     assert runs[0]["loss"] == runs[1]["loss"] and runs[0]["val_loss"] == runs[1]["val_loss"]
+    # Keras' keyword for the same argument gives the same run; both at once is a TypeError naming them
+    keras = make_trainer().fit((x, y), validation_data=(x[:50], y[:50]), epochs=2, batch_size=16, verbose=0)
+    assert isinstance(keras, dict)  # History is a dict of per-epoch lists
+    assert (keras["loss"], keras["val_loss"]) == (runs[0]["loss"], runs[0]["val_loss"])
+    with pytest.raises(TypeError, match="both val_data and validation_data"):
+        make_trainer().fit((x, y), (x, y), validation_data=(x, y), verbose=0)
     with pytest.raises(ValueError, match="either val_data or validation_split"):
         make_trainer().fit((x, y), (x, y), validation_split=0.2, verbose=0)
     with pytest.raises(ValueError, match="a loader brings its own batches"):

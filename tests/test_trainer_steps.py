@@ -34,7 +34,7 @@ def test_max_steps_and_val_check_interval_rows():
     assert trainer.state.step == 17 and history["epoch"] == [1, 2, 3, 3]  # 7 batches an epoch
     # each row's loss is the mean over the samples of the updates since the previous row; val_loss an evaluation
     assert len(history["val_loss"]) == 4 and history["val_loss"][-1] == pytest.approx(
-        trainer.evaluate((xv, yv))["val_loss"])
+        trainer.evaluate((xv, yv))["loss"])
     assert all(v > 0 for v in history["samples_per_sec"]) and "tokens_per_sec" not in history
 
 

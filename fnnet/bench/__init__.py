@@ -257,14 +257,14 @@ def legend(workloads: Sequence[str] = WORKLOADS) -> str:
     lines = ["time/chapter: time over the chapter's way on the same device (<1 is faster); "
              "vs cpu: throughput over the chapter's way on the CPU."]
     if "cnn" in workloads:
-        lines.append(f"cnn: the chapter's way is {W.BASELINE['cnn']} (its loop with num_workers=0, the README's "
+        lines.append(f"cnn: the chapter's way is {W.BASELINE['cnn']} (its loop with num_workers=0, the docs' performance page's "
                      f"headline); {W.SECOND_BASELINE['cnn']} (num_workers=4, the chapter's DataLoader set-up) is a "
                      f"second baseline, its time/chapter also against {W.BASELINE['cnn']}.")
     return "\n".join(lines)
 
 
 def format_markdown(results: Sequence[Result]) -> str:
-    """The results as a markdown table (for the GPU check's summary and the README)."""
+    """The results as a markdown table (for the GPU check's summary and docs/performance.md)."""
     out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for row in _rows(results):
         out.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")

@@ -64,7 +64,7 @@ MATMUL_VARIANTS = ("fp32", "tf32", "bf16")
 LINREG_VARIANTS = ("chapter", "fnnet-eager", "fnnet-eager-donate", "fnnet-jit-donate", "fnnet-jit-cudagraphs")
 CNN_VARIANTS = ("chapter-workers0", "chapter-workers4", "fnnet-trainer", "fnnet-trainer-jit",
                 "fnnet-trainer-contiguous", "fnnet-trainer-channels-last", "fnnet-trainer-bf16")
-# The CNN's baseline is the chapter's loop with num_workers=0, the README's headline (the stricter
+# The CNN's baseline is the chapter's loop with num_workers=0, docs/performance.md's headline (the stricter
 # one: faster than 4 workers on small machines). The chapter's own num_workers=4 set-up is kept as
 # a second baseline, labelled so in the report; its ratio is against the first.
 BASELINE = {"matmul": "fp32", "linreg": "chapter", "cnn": "chapter-workers0"}

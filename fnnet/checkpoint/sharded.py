@@ -206,6 +206,7 @@ class SaveHandle:
         self.path, self._thread, self.error = path, thread, None  # type: ignore[var-annotated]
 
     def done(self) -> bool:
+        """Whether the background write has finished (or there was none)."""
         return self._thread is None or not self._thread.is_alive()
 
     def wait(self) -> str:
