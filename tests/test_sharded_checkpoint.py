@@ -22,19 +22,25 @@ WORKER = Path(__file__).with_name("_ckpt_worker.py")
 TIMEOUT = 240
 
 
-def launch(action: str, strategy: str, out: Path, nproc: int) -> subprocess.CompletedProcess:
+def run_ranks(script: Path, args: list, nproc: int, *, torchrun: tuple = (), env: dict | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """``script args`` on ``nproc`` gloo ranks (torch.distributed.run, ``torchrun`` its extra options)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {}),
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(port), str(WORKER), action, strategy, str(out)]
+           "127.0.0.1", "--master-port", str(port), *torchrun, str(script), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def launch(action: str, strategy: str, out: Path, nproc: int) -> subprocess.CompletedProcess:
+    return run_ranks(WORKER, [action, strategy, out], nproc)
 
 
 def one_loader():
@@ -249,25 +255,50 @@ def test_a_sharded_callback_deletes_only_its_own_folders_and_a_crafted_book_name
     assert sorted(fresh.checkpoint_files()) == sorted(str(folder / e) for e in own + ["last.ckpt"])
 
 
-ZERO3 = """
-import os, torch, fnnet
-from fnnet import distributed
-distributed.init()
-step = fnnet.make_train_step(lambda p, b: (p["w"] * b).sum(), fnnet.optim.adam(0.1), strategy="zero3")
-state = fnnet.TrainState.create({"w": torch.ones(4, dtype=torch.float64)}, fnnet.optim.adam(0.1))
-try:
-    step.local_parts(state)
-except ValueError as e:
-    print("REFUSED:", e)
-distributed.shutdown()
-"""
+LOOP = Path(__file__).with_name("_ckpt_loop_worker.py")
+
+
+@pytest.fixture(scope="module")
+def loop_reference():
+    """The uninterrupted own-loop run (W = 1, 6 steps of 12 samples): the state after every step."""
+    from _ckpt_loop_worker import phase
+
+    return phase("single", 0, 6, None, None)[1]
+
+
+def continue_here(src: Path, start: int):
+    """W = 1: load ``src`` (fnnet.load of the folder, this process's layout) and take the remaining steps."""
+    from _ckpt_loop_worker import phase
+
+    return phase("single", start, 6, str(src), None)[1]
+
+
+def param_pieces(folder: Path) -> int:
+    """How many files hold pieces of the parameters (a ZeRO-3 folder: every rank's, not one whole copy)."""
+    import json
+
+    leaves = json.loads((folder / sharded.MANIFEST).read_text())["leaves"]
+    return len({r for n, v in leaves.items() if n.startswith("params.") for r, lo, hi in v["pieces"] if hi > lo})
+
+
+def test_zero3_parts_save_and_load_from_your_own_loop_at_other_world_sizes(tmp_path, loop_reference):
+    # W=1 (steps 0-1) -> ZeRO-3 on 2 ranks (2-3), saving its parameter and optimizer parts -> ZeRO-2 on the same
+    # launch (4-5) and, apart, W=1 (4-5): both equal the uninterrupted run (float64, 1e-10)
+    from _ckpt_loop_worker import phase
+
+    phase("single", 0, 2, None, str(tmp_path / "s"))
+    run_ranks(LOOP, [f"zero3:2:4:{tmp_path / 's'}:{tmp_path / 'z3'}", f"zero2:4:6:{tmp_path / 'z3'}:{tmp_path / 'z2'}"], 2)
+    assert param_pieces(tmp_path / "z3") == 2 and param_pieces(tmp_path / "z2") == 2  # replicated: cut in W ranges
+    for final in (fnnet.load(tmp_path / "z2"), continue_here(tmp_path / "z3", 4)):
+        assert final.step == loop_reference.step == 6 and close(final, loop_reference)
 
 
 @pytest.mark.extended
-def test_zero3_refuses_sharded_parts_naming_what_works(tmp_path):
-    # ZeRO(3) has no local_parts yet (the Trainer refuses ZeRO(3) itself): the step raises, not a wrong layout
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577", "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", ZERO3], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
-    assert proc.returncode == 0 and "REFUSED:" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "not supported under ZeRO(stage=3)" in proc.stdout and "step.gather_state(state)" in proc.stdout
+def test_zero3_on_four_ranks_continues_under_zero2_hsdp_and_one_process(tmp_path, loop_reference):
+    # issue 31's test: ZeRO-3 at W=4 -> ZeRO-2 at W=2 and W=1; and ZeRO-3 (W=4) -> HSDP 2x2 -> ZeRO-3 (W=2)
+    z3, hsdp, z2, back = (str(tmp_path / n) for n in ("z3", "hsdp", "z2", "back"))
+    run_ranks(LOOP, [f"zero3:0:2:-:{z3}", f"hsdp:2:4:{z3}:{hsdp}"], 4)
+    run_ranks(LOOP, [f"zero2:2:6:{z3}:{z2}", f"zero3:4:6:{hsdp}:{back}"], 2)
+    assert param_pieces(tmp_path / "z3") == 4
+    for final in (fnnet.load(z2), fnnet.load(back), continue_here(tmp_path / "z3", 2)):
+        assert final.step == 6 and close(final, loop_reference)
