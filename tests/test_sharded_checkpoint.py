@@ -4,6 +4,7 @@ matrix across strategies and world sizes against the uninterrupted run, kill poi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -193,8 +194,8 @@ trainer("single").fit(loader, epochs=2, verbose=0, callbacks=[Arm(), fnnet.callb
 """
 
 
-@pytest.mark.parametrize("point", [pytest.param("data", marks=pytest.mark.extended), "marker",
-                                   pytest.param("rename", marks=pytest.mark.extended)])
+@pytest.mark.extended  # the default suite kills a rank of a 2-rank run (test_a_rank_killed_between_the_parts_...)
+@pytest.mark.parametrize("point", ["data", "marker", "rename"])
 def test_a_save_killed_between_its_steps_is_never_picked_and_is_cleaned_up(tmp_path, uninterrupted, point):
     from fnnet._resume import find_latest
 
@@ -281,15 +282,66 @@ def param_pieces(folder: Path) -> int:
     return len({r for n, v in leaves.items() if n.startswith("params.") for r, lo, hi in v["pieces"] if hi > lo})
 
 
-def test_zero3_parts_save_and_load_from_your_own_loop_at_other_world_sizes(tmp_path, loop_reference):
-    # W=1 (steps 0-1) -> ZeRO-3 on 2 ranks (2-3), saving its parameter and optimizer parts -> ZeRO-2 on the same
-    # launch (4-5) and, apart, W=1 (4-5): both equal the uninterrupted run (float64, 1e-10)
+def kill_launch(out: Path, points: str, then: list[str] = ()) -> None:
+    """One launch of 2 ranks (ZeRO-2, async sharded saves every step) under torchrun --max-restarts: attempt k
+    is SIGKILLed at the k-th of ``points`` (see _ckpt_worker.arm), the next resumes; ``then``: own-loop phases
+    the last attempt runs after its fit (sharing the launch)."""
+    n = len(points.split(","))
+    run_ranks(WORKER, ["kill", "zero2", out], 2, torchrun=("--max-restarts", str(n)),
+              env={"KILL_POINTS": points, "THEN_PHASES": " ".join(then)})
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The default suite's one launch of 2 ranks for this file's new tests: a rank killed between the parts and
+    the manifest, the restart resuming; then, in the same launch, W=1's checkpoint (steps 0-1, written here)
+    continued by ZeRO-3 (2-3, saving its parameter and optimizer parts) and that one by ZeRO-2 (4-5)."""
     from _ckpt_loop_worker import phase
 
-    phase("single", 0, 2, None, str(tmp_path / "s"))
-    run_ranks(LOOP, [f"zero3:2:4:{tmp_path / 's'}:{tmp_path / 'z3'}", f"zero2:4:6:{tmp_path / 'z3'}:{tmp_path / 'z2'}"], 2)
-    assert param_pieces(tmp_path / "z3") == 2 and param_pieces(tmp_path / "z2") == 2  # replicated: cut in W ranges
-    for final in (fnnet.load(tmp_path / "z2"), continue_here(tmp_path / "z3", 4)):
+    out = tmp_path_factory.mktemp("two-ranks")
+    phase("single", 0, 2, None, str(out / "s"))
+    kill_launch(out, "manifest", [f"zero3:2:4:{out / 's'}:{out / 'z3'}", f"zero2:4:6:{out / 'z3'}:{out / 'z2'}"])
+    return out
+
+
+def check_kills(out: Path, points: list[str], uninterrupted) -> None:
+    """After each kill: one torn ``.partial`` folder (no manifest; with the parts written before the kill), the
+    previous checkpoint picked by resume="auto"; at the end no leftovers and the uninterrupted run's state."""
+    import json
+
+    for k, point in enumerate(points, 1):
+        seen = json.loads((out / f"attempt-{k}.json").read_text())
+        (torn, files), = seen["hidden"].items()  # the torn folder of this kill; earlier ones were cleaned up
+        assert torn.endswith(".partial") and sharded.MANIFEST not in files, seen
+        written = {"part": ["part-00000-of-00002.safetensors"], "confirm": ["part-00000-of-00002.safetensors",
+                   "part-00001-of-00002.safetensors"], "manifest": ["part-00000-of-00002.safetensors",
+                                                                  "part-00001-of-00002.safetensors"]}[point]
+        assert files == written or (point == "part" and "part-00001-of-00002.safetensors" not in files), (point, seen)
+        assert seen["picked"] != torn and seen["step"] == 2 * k, seen  # the save before the killed one
+        assert re.search("manifest .* is missing", seen["refused"][torn]), seen  # fnnet.load refused it
+    assert not [e for e in json.loads((out / "after.json").read_text()) if e.startswith(".")]
+    final = fnnet.load(out / "final-zero2-2.safetensors")
+    assert final.step == uninterrupted.step and close(final, uninterrupted)
+
+
+def test_a_rank_killed_between_the_parts_and_the_manifest_leaves_the_previous_checkpoint(two_ranks, uninterrupted):
+    check_kills(two_ranks, ["manifest"], uninterrupted)
+
+
+@pytest.mark.extended
+def test_a_rank_killed_at_every_point_of_an_async_save(tmp_path, uninterrupted):
+    # one launch, three kills: rank 1 while writing its part, rank 1 after its part (before the confirmation),
+    # rank 0 between the confirmed parts and the manifest; each restart resumes from the save before
+    points = ["part", "confirm", "manifest"]
+    kill_launch(tmp_path, ",".join(points))
+    check_kills(tmp_path, points, uninterrupted)
+
+
+def test_zero3_parts_save_and_load_from_your_own_loop_at_other_world_sizes(two_ranks, loop_reference):
+    # W=1 (steps 0-1) -> ZeRO-3 on 2 ranks (2-3), which writes its parameter and optimizer parts -> ZeRO-2 on 2
+    # ranks (4-5) and, apart, W=1 (4-5): both equal the uninterrupted run (float64, 1e-10)
+    assert param_pieces(two_ranks / "z3") == 2 and param_pieces(two_ranks / "z2") == 2
+    for final in (fnnet.load(two_ranks / "z2"), continue_here(two_ranks / "z3", 4)):
         assert final.step == loop_reference.step == 6 and close(final, loop_reference)
 
 
