@@ -22,7 +22,7 @@ from . import distributed as _dist
 from .checkpoint.sharded import SaveHandle, load_sharded, save_sharded
 from .state import all_finite, nonfinite_paths
 
-__all__ = ["save_trainer", "wait_pending", "load_sharded_trainer"]
+__all__ = ["save_trainer", "wait_pending", "load_sharded_trainer", "check_finite"]
 
 
 def wait_pending(trainer: Any) -> None:
@@ -44,12 +44,31 @@ def save_trainer(trainer: Any, path: Any, *, sharded: bool, async_save: bool) ->
     """:meth:`Trainer.save` with ``sharded`` or ``async_save`` (every rank calls it)."""
     wait_pending(trainer)
     if sharded:
-        tree, parts = local_checkpoint(trainer)  # non-finite pieces: refused by save_sharded, before the manifest
+        tree, parts = local_checkpoint(trainer)
+        check_finite(tree["state"], path)
         handle = save_sharded(path, tree, parts=parts, async_save=async_save)
     else:
         handle = _save_whole_async(trainer, path)
     trainer._pending_save = handle if async_save else None
     return handle
+
+
+def check_finite(state: Any, path: Any) -> None:
+    """Refuse (``ValueError`` on every rank, nothing written) a state that holds non-finite values on any rank:
+    each rank checks its own parts and one all-reduce of a flag decides (nothing gathered); only when a rank
+    found some are the key paths gathered, to name them with their ranks."""
+    import torch.distributed as dist
+
+    bad = (~all_finite(state)).to(torch.int32).reshape(1).to(_dist.device())
+    if not int(_dist.all_reduce_max(bad)[0]):
+        return
+    everyone = [nonfinite_paths(state)]
+    if _dist.is_initialized() and _dist.world_size() > 1:
+        everyone = [None] * _dist.world_size()
+        dist.all_gather_object(everyone, nonfinite_paths(state))
+    where = "; ".join(f"rank {r}: {paths}" for r, paths in enumerate(everyone) if paths)
+    raise ValueError(f"Trainer.save(sharded=True): the state holds non-finite values at {where}; not written to "
+                     f"'{os.fspath(path)}' (a checkpoint is always a state training can resume from)")
 
 
 def _save_whole_async(trainer: Any, path: Any) -> SaveHandle:

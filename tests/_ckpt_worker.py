@@ -86,6 +86,21 @@ def found(folder: Path, ckpt) -> dict:
             "picked": os.path.basename(picked), "step": int(sharded.load_sharded(picked)["state"].step)}
 
 
+def nonfinite_refused(t, out: Path) -> None:
+    """A nan in one element of rank 1's part of the optimizer state: trainer.save(sharded=True) is refused on
+    every rank, naming it (each rank checks its own parts); the message goes to OUT_DIR/nonfinite-RANK.txt."""
+    state, parts = t.train_step.local_parts(t.state)
+    leaves, spec = fnnet.tree.flatten_with_path(state)
+    victim = min(p for p, r in parts.items() if r[1] > r[0]) if distributed.rank() == 1 else None
+    t.state = fnnet.tree.unflatten(spec, [x.clone().fill_(float("nan")) if p == victim else x for p, x in leaves])
+    try:
+        t.save(out / "nan", sharded=True)
+        text = "saved"
+    except ValueError as exc:
+        text = f"{exc}\nwritten: {sorted(e for e in os.listdir(out) if 'nan' in e)}"
+    (out / f"nonfinite-{distributed.rank()}.txt").write_text(text)
+
+
 def kill(strategy: str, out: Path, ckpt) -> None:
     points = os.environ["KILL_POINTS"].split(",")
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -99,6 +114,8 @@ def kill(strategy: str, out: Path, ckpt) -> None:
     if distributed.is_main():
         fnnet.save(out / f"final-{strategy}-{distributed.world_size()}.safetensors", whole)
         (out / "after.json").write_text(json.dumps(sorted(os.listdir(out / "ckpt"))))
+    if os.environ.get("NONFINITE"):
+        nonfinite_refused(t, out)
     from _ckpt_loop_worker import phase
 
     for spec in os.environ.get("THEN_PHASES", "").split():  # own-loop phases sharing this launch

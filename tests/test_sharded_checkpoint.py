@@ -282,25 +282,26 @@ def param_pieces(folder: Path) -> int:
     return len({r for n, v in leaves.items() if n.startswith("params.") for r, lo, hi in v["pieces"] if hi > lo})
 
 
-def kill_launch(out: Path, points: str, then: list[str] = ()) -> None:
+def kill_launch(out: Path, points: str, then: list[str] = (), nonfinite: bool = False) -> None:
     """One launch of 2 ranks (ZeRO-2, async sharded saves every step) under torchrun --max-restarts: attempt k
     is SIGKILLed at the k-th of ``points`` (see _ckpt_worker.arm), the next resumes; ``then``: own-loop phases
     the last attempt runs after its fit (sharing the launch)."""
     n = len(points.split(","))
     run_ranks(WORKER, ["kill", "zero2", out], 2, torchrun=("--max-restarts", str(n)),
-              env={"KILL_POINTS": points, "THEN_PHASES": " ".join(then)})
+              env={"KILL_POINTS": points, "THEN_PHASES": " ".join(then), "NONFINITE": "1" if nonfinite else ""})
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """The default suite's one launch of 2 ranks for this file's new tests: a rank killed between the parts and
-    the manifest, the restart resuming; then, in the same launch, W=1's checkpoint (steps 0-1, written here)
+    the manifest, the restart resuming; a nan in rank 1's part refused; then, in the same launch, W=1's checkpoint (steps 0-1, written here)
     continued by ZeRO-3 (2-3, saving its parameter and optimizer parts) and that one by ZeRO-2 (4-5)."""
     from _ckpt_loop_worker import phase
 
     out = tmp_path_factory.mktemp("two-ranks")
     phase("single", 0, 2, None, str(out / "s"))
-    kill_launch(out, "manifest", [f"zero3:2:4:{out / 's'}:{out / 'z3'}", f"zero2:4:6:{out / 'z3'}:{out / 'z2'}"])
+    kill_launch(out, "manifest", [f"zero3:2:4:{out / 's'}:{out / 'z3'}", f"zero2:4:6:{out / 'z3'}:{out / 'z2'}"],
+                nonfinite=True)
     return out
 
 
@@ -326,6 +327,19 @@ def check_kills(out: Path, points: list[str], uninterrupted) -> None:
 
 def test_a_rank_killed_between_the_parts_and_the_manifest_leaves_the_previous_checkpoint(two_ranks, uninterrupted):
     check_kills(two_ranks, ["manifest"], uninterrupted)
+
+
+def test_a_non_finite_part_on_one_rank_is_refused_on_every_rank_naming_it(two_ranks, tmp_path):
+    # the nan is in rank 1's part of the ZeRO-2 optimizer state only: one flag all-reduced, both ranks refuse
+    texts = [(two_ranks / f"nonfinite-{r}.txt").read_text() for r in (0, 1)]
+    for text in texts:
+        assert re.search(r"non-finite values at rank 1: \['opt_state\.[^']+'\]; not written to '.*nan'", text), text
+        assert "rank 0:" not in text and text.endswith("written: []")  # no folder, no .partial
+    t = trainer("single")  # one process: the same check, the same words
+    t.state = t.state.replace(params={**t.state.params, "0.bias": t.state.params["0.bias"] * float("inf")})
+    with pytest.raises(ValueError, match=r"non-finite values at rank 0: \['params.0.bias'\]; not written"):
+        t.save(tmp_path / "inf", sharded=True)
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.extended
