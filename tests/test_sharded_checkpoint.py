@@ -166,6 +166,20 @@ def test_load_sharded_is_pure_and_reads_a_range_and_consolidates(tmp_path):
     assert fnnet.tree.all_equal(fnnet.load(out), tree)
 
 
+def test_fnnet_save_and_load_name_the_sharded_folder_and_refuse_its_options_for_a_file(tmp_path):
+    tree = {"w": torch.arange(6.0).reshape(2, 3), "n": 3}
+    handle = fnnet.save(tmp_path / "c", tree, sharded=True)  # a folder: one process writes every part
+    assert handle.wait() == str(tmp_path / "c") and sharded.is_complete(tmp_path / "c")
+    assert fnnet.tree.all_equal(fnnet.load(tmp_path / "c"), tree)
+    got = fnnet.load(tmp_path / "c", like={"w": torch.zeros(4), "n": 0}, parts={"w": (1, 5, (2, 3))})
+    assert torch.equal(got["w"], torch.arange(1.0, 5.0)) and got["n"] == 3
+    with pytest.raises(ValueError, match=r"\['parts', 'async_save'\] apply to a sharded checkpoint only"):
+        fnnet.save(tmp_path / "f.safetensors", tree, parts={"w": (0, 6, (2, 3))}, async_save=True)
+    fnnet.save(tmp_path / "f.safetensors", tree)
+    with pytest.raises(ValueError, match=r"parts= reads ranges of a sharded checkpoint folder; this is a file"):
+        fnnet.load(tmp_path / "f.safetensors", parts={"w": (0, 6, (2, 3))})
+
+
 KILL = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[3])
