@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import fnnet, fnnet._saving
 from fnnet.checkpoint import sharded
@@ -354,6 +355,22 @@ def test_a_non_finite_part_on_one_rank_is_refused_on_every_rank_naming_it(two_ra
     with pytest.raises(ValueError, match=r"non-finite values at rank 0: \['params.0.bias'\]; not written"):
         t.save(tmp_path / "inf", sharded=True)
     assert not os.listdir(tmp_path)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+                          st.integers(0, 40), st.sampled_from([None, "nan", "inf", "-inf", "huge"])), max_size=4))
+def test_the_fast_finiteness_check_agrees_with_all_finite(leaves):
+    # a finite sum per leaf proves it finite; a sum that overflowed ("huge": finite values) falls back to the exact check
+    tree = {}
+    for i, (dtype, n, bad) in enumerate(leaves):
+        x = torch.randn(n).to(dtype)
+        if n and bad:
+            x[n // 2] = torch.finfo(dtype).max if bad == "huge" else float(bad)
+            x[-1] = torch.finfo(dtype).max if bad == "huge" else x[-1]
+        tree[f"x{i}"] = x
+    tree["count"] = torch.tensor(3)
+    assert fnnet._saving._finite(tree) == bool(fnnet.all_finite(tree))
 
 
 @pytest.mark.extended

@@ -138,15 +138,19 @@ def load(path: PathLike, like: Any = None, device: DeviceLike | None = None, *,
     ``torch.distributed.checkpoint.load``, which reshards too).
 
     Raises:
-        FileNotFoundError, IsADirectoryError, PermissionError: no readable file at ``path``.
+        FileNotFoundError, IsADirectoryError, PermissionError: no readable file at ``path`` (a
+            folder holding neither a manifest nor part files is no checkpoint).
         ValueError: a truncated or corrupted file (naming it), a mismatch with ``like``, or a
             class that is not registered (naming its tag), which needs ``like``; for a folder: no
             manifest (a save that did not finish), a missing, stray or foreign part (naming it);
             ``parts`` for a file.
     """
     if os.path.isdir(os.fspath(path)):
-        from .sharded import load_sharded
+        from .sharded import MANIFEST, load_sharded
 
+        if not any(e == MANIFEST or e.startswith("part-") for e in os.listdir(path)):
+            raise IsADirectoryError(f"fnnet.load: '{os.fspath(path)}' is a folder that is no checkpoint: neither a "
+                                    f"file nor a sharded checkpoint folder (no manifest '{MANIFEST}', no part files)")
         out = load_sharded(path, like, parts=parts, device=device)
         return place(out, resolve_device(device)) if like is None and device is not None else out
     if parts is not None:
