@@ -158,6 +158,10 @@ def main() -> None:
             "step_seconds": spread(step_s),
             "save": {m: {k: spread(v) for k, v in t.items()} for m, t in times.items()},
             "stall_vs_whole_sync": {m: statistics.median(times[m]["stall"]) / base for m in modes},
+            # each save's stall over the whole-file sync save of the same round (paired), median and min-max
+            "stall_ratio_per_round": {m: spread([a / b for a, b in zip(times[m]["stall"], times["whole-sync"]["stall"])])
+                                      for m in modes},
+            "raw": {"save": times, "resume": res, "step": step_s},
             "rank0_extra_bytes": extra, "load_average": os.getloadavg(),
             "resume_seconds": {k: spread(v) for k, v in res.items()},
         }
