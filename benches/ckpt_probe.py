@@ -152,6 +152,7 @@ def main() -> None:
         res["fnnet-sharded-whole-tree"].append(t)
     if rank == 0:
         base = statistics.median(times["whole-sync"]["stall"])
+        base_stalls = times["whole-sync"]["stall"]
         result = {
             "world": world, "params": sum(p.numel() for p in net.parameters()), "param_bytes": params,
             "whole_state_bytes": whole_bytes, "machine": "2-core shared CPU, torch " + torch.__version__,
@@ -159,8 +160,7 @@ def main() -> None:
             "save": {m: {k: spread(v) for k, v in t.items()} for m, t in times.items()},
             "stall_vs_whole_sync": {m: statistics.median(times[m]["stall"]) / base for m in modes},
             # each save's stall over the whole-file sync save of the same round (paired), median and min-max
-            "stall_ratio_per_round": {m: spread([a / b for a, b in zip(times[m]["stall"], times["whole-sync"]["stall"])])
-                                      for m in modes},
+            "stall_ratio_per_round": {m: spread([a / b for a, b in zip(times[m]["stall"], base_stalls)]) for m in modes},
             "raw": {"save": times, "resume": res, "step": step_s},
             "rank0_extra_bytes": extra, "load_average": os.getloadavg(),
             "resume_seconds": {k: spread(v) for k, v in res.items()},

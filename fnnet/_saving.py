@@ -4,7 +4,8 @@ checkpoint, the save in flight, and the load of a sharded folder into the Traine
 A sharded Trainer checkpoint is :func:`fnnet.checkpoint.sharded.save_sharded` of
 ``{"state": this rank's state, "epoch", "position"}``, the state in the step's layout
 (:meth:`fnnet.step.TrainStep.local_parts`: ZeRO-2's optimizer state, ZeRO-3's parameters and optimizer
-state as this rank's ranges; whatever the strategy, through that one method), so nothing is gathered; it loads into any strategy and world size, each rank reading its own ranges.
+state as this rank's ranges; whatever the strategy, through that one method), so nothing is gathered;
+it loads into any strategy and world size, each rank reading its own ranges.
 An asynchronous save (whole or sharded) keeps one :class:`~fnnet.checkpoint.sharded.SaveHandle` on
 the Trainer: the next save, :meth:`Trainer.load` and the end of ``fit`` wait for it and raise its
 error.

@@ -309,8 +309,9 @@ def kill_launch(out: Path, points: str, then: list[str] = (), nonfinite: bool = 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """The default suite's one launch of 2 ranks for this file's new tests: a rank killed between the parts and
-    the manifest, the restart resuming; a nan in rank 1's part refused; then, in the same launch, W=1's checkpoint (steps 0-1, written here)
-    continued by ZeRO-3 (2-3, saving its parameter and optimizer parts) and that one by ZeRO-2 (4-5)."""
+    the manifest, the restart resuming; a nan in rank 1's part refused; then, in the same launch, W=1's
+    checkpoint (steps 0-1, written here) continued by ZeRO-3 (2-3, saving its parameter and optimizer parts)
+    and that one by ZeRO-2 (4-5)."""
     from _ckpt_loop_worker import phase
 
     out = tmp_path_factory.mktemp("two-ranks")
@@ -361,7 +362,8 @@ def test_a_non_finite_part_on_one_rank_is_refused_on_every_rank_naming_it(two_ra
 @given(st.lists(st.tuples(st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
                           st.integers(0, 40), st.sampled_from([None, "nan", "inf", "-inf", "huge"])), max_size=4))
 def test_the_fast_finiteness_check_agrees_with_all_finite(leaves):
-    # a finite sum per leaf proves it finite; a sum that overflowed ("huge": finite values) falls back to the exact check
+    # a finite sum per leaf proves it finite; a sum that overflowed ("huge": finite values) falls back to the
+    # exact check
     tree = {}
     for i, (dtype, n, bad) in enumerate(leaves):
         x = torch.randn(n).to(dtype)
