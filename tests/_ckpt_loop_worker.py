@@ -42,8 +42,13 @@ def phase(strategy: str, start: int, stop: int, src: str | None, dst: str | None
     """One phase (see the module docstring); returns the step and this rank's state."""
     m = model()
     step = make_step(strategy, loss_of(m))
-    like, parts = step.local_parts(fnnet.TrainState.create(m.params, optimizer()))
+    whole = fnnet.TrainState.create(m.params, optimizer())
+    copy = lambda t: fnnet.tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, t)  # noqa: E731
+    before = copy(whole)
+    like, parts = step.local_parts(whole)
+    kept = copy(like)
     state = fnnet.load(src, like=like, parts=parts) if src else like
+    assert fnnet.tree.all_equal(whole, before) and fnnet.tree.all_equal(like, kept)  # pure: inputs untouched
     assert state.step == start, (src, state.step, start)
     world, rank = distributed.world_size(), distributed.rank()
     for i in range(start, stop):
