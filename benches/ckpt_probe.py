@@ -1,21 +1,29 @@
-"""One rank of the checkpoint benchmark (issue 33): sharded against gather-to-rank-0, sync and async.
+"""One rank of the checkpoint benchmark (issue 33): sharded against gather-to-rank-0, sync and async, and DCP.
 
-    torchrun --nproc-per-node 2 benches/ckpt_probe.py --out DIR [--rounds 3] [--json FILE]
+    torchrun --nproc-per-node W benches/ckpt_probe.py --out DIR [--rounds 3] [--json FILE]
 
-A 25.2 M-parameter float32 MLP (1024 -> 4096 -> 4096 -> 1024), AdamW, ``strategy="zero2"`` on gloo.
-Each round takes one training step, then saves once in each of four ways, in an order that
-rotates every round (so load from elsewhere on the machine hits all alike):
+``fnnet.models.GPT`` at 27.3 M parameters (vocab 16384, 6 layers, width 512, 8 heads, context 64),
+float32, AdamW, ``strategy="zero2"`` on gloo. Each round takes one training step, then saves once in
+each of six ways, in an order that rotates every round (so load from elsewhere on the machine hits
+all alike):
 
 * ``whole-sync``: ``trainer.save(path)``: the optimizer state all-gathered, rank 0 writes one file;
 * ``whole-async``: the same gather, rank 0 copies to host memory and writes in a thread;
 * ``sharded-sync``: ``trainer.save(dir, sharded=True)``: each rank writes its own part;
-* ``sharded-async``: the same, after a copy of each rank's pieces, in a thread.
+* ``sharded-async``: the same, after a copy of each rank's pieces, in a thread;
+* ``dcp-gathered``: ``torch.distributed.checkpoint.save`` of the same whole state (the optimizer state
+  gathered first, as a DCP user of ZeRO-2's uneven flat ranges must: they are no DTensor placement);
+  DCP deduplicates the replicated tensors, each rank writes its share;
+* ``dcp-local``: ``dcp.save`` of each rank's own part (its optimizer ranges under rank-named keys, the
+  parameters replicated): DCP's writer on exactly what fnnet's sharded save writes (no resharding
+  possible from it: a write-speed reference only).
 
 Per save: ``stall`` (seconds the call blocks the training loop) and ``total`` (until the checkpoint
 is complete on every rank). Peak extra bytes on rank 0 counted from the tensors the save allocates
-(the gathered optimizer state, host copies). Resume: ``trainer.load`` of the sharded folder (each rank
-its own ranges) and of the whole file, against ``torch.distributed.checkpoint.load`` (DCP) of the
-same whole state written by ``dcp.save``. Rank 0 prints one JSON object (and writes ``--json``).
+(the gathered optimizer state, host copies), not measured by an allocator. Resume: ``trainer.load`` of
+the sharded folder (each rank its own ranges) and of the whole file, against
+``torch.distributed.checkpoint.load`` (DCP) of the same whole state written by ``dcp.save``. Rank 0
+prints one JSON object (and writes ``--json``).
 """
 
 from __future__ import annotations
@@ -31,7 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch import nn
 
 import fnnet
 from fnnet import distributed, optim
@@ -49,8 +56,24 @@ def timed(fn):
     return out, t1 - t0
 
 
+def dcp_save(trainer, mode: str, path: str) -> None:
+    if mode == "dcp-gathered":
+        state = trainer.checkpoint()["state"]
+        sd = {k: v for k, v in fnnet.tree.leaves_with_path(state) if isinstance(v, torch.Tensor)}
+    else:
+        local, parts = fnnet._saving.local_checkpoint(trainer)
+        rank = distributed.rank()
+        sd = {(f"{k}@rank{rank}" if k in parts else k): v for k, v in fnnet.tree.leaves_with_path(local)
+              if isinstance(v, torch.Tensor)}
+    dcp.save(sd, checkpoint_id=path)
+
+
 def save_once(trainer, mode: str, out: str):
-    path = os.path.join(out, mode + ("" if mode.startswith("sharded") else ".safetensors"))
+    path = os.path.join(out, mode + ("" if mode.startswith(("sharded", "dcp")) else ".safetensors"))
+    if mode.startswith("dcp"):
+        _, stall = timed(lambda: dcp_save(trainer, mode, path))
+        dist.barrier()
+        return stall, stall
     kw = {"sharded": mode.startswith("sharded"), "async_save": mode.endswith("async")}
     _, stall = timed(lambda: trainer.save(path, **kw))
     t0 = time.perf_counter()
@@ -72,14 +95,18 @@ def main() -> None:
     distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024))
-    trainer = fnnet.Trainer(net, F.mse_loss, optim.adamw(1e-3), key=0, strategy="zero2")
-    batch = (torch.randn(16, 1024), torch.randn(16, 1024))
-    modes = ["whole-sync", "sharded-sync", "whole-async", "sharded-async"]
+    vocab = 16384
+    net = fnnet.models.GPT(vocab, block_size=64, n_layer=6, n_head=8, n_embd=512)
+    loss = lambda logits, y: F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))  # noqa: E731
+    trainer = fnnet.Trainer(net, loss, optim.adamw(1e-3), key=0, strategy="zero2")
+    g = torch.Generator().manual_seed(rank)
+    idx = torch.randint(0, vocab, (2, 65), generator=g)
+    batch = (idx[:, :-1], idx[:, 1:])
+    modes = ["whole-sync", "sharded-sync", "dcp-gathered", "whole-async", "sharded-async", "dcp-local"]
     times = {m: {"stall": [], "total": []} for m in modes}
     step_s = []
     for r in range(args.rounds):
-        for m in modes[r % 4:] + modes[:r % 4]:
+        for m in modes[r % len(modes):] + modes[:r % len(modes)]:
             (trainer.state, _), dt = timed(lambda: trainer.train_step(trainer.state, batch))
             step_s.append(dt)
             stall, total = save_once(trainer, m, args.out)
@@ -98,8 +125,11 @@ def main() -> None:
     replicated = [n for n in manifest["leaves"] if n not in parts]
     # sync: only its ranges of the replicated leaves are copied (views sharing storage); async: all it writes.
     # whole: the gathered optimizer state (the encoder's copies of ZeRO's parameter views not counted)
+    # DCP: the gathered optimizer state (dcp-gathered); dcp-local writes the tensors as they are (its CPU
+    # writer's own copies, if any, are not counted here: None)
     extra = {"whole-sync": gathered_opt, "whole-async": gathered_opt + whole_bytes,
-             "sharded-sync": rank0(replicated), "sharded-async": rank0(list(manifest["leaves"]))}
+             "sharded-sync": rank0(replicated), "sharded-async": rank0(list(manifest["leaves"])),
+             "dcp-gathered": gathered_opt, "dcp-local": None}
     # resume: fnnet's sharded load (own ranges), the whole file, and DCP's load of the same whole state
     res = {"fnnet-sharded": [], "fnnet-whole": [], "dcp": [], "fnnet-sharded-whole-tree": []}
     dcp_dir = os.path.join(args.out, "dcp")
@@ -122,13 +152,17 @@ def main() -> None:
         res["fnnet-sharded-whole-tree"].append(t)
     if rank == 0:
         base = statistics.median(times["whole-sync"]["stall"])
+        base_stalls = times["whole-sync"]["stall"]
         result = {
             "world": world, "params": sum(p.numel() for p in net.parameters()), "param_bytes": params,
             "whole_state_bytes": whole_bytes, "machine": "2-core shared CPU, torch " + torch.__version__,
             "step_seconds": spread(step_s),
             "save": {m: {k: spread(v) for k, v in t.items()} for m, t in times.items()},
             "stall_vs_whole_sync": {m: statistics.median(times[m]["stall"]) / base for m in modes},
-            "rank0_extra_bytes": extra,
+            # each save's stall over the whole-file sync save of the same round (paired), median and min-max
+            "stall_ratio_per_round": {m: spread([a / b for a, b in zip(times[m]["stall"], base_stalls)]) for m in modes},
+            "raw": {"save": times, "resume": res, "step": step_s},
+            "rank0_extra_bytes": extra, "load_average": os.getloadavg(),
             "resume_seconds": {k: spread(v) for k, v in res.items()},
         }
         print(json.dumps(result))

@@ -988,13 +988,16 @@ class _ParamShardedStep(_RankStep):
                              opt_state=_shard.unshard_opt_state(state.opt_state, lay.whole, lay, self.optimizer))
 
     def local_parts(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """Not available under ZeRO(3) yet: a sharded checkpoint records no ranges for the parameters' parts, so
-        every rank raises (before anything collective) rather than write one rank's parts as whole leaves."""
-        raise ValueError("step.local_parts (sharded checkpoints: fnnet.save_sharded, Trainer.save(path, sharded=True)) "
-                         "is not supported under ZeRO(stage=3) yet (its parameters are per-rank parts without recorded "
-                         "ranges); save the whole state, fnnet.save(path, step.gather_state(state)) (as Trainer.save(path) "
-                         "does: loadable by any strategy and world size), or use ZeRO(stage=1 or 2) / ddp for sharded "
-                         "checkpoints")
+        """``state`` in this rank's parts (a whole state is cut first), and each part leaf's range of the
+        whole leaf: every parameter (this rank's elements of its unit's chunk) and every optimizer-state
+        leaf that mirrors one. Not collective. A sharded checkpoint writes these ranges per rank."""
+        state = self.shard_state(state)
+        lay = self.layout
+        assert lay is not None  # made by shard_state from the whole params (a state in parts has one already)
+        ranges = {"params." + path: (p.lo, p.hi, lay.shapes[i]) if p.hi > p.lo else (0, 0, lay.shapes[i])
+                  for i, ((path, _), p) in enumerate(zip(_tree.leaves_with_path(lay.whole), lay.parts))}
+        ranges.update({"opt_state." + p: r for p, r in _shard.part_ranges(state.opt_state, lay.whole, lay).items()})
+        return state, ranges
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "stage": 3, "units": repr(self.strategy.units)}

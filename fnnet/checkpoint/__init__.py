@@ -64,8 +64,10 @@ __all__ = ["save", "load", "load_state_dict", "to_state_dict", "register"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def save(path: PathLike, tree: Any) -> None:
-    """Write ``tree`` (any pytree of tensors and plain values) to ``path`` as one safetensors file.
+def save(path: PathLike, tree: Any, *, sharded: bool = False, parts: Mapping[str, Any] | None = None,
+         group: Any = None, async_save: bool = False) -> Any:
+    """Write ``tree`` (any pytree of tensors and plain values) to ``path`` as one safetensors file,
+    or, with ``sharded=True``, as a sharded checkpoint folder every rank writes its part of.
 
     Tensors are keyed by their dotted key path (``fnnet.tree.paths``) and the structure goes
     into the metadata, so :func:`load` rebuilds the same tree (tensors on the CPU). The write
@@ -74,20 +76,48 @@ def save(path: PathLike, tree: Any) -> None:
     file is removed and an existing checkpoint at ``path`` is left as it was. Missing parent
     folders are created. The suffix ``.safetensors`` is conventional but not required.
 
+    ``sharded=True`` (collective: every rank calls it with its own ``tree``) is
+    :func:`fnnet.checkpoint.sharded.save_sharded`: ``parts`` maps key paths of ``tree`` to
+    ``(lo, hi, whole shape)``, the leaves that are this rank's range of a whole leaf (from your own
+    loop: ``state, parts = step.local_parts(state)``, the key paths prefixed as in ``tree``); every
+    other leaf is whole and the same on every rank of ``group`` (``None``: the default group, or one
+    process). The folder is complete once its manifest is written, last; ``async_save=True`` copies
+    this rank's pieces to host memory and writes them in a background thread. Matches
+    ``torch.distributed.checkpoint.save`` (and orbax's ``CheckpointManager.save``); :func:`load`
+    reads the folder back at any world size and layout.
+
+    Returns:
+        ``None`` for a file; with ``sharded=True`` a :class:`fnnet.checkpoint.sharded.SaveHandle`
+        whose ``wait()`` returns once the folder is complete (at once for a synchronous save) and
+        raises a background save's error.
+
     Raises:
         TypeError: a leaf that cannot be saved, naming its key path.
-        ValueError: two leaves with the same dotted key path, or a tree that contains itself.
+        ValueError: two leaves with the same dotted key path, or a tree that contains itself;
+            ``parts``, ``group`` or ``async_save`` without ``sharded=True``; for a sharded save, a
+            part's range that does not fit its whole shape, or ranks holding different leaves.
+        RuntimeError: (sharded) a rank failed to write its part or holds non-finite values (every
+            rank raises, naming it; no manifest is written).
         IsADirectoryError, NotADirectoryError, PermissionError: ``path`` is a folder, its
             parent is a file, or it is a read-only file (its permissions are respected).
     """
+    if sharded:
+        from .sharded import save_sharded
+
+        return save_sharded(path, tree, parts=parts, group=group, async_save=async_save)
+    given = [k for k, v in (("parts", parts), ("group", group), ("async_save", async_save)) if v not in (None, False)]
+    if given:
+        raise ValueError(f"fnnet.save: {given} apply to a sharded checkpoint only: pass sharded=True (a folder every "
+                         "rank writes its part of), or leave them out for one whole file")
     path = os.fspath(path)
     encoder = _codec.Encoder()
     structure = encoder.node(tree)
     _file.write(path, encoder.tensors, structure)
 
 
-def load(path: PathLike, like: Any = None, device: DeviceLike | None = None) -> Any:
-    """Read a checkpoint written by :func:`save`.
+def load(path: PathLike, like: Any = None, device: DeviceLike | None = None, *,
+         parts: Mapping[str, Any] | None = None) -> Any:
+    """Read a checkpoint written by :func:`save`: a file, or a sharded checkpoint folder.
 
     Without ``like`` the saved tree is rebuilt as it was (plain containers and fnnet's own
     types; see the module docstring); its tensors are on the CPU, or on ``device``. A plain
@@ -100,11 +130,33 @@ def load(path: PathLike, like: Any = None, device: DeviceLike | None = None) -> 
     tensor goes to ``device`` if given, else to the device of the matching tensor in ``like``
     (so ``load(path, like=state)`` resumes on the devices the state lives on).
 
+    A folder (``save(path, tree, sharded=True)``, ``Trainer.save(path, sharded=True)``) is read by
+    :func:`fnnet.checkpoint.sharded.load_sharded`, whatever world size and layout wrote it: without
+    ``like`` the whole tree; with ``like`` and ``parts`` (``{key path: (lo, hi, whole shape)}``, this
+    rank's layout: ``like, parts = step.local_parts(state)``) each listed leaf gets only its range of
+    the whole leaf, so a checkpoint of any strategy loads into any other (not collective; matches
+    ``torch.distributed.checkpoint.load``, which reshards too).
+
     Raises:
-        FileNotFoundError, IsADirectoryError, PermissionError: no readable file at ``path``.
+        FileNotFoundError, IsADirectoryError, PermissionError: no readable file at ``path`` (a
+            folder holding neither a manifest nor part files is no checkpoint).
         ValueError: a truncated or corrupted file (naming it), a mismatch with ``like``, or a
-            class that is not registered (naming its tag), which needs ``like``.
+            class that is not registered (naming its tag), which needs ``like``; for a folder: no
+            manifest (a save that did not finish), a missing, stray or foreign part (naming it);
+            ``parts`` for a file.
     """
+    if os.path.isdir(os.fspath(path)):
+        from .sharded import MANIFEST, load_sharded
+
+        if not any(e == MANIFEST or e.startswith("part-") for e in os.listdir(path)):
+            raise IsADirectoryError(f"fnnet.load: '{os.fspath(path)}' is a folder that is no checkpoint: neither a "
+                                    f"file nor a sharded checkpoint folder (no manifest '{MANIFEST}', no part files)")
+        out = load_sharded(path, like, parts=parts, device=device)
+        return place(out, resolve_device(device)) if like is None and device is not None else out
+    if parts is not None:
+        raise ValueError(f"fnnet.load('{os.fspath(path)}'): parts= reads ranges of a sharded checkpoint folder; "
+                         "this is a file (a whole checkpoint): load it without parts and cut it with "
+                         "step.shard_state(state)")
     path = os.fspath(path)
     _file.check_exists(path, "checkpoint")
     dev = resolve_device(device) if device is not None else None

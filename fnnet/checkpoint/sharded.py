@@ -9,9 +9,10 @@ A sharded checkpoint is a folder::
 
 Each leaf of the saved tree is either *whole* (the same on every rank: parameters, keys, a step
 count; written once, by one rank, the ranks taking turns by size) or a *part*: the range
-``[lo, hi)`` of the flattened elements of a whole leaf (ZeRO-2's optimizer state; a strategy
-says which through :meth:`fnnet.step.TrainStep.local_parts`). Identical parts on several ranks
-(HSDP's replicas) are written once. The manifest names every leaf's whole shape and dtype and the
+``[lo, hi)`` of the flattened elements of a whole leaf (ZeRO-2's optimizer state, ZeRO-3's
+parameters and optimizer state; a strategy says which through
+:meth:`fnnet.step.TrainStep.local_parts`). Identical parts on several ranks (HSDP's replicas) are
+written once. The manifest names every leaf's whole shape and dtype and the
 file, name and range of each of its pieces, the tree's structure (fnnet's JSON, never pickle),
 the run that wrote the folder and the SHA-256 digest of every part file.
 
@@ -518,7 +519,7 @@ def consolidate(path: Any, out: Any) -> str:
     """Write the sharded checkpoint folder ``path`` as one whole safetensors file ``out`` (``fnnet.save``),
     which :func:`fnnet.load`, ``trainer.load`` and the JAX interop read; the ``fnnet checkpoint
     consolidate DIR OUT`` command. Holds the whole state in this process's memory. Returns ``out``."""
-    from . import save
-
-    save(out, load_sharded(path))
+    enc = _codec.Encoder()  # what fnnet.save writes (fnnet.checkpoint imports this module: not imported back)
+    structure = enc.node(load_sharded(path))
+    _file.write(os.fspath(out), enc.tensors, structure)
     return os.fspath(out)
