@@ -403,7 +403,8 @@ def trainer_case(out_dir: Path) -> dict:
     """``Trainer(strategy="zero3")`` against the one-process Trainer, float64, 1e-10: fit (epochs, then
     ``max_steps`` inside an epoch), history (loss, a metric, validation), evaluate, predict, a
     ModelCheckpoint and ``save`` of the gathered whole state (rank 0 writes), and that file resumed into
-    ZeRO-3 at this world size and at another (groups of half the ranks), into DDP and into one process."""
+    ZeRO-3 at this world size and at another (groups of half the ranks), into DDP and into one process;
+    ``save(sharded=True)`` of the same moment resumed into ZeRO-3 on half the ranks and one process."""
     world, rank = distributed.world_size(), distributed.rank()
     ref = trainer_of(None)
     full_train, full_val = loaders(None)
@@ -417,6 +418,8 @@ def trainer_case(out_dir: Path) -> dict:
     tr.fit(train, val, max_steps=tr.state.step + 2, verbose=0)  # stops inside epoch 2
     mid = out_dir / "mid.safetensors"
     tr.save(mid)
+    folder = out_dir / "mid-sharded"
+    tr.save(folder, sharded=True)  # every rank writes its own parts (step.local_parts), nothing gathered
     dist.barrier()
     whole = fnnet.load(mid)["state"]  # written by rank 0, the gathered whole state
     assert whole.params["wte.weight"].shape == (VOCAB, DIM)
@@ -450,6 +453,15 @@ def trainer_case(out_dir: Path) -> dict:
         params = t.checkpoint()["state"].params if strategy is not None else t.state.params
         same_params(params, ref.state.params, f"resumed from a ZeRO-3 file under {name}")
         resumed[name] = t.history["loss"][-1]
+    # the sharded folder of the same moment: ZeRO-3 on half the ranks, and one process
+    for name, strategy, shard in (("zero3 at W/2", distributed.ZeRO(3, group=mine), (rank % half, half)),
+                                  ("one process", None, None)):
+        t = trainer_of(strategy)
+        a, v = loaders(shard)
+        t.fit(a, v, epochs=3, resume=folder, verbose=0)
+        params = t.checkpoint()["state"].params if strategy is not None else t.state.params
+        same_params(params, ref.state.params, f"resumed from a ZeRO-3 sharded folder under {name}")
+        resumed[f"{name} (sharded folder)"] = t.history["loss"][-1]
     return {"trainer": written, "resumed": sorted(resumed)}
 
 

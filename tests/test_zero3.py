@@ -72,7 +72,8 @@ def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_by
         assert fsdp["fully_shard_max_diff"] < 1e-9
         trainer, generated, init, precision, dropout_bn_one, trainer_meta = end_to_end
         assert trainer_meta["trainer_meta"] > 1e-3  # the Trainer on a meta module trained (and equalled one process)
-        assert trainer["resumed"] == ["ddp", "one process", "zero3 at W/2"]
+        assert trainer["resumed"] == ["ddp", "one process", "one process (sharded folder)", "zero3 at W/2",
+                                      "zero3 at W/2 (sharded folder)"]
         assert init["init_peak"] <= init["bound"] < init["model_bytes"]
         assert set(precision["precision_worst_relative"]) == {"bf16-mixed", "16-mixed", "bf16 params"}
         assert "0.1.running_mean" in dropout_bn_one["dropout_bn_one_process"]
