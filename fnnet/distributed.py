@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gc
 import os
 import socket
 from typing import Any, Callable, Mapping, NamedTuple
@@ -126,8 +127,14 @@ def init(backend: str | None = None, *, timeout: datetime.timedelta = DEFAULT_TI
 
 
 def shutdown() -> None:
-    """Leave the process group (``destroy_process_group``); a no-op without one."""
+    """Leave the process group (``destroy_process_group``); a no-op without one.
+
+    Collects garbage first: a step's reference cycles (a ZeRO-3 step's gather and its hooks, an
+    autograd graph kept by an exception) hold the process group's objects, and a gloo group freed
+    only at interpreter exit, after ``destroy_process_group``, can abort the process
+    ("terminate called without an active exception": seen in about 1 of 6 two-rank ZeRO-3 runs)."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
