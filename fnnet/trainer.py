@@ -48,7 +48,9 @@ number of ranks, sharded or not, or into one process; after :meth:`load` the nex
 **Sharded parameters.** ``Trainer(..., strategy="zero3")`` (``ZeRO(3)``, :mod:`fnnet.zero3`): from the
 first step ``trainer.state.params`` hold this rank's 1-D part of every parameter; ``evaluate`` and
 ``predict`` gather the units on the fly (``step.on_parts``), so every rank must run as many batches
-(checked first: a ``ValueError``, not a hang); checkpoints hold the gathered whole state, as above.
+(checked first when the data has a length: a ``ValueError``, not a hang; a loader without ``len()``
+with more batches on one rank waits in a gather until the process group's timeout, which then
+raises); checkpoints hold the gathered whole state, as above.
 The ``nn.Module`` given is not trained in place (its whole weights on every rank would undo the
 sharding): ``trainer.checkpoint()["state"].params`` (every rank calls it) are the trained weights. A
 module built on the ``meta`` device is never made whole: each rank draws its parts
@@ -578,22 +580,35 @@ class Trainer:
 
 
 class _Evaluation(dict):
-    """``evaluate()``'s result without a prefix: a dict that still answers the old ``val_*`` keys, with a warning."""
+    """``evaluate()``'s result without a prefix: a dict that still answers the old ``val_*`` keys with a
+    ``FutureWarning`` (indexing, ``get``, ``in`` and ``pop``; iteration, ``==`` and ``keys()`` show the new names)."""
 
-    def __missing__(self, key: str) -> float:
-        if isinstance(key, str) and key.startswith("val_") and key[4:] in self:
+    def _renamed(self, key: Any) -> Any:
+        """The new name of an old ``val_*`` key (with the warning), or ``key`` itself."""
+        if isinstance(key, str) and key.startswith("val_") and not dict.__contains__(self, key) \
+                and dict.__contains__(self, key[4:]):
             warnings.warn(f"Trainer.evaluate() names its keys for what it evaluated: {sorted(self)} (Keras' names); "
                           f"read {key[4:]!r}, or pass prefix='val_' for {key!r}. The old key works until the next "
-                          "release.", FutureWarning, stacklevel=2)
-            return self[key[4:]]
-        raise KeyError(key)
+                          "release.", FutureWarning, stacklevel=3)
+            return key[4:]
+        return key
+
+    def __missing__(self, key: str) -> float:
+        new = self._renamed(key)
+        if new is key:
+            raise KeyError(key)
+        return dict.__getitem__(self, new)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, self._renamed(key))
 
     def get(self, key: str, default: Any = None) -> Any:
         """``self[key]`` (an old ``val_*`` key included, with its warning), or ``default``."""
-        try:
-            return self[key]
-        except KeyError:
-            return default
+        return dict.get(self, self._renamed(key), default)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        """``dict.pop``, an old ``val_*`` key included (with its warning)."""
+        return dict.pop(self, self._renamed(key), *default)
 
 
 def _bar_logs(logs: dict[str, float], meter: Throughput | None) -> dict[str, float]:

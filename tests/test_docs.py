@@ -171,3 +171,16 @@ def test_the_package_ships_py_typed():
     assert (ROOT / "fnnet" / "py.typed").is_file()
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "py.typed" in config["tool"]["setuptools"]["package-data"]["fnnet"]
+
+
+def test_every_code_block_is_run_or_declared_shown():
+    # a block fenced otherwise (```py, ```pycon, ```sh ...) would be neither run nor said to be shown only
+    import re
+
+    fence = re.compile(r"^```([^\n]*)$", re.M)
+    bad = []
+    for name, text in {**pages(), "README.md": (ROOT / "README.md").read_text()}.items():
+        opens = fence.findall(text)[::2]  # every other fence opens a block
+        bad += [f"{name}: ```{info}" for info in opens
+                if info.split(" ")[0] not in ("python", "bash", "text")]
+    assert not bad, f"blocks neither run (python) nor shown (bash, text): {bad}"

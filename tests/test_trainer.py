@@ -60,6 +60,11 @@ def test_fit_evaluate_predict_and_history():
         assert ev.get("val_loss") == ev["loss"] and ev.get("val_f1", -1.0) == -1.0
     with pytest.raises(KeyError):
         ev["val_f1"]
+    with pytest.warns(FutureWarning, match="prefix='val_'"):  # membership and pop answer the old keys too
+        assert "val_loss" in ev and "val_f1" not in ev and "loss" in ev
+    old = trainer.evaluate(val)
+    with pytest.warns(FutureWarning, match="prefix='val_'"):
+        assert old.pop("val_accuracy") == ev["accuracy"] and set(old) == {"loss"}
     # exact accuracy over all samples, not a mean of batch means
     preds = trainer.predict(val)
     x_val, y_val = blobs(128, 1)
