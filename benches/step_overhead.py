@@ -19,6 +19,13 @@ block by block so that load from elsewhere hits them alike:
 ``compare`` runs ``probe`` with the code of ``--base`` and of this checkout in turns (the order
 alternates between rounds), records the load average around each run, appends every JSON line to
 ``--out`` and prints median (min-max) of each figure per checkout.
+
+``count`` runs one variant's steps for valgrind's callgrind, which counts the instructions they
+execute (deterministic: the load of a shared machine does not move it); the collection is switched
+on around the steps only, through callgrind's client requests (a small C helper built with gcc)::
+
+    valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no \
+        python benches/step_overhead.py count eager --steps 100     # then callgrind_annotate
 """
 
 from __future__ import annotations
@@ -153,6 +160,32 @@ def probe(args: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
+_CALLGRIND_HELPER = """#include <valgrind/callgrind.h>
+void start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; CALLGRIND_TOGGLE_COLLECT; }
+void stop(void) { CALLGRIND_TOGGLE_COLLECT; CALLGRIND_DUMP_STATS; CALLGRIND_STOP_INSTRUMENTATION; }
+"""
+
+
+def count(args: argparse.Namespace) -> None:
+    import ctypes
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp())
+    (folder / "cg.c").write_text(_CALLGRIND_HELPER)
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(folder / "cg.so"), str(folder / "cg.c")], check=True)
+    helper = ctypes.CDLL(str(folder / "cg.so"))
+    run = _variants(16)[args.variant]
+    for _ in range(20):
+        run()
+    helper.start()
+    for _ in range(args.steps):
+        run()
+    helper.stop()
+
+
 def _load() -> float:
     return os.getloadavg()[0]
 
@@ -213,6 +246,9 @@ def _print_summary(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
+    counting = sub.add_parser("count")
+    counting.add_argument("variant", choices=["chapter", "eager", "donate"])
+    counting.add_argument("--steps", type=int, default=100)
     for name in ("probe", "compare"):
         p = sub.add_parser(name)
         p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
@@ -228,7 +264,7 @@ def main() -> None:
             p.add_argument("--no-linreg", action="store_true")
             p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    probe(args) if args.mode == "probe" else compare(args)
+    {"probe": probe, "compare": compare, "count": count}[args.mode](args)
 
 
 if __name__ == "__main__":
