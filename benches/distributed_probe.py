@@ -10,7 +10,9 @@ the same weights and runs them in turns, step by step, so load from elsewhere hi
   ~25 MB buckets all-reduced during the backward pass);
 * ``ddp``: ``DistributedDataParallel(module)`` + ``torch.optim.Adam`` (its default buckets).
 
-Rank 0 prints one JSON line: the median seconds per step of each variant, and the ratio.
+Rank 0 prints one JSON line: the median seconds per step of each variant, and the ratio; and each
+rank's median CPU time per step (``time.process_time``: the process's threads, gloo's included) of
+both variants and their ratio. The order of the two variants alternates from step to step.
 """
 
 from __future__ import annotations
@@ -76,19 +78,28 @@ def main() -> None:
         ddp_opt.step()
 
     times: dict[str, list[float]] = {"fnnet": [], "ddp": []}
+    cpu: dict[str, list[float]] = {"fnnet": [], "ddp": []}  # this process's CPU time (gloo's threads included)
     for i in range(args.warmup + args.steps):
-        for name, fn in (("fnnet", fnnet_step), ("ddp", ddp_step)):
+        # the order alternates step by step, so neither variant always runs right after the barrier
+        for name, fn in (("fnnet", fnnet_step), ("ddp", ddp_step))[::1 if i % 2 == 0 else -1]:
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            elapsed = time.perf_counter() - t0
+            elapsed, used = time.perf_counter() - t0, time.process_time() - c0
             if i >= args.warmup:
                 times[name].append(elapsed)
+                cpu[name].append(used)
     medians = {k: statistics.median(v) for k, v in times.items()}
+    cpu_medians = {k: statistics.median(v) for k, v in cpu.items()}
+    per_rank = [None] * distributed.world_size()
+    dist.all_gather_object(per_rank, {"rank": distributed.rank(), "cpu_ratio": cpu_medians["fnnet"] / cpu_medians["ddp"],
+                                      "fnnet_cpu_s": cpu_medians["fnnet"], "ddp_cpu_s": cpu_medians["ddp"]})
     if distributed.is_main():
         print(json.dumps({"model": args.model, "parameters": params, "world_size": distributed.world_size(),
                           "batch_per_rank": BATCH, "fnnet_s": medians["fnnet"], "ddp_s": medians["ddp"],
-                          "ratio": medians["fnnet"] / medians["ddp"], "steps": args.steps}), flush=True)
+                          "ratio": medians["fnnet"] / medians["ddp"], "steps": args.steps,
+                          "cpu_ratio_per_rank": [r["cpu_ratio"] for r in per_rank], "cpu_per_rank": per_rank,
+                          "load": os.getloadavg()[0]}), flush=True)
     # gloo's destroy_process_group sometimes leaves one rank waiting after the other has gone (torch
     # 2.13): every rank is done after this barrier, and nothing is left to clean up but the process
     dist.barrier()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import optim as _optim
 from . import random as _random
 from . import tree as _tree
 from .device import tree_device
@@ -212,19 +213,15 @@ def apply_update(optimizer: Any, grads: Any, params: Any, opt_state: Any, *, buf
 def _update(optimizer: Any, grads: Any, opt_state: Any, params: Any, donate: bool, shards: Any) -> tuple[Any, Any]:
     if shards is None:
         return optimizer.update(grads, opt_state, params, donate=donate)
-    from .optim import update_with
-
-    return update_with(optimizer, grads, opt_state, params, donate=donate, shards=shards)
+    return _optim.update_with(optimizer, grads, opt_state, params, donate=donate, shards=shards)
 
 
 def _apply_updates(params: Any, updates: Any, donate: bool, opt_state: Any = None) -> Any:
     """``params + updates``; under float32 master weights (:func:`fnnet.optim.master_weights`), the new
     master weights cast to the params' dtype instead (exact, where adding the difference may round)."""
-    from .optim import MasterWeightsState, apply_updates, master_params
-
-    if isinstance(opt_state, MasterWeightsState):
-        return master_params(opt_state, params, donate=donate)
-    return apply_updates(params, updates, donate=donate)
+    if isinstance(opt_state, _optim.MasterWeightsState):
+        return _optim.master_params(opt_state, params, donate=donate)
+    return _optim.apply_updates(params, updates, donate=donate)
 
 
 @_tree.register_dataclass
@@ -274,6 +271,8 @@ class TrainState:
 
     def replace(self, **changes: Any) -> "TrainState":
         """A copy with some fields replaced (``dataclasses.replace``)."""
+        if type(self) is TrainState:  # every step calls this: the fields are known, skip replace's walk over them
+            return TrainState(**{**self.__dict__, **changes})
         return dataclasses.replace(self, **changes)
 
     def apply_gradients(self, grads: Any, optimizer: Any, *, buffers: Any = None, finite: torch.Tensor | None = None,

@@ -41,8 +41,11 @@ PyTreeSpec = optree.PyTreeSpec
 _builtin_map = map
 
 
+_OPTS: dict[str, Any] = {"none_is_leaf": False, "namespace": NAMESPACE}  # never mutated: read on every step
+
+
 def _opts() -> dict[str, Any]:
-    return {"none_is_leaf": False, "namespace": NAMESPACE}
+    return _OPTS
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -54,17 +57,17 @@ def path_str(path: Sequence[Any]) -> str:
 
 def leaves(tree: Any) -> list[Any]:
     """The leaves of ``tree`` in canonical order (``jax.tree_util.tree_leaves``)."""
-    return optree.tree_leaves(tree, **_opts())
+    return optree.tree_leaves(tree, **_OPTS)
 
 
 def structure(tree: Any) -> PyTreeSpec:
     """The structure (treedef) of ``tree`` (``jax.tree_util.tree_structure``)."""
-    return optree.tree_structure(tree, **_opts())
+    return optree.tree_structure(tree, **_OPTS)
 
 
 def flatten(tree: Any) -> tuple[list[Any], PyTreeSpec]:
     """``(leaves, structure)`` of ``tree`` (``jax.tree_util.tree_flatten``)."""
-    return optree.tree_flatten(tree, **_opts())
+    return optree.tree_flatten(tree, **_OPTS)
 
 
 def unflatten(spec: PyTreeSpec, leaves_: Iterable[Any]) -> Any:

@@ -446,3 +446,19 @@ def test_a_subclass_of_train_state_survives_every_step():
     grads = fnnet.make_grad_fn(loss_fn)(start.params, batch).grads
     applied = start.apply_gradients(grads, opt)
     assert type(applied) is MyState and applied.note == "kept" and applied.step == 1
+
+
+def test_train_state_replace_matches_dataclasses_replace_and_leaves_the_state_alone():
+    import dataclasses
+
+    params, opt = {"w": torch.ones(2)}, optim.sgd(0.1)
+    state = fnnet.TrainState.create(params, opt, key=fnnet.random.key(0))
+    for changes in ({}, {"step": 3}, {"params": {"w": torch.zeros(2)}, "buffers": {"b": torch.ones(1)}},
+                    {"key": None, "accum": None, "loss_scale": None, "opt_state": ()}):
+        new = state.replace(**changes)
+        ref = dataclasses.replace(state, **changes)
+        assert type(new) is fnnet.TrainState
+        assert all(getattr(new, f.name) is getattr(ref, f.name) for f in dataclasses.fields(ref))
+    assert state.step == 0 and state.params is params  # the input is untouched
+    with pytest.raises(TypeError, match="bogus"):
+        state.replace(bogus=1)

@@ -54,12 +54,18 @@ def _uniform(col: Tensors) -> bool:
     if len(col) > _PY_GROUPING_MAX:
         return len(_column_keys(col)) == 1
     dtype, device = col[0].dtype, col[0].device
-    return all(t.dtype == dtype and t.device == device for t in col)
+    for t in col:  # a plain loop: all() over a generator costs more than the check on a few leaves
+        if t.dtype != dtype or t.device != device:
+            return False
+    return True
 
 
 def _groups(columns: Sequence[Tensors]) -> list[list[int]] | None:
     """Leaf indices grouped by ``(device, dtype)`` across columns; ``None`` when there is one group."""
-    if all(_uniform(col) for col in columns):
+    for col in columns:
+        if not _uniform(col):
+            break
+    else:
         return None
     by_key: dict[tuple[Any, ...], list[int]] = {}
     for i, row in enumerate(zip(*columns)):
