@@ -265,7 +265,17 @@ def errors() -> dict:
         step(fnnet.TrainState.create(tied.params, opt), b)
     except ValueError as err:
         messages.append(str(err))
-    assert len(messages) == 2 and "called no module" in messages[0] and "tied across units" in messages[1], messages
+    # a state in parts (another step's) given to a fresh step, which has no layout yet: named, not a broadcast error
+    first = fnnet.make_train_step(loss_of(m), opt, strategy="zero3")
+    parts = first(fnnet.TrainState.create(m.params, opt), b)[0]
+    for given in (parts, fnnet.TrainState(parts.params, None)):
+        try:
+            fnnet.make_train_step(loss_of(m), opt, strategy="zero3")(given, b)
+        except ValueError as err:
+            messages.append(str(err))
+    assert len(messages) == 4 and "called no module" in messages[0] and "tied across units" in messages[1], messages
+    assert all("holds 1-D parts" in s and "no layout yet" in s and "TrainState(step.init_parts(" in s
+               for s in messages[2:]), messages
     return {"errors": messages}
 
 
