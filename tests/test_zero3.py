@@ -124,6 +124,19 @@ def test_stage_three_options_say_clearly_what_is_wrong():
         fnnet.Trainer(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1), strategy="zero3")
 
 
+def test_a_meta_module_outside_zero3_is_refused_naming_zero3():
+    # was torch's "Cannot copy out of meta tensor; ... use to_empty()" from deep inside module.to
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=r"parameters \['0.weight', '0.bias', '1.weight', '1.bias'\] are on the "
+                                         r"meta device.*only under strategy='zero3'.*to_empty"):
+        fnnet.Trainer(net, torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1))
+    net.to_empty(device="cpu")
+    for m in net:
+        m.reset_parameters()
+    fnnet.Trainer(net, torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1))  # materialised as the error says: fine
+
+
 class _Stack(torch.nn.Module):
     """Uneven sizes, a tied output (one parameter), and the units of a ModuleList."""
 
