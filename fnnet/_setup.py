@@ -132,13 +132,22 @@ def initial_state(model: Model, module: nn.Module | None, params: Any, optimizer
     return state, fmt
 
 
-def on_meta_device(model: Any) -> bool:
+def on_meta_device(model: Any, sharded: bool = True, strategy: Any = None) -> bool:
     """Whether any of ``model``'s parameters is on the ``meta`` device (shapes only, no values), for a ZeRO-3
-    Trainer to initialise per part; a ``ValueError`` where that cannot be done (an ``fnnet.Model``: no
-    module to run ``reset_parameters`` on; buffers on ``meta``: they are whole on every rank)."""
-    params = model.parameters() if isinstance(model, nn.Module) else getattr(model, "params", {}).values()
-    if not any(p.device.type == "meta" for p in params):
+    Trainer (``sharded``) to initialise per part; a ``ValueError`` where that cannot be done (not ZeRO-3
+    (``strategy``: what was asked): the whole model would need values; an ``fnnet.Model``: no module to run
+    ``reset_parameters`` on; buffers on ``meta``: they are whole on every rank)."""
+    params = (model.named_parameters() if isinstance(model, nn.Module)
+              else getattr(model, "params", {}).items())
+    meta = [k for k, p in params if p.device.type == "meta"]
+    if not meta:
         return False
+    if not sharded:
+        raise ValueError(f"Trainer(strategy={strategy!r}): the model's parameters {meta[:5]} are on the meta device "
+                         "(shapes, no values); a meta-built model is initialised per part only under "
+                         "strategy='zero3' (each rank draws its own parts, the model is never whole). Under another "
+                         "strategy build it with real tensors, or materialise it first: module.to_empty(device='cpu'), "
+                         "then fill every parameter (its modules' reset_parameters)")
     if not isinstance(model, nn.Module):
         raise ValueError("Trainer(strategy='zero3'): an fnnet.Model on the meta device has no reset_parameters to run "
                          "per part: pass the nn.Module built on the meta device (with torch.device('meta'): ...)")

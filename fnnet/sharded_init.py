@@ -12,8 +12,12 @@ what is under it, with real tensors) just before its ``reset_parameters`` and dr
 once this rank's range of every parameter it wrote has been copied out. Every rank draws every
 number (the time is the whole initialisation's); what is alive at once is the parts (``1 / W``)
 plus one module with ``reset_parameters`` (for a transformer: one layer, never more than one
-unit). A ``reset_parameters`` that reads its parameters' earlier values (rather than writing
-them whole, as torch's layers do) sees uninitialised memory here.
+unit). What a ``reset_parameters`` wrote is found by value, whatever way it writes (in place,
+through ``p.data``, rebinding ``p.data`` or the attribute): on ``meta`` each parameter starts as NaN
+and counts as written once it is not all NaN; a real parameter starts as its value and counts as
+written once that changed. A ``reset_parameters`` that reads its parameters' earlier values (rather
+than writing them whole, as torch's layers do) sees those NaN on ``meta`` (a ``ValueError`` where
+some are left) and the module's own values otherwise.
 """
 
 from __future__ import annotations
@@ -37,16 +41,37 @@ def _slots(module: nn.Module) -> list[tuple[dict, str, nn.Parameter]]:
 
 def _materialised(module: nn.Module, device: torch.device) -> tuple[nn.Module, dict[int, torch.Tensor]]:
     """A copy of ``module`` whose parameters are new tensors on ``device`` (ties kept), and, for each of
-    the original parameters (by id), its tensor in the copy."""
+    the original parameters (by id), its tensor in the copy. A parameter on the ``meta`` device starts as
+    NaN (the sentinel :func:`_written` looks for), a real one as a copy of its value."""
     memo: dict[int, Any] = {}
     twin = copy.deepcopy(module, memo)
     real: dict[int, nn.Parameter] = {}
     for store, attr, p in _slots(twin):
         if id(p) not in real:
-            real[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=False)
+            if p.device.type == "meta":
+                t = torch.full(p.shape, float("nan"), dtype=p.dtype, device=device) if _has_nan(p) else \
+                    torch.zeros(p.shape, dtype=p.dtype, device=device)
+            else:
+                t = p.detach().to(device, copy=True)
+            real[id(p)] = nn.Parameter(t, requires_grad=False)
         store[attr] = real[id(p)]
     originals = {id(p): real[id(memo[id(p)])] for _, _, p in _slots(module)}
     return twin, originals
+
+
+def _has_nan(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _written(now: torch.Tensor, was: torch.Tensor, rebound: bool) -> bool:
+    """Whether a ``reset_parameters`` wrote the parameter that was ``was`` and is ``now``: judged by value
+    (``p.data.normal_()`` and ``p.data = ...`` write without bumping ``_version``), against the NaN it
+    started as on ``meta`` or its value otherwise (a reset writing the same values changes nothing)."""
+    if rebound:
+        return True
+    if was.device.type == "meta":
+        return not _has_nan(now) or not bool(torch.isnan(now).all())
+    return now.shape != was.shape or not torch.equal(now.detach(), was.detach().to(now.device))
 
 
 def init_parts(module: nn.Module, key: _random.Key, layout: Any, *, device: Any = None) -> dict[str, torch.Tensor]:
@@ -92,15 +117,20 @@ def init_parts(module: nn.Module, key: _random.Key, layout: Any, *, device: Any 
             if not callable(reset):
                 continue
             twin, real = _materialised(m, dev)
-            before = {k: t._version for k, t in real.items()}
             slots = {id(p): (store, attr) for store, attr, p in _slots(twin)}
             twin.reset_parameters()
             for _, _, p in _slots(m):
                 i = canonical[id(p)]
                 store, attr = slots[id(real[id(p)])]
                 now = store[attr]  # reset may replace the parameter instead of writing into it
-                if now is real[id(p)] and now._version == before[id(p)]:
+                if not _written(now, p, rebound=now is not real[id(p)]):
                     continue  # not written by this reset
+                if p.device.type == "meta" and _has_nan(now) and bool(torch.isnan(now).any()):
+                    raise ValueError(
+                        f"init_parts: {type(m).__name__}.reset_parameters wrote only part of {paths[i]!r} (some "
+                        "elements are still unset): it reads the parameter's earlier values, which a module on the "
+                        "meta device does not have; write the whole parameter in reset_parameters, or build the "
+                        "model with real tensors")
                 lp = layout.parts[i]
                 parts[i].copy_(now.detach().reshape(-1)[lp.lo:lp.hi])
                 written.add(i)

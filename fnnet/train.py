@@ -153,14 +153,22 @@ def _with_master_weights(step: TrainStep, policy: Precision) -> TrainStep:
     if not policy.keeps_master:
         return step
 
-    def call(state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
-        return step(policy.prepare(state), batch, end_window=end_window)
+    def ready(state: TrainState) -> TrainState:
+        if getattr(state, "opt_state", 0) is None and hasattr(step, "init_parts"):
+            # ZeRO-3's TrainState(step.init_parts(...), None): full-precision parts; the step initialises the
+            # master weights on them (float32 copies), then the params are cast down, as prepare does for a whole state
+            state = step.shard_state(state)
+            return state.replace(params=policy.cast_params(state.params))
+        return policy.prepare(state)
 
-    wrapped = TrainStep(call, lambda state: step.flush(policy.prepare(state)), strategy=step.strategy,
+    def call(state: TrainState, batch: Any, *, end_window: bool = False) -> tuple[TrainState, dict[str, Any]]:
+        return step(ready(state), batch, end_window=end_window)
+
+    wrapped = TrainStep(call, lambda state: step.flush(ready(state)), strategy=step.strategy,
                         name=step.__name__, precision=step.precision, jit=step.jit, donate=step.donate,
-                        accumulate=step.accumulate, gather_state=step.gather_state,
-                        shard_state=lambda state: step.shard_state(policy.prepare(state)),
-                        local_parts=lambda state: step.local_parts(policy.prepare(state)))
+                        accumulate=step.accumulate, gather_state=lambda state: step.gather_state(ready(state)),
+                        shard_state=lambda state: step.shard_state(ready(state)),
+                        local_parts=lambda state: step.local_parts(ready(state)))
     for extra in ("on_parts", "init_parts"):  # ZeRO-3's ways to run and initialise the model on parts
         if hasattr(step, extra):
             setattr(wrapped, extra, getattr(step, extra))

@@ -203,7 +203,8 @@ class Trainer:
         self._rank_shard = _dist.shard() if self.distributed else None  # this rank's part of arrays fit batches
         self.device = self.devices[0]  # where the state lives; with several devices, the first
         self.module = model if isinstance(model, nn.Module) else None
-        on_meta = self._params_sharded and params is None and on_meta_device(model)  # never whole: init per part
+        # never whole: init per part (ZeRO-3); a ValueError for a meta model under any other strategy
+        on_meta = params is None and on_meta_device(model, self._params_sharded, strategy)
         if self.module is not None and params is None and not on_meta:
             self.module.to(self.device)  # train the module's own storage, on the device (Lightning's way)
         self.model = functional(model, copy=False)

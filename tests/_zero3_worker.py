@@ -265,7 +265,17 @@ def errors() -> dict:
         step(fnnet.TrainState.create(tied.params, opt), b)
     except ValueError as err:
         messages.append(str(err))
-    assert len(messages) == 2 and "called no module" in messages[0] and "tied across units" in messages[1], messages
+    # a state in parts (another step's) given to a fresh step, which has no layout yet: named, not a broadcast error
+    first = fnnet.make_train_step(loss_of(m), opt, strategy="zero3")
+    parts = first(fnnet.TrainState.create(m.params, opt), b)[0]
+    for given in (parts, fnnet.TrainState(parts.params, None)):
+        try:
+            fnnet.make_train_step(loss_of(m), opt, strategy="zero3")(given, b)
+        except ValueError as err:
+            messages.append(str(err))
+    assert len(messages) == 4 and "called no module" in messages[0] and "tied across units" in messages[1], messages
+    assert all("holds 1-D parts" in s and "no layout yet" in s and "TrainState(step.init_parts(" in s
+               for s in messages[2:]), messages
     return {"errors": messages}
 
 
@@ -615,7 +625,49 @@ def precision_case() -> dict:
             worst = max(worst, diff / max(moved, 1e-12) / eps)
             assert params[k].dtype == ref_params[k].dtype, (name, k, params[k].dtype)
         out[name] = worst
-    return {"precision_worst_relative": out}
+    return {"precision_worst_relative": out, "meta_bf16_params": meta_bf16_params()}
+
+
+def meta_bf16_params() -> list[str]:
+    """bfloat16 params with float32 master weights from a meta-built model (float32 GPT): by hand
+    (``TrainState(step.init_parts(net, key), None)``) and ``Trainer(meta_net, strategy="zero3")`` train
+    exactly as the same policy under ZeRO-3 started from the real module initialised by ``Model.init``
+    under the same key (the same draws, the same ranks: the same numbers)."""
+    from fnnet._setup import INIT_SALT
+
+    world, rank = distributed.world_size(), distributed.rank()
+    sizes, key = sizes_for(world), fnnet.random.key(4)
+    policy, opt = fnnet.Precision(param_dtype=torch.bfloat16), optim.adam(0.01)
+    with torch.device("meta"):
+        net = fnnet.models.GPT(VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=DIM)
+    full = fnnet.functional(fnnet.models.GPT(VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=DIM))
+    results = {}
+    for start in ("meta", "real"):
+        step = fnnet.make_train_step(loss_of(full), opt, strategy="zero3", precision=policy)
+        state = (fnnet.TrainState(step.init_parts(net, key), None) if start == "meta"
+                 else fnnet.TrainState.create(full.init(key), opt))
+        for i in range(2):
+            state, _ = step(state, part(batch(i, sizes), sizes, rank))
+        assert state.params["wte.weight"].dtype == torch.bfloat16, (start, state.params["wte.weight"].dtype)
+        results[start] = step.gather_state(state)
+    trainers = {}
+    for start in ("meta", "real"):
+        whole = None if start == "meta" else fnnet.models.GPT(VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=DIM)
+        params = None if start == "meta" else fnnet.functional(whole).init(fnnet.random.fold_in(fnnet.random.key(3),
+                                                                                                INIT_SALT))
+        tr = fnnet.Trainer(net if start == "meta" else whole, seq_loss, opt, strategy="zero3", precision=policy,
+                           key=3, params=params)
+        tr.fit(loaders(distributed.shard())[0], epochs=1, verbose=0)
+        trainers[start] = tr.checkpoint()["state"]
+    checked = []
+    for what, got, want in (("by hand", results["meta"], results["real"]),
+                            ("Trainer", trainers["meta"], trainers["real"])):
+        assert isinstance(got.opt_state, MasterWeightsState), (what, type(got.opt_state))
+        for k, v in want.params.items():
+            assert v.dtype == torch.bfloat16 and torch.equal(got.params[k], v), (what, k)
+            assert torch.equal(got.opt_state.master[k], want.opt_state.master[k]), (what, "master", k)
+        checked.append(what)
+    return checked
 
 
 

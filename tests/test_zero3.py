@@ -124,6 +124,19 @@ def test_stage_three_options_say_clearly_what_is_wrong():
         fnnet.Trainer(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1), strategy="zero3")
 
 
+def test_a_meta_module_outside_zero3_is_refused_naming_zero3():
+    # was torch's "Cannot copy out of meta tensor; ... use to_empty()" from deep inside module.to
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=r"parameters \['0.weight', '0.bias', '1.weight', '1.bias'\] are on the "
+                                         r"meta device.*only under strategy='zero3'.*to_empty"):
+        fnnet.Trainer(net, torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1))
+    net.to_empty(device="cpu")
+    for m in net:
+        m.reset_parameters()
+    fnnet.Trainer(net, torch.nn.functional.mse_loss, fnnet.optim.sgd(0.1))  # materialised as the error says: fine
+
+
 class _Stack(torch.nn.Module):
     """Uneven sizes, a tied output (one parameter), and the units of a ModuleList."""
 
@@ -157,3 +170,50 @@ def test_init_parts_of_every_rank_put_together_are_model_init_exactly(world, see
     for k, v in want.items():
         assert torch.equal(torch.cat(pieces[k]).view(v.shape), v), k
     assert all(p.device.type == "meta" for p in net.parameters())  # the module given is left as it was
+
+
+class _DataWrites(torch.nn.Module):
+    """``reset_parameters`` that write without bumping ``_version`` (Hugging Face's ``_init_weights`` style):
+    ``p.data.normal_()`` and ``p.data = ...``; the Linear's own reset writes the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 3)
+        self.w = torch.nn.Parameter(torch.zeros(6))
+        self.v = torch.nn.Parameter(torch.zeros(2, 3))
+
+    def reset_parameters(self):
+        self.w.data.normal_(0, 1.0)
+        self.v.data = torch.randn(2, 3)
+
+
+class _HalfWrite(_DataWrites):
+    def reset_parameters(self):  # writes half of w, the rest kept from before (which a meta module has not)
+        self.v.data = torch.randn(2, 3)
+        self.w.data[:3].normal_()
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_init_parts_sees_writes_through_data_on_meta_and_real_tensors(device):
+    # version counters miss .data writes: on meta that was a wrong "no reset_parameters writes" error, on real
+    # tensors the module's old values (zeros) kept; the parts put together must be Model.init's values
+    from fnnet import shard, sharded_init
+
+    key = fnnet.random.key(3)
+    want = fnnet.functional(_DataWrites()).init(key)
+    with torch.device(device):
+        net = _DataWrites()
+    whole = {k: v.detach() for k, v in net.named_parameters()}
+    _, buckets = zero3.unit_buckets(whole)
+    parts = [sharded_init.init_parts(net, key, shard.layout(whole, 2, r, 0.0, reduce_scatter=True, buckets=buckets))
+             for r in range(2)]
+    for k, v in want.items():
+        assert torch.equal(torch.cat([p[k] for p in parts])[:v.numel()].view(v.shape), v), k
+    assert float(want["w"].abs().sum()) > 0 and float(want["v"].abs().sum()) > 0
+    if device == "cpu":
+        assert not net.w.detach().any() and not net.v.detach().any()  # the module given is not changed
+    else:  # a reset writing part of a parameter (reading the rest) has nothing to read on meta: named
+        with torch.device("meta"):
+            half = _HalfWrite()
+        with pytest.raises(ValueError, match="_HalfWrite.reset_parameters wrote only part of 'w'"):
+            sharded_init.init_parts(half, key, shard.layout(whole, 2, 0, 0.0, reduce_scatter=True, buckets=buckets))
