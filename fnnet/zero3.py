@@ -149,8 +149,10 @@ class GatherUnit(torch.autograd.Function):
             into = send[p.offset:p.offset + n]
             if grad is None:
                 into.zero_()
-            else:  # the rank's sample count folded into the copy-in
+            elif grad.dtype == dtype:  # the rank's sample count folded into the copy-in
                 torch.mul(grad, g.weight, out=into.view(lay.shapes[i]))
+            else:  # a 16-bit gradient reduced in float32: widened first, then weighted in float32
+                into.view(lay.shapes[i]).copy_(grad).mul_(g.weight)
             end = p.offset + n
         send[end:].zero_()
         out = torch.empty(lay.chunks[u], dtype=dtype, device=send.device)

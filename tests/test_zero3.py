@@ -76,6 +76,9 @@ def test_two_ranks_equal_one_process_and_fully_shard_with_its_collectives_and_by
                                       "zero3 at W/2 (sharded folder)"]
         assert init["init_peak"] <= init["bound"] < init["model_bytes"]
         assert set(precision["precision_worst_relative"]) == {"bf16-mixed", "16-mixed", "bf16 params"}
+        # bfloat16 gradients widened to float32 before their weight and the reduce-scatter: 5.6 epsilons
+        # measured; weighted in bfloat16 first (the copy-in computing in the gradient's dtype) it was 13.9
+        assert precision["precision_worst_relative"]["bf16 params"] < 8
         assert "0.1.running_mean" in dropout_bn_one["dropout_bn_one_process"]
     assert sum(r[2]["persistent"] for r in ranks) <= ranks[0][2]["unsharded"] + 64  # nothing is kept twice
     assert ranks[0][9]["generated"] != ranks[1][9]["generated"]  # each rank its own prompt and key
