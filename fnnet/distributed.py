@@ -309,14 +309,21 @@ def _global(group: Any, r: int) -> int:
 
 def _sum_async(t: torch.Tensor, groups: tuple[Any, ...], op: Any = None) -> Callable[[], torch.Tensor]:
     """Start ``t``'s in-place all-reduce over ``groups[0]``; ``wait()`` finishes it and reduces over the
-    other groups in turn (a mesh: its shard group, then its replicate group), returning ``t``."""
+    other groups in turn (a mesh: its shard group, then its replicate group), returning ``t``.
+    ``wait()`` reduces once: a later call returns ``t`` as it is (the step waits for its sample
+    count in the first bucket's weight and again after the backward; reducing over HSDP's
+    replicate group on each call multiplied ``N`` by the replicas, halving the loss and buffers)."""
     op = dist.ReduceOp.SUM if op is None else op
     work = dist.all_reduce(t, op=op, group=groups[0], async_op=True)
+    done = False
 
     def wait() -> torch.Tensor:
-        work.wait()
-        for g in groups[1:]:
-            dist.all_reduce(t, op=op, group=g)
+        nonlocal done
+        if not done:
+            work.wait()
+            for g in groups[1:]:
+                dist.all_reduce(t, op=op, group=g)
+            done = True
         return t
 
     return wait

@@ -353,7 +353,38 @@ def run_strategies(out: Path) -> None:
     import _zero3_hsdp_worker  # 10. HSDP with stage 3 on the same mesh (asserted on every rank)
 
     result["hsdp3"] = _zero3_hsdp_worker.checks(mesh)
+    result["trainer_logs"] = trainer_logs(mesh)
     (out / f"strategies{me}.json").write_text(json.dumps(result))
+
+
+def trainer_logs(mesh) -> dict:
+    """11. What a Trainer logs under DDP and HSDP (stage 2 and 3; and stage 2 with 2 accumulated batches
+    against DDP with 2) on the same sharded data: every step's ``metrics["loss"]``, the epochs' loss,
+    accuracy, val_loss and val_accuracy, and each run's parameters and BatchNorm buffers' largest
+    difference from its DDP run (test_distributed.py asserts they are equal, float64)."""
+    g = torch.Generator().manual_seed(7)
+    x, xv = torch.randn(64, 8, generator=g, dtype=torch.float64), torch.randn(32, 8, generator=g, dtype=torch.float64)
+    y, yv = torch.randint(0, 3, (64,), generator=g), torch.randint(0, 3, (32,), generator=g)
+    runs = {"ddp": ("ddp", 1), "hsdp2": (distributed.HSDP(mesh), 1), "hsdp3": (distributed.HSDP(mesh, stage=3), 1),
+            "ddp-acc2": ("ddp", 2), "hsdp2-acc2": (distributed.HSDP(mesh), 2)}
+    logs, ends = {}, {}
+    for label, (strategy, accumulate) in runs.items():
+        torch.manual_seed(3)
+        net = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+        steps: list[float] = []
+        record = type("Record", (), {"on_train_batch_end": lambda self, t, i, m: steps.append(float(m["loss"]))})()
+        trainer = fnnet.Trainer(net, F.cross_entropy, optim.adam(0.01), metrics={"accuracy": fnnet.metrics.accuracy},
+                                strategy=strategy, accumulate_grad_batches=accumulate, key=fnnet.random.key(0))
+        history = trainer.fit(fnnet.ArrayLoader((x, y), 4, shard=distributed.shard()),
+                              fnnet.ArrayLoader((xv, yv), 4, shard=distributed.shard()), epochs=2, verbose=0,
+                              shuffle=False, callbacks=[record])
+        logs[label] = {"steps": steps, **{k: history[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}}
+        state = trainer.checkpoint()["state"]
+        ends[label] = {**state.params, **{"buffer." + k: v for k, v in state.buffers.items() if v.is_floating_point()}}
+    for label, end in ends.items():
+        ddp = ends["ddp-acc2" if label.endswith("acc2") else "ddp"]
+        logs[label]["max_diff"] = max((float((end[k] - ddp[k]).abs().max()), k) for k in ddp)  # (diff, its key)
+    return logs
 
 
 def run_strategy_checks(out: Path, me: int, result: dict) -> None:

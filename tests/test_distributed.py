@@ -290,6 +290,14 @@ def test_strategies_on_four_ranks_hsdp_two_groups_shorthands_and_the_rank_checks
         assert len({r["draws"][m] for r in got}) == 4, [r["draws"] for r in got]
     for r in got:  # HSDP(mesh, stage=3): asserted on every rank (tests/_zero3_hsdp_worker.py); fully_shard's 2-D HSDP
         assert r["hsdp3"]["fully_shard"]["fully_shard_max_diff"] < 1e-9, r["hsdp3"]
+    for r in got:  # the Trainer under HSDP (stage 2, 3; 2 with accumulation) logs and trains as under DDP
+        logs = r["trainer_logs"]
+        for label, ddp in (("hsdp2", "ddp"), ("hsdp3", "ddp"), ("hsdp2-acc2", "ddp-acc2")):
+            for key in ("steps", "loss", "accuracy", "val_loss", "val_accuracy"):
+                assert len(logs[label][key]) == len(logs[ddp][key]) > 0, (label, key)
+                torch.testing.assert_close(logs[label][key], logs[ddp][key], rtol=1e-6, atol=1e-9,  # float32 losses
+                                           msg=lambda s: f"{label} {key} against {ddp}: {s}")
+            assert logs[label]["max_diff"][0] < 1e-10, (label, logs[label]["max_diff"])  # params and float buffers
 
 
 @pytest.mark.extended
