@@ -42,7 +42,8 @@ def make_step(strategy: str, loss_fn):
 def window_refused(strategy: str, dst: str) -> None:
     """``STRATEGY/window``: ``accumulate=2``, one micro-batch taken (``state.accum`` holds this rank's own
     partial window), then ``step.local_parts`` and ``fnnet.save(sharded=True)`` of the state must refuse;
-    what each said, and whether anything was written, go to ``DST-RANK.txt``."""
+    what each said, what was written then (nothing), and whether the flushed state's folder loads equal to
+    it, go to ``DST-RANK.txt``."""
     import os
 
     m = model()
@@ -56,11 +57,11 @@ def window_refused(strategy: str, dst: str) -> None:
             said.append("no error")
         except ValueError as exc:
             said.append(str(exc))
+    said.append(str(sorted(e for e in os.listdir(os.path.dirname(dst)) if os.path.basename(dst) in e)))
     flushed, _ = step.flush(state)
     local, parts = step.local_parts(flushed)  # after the window's update: saved as usual
     fnnet.save(dst, local, sharded=True, parts=parts).wait()
     said.append(str(fnnet.tree.all_equal(fnnet.load(dst), step.gather_state(flushed))))
-    said.append(str(sorted(e for e in os.listdir(os.path.dirname(dst)) if os.path.basename(dst) in e)))
     with open(f"{dst}-{rank}.txt", "w") as f:
         f.write("\n".join(said))
 
