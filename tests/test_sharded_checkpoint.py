@@ -143,6 +143,27 @@ def test_bad_folders_are_clear_errors_naming_the_part(tmp_path):
         sharded.save_sharded(tmp_path / "x", {"w": torch.ones(7)}, parts={"w": (2, 3, (3,))})
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 12), st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), min_size=1, max_size=4),
+       st.booleans())
+def test_a_part_leaf_is_accepted_exactly_when_the_ranks_ranges_tile_it(n, ranges, cut):
+    # half of the examples: a true tiling (cut points, one range per rank, a replica of one of them); the
+    # reference: every element lies in exactly one of the distinct non-empty ranges
+    if cut:
+        points = sorted({min(a, n) for a, _ in ranges} | {0, n})
+        ranges = [(lo, hi) for lo, hi in zip(points, points[1:])] + [(0, points[1] if len(points) > 1 else 0)]
+    ranges = [(min(a, b, n), min(max(a, b), n)) for a, b in ranges]
+    distinct = {r for r in ranges if r[1] > r[0]}
+    tiles = all(sum(lo <= i < hi for lo, hi in distinct) == 1 for i in range(n))
+    plans = [{"p": {"shape": [n], "dtype": "float32", "range": list(r)}} for r in ranges]
+    if tiles:
+        pieces = sharded._assign(plans)[0]["p"]["pieces"]
+        assert sorted((lo, hi) for _, lo, hi in pieces) == sorted(distinct)
+    else:
+        with pytest.raises(ValueError, match=r"ranges of 'p' .* do not tile"):
+            sharded._assign(plans)
+
+
 @pytest.mark.parametrize("async_save", [False, True])
 def test_fnnet_save_refuses_a_non_finite_state_before_anything_is_written(tmp_path, async_save):
     # the guide's promise, for fnnet.save(sharded=True) as for the Trainer: no folder, no hidden .partial folder
