@@ -203,6 +203,9 @@ def test_parts_are_checked_on_save_and_load_and_the_ranges_must_tile_each_leaf(t
         with pytest.raises(ValueError, match=r"parts\['p'\] must be .*\(numel 5\)"):
             fnnet.load(tmp_path / "ok", like=ok, parts={"p": value})
     assert os.listdir(tmp_path) == ["ok"]
+    with pytest.raises(ValueError, match=r"does not match `like`.*\n  p: like holds 2 elements, its range \[0, 3\) in "
+                                         r"parts 3"):
+        fnnet.load(tmp_path / "ok", like={**tree, "p": torch.zeros(2)}, parts={"p": (0, 3, (5,))})
     back = fnnet.load(tmp_path / "ok", like={**tree, "p": torch.zeros(2)}, parts={"p": (1, 3, (5,))})
     assert back["p"].tolist() == [1.0, 2.0] and torch.equal(back["w"], tree["w"])
 

@@ -521,6 +521,9 @@ def _targets(manifest: dict[str, Any], path: str, like: Any, parts: dict[str, Pa
             if tuple(leaves[p]["shape"]) != shape or leaves[p]["dtype"] != _dtype_name(ref):
                 bad.append(f"{p}: checkpoint {leaves[p]['dtype']}{leaves[p]['shape']}, like "
                            f"{_dtype_name(ref)}{list(shape)}")
+            elif part and ref.numel() != part.hi - part.lo:
+                bad.append(f"{p}: like holds {ref.numel()} elements, its range [{part.lo}, {part.hi}) in parts "
+                           f"{part.hi - part.lo}")
             out[p] = (part.lo, part.hi) if part else (0, _numel(shape))
     known = {p for p, _ in _tree.leaves_with_path(like)}
     bad += [f"unexpected (in the checkpoint, not in like): {p}" for p in sorted(saved - known)]
