@@ -264,7 +264,17 @@ class TrainStep:
 
         Returns:
             ``(state, parts)``: the state in this rank's layout and ``{key path: (lo, hi, whole shape)}``.
+
+        Raises:
+            ValueError: ``state.accum`` holds an unfinished accumulation window (each rank's own partial
+                gradients and loss: no layout of ranges describes them); call ``state, _ =
+                step.flush(state)`` first, or take the parts after an update (``metrics["updated"]``).
         """
+        if getattr(state, "accum", None) is not None:
+            raise ValueError(f"{self.__name__}.local_parts: state.accum holds an unfinished gradient-accumulation "
+                             f"window ({state.accum.micro} of {self.accumulate} micro-batches: each rank's own "
+                             "partial gradients, which a sharded checkpoint cannot hold); call "
+                             "`state, _ = step.flush(state)` first, or save after an update (metrics['updated'])")
         return (state, {}) if self._local is None else self._local(state)
 
     def __repr__(self) -> str:

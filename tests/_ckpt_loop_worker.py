@@ -6,7 +6,8 @@
 A PHASE is ``STRATEGY:START:STOP:SRC:DST``: build the step (``zero3``, ``zero2``, ``ddp``, ``hsdp`` on a
 ``(2, W/2)`` mesh, ``single``), load the sharded folder SRC into this rank's layout (``-``: a fresh state),
 take steps START ... STOP-1 on the global batches of :func:`global_batch` (the same 12 samples whatever W
-is, split unevenly over the ranks) and save this rank's parts to the folder DST.
+is, split unevenly over the ranks) and save this rank's parts to the folder DST. ``zero3/window`` and
+``zero2/window`` (START, STOP, SRC ignored): :func:`window_refused`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,37 @@ def make_step(strategy: str, loss_fn):
     return fnnet.make_train_step(loss_fn, optimizer(), strategy=strategy)
 
 
+def window_refused(strategy: str, dst: str) -> None:
+    """``STRATEGY/window``: ``accumulate=2``, one micro-batch taken (``state.accum`` holds this rank's own
+    partial window), then ``step.local_parts`` and ``fnnet.save(sharded=True)`` of the state must refuse;
+    what each said, what was written then (nothing), and whether the flushed state's folder loads equal to
+    it, go to ``DST-RANK.txt``."""
+    import os
+
+    m = model()
+    step = fnnet.make_train_step(loss_of(m), optimizer(), strategy=strategy, accumulate=2)
+    world, rank = distributed.world_size(), distributed.rank()
+    state, _ = step(fnnet.TrainState.create(m.params, optimizer()), part(batch(0, SIZES[world]), SIZES[world], rank))
+    said = []
+    for attempt in (lambda: step.local_parts(state), lambda: fnnet.save(dst, state, sharded=True).wait()):
+        try:
+            attempt()
+            said.append("no error")
+        except ValueError as exc:
+            said.append(str(exc))
+    said.append(str(sorted(e for e in os.listdir(os.path.dirname(dst)) if os.path.basename(dst) in e)))
+    flushed, _ = step.flush(state)
+    local, parts = step.local_parts(flushed)  # after the window's update: saved as usual
+    fnnet.save(dst, local, sharded=True, parts=parts).wait()
+    said.append(str(fnnet.tree.all_equal(fnnet.load(dst), step.gather_state(flushed))))
+    with open(f"{dst}-{rank}.txt", "w") as f:
+        f.write("\n".join(said))
+
+
 def phase(strategy: str, start: int, stop: int, src: str | None, dst: str | None):
     """One phase (see the module docstring); returns the step and this rank's state."""
+    if strategy.endswith("/window"):
+        return window_refused(strategy.split("/")[0], dst)
     m = model()
     step = make_step(strategy, loss_of(m))
     whole = fnnet.TrainState.create(m.params, optimizer())

@@ -92,12 +92,16 @@ def save(path: PathLike, tree: Any, *, sharded: bool = False, parts: Mapping[str
         raises a background save's error.
 
     Raises:
-        TypeError: a leaf that cannot be saved, naming its key path.
+        TypeError: a leaf that cannot be saved, naming its key path; a value of ``parts`` that is no
+            ``(int lo, int hi, tuple of ints)``.
         ValueError: two leaves with the same dotted key path, or a tree that contains itself;
             ``parts``, ``group`` or ``async_save`` without ``sharded=True``; for a sharded save, a
-            part's range that does not fit its whole shape, or ranks holding different leaves.
-        RuntimeError: (sharded) a rank failed to write its part or holds non-finite values (every
-            rank raises, naming it; no manifest is written).
+            part's range that does not fit its whole shape, ranks' ranges of a part leaf that leave a
+            gap or overlap, ranks holding different leaves, an unfinished accumulation window
+            (``state.accum``) on several ranks, or non-finite values on any rank (every rank raises,
+            naming the ranks and key paths): nothing is written, not even a hidden ``.partial`` folder.
+        RuntimeError: (sharded) a rank failed to write its part (every rank raises, naming it; no
+            manifest is written).
         IsADirectoryError, NotADirectoryError, PermissionError: ``path`` is a folder, its
             parent is a file, or it is a read-only file (its permissions are respected).
     """

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 import shutil
@@ -46,9 +47,11 @@ import uuid
 import weakref
 from typing import Any, Mapping, NamedTuple
 
+import optree
 import torch
 
 from .. import tree as _tree
+from ..state import Accumulation
 from . import _codec, _file
 
 __all__ = ["MANIFEST", "Part", "SaveHandle", "save_sharded", "load_sharded", "is_sharded", "is_complete",
@@ -66,8 +69,32 @@ class Part(NamedTuple):
     shape: tuple[int, ...]
 
 
-def _as_parts(parts: Mapping[str, Any] | None) -> dict[str, Part]:
-    return {p: Part(int(r[0]), int(r[1]), tuple(int(s) for s in r[2])) for p, r in (parts or {}).items()}
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _as_parts(parts: Mapping[str, Any] | None, what: str) -> dict[str, Part]:
+    """``parts`` checked: each value ``(lo, hi, whole shape)`` of ints with ``0 <= lo <= hi <= numel(shape)``;
+    a ``TypeError``/``ValueError`` naming the key path and the value otherwise."""
+    if parts is None:
+        return {}
+    if not isinstance(parts, Mapping):
+        raise TypeError(f"{what}: parts must be a dict {{key path: (lo, hi, whole shape)}} "
+                        f"(step.local_parts(state)[1]), got {type(parts).__name__}")
+    out = {}
+    for p, r in parts.items():
+        valid = (f"{what}: parts['{p}'] must be (lo, hi, whole shape): two ints and a tuple of ints, the range "
+                 f"[lo, hi) of the flattened whole leaf with 0 <= lo <= hi <= its numel; got {r!r}")
+        if not isinstance(p, str):
+            raise TypeError(f"{what}: parts' keys must be key paths (str), got {p!r}")
+        if not (isinstance(r, (tuple, list)) and len(r) == 3 and _is_int(r[0]) and _is_int(r[1])
+                and isinstance(r[2], (tuple, list, torch.Size)) and all(_is_int(s) and int(s) >= 0 for s in r[2])):
+            raise TypeError(valid)
+        part = Part(int(r[0]), int(r[1]), tuple(int(s) for s in r[2]))
+        if not 0 <= part.lo <= part.hi <= _numel(part.shape):
+            raise ValueError(valid + f" (numel {_numel(part.shape)})")
+        out[p] = part
+    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -146,6 +173,18 @@ def _local_plan(tensors: Mapping[str, torch.Tensor], parts: Mapping[str, Part]) 
     return out
 
 
+def _check_no_window(tree: Any) -> None:
+    """A ``ValueError`` when ``tree`` holds an unfinished accumulation window: its gradients and loss are this
+    rank's own (no rank holds the others'), so a folder written as replicated would keep rank 0's only."""
+    found = optree.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Accumulation), none_is_leaf=False,
+                                          namespace=_tree.NAMESPACE)
+    windows = [_tree.path_str(p) for p, x in zip(found[0], found[1]) if isinstance(x, Accumulation)]
+    if windows:
+        raise ValueError(f"save_sharded: '{windows[0]}' holds an unfinished gradient-accumulation window: each "
+                         "rank's own partial gradients, which a sharded checkpoint cannot hold; call "
+                         "`state, _ = step.flush(state)` first, or save after an update (metrics['updated'])")
+
+
 def _assign(plans: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[list[tuple[str, int, int]]]]:
     """The manifest's leaves and, per rank, the ``(name, lo, hi)`` ranges it writes: each part by the lowest
     rank holding the same range; each whole leaf cut into ``W`` equal ranges, rank ``r`` writing the ``r``-th
@@ -171,17 +210,43 @@ def _assign(plans: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], lis
             c = -(-n // world)
             ranges = [(r, r * c, min(n, (r + 1) * c)) for r in range(world)] if n else [(0, 0, 0)]
         else:
-            ranges, seen = [], set()
-            for r, plan in enumerate(plans):
-                lo, hi = plan[name]["range"]
-                if hi > lo and (lo, hi) not in seen:
-                    seen.add((lo, hi))
-                    ranges.append((r, lo, hi))
+            ranges = _part_pieces(name, plans)
         for r, lo, hi in ranges:
             if hi > lo or not _numel(tuple(head["shape"])):
                 writes[r].append((name, lo, hi))
                 pieces.append([r, lo, hi])
     return leaves, writes
+
+
+def _part_pieces(name: str, plans: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """The ``(rank, lo, hi)`` pieces of the part leaf ``name``: each non-empty range once, by the lowest rank
+    holding it, after checking that the ranks' ranges tile ``[0, numel)`` (no gap, no overlap): a ``ValueError``
+    naming the leaf, the gaps and the overlaps otherwise (the same on every rank: nothing is written)."""
+    held = [plan[name]["range"] for plan in plans]
+    whole = [r for r, h in enumerate(held) if h is None]
+    if whole:
+        raise ValueError(f"save_sharded: '{name}' is a part (parts names it) on some ranks and whole on ranks "
+                         f"{whole}: every rank must list it in parts")
+    ranges, seen = [], set()
+    for r, (lo, hi) in enumerate(held):
+        if hi > lo and (lo, hi) not in seen:
+            seen.add((lo, hi))
+            ranges.append((r, lo, hi))
+    n, end, gaps, overlaps = _numel(tuple(plans[0][name]["shape"])), 0, [], []
+    for r, lo, hi in sorted(ranges, key=lambda x: (x[1], x[2])):
+        if lo > end:
+            gaps.append([end, lo])
+        elif lo < end:
+            overlaps.append([lo, min(end, hi)])
+        end = max(end, hi)
+    if end < n:
+        gaps.append([end, n])
+    if gaps or overlaps:
+        raise ValueError(f"save_sharded: the ranks' ranges of '{name}' (whole {plans[0][name]['shape']}, {n} "
+                         f"elements) do not tile [0, {n}): gaps {gaps}, overlaps {overlaps} (ranges per rank: "
+                         f"{[list(h) for h in held]}); each element must be held by exactly one range (identical "
+                         "ranges on several ranks are one replica); nothing was written")
+    return ranges
 
 
 def _file_name(rank: int, world: int) -> str:
@@ -276,13 +341,19 @@ def _file_digest(path: str) -> str:
 def _finish(job: dict[str, Any], group: Any) -> None:
     """Write this rank's file, confirm across the ranks, then (rank 0) the manifest and the move into place."""
     rank, world, partial = job["rank"], job["world"], job["partial"]
+    # a checkpoint is always a state training can resume from: checked before anything is written (here: off the
+    # step when async), every rank's verdict gathered so that every rank refuses, naming the ranks and key paths
+    bad = sorted({k.rsplit("[", 1)[0] for k, t in job["tensors"].items()
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all())})
+    refused = [f"rank {r}: {b[:5]}" for r, b in enumerate(_all_gather(bad, group)) if b]
+    if refused:
+        job["tensors"] = None
+        raise ValueError(f"save_sharded: non-finite values at {'; '.join(refused)}; not written to '{job['path']}' "
+                         "(nothing was written; the checkpoint there, if any, is kept)")
     status: tuple[str | None, str | None] = (None, None)
     try:
         os.makedirs(partial, exist_ok=True)
         name = _file_name(rank, world)
-        bad = [k for k, t in job["tensors"].items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:  # a checkpoint is always a state training can resume from (checked here: off the step when async)
-            raise ValueError(f"non-finite values in {bad[:5]}")
         node = {"kind": "dict", "keys": list(job["tensors"]),
                 "children": [{"kind": "tensor", "name": k} for k in job["tensors"]]}
         structure = {"kind": "dict", "keys": ["run", "rank", "world", "pieces"],
@@ -330,19 +401,27 @@ def save_sharded(path: Any, tree: Any, *, parts: Mapping[str, Any] | None = None
         a :class:`SaveHandle`; call ``wait()`` (sync saves have finished already).
 
     Raises:
-        ValueError: a part's range that does not fit its whole shape, ranks holding different leaves.
-        RuntimeError: a rank failed to write its file, or its pieces hold non-finite values (every rank
-            raises, naming it; with ``async_save`` at ``wait()``); no manifest is written.
+        TypeError: a value of ``parts`` that is no ``(int lo, int hi, tuple of ints)`` (naming its key path).
+        ValueError: a part's range that does not fit its whole shape or its tensor, ranks whose ranges of
+            a part leaf do not tile it (a gap or an overlap: the leaf named), ranks holding different
+            leaves, a tree holding an unfinished accumulation window (``TrainState.accum``) on several
+            ranks (each rank's own partial gradients: call ``step.flush(state)`` first), or non-finite
+            values on any rank (every rank raises, naming the ranks and key paths; with ``async_save``
+            at ``wait()``): nothing is written, not even the hidden ``.partial`` folder.
+        RuntimeError: a rank failed to write its file (every rank raises, naming it; with
+            ``async_save`` at ``wait()``); no manifest is written.
     """
     path = os.path.abspath(os.fspath(path))
     rank, world = _rank_world(group)
-    part_map = _as_parts(parts)
+    part_map = _as_parts(parts, "save_sharded")
     enc = _References()
     structure = enc.node(tree)
     unknown = sorted(set(part_map) - set(enc.tensors))
     if unknown:
         raise ValueError(f"save_sharded: parts names key paths that are no tensor of the tree: {unknown[:5]}")
     try:
+        if world > 1:
+            _check_no_window(tree)
         plan: Any = _local_plan(enc.tensors, part_map)
     except ValueError as exc:  # every rank must hear of it, or the others wait in the gather below
         plan = str(exc)
@@ -442,6 +521,9 @@ def _targets(manifest: dict[str, Any], path: str, like: Any, parts: dict[str, Pa
             if tuple(leaves[p]["shape"]) != shape or leaves[p]["dtype"] != _dtype_name(ref):
                 bad.append(f"{p}: checkpoint {leaves[p]['dtype']}{leaves[p]['shape']}, like "
                            f"{_dtype_name(ref)}{list(shape)}")
+            elif part and ref.numel() != part.hi - part.lo:
+                bad.append(f"{p}: like holds {ref.numel()} elements, its range [{part.lo}, {part.hi}) in parts "
+                           f"{part.hi - part.lo}")
             out[p] = (part.lo, part.hi) if part else (0, _numel(shape))
     known = {p for p, _ in _tree.leaves_with_path(like)}
     bad += [f"unexpected (in the checkpoint, not in like): {p}" for p in sorted(saved - known)]
@@ -490,9 +572,9 @@ def load_sharded(path: Any, like: Any = None, *, parts: Mapping[str, Any] | None
             manifest wrote (another run or model), a stray part of another save, a damaged file (naming it),
             or a mismatch with ``like`` (every leaf named).
     """
+    part_map = _as_parts(parts, "load_sharded")
     path = os.path.abspath(os.fspath(path))
     manifest = _read_manifest(path)
-    part_map = _as_parts(parts)
     need = _targets(manifest, path, like, part_map)
     flat = _read_ranges(path, manifest, need)
     leaves = manifest["leaves"]
