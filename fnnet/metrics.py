@@ -99,6 +99,13 @@ class Metric(NamedTuple):
     update: Callable[..., Any]
     compute: Callable[[Any], Tensor]
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """A ``Metric`` is not called: it is passed as it is (``metrics={"acc": fnnet.metrics.accuracy}``);
+        ``top_k_accuracy(k)`` and ``binary_accuracy()`` are the functions that make one. Raises ``TypeError``."""
+        raise TypeError("this fnnet.metrics.Metric is a metric already, not a function that makes one: pass it "
+                        "without parentheses (metrics={'acc': fnnet.metrics.accuracy}); to compute it on "
+                        "tensors: metric.compute(metric.update(metric.init(device), outputs, targets))")
+
 
 class MeanState(NamedTuple):
     """State of a weighted mean: ``total`` = sum of ``value * weight``, ``count`` = sum of weights."""

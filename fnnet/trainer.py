@@ -361,6 +361,11 @@ class Trainer:
             if val_data is not None:
                 raise TypeError("fit: got both val_data and validation_data (Keras' name for val_data); pass one")
             val_data = validation_data
+        if _is_array(train_data) and _is_array(val_data):  # Keras' fit(x, y): y would become the validation data
+            raise TypeError(f"fit(X, y): fnnet's fit takes the data as one argument, fit((X, y), ...) (Keras' "
+                            f"fit(x, y)); its second argument is the validation data. Got a "
+                            f"{type(train_data).__name__} of shape {tuple(train_data.shape)} and a "
+                            f"{type(val_data).__name__} of shape {tuple(val_data.shape)}")
         epochs = check_step_options(epochs, max_steps, val_check_interval)
         check_fit_options(epochs, on_nonfinite, log_every)
         train_data, val_data = fit_loaders(train_data, val_data, batch_size=batch_size, validation_split=validation_split,
@@ -578,6 +583,11 @@ class Trainer:
 
 
 # -- private helpers of the loop ------------------------------------------------------------------------
+
+
+def _is_array(x: Any) -> bool:
+    """A tensor or a NumPy array (data itself, not a loader or an ``(X, y)`` pair)."""
+    return isinstance(x, torch.Tensor) or type(x).__module__ == "numpy" and hasattr(x, "shape")
 
 
 class _Evaluation(dict):

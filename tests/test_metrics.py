@@ -333,3 +333,11 @@ def test_torchmetrics_in_the_trainer_are_exact_for_train_and_validation():
     val_pred = trainer.predict(torch.cat([b[0] for b in val])).argmax(1)
     val_true = torch.cat([b[1] for b in val])
     assert history["val_f1"][0] == pytest.approx(f1_score(val_true.numpy(), val_pred.numpy(), average="macro"), rel=1e-6)
+
+
+def test_a_metric_called_like_a_factory_says_to_pass_it_as_it_is():
+    # metrics={"acc": fnnet.metrics.accuracy()} gave Python's bare "'Metric' object is not callable"
+    import fnnet
+
+    with pytest.raises(TypeError, match=r"without parentheses \(metrics=\{'acc': fnnet.metrics.accuracy\}\)"):
+        fnnet.metrics.accuracy()

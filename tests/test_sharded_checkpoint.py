@@ -117,8 +117,13 @@ def test_the_load_matrix_equals_the_uninterrupted_run(tmp_path_factory, tmp_path
 def test_bad_folders_are_clear_errors_naming_the_part(tmp_path):
     folder = saved_here(tmp_path / "ckpt") / "step.ckpt"
     part = "part-00000-of-00001.safetensors"
-    with pytest.raises(ValueError, match=r"manifest 'fnnet-checkpoint.json'.*missing"):
-        sharded.load_sharded(tmp_path)  # a folder without a manifest: never loaded
+    with pytest.raises(ValueError, match=r"is a folder, not a checkpoint: no manifest .*\(it holds ckpt\)"):
+        sharded.load_sharded(tmp_path)  # a folder of other things (no part): said so, not called a torn save
+    torn = tmp_path / "torn"
+    shutil.copytree(folder, torn)
+    os.remove(torn / "fnnet-checkpoint.json")
+    with pytest.raises(ValueError, match=r"manifest 'fnnet-checkpoint.json'.*missing: a save that did not finish"):
+        sharded.load_sharded(torn)  # parts without their manifest: never loaded
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     os.remove(bad / part)

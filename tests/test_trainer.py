@@ -948,3 +948,18 @@ def test_the_progress_bar_labels_one_ranks_own_values_in_a_distributed_run():
         shown = book.logs(states, all_ranks=False)
         assert sorted(shown) == sorted([f"loss{label}", f"accuracy{label}"])
         assert shown[f"accuracy{label}"] == pytest.approx(2 / 3)
+
+
+def test_fit_x_y_as_keras_says_to_pass_one_pair():
+    # Keras' fit(x, y) made y the validation data silently (the error came later, about batches without targets)
+    import numpy as np
+
+    trainer = make_trainer()
+    x, y = blobs(64, 0)
+    with pytest.raises(TypeError, match=r"fit\(\(X, y\), \.\.\.\).*shape \(64, "):
+        trainer.fit(x, y, epochs=1, verbose=0)
+    with pytest.raises(TypeError, match=r"fit\(\(X, y\)"):
+        trainer.fit(x.numpy(), np.asarray(y), epochs=1, verbose=0)
+    assert trainer.state.step == 0  # nothing trained
+    trainer.fit((x, y), epochs=1, verbose=0)
+    assert trainer.state.step > 0

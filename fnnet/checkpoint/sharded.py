@@ -477,6 +477,13 @@ def _read_manifest(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"no sharded checkpoint folder at '{path}'")
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
+        names = sorted(os.listdir(path))
+        if not any(n.startswith("part-") for n in names):  # no part either: a folder of other files, not a torn save
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") or "nothing"
+            raise ValueError(f"'{path}' is a folder, not a checkpoint: no manifest '{MANIFEST}' and no part files "
+                             f"(it holds {shown}). Give a checkpoint file inside it (a ModelCheckpoint folder "
+                             "holds one file per checkpoint), a sharded checkpoint folder, or fit(resume='auto') "
+                             "for the newest checkpoint of the ModelCheckpoint callbacks")
         raise ValueError(f"'{path}' is not a complete sharded checkpoint: its manifest '{MANIFEST}' (written last, "
                          "once every rank's part is durable) is missing: a save that did not finish; load an older one")
     try:
