@@ -842,24 +842,6 @@ class _ShardedStep(_RankStep):
             self.updater = _shard.sharded_update(self.layout)
         return self.layout
 
-    def check_not_parts(self, params: Any) -> None:
-        """A ``ValueError`` (on every rank alike) when a step with no layout yet is given 1-D leaves whose
-        shapes differ across the shard group: some rank's parts (of another step, or a checkpoint's), not
-        whole parameters, which every rank holds alike. Collective only then (every leaf 1-D)."""
-        shapes = [tuple(x.shape) for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
-        if not shapes or any(len(s) != 1 for s in shapes):
-            return
-        seen: list[Any] = [None] * dist.get_world_size(self.topo.shard)
-        dist.all_gather_object(seen, shapes, group=self.topo.shard)
-        if any(s != shapes for s in seen):
-            paths = [p for p, x in _tree.leaves_with_path(params) if isinstance(x, torch.Tensor)]
-            i = next(j for j in range(len(shapes)) if any(s[j] != shapes[j] for s in seen))
-            raise ValueError(
-                f"ZeRO-3 step: the state holds 1-D parts (e.g. {paths[i]!r}: {[s[i][0] for s in seen]} elements on "
-                "ranks 0..) but this step has no layout yet (it is made from whole parameters, on its first call "
-                "or by step.init_parts): give this step the whole state (TrainState.create(params, optimizer), a "
-                "gathered checkpoint) or TrainState(step.init_parts(module, key), None) made by this same step")
-
     def update(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any, Any]:
         assert self.updater is not None
         return self.updater(*args, **kwargs)

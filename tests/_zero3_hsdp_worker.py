@@ -21,7 +21,6 @@ from fnnet import distributed, optim
 
 import _zero3_worker as base  # the model, batches and one-process reference of the ZeRO-3 tests
 
-TOL = base.TOL
 
 
 def train_hsdp(mesh, opt, steps: int, sizes: tuple[int, ...], m=None, counts: dict | None = None,
@@ -74,11 +73,7 @@ def against_one_process(mesh, name: str, opt) -> dict:
     counts: dict = {}
     step, state, losses = train_hsdp(mesh, opt, 4, sizes, counts=counts, other_start=name == "adam")
     whole = step.gather_state(state)
-    for k, v in ref.params.items():
-        torch.testing.assert_close(whole.params[k], v, **TOL, msg=lambda s: f"{name}: params[{k}]: {s}")
-    for (path, a), b in zip(fnnet.tree.leaves_with_path(whole.opt_state), fnnet.tree.leaves(ref.opt_state)):
-        if isinstance(a, torch.Tensor):
-            torch.testing.assert_close(a, b, **TOL, msg=lambda s: f"{name}: opt_state {path}: {s}")
+    base.same_state(whole, ref, name)
     assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-10, (name, losses, ref_losses)
     mine = sum(x.numel() for x in state.params.values())
     assert abs(mine - sum(x.numel() for x in ref.params.values()) / 2) <= 8, mine  # a half, to the padding

@@ -119,17 +119,22 @@ def train(strategy, opt, steps: int, accumulate: int = 1, frozen: bool = False, 
     return step, state, losses
 
 
+def same_state(whole, ref, name: str) -> None:
+    """The gathered state's parameters and optimizer state equal the one-process reference's (TOL)."""
+    for k, v in ref.params.items():
+        torch.testing.assert_close(whole.params[k], v, **TOL, msg=lambda s: f"{name}: params[{k}]: {s}")
+    for (path, a), b in zip(fnnet.tree.leaves_with_path(whole.opt_state), fnnet.tree.leaves(ref.opt_state)):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, **TOL, msg=lambda s: f"{name}: opt_state {path}: {s}")
+
+
 def check_case(name: str, opt, steps: int = 4, accumulate: int = 1, frozen: bool = False,
                donate: bool = False) -> dict:
     if distributed.world_size() > 1:
         ref_step, ref, ref_losses = _single(opt, steps, accumulate, frozen)
     step, state, losses = train(distributed.ZeRO(3), opt, steps, accumulate, frozen, donate)
     whole = step.gather_state(state)
-    for k, v in ref.params.items():
-        torch.testing.assert_close(whole.params[k], v, **TOL, msg=lambda s: f"{name}: params[{k}]: {s}")
-    for (path, a), b in zip(fnnet.tree.leaves_with_path(whole.opt_state), fnnet.tree.leaves(ref.opt_state)):
-        if isinstance(a, torch.Tensor):
-            torch.testing.assert_close(a, b, **TOL, msg=lambda s: f"{name}: opt_state {path}: {s}")
+    same_state(whole, ref, name)
     if name == "adam":  # eval on the sharded state: units gathered on the fly, equal to one process's eval
         evaluate = fnnet.make_eval_step(step.on_parts(loss_of(model())))
         sizes = sizes_for(distributed.world_size())
