@@ -16,6 +16,10 @@ from _dist_worker import StopAt  # noqa: E402  (tests/ is on the path, as for co
 
 N, BATCH, EPOCHS = 45, 8, 3  # 6 batches per epoch, the last one short (5 samples)
 
+# these tests reuse a folder on purpose: ModelCheckpoint's "already holds ... checkpoint(s) this callback did not
+# write" warning is expected here (its own test: test_callbacks.py)
+pytestmark = pytest.mark.filterwarnings("ignore:ModelCheckpoint. the folder .* already holds:UserWarning")
+
 
 def data():
     g = torch.Generator().manual_seed(3)
@@ -30,7 +34,6 @@ def trainer(**kwargs):
 
 def loader():
     return fnnet.ArrayLoader(data(), BATCH, shuffle=True, key=fnnet.random.key(1))
-
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
 TIMEOUT = 240
 
+# these tests reuse a folder on purpose: ModelCheckpoint's "already holds ... checkpoint(s) this callback did not
+# write" warning is expected here (its own test: test_callbacks.py)
+_REUSED_FOLDER = pytest.mark.filterwarnings("ignore:ModelCheckpoint. the folder .* already holds:UserWarning")
+
 
 def run_ranks(script: Path, args: list, nproc: int, *, torchrun: tuple = (), env: dict | None = None,
               check: bool = True) -> subprocess.CompletedProcess:
@@ -278,6 +282,7 @@ trainer("single").fit(loader, epochs=2, verbose=0, callbacks=[Arm(), fnnet.callb
 """
 
 
+@_REUSED_FOLDER
 @pytest.mark.extended  # the default suite kills a rank of a 2-rank run (test_a_rank_killed_between_the_parts_...)
 @pytest.mark.parametrize("point", ["data", "marker", "rename"])
 def test_a_save_killed_between_its_steps_is_never_picked_and_is_cleaned_up(tmp_path, uninterrupted, point):
@@ -306,6 +311,7 @@ def test_a_save_killed_between_its_steps_is_never_picked_and_is_cleaned_up(tmp_p
     assert not [e for e in os.listdir(folder) if e.startswith(".")]
 
 
+@_REUSED_FOLDER
 def test_a_sharded_callback_deletes_only_its_own_folders_and_a_crafted_book_names_none(tmp_path):
     """Issue 34's deletion safety for sharded folders: the book names folders, not paths; a name outside
     dirpath, a foreign name or a link of its own form is never removed; its own stale folders are."""
