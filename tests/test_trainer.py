@@ -791,6 +791,18 @@ def test_the_chapters_torch_optimizer_and_scheduler_train_exactly_like_torch():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_predict_given_x_and_y_says_it_takes_inputs_only():
+    x, y = blobs(64)
+    trainer = make_trainer()
+    for data in [(x, y), [x.numpy(), y.numpy()]]:  # Keras' (X, y) given to predict: not two batches
+        with pytest.raises(TypeError, match=r"predict takes the inputs only.*\(64, 2\), \(64,\).*predict\(X_test\)"
+                                            r".*evaluate\(\(X_test, y_test\)\)"):
+            trainer.predict(data)
+    # batches of inputs of different lengths stay batches, as do one-element batches
+    torch.testing.assert_close(trainer.predict([x[:32], x[32:48]]), trainer.predict(x[:48]))
+    torch.testing.assert_close(trainer.predict([(x[:32],), (x[32:64],)]), trainer.predict(x))
+
+
 def test_fit_evaluate_predict_take_arrays_like_keras():
     import numpy as np
 
