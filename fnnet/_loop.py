@@ -226,15 +226,21 @@ def epoch_line(epoch: int, i: int, epochs: int, logs: Mapping[str, float]) -> st
     return f"Epoch {epoch + 1} ({i + 1}/{epochs})  {shown}  [{logs['time']:.1f}s]"
 
 
-def banner(devices: list[torch.device], precision: str, jit: bool) -> str:
+def banner(devices: list[torch.device], precision: str, jit: bool, strategy: Any = None, world: int = 1) -> str:
     """The line a Trainer prints before its first epoch: where it trains (every replica of a
-    data-parallel run named), the precision, whether compiled."""
+    data-parallel run named), the precision, whether compiled; in a ``torch.distributed`` run
+    (``world`` ranks), the strategy's name (``ZeRO``'s with its stage) and the number of ranks."""
     def name(d: torch.device) -> str:
         return str(d) + (f" ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else "")
 
     where = name(devices[0]) if len(devices) == 1 else (
         f"{len(devices)} data-parallel replicas ({', '.join(name(d) for d in devices)})")
-    return f"fnnet.Trainer: training on {where}, precision {precision}, jit {'on' if jit else 'off'}"
+    line = f"fnnet.Trainer: training on {where}, precision {precision}, jit {'on' if jit else 'off'}"
+    if strategy is not None and world > 1:
+        name = getattr(strategy, "name", type(strategy).__name__)
+        stage = getattr(strategy, "stage", None)
+        line += f", strategy {name}{stage if name == 'zero' and stage else ''} over {world} ranks"
+    return line
 
 
 _SHOWN_LEAVES = 8  # an error names this many leaves of a batch at most: a message never embeds the data

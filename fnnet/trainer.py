@@ -379,7 +379,8 @@ class Trainer:
         if resume is not None:  # epochs is then the total (Lightning's max_epochs): a restarted script runs as is
             epochs = resume_fit(self, resume, cbs.callbacks, epochs, train_data, verbose)
         if verbose and not self._announced:
-            print(banner(self.devices, self.precision, self.jit))
+            print(banner(self.devices, self.precision, self.jit, getattr(self.train_step, "strategy", None),
+                         _dist.world_size() if self.distributed else 1))
             self._announced = True
         self.stop_training = False
         self.history.stop_reason = ""
