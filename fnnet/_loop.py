@@ -276,13 +276,14 @@ _HINTS = (
 )
 
 
-def with_context(err: Exception, what: str, epoch: int, index: int, batch: Any) -> Exception:
-    """``err`` (the same type) with fnnet's context: where, the batch's shapes and dtypes, the fix."""
+def with_context(err: Exception, what: str, epoch: int | None, index: int, batch: Any) -> Exception:
+    """``err`` (the same type) with fnnet's context: where (``epoch`` None: outside ``fit``, no epoch), the batch's
+    shapes and dtypes, the fix."""
     text = str(err)
     hint = next((h for pattern, h in _HINTS if pattern in text), None)
     if len(text) > _SHOWN_CHARS:
         text = text[:_SHOWN_CHARS] + f" ... ({len(text) - _SHOWN_CHARS} more characters)"
-    message = (f"{text}\n\nfnnet.Trainer: {what} failed in epoch {epoch + 1} at batch {index} "
+    message = (f"{text}\n\nfnnet.Trainer: {what} failed{'' if epoch is None else f' in epoch {epoch + 1}'} at batch {index} "
                f"({_describe_batch(batch)})" + (f": {hint}" if hint else ""))
     try:
         return type(err)(message)

@@ -687,6 +687,18 @@ def test_errors_from_the_users_data_say_where_and_what_to_do():
             fnnet.ArrayLoader((x[:5], y[:5]), 4), verbose=0)
 
 
+def test_an_evaluate_error_names_the_epoch_only_inside_fit():
+    x, y = blobs(32)
+    bad = [(torch.randn(32, 5), y)]  # 5 features for a model of 2
+    trainer = make_trainer()
+    trainer.fit([(x, y)], epochs=2, verbose=0)  # epochs done: a standalone evaluate still has no epoch
+    with pytest.raises(RuntimeError, match=r"(?s)fnnet\.Trainer: evaluate failed at batch 0 \(0: float32\[32, 5\]") as err:
+        trainer.evaluate(bad)
+    assert "epoch" not in str(err.value)
+    with pytest.raises(RuntimeError, match=r"(?s)fnnet\.Trainer: evaluation failed in epoch 3 at batch 0 \(0: float32"):
+        trainer.fit([(x, y)], bad, epochs=1, verbose=0)  # fit's validation: the epoch it validates
+
+
 def test_a_one_shot_iterator_is_refused_before_training_for_several_epochs():
     x, y = blobs(32)
     gen = ((x, y) for _ in range(2))
