@@ -184,7 +184,15 @@ def check_same_batch_count(count: int | None, epoch: int, distributed: bool, whe
 
 def input_batches(data: Any, batch_size: Any) -> Any:
     """``predict``'s data as batches: a tensor or NumPy array of inputs in batches of ``batch_size``;
-    any other iterable of batches as it is."""
+    any other iterable of batches as it is. A tuple or list of exactly two tensors or arrays of the same
+    length is Keras' ``(X, y)`` given to the wrong method: a ``TypeError`` saying so."""
+    if (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(a, (torch.Tensor, np.ndarray)) and a.ndim > 0 for a in data)
+            and len(data[0]) == len(data[1])):
+        shapes = ", ".join(str(tuple(a.shape)) for a in data)
+        raise TypeError(f"predict takes the inputs only, got a {type(data).__name__} of two arrays of the same length "
+                        f"({shapes}), read as (X, y): call predict(X_test); evaluate((X_test, y_test)) computes the "
+                        "loss and metrics against targets. (Two batches of inputs: pass [(x1,), (x2,)].)")
     if isinstance(data, np.ndarray):
         data = torch.as_tensor(data)
     if isinstance(data, torch.Tensor):
@@ -218,15 +226,21 @@ def epoch_line(epoch: int, i: int, epochs: int, logs: Mapping[str, float]) -> st
     return f"Epoch {epoch + 1} ({i + 1}/{epochs})  {shown}  [{logs['time']:.1f}s]"
 
 
-def banner(devices: list[torch.device], precision: str, jit: bool) -> str:
+def banner(devices: list[torch.device], precision: str, jit: bool, strategy: Any = None, world: int = 1) -> str:
     """The line a Trainer prints before its first epoch: where it trains (every replica of a
-    data-parallel run named), the precision, whether compiled."""
+    data-parallel run named), the precision, whether compiled; in a ``torch.distributed`` run
+    (``world`` ranks), the strategy's name (``ZeRO``'s with its stage) and the number of ranks."""
     def name(d: torch.device) -> str:
         return str(d) + (f" ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else "")
 
     where = name(devices[0]) if len(devices) == 1 else (
         f"{len(devices)} data-parallel replicas ({', '.join(name(d) for d in devices)})")
-    return f"fnnet.Trainer: training on {where}, precision {precision}, jit {'on' if jit else 'off'}"
+    line = f"fnnet.Trainer: training on {where}, precision {precision}, jit {'on' if jit else 'off'}"
+    if strategy is not None and world > 1:
+        name = getattr(strategy, "name", type(strategy).__name__)
+        stage = getattr(strategy, "stage", None)
+        line += f", strategy {name}{stage if name == 'zero' and stage else ''} over {world} ranks"
+    return line
 
 
 _SHOWN_LEAVES = 8  # an error names this many leaves of a batch at most: a message never embeds the data
@@ -262,13 +276,14 @@ _HINTS = (
 )
 
 
-def with_context(err: Exception, what: str, epoch: int, index: int, batch: Any) -> Exception:
-    """``err`` (the same type) with fnnet's context: where, the batch's shapes and dtypes, the fix."""
+def with_context(err: Exception, what: str, epoch: int | None, index: int, batch: Any) -> Exception:
+    """``err`` (the same type) with fnnet's context: where (``epoch`` None: outside ``fit``, no epoch), the batch's
+    shapes and dtypes, the fix."""
     text = str(err)
     hint = next((h for pattern, h in _HINTS if pattern in text), None)
     if len(text) > _SHOWN_CHARS:
         text = text[:_SHOWN_CHARS] + f" ... ({len(text) - _SHOWN_CHARS} more characters)"
-    message = (f"{text}\n\nfnnet.Trainer: {what} failed in epoch {epoch + 1} at batch {index} "
+    message = (f"{text}\n\nfnnet.Trainer: {what} failed{'' if epoch is None else f' in epoch {epoch + 1}'} at batch {index} "
                f"({_describe_batch(batch)})" + (f": {hint}" if hint else ""))
     try:
         return type(err)(message)

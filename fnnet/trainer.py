@@ -231,6 +231,7 @@ class Trainer:
         self._samples = -1
         self.stop_training = False
         self._announced = False
+        self._fitting = False  # inside fit: an error names the epoch (a standalone evaluate has none)
 
     # -- the loop -------------------------------------------------------------------------------
     def _batches(self, data: Iterable) -> Iterator[Any]:
@@ -270,7 +271,8 @@ class Trainer:
                     callbacks("on_validation_batch_start", self, index)
                     out = self.eval_step(self.state, batch)
             except (RuntimeError, ValueError, IndexError, TypeError) as err:
-                raise with_context(err, "training" if train else "evaluation", self.epoch, index, batch) from err
+                what = "training" if train else "evaluation" if self._fitting else "evaluate"
+                raise with_context(err, what, self.epoch if self._fitting else None, index, batch) from err
             states = self._book.update(states, out)
             callbacks("on_train_batch_end" if train else "on_validation_batch_end", self,
                       self.state.step if train else index, out)
@@ -379,12 +381,14 @@ class Trainer:
         if resume is not None:  # epochs is then the total (Lightning's max_epochs): a restarted script runs as is
             epochs = resume_fit(self, resume, cbs.callbacks, epochs, train_data, verbose)
         if verbose and not self._announced:
-            print(banner(self.devices, self.precision, self.jit))
+            print(banner(self.devices, self.precision, self.jit, getattr(self.train_step, "strategy", None),
+                         _dist.world_size() if self.distributed else 1))
             self._announced = True
         self.stop_training = False
         self.history.stop_reason = ""
         cbs("on_fit_start", self)
         checks = _StepChecks(self, val_data, cbs, verbose, val_check_interval, max_steps)
+        self._fitting = True
         try:
             with deferred_interrupt() as interrupted:
                 for i in range(epochs):
@@ -398,6 +402,7 @@ class Trainer:
             self.history.stop_reason = "interrupted"
             print(f"fnnet.Trainer: interrupted at step {self.state.step}; returning the history so far.", file=sys.stderr)
         finally:
+            self._fitting = False
             cbs("on_fit_end", self)
             self._sync_module()
         from ._saving import wait_pending
@@ -490,7 +495,9 @@ class Trainer:
         """The model's outputs (eval mode, the trainer's precision) for every batch of ``data``, concatenated.
 
         ``data``: a tensor or NumPy array of inputs (split into batches of ``batch_size``) or any iterable of
-        batches (``(inputs, targets)``, ``(inputs,)`` or inputs alone). Returned on ``device``
+        batches (``(inputs, targets)``, ``(inputs,)`` or inputs alone). A tuple or list of exactly two tensors
+        or arrays of the same length is taken for ``(X, y)`` and refused with a ``TypeError`` (``predict(X)``
+        takes inputs only; ``evaluate((X, y))`` scores against targets). Returned on ``device``
         (CPU by default) in float32 when the trainer computes in a lower precision.
         """
         batches = input_batches(data, batch_size)

@@ -75,6 +75,9 @@ def test_trainer_under_torchrun_equals_one_process_and_writes_once(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # only rank 0 printed its progress
     assert proc.stdout.count("Epoch 2 (2/2)") == 1, proc.stdout
+    # its banner names the strategy and the ranks (one process's names neither: test_trainer)
+    banner = "fnnet.Trainer: training on cpu, precision 32, jit off, strategy ddp over 2 ranks\n"
+    assert proc.stdout.count(banner) == 1, proc.stdout
     # the single-process run: global batches of 4 * 2 in the same order (the same key)
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(45, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (45,), generator=g)

@@ -91,7 +91,8 @@ def test_progress_output(capsys):
     train, val = loaders()
     trainer.fit(train, val, epochs=1, verbose=1)
     out = capsys.readouterr().out
-    assert "training on cpu" in out and "Epoch 1 (1/1)" in out and "val_accuracy=" in out
+    assert "fnnet.Trainer: training on cpu, precision 32, jit off\n" in out  # one process: no strategy, no ranks
+    assert "Epoch 1 (1/1)" in out and "val_accuracy=" in out
     trainer.fit(train, val, epochs=1, verbose=0)
     assert capsys.readouterr().out == ""
 
@@ -686,6 +687,18 @@ def test_errors_from_the_users_data_say_where_and_what_to_do():
             fnnet.ArrayLoader((x[:5], y[:5]), 4), verbose=0)
 
 
+def test_an_evaluate_error_names_the_epoch_only_inside_fit():
+    x, y = blobs(32)
+    bad = [(torch.randn(32, 5), y)]  # 5 features for a model of 2
+    trainer = make_trainer()
+    trainer.fit([(x, y)], epochs=2, verbose=0)  # epochs done: a standalone evaluate still has no epoch
+    with pytest.raises(RuntimeError, match=r"(?s)fnnet\.Trainer: evaluate failed at batch 0 \(0: float32\[32, 5\]") as err:
+        trainer.evaluate(bad)
+    assert "epoch" not in str(err.value)
+    with pytest.raises(RuntimeError, match=r"(?s)fnnet\.Trainer: evaluation failed in epoch 3 at batch 0 \(0: float32"):
+        trainer.fit([(x, y)], bad, epochs=1, verbose=0)  # fit's validation: the epoch it validates
+
+
 def test_a_one_shot_iterator_is_refused_before_training_for_several_epochs():
     x, y = blobs(32)
     gen = ((x, y) for _ in range(2))
@@ -789,6 +802,18 @@ def test_the_chapters_torch_optimizer_and_scheduler_train_exactly_like_torch():
     assert history["lr"] == pytest.approx([0.02, 0.018, 0.0162])
     for (name, p), q in zip(net.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_predict_given_x_and_y_says_it_takes_inputs_only():
+    x, y = blobs(64)
+    trainer = make_trainer()
+    for data in [(x, y), [x.numpy(), y.numpy()]]:  # Keras' (X, y) given to predict: not two batches
+        with pytest.raises(TypeError, match=r"predict takes the inputs only.*\(64, 2\), \(64,\).*predict\(X_test\)"
+                                            r".*evaluate\(\(X_test, y_test\)\)"):
+            trainer.predict(data)
+    # batches of inputs of different lengths stay batches, as do one-element batches
+    torch.testing.assert_close(trainer.predict([x[:32], x[32:48]]), trainer.predict(x[:48]))
+    torch.testing.assert_close(trainer.predict([(x[:32],), (x[32:64],)]), trainer.predict(x))
 
 
 def test_fit_evaluate_predict_take_arrays_like_keras():
