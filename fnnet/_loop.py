@@ -184,15 +184,16 @@ def check_same_batch_count(count: int | None, epoch: int, distributed: bool, whe
 
 def input_batches(data: Any, batch_size: Any) -> Any:
     """``predict``'s data as batches: a tensor or NumPy array of inputs in batches of ``batch_size``;
-    any other iterable of batches as it is. A tuple or list of exactly two tensors or arrays of the same
-    length is Keras' ``(X, y)`` given to the wrong method: a ``TypeError`` saying so."""
-    if (isinstance(data, (tuple, list)) and len(data) == 2
+    any other iterable of batches as it is. A tuple (not a list: a list of two batches is batches) of
+    exactly two tensors or arrays of the same length is Keras' ``(X, y)`` given to the wrong method: a
+    ``TypeError`` saying so."""
+    if (isinstance(data, tuple) and len(data) == 2
             and all(isinstance(a, (torch.Tensor, np.ndarray)) and a.ndim > 0 for a in data)
             and len(data[0]) == len(data[1])):
         shapes = ", ".join(str(tuple(a.shape)) for a in data)
         raise TypeError(f"predict takes the inputs only, got a {type(data).__name__} of two arrays of the same length "
                         f"({shapes}), read as (X, y): call predict(X_test); evaluate((X_test, y_test)) computes the "
-                        "loss and metrics against targets. (Two batches of inputs: pass [(x1,), (x2,)].)")
+                        "loss and metrics against targets. (Two batches of inputs: pass a list, [x1, x2].)")
     if isinstance(data, np.ndarray):
         data = torch.as_tensor(data)
     if isinstance(data, torch.Tensor):

@@ -495,9 +495,9 @@ class Trainer:
         """The model's outputs (eval mode, the trainer's precision) for every batch of ``data``, concatenated.
 
         ``data``: a tensor or NumPy array of inputs (split into batches of ``batch_size``) or any iterable of
-        batches (``(inputs, targets)``, ``(inputs,)`` or inputs alone). A tuple or list of exactly two tensors
-        or arrays of the same length is taken for ``(X, y)`` and refused with a ``TypeError`` (``predict(X)``
-        takes inputs only; ``evaluate((X, y))`` scores against targets). Returned on ``device``
+        batches (``(inputs, targets)``, ``(inputs,)`` or inputs alone). A tuple (not a list, which is batches) of
+        exactly two tensors or arrays of the same length is taken for ``(X, y)`` and refused with a ``TypeError``
+        (``predict(X)`` takes inputs only; ``evaluate((X, y))`` scores against targets). Returned on ``device``
         (CPU by default) in float32 when the trainer computes in a lower precision.
         """
         batches = input_batches(data, batch_size)

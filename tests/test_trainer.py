@@ -807,12 +807,13 @@ def test_the_chapters_torch_optimizer_and_scheduler_train_exactly_like_torch():
 def test_predict_given_x_and_y_says_it_takes_inputs_only():
     x, y = blobs(64)
     trainer = make_trainer()
-    for data in [(x, y), [x.numpy(), y.numpy()]]:  # Keras' (X, y) given to predict: not two batches
+    for data in [(x, y), (x.numpy(), y.numpy())]:  # Keras' (X, y) given to predict: not two batches
         with pytest.raises(TypeError, match=r"predict takes the inputs only.*\(64, 2\), \(64,\).*predict\(X_test\)"
                                             r".*evaluate\(\(X_test, y_test\)\)"):
             trainer.predict(data)
-    # batches of inputs of different lengths stay batches, as do one-element batches
+    # a list is batches: of different lengths, of equal lengths, and one-element batches
     torch.testing.assert_close(trainer.predict([x[:32], x[32:48]]), trainer.predict(x[:48]))
+    torch.testing.assert_close(trainer.predict([x[:32], x[32:64]]), trainer.predict(x))
     torch.testing.assert_close(trainer.predict([(x[:32],), (x[32:64],)]), trainer.predict(x))
 
 
