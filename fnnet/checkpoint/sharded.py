@@ -478,7 +478,8 @@ def _read_manifest(path: str) -> dict[str, Any]:
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
         names = sorted(os.listdir(path))
-        if not any(n.startswith("part-") for n in names):  # no part either: a folder of other files, not a torn save
+        torn = path.rstrip(os.sep).endswith(".partial") or any(n.startswith("part-") for n in names)
+        if not torn:  # no part and not a save's hidden folder: a folder of other files, not a torn save
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") or "nothing"
             raise ValueError(f"'{path}' is a folder, not a checkpoint: no manifest '{MANIFEST}' and no part files "
                              f"(it holds {shown}). Give a checkpoint file inside it (a ModelCheckpoint folder "
