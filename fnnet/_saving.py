@@ -22,7 +22,7 @@ import torch
 from . import distributed as _dist
 from . import tree as _tree
 from .checkpoint.sharded import SaveHandle, load_sharded, save_sharded
-from .state import all_finite, nonfinite_paths
+from .state import host_finite, nonfinite_paths
 
 __all__ = ["save_trainer", "wait_pending", "load_sharded_trainer", "check_finite"]
 
@@ -55,26 +55,13 @@ def save_trainer(trainer: Any, path: Any, *, sharded: bool, async_save: bool) ->
     return handle
 
 
-def _finite(tree: Any) -> bool:
-    """Whether every floating-point leaf is finite: one read-only sum per leaf (a nan or an inf anywhere makes
-    the sum non-finite; 10x faster than ``isfinite(x).all()``, measured on 100 MB on the CPU, which writes a
-    mask), and the exact check only when a sum is not finite (it may have overflowed)."""
-    leaves = [x for x in _tree.leaves(tree) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()]
-    if not leaves:
-        return True
-    dev = leaves[0].device
-    sums = torch.stack([(x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum()).to(dev, torch.float64)
-                        for x in leaves])
-    return bool(torch.isfinite(sums).all()) or bool(all_finite(tree))
-
-
 def check_finite(state: Any, path: Any) -> None:
     """Refuse (``ValueError`` on every rank, nothing written) a state that holds non-finite values on any rank:
     each rank checks its own parts and one all-reduce of a flag decides (nothing gathered); only when a rank
     found some are the key paths gathered, to name them with their ranks."""
     import torch.distributed as dist
 
-    bad = torch.tensor([0 if _finite(state) else 1], dtype=torch.int32, device=_dist.device())
+    bad = torch.tensor([0 if host_finite(state) else 1], dtype=torch.int32, device=_dist.device())
     if not int(_dist.all_reduce_max(bad)[0]):
         return
     everyone = [nonfinite_paths(state)]
@@ -89,10 +76,9 @@ def check_finite(state: Any, path: Any) -> None:
 def _save_whole_async(trainer: Any, path: Any) -> SaveHandle:
     """Today's gather-to-rank-0 file, written by a background thread on rank 0 from a host copy."""
     from .checkpoint import save
-    from . import tree as _tree
 
     checkpoint = trainer.checkpoint()
-    if not bool(all_finite(checkpoint["state"])):
+    if not host_finite(checkpoint["state"]):
         raise ValueError(f"Trainer.save: the state holds non-finite values at {nonfinite_paths(checkpoint['state'])}"
                          f"; not written to '{path}'")
     handle = SaveHandle(os.fspath(path))

@@ -42,7 +42,7 @@ from . import distributed as _dist
 from . import tree as _tree
 from ._warnings import user_stacklevel
 from .checkpoint.sharded import MANIFEST
-from .state import all_finite
+from .state import host_finite
 
 __all__ = ["Callback", "CallbackList", "HOOKS", "ModelCheckpoint", "EarlyStopping", "LearningRateSchedule",
            "ReduceLROnPlateau", "CSVLogger", "TensorBoardLogger", "from_torch_scheduler", "is_torch_scheduler"]
@@ -119,7 +119,7 @@ class CallbackList:
 def _finite_everywhere(trainer: Any) -> bool:
     """Whether the trainer's state is finite on every rank (one small all-reduce in a distributed run:
     every rank must take the same save decision, since a save gathers a sharded optimizer state)."""
-    bad = torch.tensor([0.0 if bool(all_finite(trainer.state)) else 1.0])
+    bad = torch.tensor([0.0 if host_finite(trainer.state) else 1.0])
     if getattr(trainer, "distributed", False):
         bad = _dist.all_reduce_max(bad)
     return float(bad[0]) == 0.0

@@ -22,7 +22,7 @@ from . import random as _random
 from . import tree as _tree
 from .device import tree_device
 
-__all__ = ["TrainState", "DynamicScale", "Accumulation", "all_finite", "grads_finite", "apply_update", "loss_scale_for",
+__all__ = ["TrainState", "DynamicScale", "Accumulation", "all_finite", "host_finite", "grads_finite", "apply_update", "loss_scale_for",
            "nonfinite_paths"]
 
 
@@ -115,6 +115,22 @@ def all_finite(tree: Any) -> torch.Tensor:
     if not leaves:
         return torch.ones((), dtype=torch.bool, device=device)
     return torch.stack([torch.isfinite(x).all().to(device) for x in leaves]).all()
+
+
+def host_finite(tree: Any) -> bool:
+    """Whether every floating-point tensor leaf of ``tree`` is finite, as a Python bool (syncs): one read-only
+    sum per leaf (a nan or an inf anywhere makes the sum non-finite; about 10x faster on the CPU than
+    ``isfinite(x).all()``, which writes a mask), and the exact :func:`all_finite` only when a sum is not
+    finite (it may have overflowed). What a checkpoint save checks before writing."""
+    leaves = [x for x in _float_leaves(tree) if x.numel()]
+    if any(x.is_complex() for x in leaves):
+        return bool(all_finite(tree))
+    if not leaves:
+        return True
+    dev = leaves[0].device
+    sums = torch.stack([(x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum()).to(dev, torch.float64)
+                        for x in leaves])
+    return bool(torch.isfinite(sums).all()) or bool(all_finite(tree))
 
 
 def nonfinite_paths(tree: Any) -> list[str]:

@@ -461,7 +461,7 @@ def test_the_fast_finiteness_check_agrees_with_all_finite(leaves):
             x[-1] = torch.finfo(dtype).max if bad == "huge" else x[-1]
         tree[f"x{i}"] = x
     tree["count"] = torch.tensor(3)
-    assert fnnet._saving._finite(tree) == bool(fnnet.all_finite(tree))
+    assert fnnet.state.host_finite(tree) == bool(fnnet.all_finite(tree))
 
 
 @pytest.mark.extended

@@ -51,7 +51,7 @@ import optree
 import torch
 
 from .. import tree as _tree
-from ..state import Accumulation
+from ..state import Accumulation, host_finite
 from . import _codec, _file
 
 __all__ = ["MANIFEST", "Part", "SaveHandle", "save_sharded", "load_sharded", "is_sharded", "is_complete",
@@ -343,8 +343,7 @@ def _finish(job: dict[str, Any], group: Any) -> None:
     rank, world, partial = job["rank"], job["world"], job["partial"]
     # a checkpoint is always a state training can resume from: checked before anything is written (here: off the
     # step when async), every rank's verdict gathered so that every rank refuses, naming the ranks and key paths
-    bad = sorted({k.rsplit("[", 1)[0] for k, t in job["tensors"].items()
-                  if t.is_floating_point() and not bool(torch.isfinite(t).all())})
+    bad = sorted({k.rsplit("[", 1)[0] for k, t in job["tensors"].items() if not host_finite(t)})
     refused = [f"rank {r}: {b[:5]}" for r, b in enumerate(_all_gather(bad, group)) if b]
     if refused:
         job["tensors"] = None
