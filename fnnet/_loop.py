@@ -17,7 +17,7 @@ import torch
 from . import distributed as _dist
 from . import metrics as _metrics
 from . import tree as _tree
-from .batch import batch_size_of, split_batch
+from .batch import batch_size_of, is_array, split_batch
 
 __all__ = ["together", "EpochMetrics", "Throughput", "check_step_options", "check_fit_options", "check_reiterable", "check_same_batch_count", "input_batches",
            "report_nonfinite", "learning_rate", "epoch_line", "banner", "with_context", "Bar", "deferred_interrupt"]
@@ -188,7 +188,7 @@ def input_batches(data: Any, batch_size: Any) -> Any:
     exactly two tensors or arrays of the same length is Keras' ``(X, y)`` given to the wrong method: a
     ``TypeError`` saying so."""
     if (isinstance(data, tuple) and len(data) == 2
-            and all(isinstance(a, (torch.Tensor, np.ndarray)) and a.ndim > 0 for a in data)
+            and all(is_array(a) and a.ndim > 0 for a in data)
             and len(data[0]) == len(data[1])):
         shapes = ", ".join(str(tuple(a.shape)) for a in data)
         raise TypeError(f"predict takes the inputs only, got a {type(data).__name__} of two arrays of the same length "
@@ -238,9 +238,9 @@ def banner(devices: list[torch.device], precision: str, jit: bool, strategy: Any
         f"{len(devices)} data-parallel replicas ({', '.join(name(d) for d in devices)})")
     line = f"fnnet.Trainer: training on {where}, precision {precision}, jit {'on' if jit else 'off'}"
     if strategy is not None and world > 1:
-        name = getattr(strategy, "name", type(strategy).__name__)
+        label = getattr(strategy, "name", type(strategy).__name__)
         stage = getattr(strategy, "stage", None)
-        line += f", strategy {name}{stage if name == 'zero' and stage else ''} over {world} ranks"
+        line += f", strategy {label}{stage if label == 'zero' and stage else ''} over {world} ranks"
     return line
 
 

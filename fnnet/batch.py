@@ -17,7 +17,7 @@ import torch
 
 from . import tree as _tree
 
-__all__ = ["split_batch", "batch_size_of", "as_arrays"]
+__all__ = ["split_batch", "batch_size_of", "as_arrays", "is_array"]
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -62,6 +62,11 @@ def batch_size_of(batch: Any) -> int:
                      "batches are trees of tensors with the samples along dimension 0")
 
 
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is data itself, a tensor or a NumPy array (not a loader, a list of batches or a pair)."""
+    return isinstance(x, (torch.Tensor, np.ndarray))
+
+
 def as_arrays(data: Any) -> tuple | None:
     """``data`` as a tuple of tensors when it is the data itself (a tuple or list of tensors or
     NumPy arrays, or Keras' ``(X, y)`` as Python lists of numbers), else ``None`` (a loader, or
@@ -71,7 +76,7 @@ def as_arrays(data: Any) -> tuple | None:
     lists that do not form a rectangular array of numbers are a ``ValueError`` right away, before
     any training, naming which part and what would work.
     """
-    if isinstance(data, (tuple, list)) and data and all(isinstance(a, (torch.Tensor, np.ndarray)) for a in data):
+    if isinstance(data, (tuple, list)) and data and all(is_array(a) for a in data):
         return tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in data)
     if isinstance(data, tuple) and 1 <= len(data) <= 2 and all(_number_list(a) for a in data):
         return tuple(_from_list(a, name) for a, name in zip(data, ("X", "y")))

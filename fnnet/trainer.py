@@ -98,7 +98,7 @@ from ._resume import global_batch_of, load_checkpoint, position, rest_of_epoch, 
 from ._setup import (INIT_SALT, build_steps, initial_state, on_meta_device, parts_state, resolve_devices,
                      resolve_optimizer, sync_module)
 from .train import resolve_strategy
-from .batch import as_arrays
+from .batch import as_arrays, is_array
 from .data import ArrayLoader, fit_loaders, num_batches, set_epoch
 from .device import place
 from ._functional import Model, functional
@@ -363,7 +363,7 @@ class Trainer:
             if val_data is not None:
                 raise TypeError("fit: got both val_data and validation_data (Keras' name for val_data); pass one")
             val_data = validation_data
-        if _is_array(train_data) and _is_array(val_data):  # Keras' fit(x, y): y would become the validation data
+        if is_array(train_data) and is_array(val_data):  # Keras' fit(x, y): y would become the validation data
             raise TypeError(f"fit(X, y): fnnet's fit takes the data as one argument, fit((X, y), ...) (Keras' "
                             f"fit(x, y)); its second argument is the validation data. Got a "
                             f"{type(train_data).__name__} of shape {tuple(train_data.shape)} and a "
@@ -590,11 +590,6 @@ class Trainer:
 
 
 # -- private helpers of the loop ------------------------------------------------------------------------
-
-
-def _is_array(x: Any) -> bool:
-    """A tensor or a NumPy array (data itself, not a loader or an ``(X, y)`` pair)."""
-    return isinstance(x, torch.Tensor) or type(x).__module__ == "numpy" and hasattr(x, "shape")
 
 
 class _Evaluation(dict):
