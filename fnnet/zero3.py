@@ -39,6 +39,7 @@ ranks exactly where one process sums the batch's gradients (the step divides by 
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from typing import Any, Callable, Iterable, Sequence
 
@@ -133,7 +134,7 @@ class GatherUnit(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused parameter's gradient: None, its place zeroed once below
         full = gather.take(unit, gather.pending)
         lay = gather.lay
-        return tuple(full[lay.parts[i].offset:lay.parts[i].offset + _numel(lay.shapes[i])].view(lay.shapes[i])
+        return tuple(full[lay.parts[i].offset:lay.parts[i].offset + math.prod(lay.shapes[i])].view(lay.shapes[i])
                      for i in lay.buckets[unit])
 
     @staticmethod
@@ -145,7 +146,7 @@ class GatherUnit(torch.autograd.Function):
         send = torch.empty(lay.chunks[u] * g.world, dtype=dtype, device=g.chunks[u].device)
         end = 0
         for i, grad in zip(lay.buckets[u], grads):
-            p, n = lay.parts[i], _numel(lay.shapes[i])
+            p, n = lay.parts[i], math.prod(lay.shapes[i])
             into = send[p.offset:p.offset + n]
             if grad is None:
                 into.zero_()
@@ -160,13 +161,6 @@ class GatherUnit(torch.autograd.Function):
         if g.replicate is not None:  # HSDP: the replicas of this chunk sum theirs
             dist.all_reduce(out, group=g.replicate)
         return out, None, None
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _ptr(t: torch.Tensor) -> int:
